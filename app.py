@@ -1,0 +1,114 @@
+"""The studio's composition root: read Settings, build services and backends once, mount UI + APIs, serve.
+
+    python app.py [--listen] [--port N] [--data-dir DIR] [--store s3://bucket/prefix]
+
+Nothing heavy (torch, diffusers) is imported on this path: the engine loads lazily when a job needs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the product runs air-gapped: never reach for the hub
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from fastapi import FastAPI  # noqa: E402
+
+from deploy.storage import BlobStore, open_store  # noqa: E402
+from webapp import schema  # noqa: E402
+from webapp.db import Database  # noqa: E402
+from webapp.services.auth import AuthService  # noqa: E402
+from webapp.services.passwords import Passwords  # noqa: E402
+from webapp.services.throttle import LoginThrottle  # noqa: E402
+from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
+from webapp.settings import Settings, settings_from_args  # noqa: E402
+from webapp.ui.context import UiContext  # noqa: E402
+from webapp.ui.shell import build_ui  # noqa: E402
+from webapp.web.server import create_app  # noqa: E402
+
+log = logging.getLogger("studio")
+
+
+class StartupRefused(RuntimeError):
+    pass
+
+
+@dataclass
+class Studio:
+    """Everything app.py built, for the server and for tests."""
+
+    settings: Settings
+    db: Database
+    store: BlobStore
+    users: UserService
+    auth: AuthService
+    app: FastAPI
+    generated_admin_password: str | None
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def build(settings: Settings) -> Studio:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.db_url)
+    schema.upgrade(db)
+    store_options = {"endpoint_url": settings.store_endpoint_url} if settings.store_endpoint_url else {}
+    store = open_store(settings.store_url, **store_options)
+
+    passwords = Passwords()
+    users = UserService(db, passwords)
+    admin_password = settings.admin_password.get_secret_value() if settings.admin_password else None
+    if settings.listens_publicly and admin_password is None and not users.has_admin():
+        raise StartupRefused(
+            "refusing to listen on all interfaces with no administrator: set STUDIO_ADMIN_PASSWORD for the "
+            f"first start (or start once without --listen and note the generated {ADMIN_USERNAME!r} password)"
+        )
+    generated = users.ensure_admin(admin_password)
+
+    throttle = LoginThrottle(
+        max_per_user=settings.login_max_failures_per_user,
+        max_per_address=settings.login_max_failures_per_address,
+        window_seconds=settings.login_window_seconds,
+    )
+    auth = AuthService(db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours))
+    auth.purge_expired()
+
+    ui = build_ui(UiContext(users=users))
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
+    return Studio(
+        settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        studio = build(settings)
+    except StartupRefused as exc:
+        log.error("%s", exc)
+        return 2
+    if studio.generated_admin_password:
+        # Shown exactly once; only its argon2 hash is stored.
+        sys.stderr.write(
+            f"\n  First start: created user '{ADMIN_USERNAME}' with password: {studio.generated_admin_password}\n"
+            "  (shown only now; change it in the Users tab)\n\n"
+        )
+        sys.stderr.flush()
+    import uvicorn
+
+    log.info("serving on http://%s:%d/ (data dir %s)", settings.host, settings.port, settings.data_dir)
+    try:
+        uvicorn.run(studio.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    finally:
+        studio.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

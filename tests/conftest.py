@@ -1,0 +1,65 @@
+"""Shared fixtures: a temp data dir, settings, a built studio and logged-in HTTP clients."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ADMIN_PASSWORD = "admin-password-for-tests"
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def make_settings(data_dir: Path):
+    from webapp.settings import Settings
+
+    def make(**overrides):
+        values = {"data_dir": data_dir, "admin_password": ADMIN_PASSWORD}
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+def studio(make_settings):
+    import app
+
+    built = app.build(make_settings())
+    yield built
+    built.close()
+
+
+@pytest.fixture
+def client(studio) -> Iterator:
+    """An anonymous client (no session)."""
+    from fastapi.testclient import TestClient
+
+    with TestClient(studio.app, follow_redirects=False) as c:
+        yield c
+
+
+def login(client, username: str, password: str):
+    response = client.post("/login", data={"username": username, "password": password, "next": "/ui/"})
+    assert response.status_code == 303, response.text
+    return response
+
+
+@pytest.fixture
+def admin_client(studio) -> Iterator:
+    from fastapi.testclient import TestClient
+
+    with TestClient(studio.app, follow_redirects=False) as c:
+        login(c, "admin", ADMIN_PASSWORD)
+        yield c

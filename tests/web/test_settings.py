@@ -1,0 +1,64 @@
+"""Typed settings: env prefix STUDIO_, flags override env, and the start-up safety check."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from webapp.settings import Settings, settings_from_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_live_under_the_data_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = settings_from_args([])
+    assert s.host == "127.0.0.1" and s.port == 7860
+    assert s.data_dir == tmp_path / "data"
+    assert s.db_url == f"sqlite:///{tmp_path / 'data' / 'studio.db'}"
+    assert s.store_url == str(tmp_path / "data" / "store")
+
+
+def test_flags_override_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("STUDIO_PORT", "9000")
+    monkeypatch.setenv("STUDIO_DATA_DIR", str(tmp_path / "env"))
+    assert settings_from_args([]).port == 9000
+    s = settings_from_args(["--port", "9100", "--listen", "--data-dir", str(tmp_path / "cli")])
+    assert s.port == 9100 and s.host == "0.0.0.0" and s.data_dir == tmp_path / "cli"
+
+
+def test_invalid_port_is_refused():
+    with pytest.raises(ValueError, match="port"):
+        Settings(port=70000)
+
+
+def test_listen_without_any_admin_password_refuses_to_start(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--listen", "--port", "1", "--data-dir", str(tmp_path / "d")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "refusing to listen" in result.stderr
+
+
+def test_first_start_generates_and_reveals_an_admin_password_once(make_settings):
+    import app
+
+    studio = app.build(make_settings(admin_password=None))
+    try:
+        password = studio.generated_admin_password
+        assert password and len(password) >= 16
+        studio.auth.login("admin", password)
+        stored = studio.users.get_by_name("admin").password_hash
+        assert password not in stored and stored.startswith("$argon2id$")
+    finally:
+        studio.close()
+    again = app.build(make_settings(admin_password=None))
+    try:
+        assert again.generated_admin_password is None
+    finally:
+        again.close()

@@ -1,0 +1,22 @@
+"""FastAPI dependencies shared by the routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from webapp.records import User
+from webapp.services.errors import NotAuthenticated
+from webapp.web.gate import scope_user
+
+
+def current_user(request: Request) -> User:
+    """The caller, as identified by the authentication gate (cookie, Basic or Bearer)."""
+    user = scope_user(request.scope)
+    if user is None:  # the gate lets no anonymous request through; this is the belt to its braces
+        raise NotAuthenticated("Not authenticated")
+    return user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]

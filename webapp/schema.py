@@ -1,0 +1,89 @@
+"""Schema versions: upgrade an existing data dir in place, never losing rows.
+
+Each release that changes tables appends a ``Migration``. A fresh database runs them all, an old one
+runs the missing ones, each in its own transaction, and the version row moves with it. Migrations
+create tables from the current metadata with ``checkfirst`` and add columns only when missing, so they
+stay correct when a table later grows (the later migration then finds the column already there).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, inspect, text
+from sqlmodel import SQLModel
+
+import webapp.records  # noqa: F401 - registers every table on SQLModel.metadata
+from webapp.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class SchemaError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    apply: Callable[[Connection], None]
+
+
+def create_tables(conn: Connection, *names: str) -> None:
+    for name in names:
+        SQLModel.metadata.tables[name].create(conn, checkfirst=True)
+
+
+def add_column(conn: Connection, table: str, column: str, ddl_type: str, default_sql: str | None = None) -> None:
+    """``ALTER TABLE ... ADD COLUMN`` unless the column exists (dialect-neutral DDL)."""
+    existing = {c["name"] for c in inspect(conn).get_columns(table)}
+    if column in existing:
+        return
+    default = f" DEFAULT {default_sql}" if default_sql is not None else ""
+    conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {ddl_type}{default}'))
+
+
+def _v1(conn: Connection) -> None:
+    create_tables(conn, "user", "login_session")
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(1, "users and login sessions", _v1),
+]
+LATEST = MIGRATIONS[-1].version
+
+_VERSION_DDL = "CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"
+
+
+def current_version(db: Database) -> int:
+    with db.engine.connect() as conn:
+        if not inspect(conn).has_table("schema_version"):
+            return 0
+        row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
+        return int(row[0]) if row else 0
+
+
+def upgrade(db: Database, target: int | None = None) -> int:
+    """Bring the database to ``target`` (default: latest); returns the version reached."""
+    target = LATEST if target is None else target
+    found = current_version(db)
+    if found > LATEST:
+        raise SchemaError(
+            f"the database is at schema version {found}, newer than this release supports ({LATEST}); "
+            "upgrade the studio instead of downgrading the data"
+        )
+    for migration in MIGRATIONS:
+        if found < migration.version <= target:
+            log.info("schema: applying v%d (%s)", migration.version, migration.description)
+            with db.write() as session:
+                conn = session.connection()
+                conn.execute(text(_VERSION_DDL))
+                migration.apply(conn)
+                updated = conn.execute(text("UPDATE schema_version SET version = :v WHERE id = 1"), {"v": migration.version})
+                if updated.rowcount == 0:
+                    conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": migration.version})
+            found = migration.version
+    return found

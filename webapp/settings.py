@@ -1,0 +1,87 @@
+"""Typed settings: environment (prefix ``STUDIO_``) first, command-line flags override.
+
+One ``Settings`` object is built in app.py and handed to whatever needs it; nothing reads the
+environment behind its back.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STUDIO_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(7860, ge=1, le=65535)
+    data_dir: Path = Path("data")
+    database_url: str | None = None
+    """SQLAlchemy URL; default ``sqlite:///<data_dir>/studio.db``. PostgreSQL URLs work too."""
+    store: str | None = None
+    """Asset store URL: a directory, ``file:///abs/dir`` or ``s3://bucket/prefix``; default ``<data_dir>/store``."""
+    store_endpoint_url: str | None = None
+    admin_password: SecretStr | None = None
+    session_ttl_hours: float = Field(24 * 7, gt=0)
+    cookie_secure: bool = False
+    """Set the Secure flag on the session cookie (serve behind HTTPS)."""
+    login_max_failures_per_user: int = Field(5, ge=1)
+    login_max_failures_per_address: int = Field(20, ge=1)
+    login_window_seconds: int = Field(300, ge=1)
+    log_level: str = "INFO"
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _defaults_from_data_dir(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'studio.db'}"
+        if self.store is None:
+            self.store = str(self.data_dir / "store")
+        return self
+
+    @property
+    def listens_publicly(self) -> bool:
+        return self.host not in ("127.0.0.1", "localhost", "::1")
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None  # filled by the validator
+        return self.database_url
+
+    @property
+    def store_url(self) -> str:
+        assert self.store is not None  # filled by the validator
+        return self.store
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="app.py", description="Run the studio (web UI + APIs on one port).")
+    p.add_argument("--listen", action="store_true", default=None, help="bind 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--host", help="address to bind (overrides --listen)")
+    p.add_argument("--port", type=int, help="port (default 7860)")
+    p.add_argument("--data-dir", type=Path, help="data directory (default ./data)")
+    p.add_argument("--database-url", help="SQLAlchemy database URL (default SQLite in the data dir)")
+    p.add_argument("--store", help="asset store: a directory or s3://bucket/prefix")
+    p.add_argument("--log-level", help="logging level (default INFO)")
+    return p
+
+
+def settings_from_args(argv: list[str] | None = None) -> Settings:
+    """Parse flags and build Settings; flags given on the command line win over ``STUDIO_*`` env vars."""
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.listen:
+        overrides["host"] = "0.0.0.0"
+    for name in ("host", "port", "data_dir", "database_url", "store", "log_level"):
+        value = getattr(args, name)
+        if value is not None:
+            overrides[name] = value
+    return Settings(**overrides)

@@ -1,0 +1,126 @@
+"""Authentication gate (pure ASGI middleware): every route needs a logged-in user, except the login page.
+
+Identity comes from the session cookie (browsers) or an ``Authorization`` header (scripts: HTTP Basic
+with the user's own login). The user is put in the ASGI scope under ``studio.user`` for the routes,
+the API dependencies and Gradio's ``auth_dependency``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import quote
+
+from webapp.records import User
+from webapp.services.auth import AuthService
+from webapp.services.errors import NotAuthenticated, Throttled
+
+log = logging.getLogger(__name__)
+
+SESSION_COOKIE = "studio_session"
+SCOPE_USER = "studio.user"
+PUBLIC_PATHS = frozenset({"/login", "/login.css", "/favicon.ico"})
+# Paths whose clients are scripts: they get a Basic challenge instead of a redirect to the login page.
+API_PREFIXES = ("/sdapi/", "/api/", "/controlnet/", "/agent-scheduler/", "/docs", "/openapi.json", "/redoc")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+def scope_user(scope: Scope) -> User | None:
+    return scope.get(SCOPE_USER)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _cookie(scope: Scope, name: str) -> str | None:
+    raw = _header(scope, b"cookie")
+    if not raw:
+        return None
+    for part in raw.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value
+    return None
+
+
+def client_address(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
+
+
+class AuthGate:
+    def __init__(self, app: Callable, auth: AuthService) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        try:
+            user = self._identify(scope)
+        except Throttled as exc:
+            await self._reply(send, 429, {"detail": exc.message}, [(b"retry-after", str(exc.retry_after).encode())])
+            return
+        except NotAuthenticated as exc:
+            await self._deny(scope, send, path, exc.message)
+            return
+        if user is None and path not in PUBLIC_PATHS:
+            await self._deny(scope, send, path, "Not authenticated")
+            return
+        scope[SCOPE_USER] = user
+        await self.app(scope, receive, send)
+
+    def _identify(self, scope: Scope) -> User | None:
+        authorization = _header(scope, b"authorization")
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "basic":
+                return self._basic(value.strip(), scope)
+        return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE))
+
+    def _basic(self, value: str, scope: Scope) -> User:
+        try:
+            username, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            raise NotAuthenticated("Malformed Basic credentials") from None
+        if not sep:
+            raise NotAuthenticated("Malformed Basic credentials")
+        return self.auth.verify_password(username, password, client_address=client_address(scope))
+
+    async def _deny(self, scope: Scope, send: Send, path: str, message: str) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4401})
+            return
+        is_api = path.startswith(API_PREFIXES)
+        accept = _header(scope, b"accept") or ""
+        if not is_api and scope.get("method") == "GET" and "text/html" in accept:
+            query = scope.get("query_string", b"").decode("latin-1")
+            target = path + (f"?{query}" if query else "")
+            location = "/login" if target in ("", "/") else f"/login?next={quote(target, safe='')}"
+            await send({"type": "http.response.start", "status": 303, "headers": [(b"location", location.encode())]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers = [(b"www-authenticate", b'Basic realm="studio"')] if is_api else []
+        await self._reply(send, 401, {"detail": message}, headers)
+
+    @staticmethod
+    async def _reply(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
+        payload = json.dumps(body).encode()
+        await send({
+            "type": "http.response.start", "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()), *headers],
+        })
+        await send({"type": "http.response.body", "body": payload})

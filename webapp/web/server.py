@@ -1,0 +1,34 @@
+"""The ASGI application: login routes, APIs and the Gradio UI on one FastAPI app behind the gate."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import gradio as gr
+from fastapi import APIRouter, FastAPI, Request
+
+from webapp.services.auth import AuthService
+from webapp.web.errors import install_error_handlers
+from webapp.web.gate import AuthGate, scope_user
+from webapp.web.login import UI_PATH, build_login_router
+
+
+def gradio_user(request: Request) -> str | None:
+    """Gradio's ``auth_dependency``: the gate has already identified the caller."""
+    user = scope_user(request.scope)
+    return user.username if user is not None else None
+
+
+def create_app(
+    *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
+) -> FastAPI:
+    app = FastAPI(title="the studio", version="0.1.0", docs_url="/docs", redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
+    for router in routers:
+        app.include_router(router)
+    gr.mount_gradio_app(
+        app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
+    )
+    app.add_middleware(AuthGate, auth=auth)
+    return app
