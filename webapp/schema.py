@@ -50,8 +50,14 @@ def _v1(conn: Connection) -> None:
     create_tables(conn, "user", "login_session")
 
 
+def _v2(conn: Connection) -> None:
+    create_tables(conn, "model")
+
+
+# Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
+    Migration(2, "model registry", _v2),
 ]
 LATEST = MIGRATIONS[-1].version
 
