@@ -28,6 +28,7 @@ from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
+from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.server import create_app  # noqa: E402
 
 log = logging.getLogger("studio")
@@ -78,7 +79,8 @@ def build(settings: Settings) -> Studio:
     auth = AuthService(db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours))
     auth.purge_expired()
 
-    ui = build_ui(UiContext(users=users))
+    ui_ctx = UiContext(users=users)
+    ui = build_ui(ui_ctx, [UsersTab(ui_ctx)])
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,

@@ -24,6 +24,8 @@ def _refresh(ctx: UiContext, request: gr.Request) -> tuple:
 class UsersTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
+    admin_only = True
+
     def __init__(self, ctx: UiContext) -> None:
         self.ctx = ctx
 
