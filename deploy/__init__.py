@@ -1,0 +1,1 @@
+"""Deployment side: asset storage, compute backends, serving and training containers."""
