@@ -58,7 +58,8 @@ def build(settings: Settings) -> Studio:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
     schema.upgrade(db)
-    store_options = {"endpoint_url": settings.store_endpoint_url} if settings.store_endpoint_url else {}
+    is_s3 = settings.store_url.startswith("s3://")
+    store_options = {"endpoint_url": settings.store_endpoint_url} if is_s3 and settings.store_endpoint_url else {}
     store = open_store(settings.store_url, **store_options)
 
     passwords = Passwords()
