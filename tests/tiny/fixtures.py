@@ -1,0 +1,109 @@
+"""Tiny skeletons and single-file checkpoints for tests, in the same formats production uses.
+
+`write_tiny_skeletons` writes skeletons for the tiny pipelines with `pipelines.skeletons.write_skeleton`
+— the format of assets/skeletons — so the product loader finds them by architecture exactly as it
+finds the real ones. `write_single_file` writes an A1111/LDM checkpoint of a tiny pipeline.
+
+`tiny_files()` is a process-wide, lazily filled store of those artefacts (in one temp dir removed at
+exit) so that many test modules share one build. Treat its pipelines as read-only; build your own
+with `build_pipeline` to mutate one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from tests.tiny import ldm
+from tests.tiny.models import tiny_sd15, tiny_sdxl
+
+KINDS = ("sd15", "sd15_inpaint", "sdxl", "sdxl_refiner")
+Kind = Literal["sd15", "sd15_inpaint", "sdxl", "sdxl_refiner"]
+
+
+def build_pipeline(kind: Kind, tokenizer_dir: Path, seed: int = 0) -> Any:
+    """A fresh tiny pipeline of `kind` (deterministic by seed)."""
+    if kind == "sd15":
+        return tiny_sd15(tokenizer_dir, seed=seed)
+    if kind == "sd15_inpaint":
+        return tiny_sd15(tokenizer_dir, seed=seed, in_channels=9)
+    if kind == "sdxl":
+        return tiny_sdxl(tokenizer_dir, seed=seed)
+    if kind == "sdxl_refiner":
+        return tiny_sdxl(tokenizer_dir, seed=seed, refiner=True)
+    raise ValueError(f"unknown tiny kind {kind!r}; choose from {KINDS}")
+
+
+def write_tiny_skeletons(root: Path, tokenizer_dir: Path, kinds: tuple[str, ...] = KINDS) -> Path:
+    """Write `tiny-<kind>` skeletons for the tiny pipelines under `root` (one shared vocabulary)."""
+    from pipelines.skeletons import write_skeleton
+
+    for kind in kinds:
+        write_skeleton(build_pipeline(kind, tokenizer_dir), root, f"tiny-{kind.replace('_', '-')}",
+                       vocabulary="tiny-bytes", overwrite=True)
+    return root
+
+
+def write_single_file(
+    pipe: Any, path: Path, *, dtype: torch.dtype = torch.float32, extras: bool = False,
+    fmt: Literal["safetensors", "ckpt"] = "safetensors",
+) -> Path:
+    """Write `pipe` as an A1111/LDM single-file checkpoint."""
+    return ldm.write_checkpoint(path, pipe, dtype=dtype, extras=extras, fmt=fmt)
+
+
+class TinyFiles:
+    """Tiny pipelines, skeletons and files under one directory, each built on first use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.tokenizer_dir = self.root / "tokenizer"
+        self._files: dict[tuple, Path] = {}
+        self._pipes: dict[str, Any] = {}
+
+    def pipeline(self, kind: Kind) -> Any:
+        """The shared reference pipeline of `kind` (seed 0). Do not mutate it."""
+        if kind not in self._pipes:
+            self._pipes[kind] = build_pipeline(kind, self.tokenizer_dir)
+        return self._pipes[kind]
+
+    @cached_property
+    def skeleton_root(self) -> Path:
+        return write_tiny_skeletons(self.root / "skeletons", self.tokenizer_dir)
+
+    def checkpoint(self, kind: Kind, *, dtype: torch.dtype = torch.float32, extras: bool = False,
+                   fmt: Literal["safetensors", "ckpt"] = "safetensors") -> Path:
+        """An LDM single file of `pipeline(kind)`; cached by arguments."""
+        key = ("checkpoint", kind, str(dtype), extras, fmt)
+        if key not in self._files:
+            suffix = "safetensors" if fmt == "safetensors" else "ckpt"
+            name = f"{kind}-{str(dtype).split('.')[-1]}{'-extras' if extras else ''}.{suffix}"
+            self._files[key] = write_single_file(self.pipeline(kind), self.root / "files" / name, dtype=dtype,
+                                                 extras=extras, fmt=fmt)
+        return self._files[key]
+
+    def diffusers_folder(self, kind: Kind) -> Path:
+        key = ("folder", kind)
+        if key not in self._files:
+            target = self.root / "folders" / kind
+            self.pipeline(kind).save_pretrained(target)
+            self._files[key] = target
+        return self._files[key]
+
+
+_STORE: list[TinyFiles] = []
+
+
+def tiny_files() -> TinyFiles:
+    """The process-wide TinyFiles (created on first call; its directory is deleted at exit)."""
+    if not _STORE:
+        root = Path(tempfile.mkdtemp(prefix="studio-tiny-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _STORE.append(TinyFiles(root))
+    return _STORE[0]
