@@ -24,6 +24,7 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
+from webapp.services.tokens import TokenService  # noqa: E402
 from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
@@ -49,6 +50,7 @@ class Studio:
     auth: AuthService
     app: FastAPI
     generated_admin_password: str | None
+    tokens: TokenService | None = None
 
     def close(self) -> None:
         self.db.dispose()
@@ -77,7 +79,10 @@ def build(settings: Settings) -> Studio:
         max_per_address=settings.login_max_failures_per_address,
         window_seconds=settings.login_window_seconds,
     )
-    auth = AuthService(db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours))
+    tokens = TokenService(db)
+    auth = AuthService(
+        db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours), tokens=tokens,
+    )
     auth.purge_expired()
 
     ui_ctx = UiContext(users=users)
@@ -85,6 +90,7 @@ def build(settings: Settings) -> Studio:
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
+        tokens=tokens,
     )
 
 

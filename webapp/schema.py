@@ -54,12 +54,30 @@ def _v2(conn: Connection) -> None:
     create_tables(conn, "model")
 
 
+def _v4(conn: Connection) -> None:
+    create_tables(conn, "job", "endpoint")
+
+
+def _v3(conn: Connection) -> None:
+    create_tables(conn, "import_task", "upload_session", "scanned_file")
+    add_column(conn, "model", "legacy_hash", "VARCHAR(8)")
+    add_column(conn, "model", "source_sha256", "VARCHAR(64)")
+    add_column(conn, "model", "file_name", "VARCHAR(1024)")
+
+
+def _v5(conn: Connection) -> None:
+    create_tables(conn, "api_token", "server_option", "user_option")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
     Migration(2, "model registry", _v2),
+    Migration(3, "model imports, uploads and models-folder scan", _v3),
+    Migration(4, "jobs and endpoints", _v4),
+    Migration(5, "API tokens and per-user options", _v5),
 ]
-LATEST = MIGRATIONS[-1].version
+LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 
 _VERSION_DDL = "CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"
 
@@ -81,7 +99,7 @@ def upgrade(db: Database, target: int | None = None) -> int:
             f"the database is at schema version {found}, newer than this release supports ({LATEST}); "
             "upgrade the studio instead of downgrading the data"
         )
-    for migration in MIGRATIONS:
+    for migration in sorted(MIGRATIONS, key=lambda m: m.version):
         if found < migration.version <= target:
             log.info("schema: applying v%d (%s)", migration.version, migration.description)
             with db.write() as session:

@@ -7,23 +7,31 @@ token and only its sha256 is stored.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import secrets
-from datetime import timedelta
+import threading
+import time
+from collections import OrderedDict
+from datetime import datetime, timedelta
 
 from sqlmodel import delete, select
 
 from webapp.db import Database
 from webapp.records import LoginSession, User, utcnow
-from webapp.services.errors import NotAuthenticated
-from webapp.services.passwords import Passwords
+from webapp.services.errors import InvalidInput, NotAuthenticated
+from webapp.services.passwords import Passwords, check_password_policy
 from webapp.services.throttle import LoginThrottle
+from webapp.services.tokens import TokenService
 from webapp.services.users import UserService
 
 log = logging.getLogger(__name__)
 
 # Refresh last_seen (one write) at most this often per session, not on every request.
 _TOUCH_INTERVAL = timedelta(minutes=5)
+# Verified HTTP Basic credentials are remembered this long (see AuthService.verify_basic).
+CREDENTIAL_CACHE_SECONDS = 60.0
+CREDENTIAL_CACHE_SIZE = 1024
 
 
 def token_hash(token: str) -> str:
@@ -33,13 +41,24 @@ def token_hash(token: str) -> str:
 class AuthService:
     def __init__(
         self, db: Database, users: UserService, passwords: Passwords, throttle: LoginThrottle,
-        *, session_ttl: timedelta,
+        *, session_ttl: timedelta, tokens: TokenService | None = None,
     ) -> None:
         self._db = db
         self._users = users
         self._passwords = passwords
         self._throttle = throttle
         self._ttl = session_ttl
+        self._tokens = tokens
+        # Basic auth sends the password on every request and argon2 costs ~50 ms by design, so a
+        # script polling /progress would spend its time hashing. Verified credentials are cached
+        # under an HMAC with a per-process random key (the cache never holds a password or a hash
+        # that could be attacked offline), for a short time, and only while the user's
+        # ``password_changed_at`` is unchanged: a password change, a reset or a deleted account
+        # stops the cached login at once.
+        self._cache_key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, tuple[int, datetime, float]] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self.credential_cache_seconds = CREDENTIAL_CACHE_SECONDS
 
     @property
     def session_ttl(self) -> timedelta:
@@ -56,6 +75,72 @@ class AuthService:
             raise NotAuthenticated("Incorrect username or password")
         self._throttle.record_success(username)
         return user
+
+    def verify_basic(self, username: str, password: str, *, client_address: str | None) -> User:
+        """``verify_password`` with the short-lived verified-credential cache in front (HTTP Basic).
+
+        A cache hit skips the failed-login throttle too: it proves the exact password was verified
+        moments ago, so it cannot be a guess, and an attacker hammering the account must not lock
+        out a script that already holds the right password.
+        """
+        key = hmac.new(self._cache_key, f"{username.strip()}\x00{password}".encode(), hashlib.sha256).digest()
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(key)
+        if hit is not None:
+            user_id, changed_at, expires = hit
+            user = self._users.get(user_id) if expires > now else None
+            if user is not None and user.password_changed_at == changed_at:
+                return user
+            with self._cache_lock:
+                self._cache.pop(key, None)
+        user = self.verify_password(username, password, client_address=client_address)
+        if self.credential_cache_seconds > 0:
+            with self._cache_lock:
+                self._cache[key] = (user.id, user.password_changed_at, now + self.credential_cache_seconds)
+                self._cache.move_to_end(key)
+                while len(self._cache) > CREDENTIAL_CACHE_SIZE:
+                    self._cache.popitem(last=False)
+        return user
+
+    def user_for_api_token(self, token: str) -> User | None:
+        """The user behind a personal API token (``Authorization: Bearer``), or None."""
+        return self._tokens.user_for_token(token) if self._tokens is not None and token else None
+
+    def forget_credentials(self, user_id: int | None = None) -> None:
+        """Drop cached Basic credentials of one user (or everyone's)."""
+        with self._cache_lock:
+            if user_id is None:
+                self._cache.clear()
+                return
+            for key in [k for k, v in self._cache.items() if v[0] == user_id]:
+                del self._cache[key]
+
+    def change_own_password(
+        self, *, actor: User, current_password: str, new_password: str, keep_session: str | None = None,
+        client_address: str | None = None,
+    ) -> None:
+        """A user changes their own password: the current one is checked (under the throttle), every
+        other session of theirs ends and cached Basic credentials stop working."""
+        self.verify_password(actor.username, current_password, client_address=client_address)
+        check_password_policy(new_password, field="new_password")
+        if new_password == current_password:
+            raise InvalidInput("`new_password` must differ from the current password", field="new_password")
+        password_hash = self._passwords.hash(new_password)
+        keep = token_hash(keep_session) if keep_session else None
+        with self._db.write() as s:
+            user = s.get(User, actor.id)
+            if user is None:
+                raise NotAuthenticated("your account no longer exists")
+            user.password_hash = password_hash
+            user.password_changed_at = utcnow()
+            s.add(user)
+            query = delete(LoginSession).where(LoginSession.user_id == actor.id)
+            if keep:
+                query = query.where(LoginSession.token_hash != keep)
+            s.exec(query)
+        self.forget_credentials(actor.id)
+        log.info("%s changed their password", actor.username)
 
     def login(
         self, username: str, password: str, *, client_address: str | None = None, user_agent: str | None = None,

@@ -1,8 +1,8 @@
 """Authentication gate (pure ASGI middleware): every route needs a logged-in user, except the login page.
 
 Identity comes from the session cookie (browsers) or an ``Authorization`` header (scripts: HTTP Basic
-with the user's own login). The user is put in the ASGI scope under ``studio.user`` for the routes,
-the API dependencies and Gradio's ``auth_dependency``.
+with the user's own login, or ``Bearer <token>`` with a personal API token). The user is put in the
+ASGI scope under ``studio.user`` for the routes, the API dependencies and Gradio's ``auth_dependency``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
 
+import anyio
+
 from webapp.records import User
 from webapp.services.auth import AuthService
 from webapp.services.errors import NotAuthenticated, Throttled
@@ -26,6 +28,11 @@ SCOPE_USER = "studio.user"
 PUBLIC_PATHS = frozenset({"/login", "/login.css", "/favicon.ico"})
 # Paths whose clients are scripts: they get a Basic challenge instead of a redirect to the login page.
 API_PREFIXES = ("/sdapi/", "/api/", "/controlnet/", "/agent-scheduler/", "/docs", "/openapi.json", "/redoc")
+
+# Identification does blocking work (a database read; argon2 on a Basic cache miss), so it runs in
+# worker threads, on a limiter of its own: requests that hold threads for long (an A1111 txt2img
+# waiting for its job) must never starve authentication of the next request.
+_IDENTIFY_LIMITER_TOKENS = 16
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
@@ -63,14 +70,17 @@ class AuthGate:
     def __init__(self, app: Callable, auth: AuthService) -> None:
         self.app = app
         self.auth = auth
+        self._limiter: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        if self._limiter is None:
+            self._limiter = anyio.CapacityLimiter(_IDENTIFY_LIMITER_TOKENS)
         try:
-            user = self._identify(scope)
+            user = await anyio.to_thread.run_sync(self._identify, scope, limiter=self._limiter)
         except Throttled as exc:
             await self._reply(send, 429, {"detail": exc.message}, [(b"retry-after", str(exc.retry_after).encode())])
             return
@@ -89,6 +99,11 @@ class AuthGate:
             scheme, _, value = authorization.partition(" ")
             if scheme.lower() == "basic":
                 return self._basic(value.strip(), scope)
+            if scheme.lower() == "bearer":
+                user = self.auth.user_for_api_token(value.strip())
+                if user is None:
+                    raise NotAuthenticated("Invalid or revoked API token")
+                return user
         return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE))
 
     def _basic(self, value: str, scope: Scope) -> User:
@@ -98,7 +113,7 @@ class AuthGate:
             raise NotAuthenticated("Malformed Basic credentials") from None
         if not sep:
             raise NotAuthenticated("Malformed Basic credentials")
-        return self.auth.verify_password(username, password, client_address=client_address(scope))
+        return self.auth.verify_basic(username, password, client_address=client_address(scope))
 
     async def _deny(self, scope: Scope, send: Send, path: str, message: str) -> None:
         if scope["type"] == "websocket":
@@ -114,7 +129,10 @@ class AuthGate:
             await send({"type": "http.response.body", "body": b""})
             return
         headers = [(b"www-authenticate", b'Basic realm="studio"')] if is_api else []
-        await self._reply(send, 401, {"detail": message}, headers)
+        body: dict[str, Any] = {"detail": message}
+        if path.startswith("/sdapi/"):  # A1111 clients parse its error shape (a1111-api.md §1)
+            body = {"error": "HTTPException", "detail": message, "body": "", "errors": f"401: {message}"}
+        await self._reply(send, 401, body, headers)
 
     @staticmethod
     async def _reply(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:
