@@ -1,0 +1,174 @@
+"""Generation jobs and the endpoints that run them.
+
+A job row is the whole life of one generation: who asked, what exactly (the A1111-shaped request as
+submitted and the model files it resolved to), where it runs, how far it got and what came out (image
+keys in the asset store, infotexts, A1111's ``info``). The queue claims rows straight from this table,
+so its indexes are shaped for the claim query: queued jobs of one endpoint grouped by owner, oldest
+first, and per-owner lookups of running jobs and of when each owner was last served.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import Column, Index, Text
+from sqlmodel import Field, SQLModel
+
+from webapp.records.common import new_id, utcnow
+
+
+class JobMode(StrEnum):
+    TXT2IMG = "txt2img"
+    IMG2IMG = "img2img"
+    INPAINT = "inpaint"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+ACTIVE_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
+
+
+def _loads(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    return json.loads(text)
+
+
+class Job(SQLModel, table=True):
+    __tablename__ = "job"
+    __table_args__ = (
+        # claim: queued jobs of an endpoint, per owner, oldest first
+        Index("ix_job_claim", "status", "endpoint", "owner_id", "created_at"),
+        # fairness: an owner's running jobs and when the owner was last served
+        Index("ix_job_owner_status", "owner_id", "status"),
+        Index("ix_job_owner_started", "owner_id", "started_at"),
+        # history: an owner's jobs newest first
+        Index("ix_job_owner_created", "owner_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    owner_id: int = Field(foreign_key="user.id", ondelete="CASCADE")
+    owner_name: str = Field(max_length=64)
+    """Usernames never change, so history can show the owner without a join."""
+    mode: JobMode
+    status: JobStatus = Field(default=JobStatus.QUEUED, index=True)
+    endpoint: str = Field(max_length=64, index=True)
+    task_id: str | None = Field(default=None, max_length=128, index=True)
+    """A client-chosen id (A1111 ``force_task_id``) to follow the job by."""
+    request_json: str = Field(sa_column=Column(Text, nullable=False))
+    """The A1111-shaped request exactly as submitted (init images included): the job's reproducible input."""
+    models_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    """Resolved model files by role: {"checkpoint": {...}, "vae": ..., "loras": {name: {...}}, ...}."""
+    checkpoint: str | None = Field(default=None, max_length=255, index=True)
+    checkpoint_hash: str | None = Field(default=None, max_length=10)
+    attempts: int = 0
+    """How many times a worker started it; restart recovery gives up after the configured maximum."""
+    cancel_requested: bool = False
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker: str | None = Field(default=None, max_length=64)
+    progress: float = 0.0
+    step: int = 0
+    steps: int = 0
+    job_no: int = 0
+    job_count: int = 0
+    eta_seconds: float | None = None
+    image_keys_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    infotexts_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    info_json: str | None = Field(default=None, sa_column=Column(Text))
+    """A1111's ``info`` object (seeds, sizes, model name/hash ...) of a finished job."""
+    warnings_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    timings_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    error_kind: str | None = Field(default=None, max_length=32)
+
+    # -- decoded views ---------------------------------------------------------------------------
+    @property
+    def request(self) -> dict[str, Any]:
+        return _loads(self.request_json, {})
+
+    @property
+    def models(self) -> dict[str, Any]:
+        return _loads(self.models_json, {})
+
+    @property
+    def image_keys(self) -> list[str]:
+        return _loads(self.image_keys_json, [])
+
+    @property
+    def infotexts(self) -> list[str]:
+        return _loads(self.infotexts_json, [])
+
+    @property
+    def info(self) -> dict[str, Any] | None:
+        return _loads(self.info_json, None)
+
+    @property
+    def warnings(self) -> list[str]:
+        return _loads(self.warnings_json, [])
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return _loads(self.timings_json, {})
+
+    @property
+    def is_terminal(self) -> bool:
+        return JobStatus(self.status).terminal
+
+    @property
+    def title(self) -> str:
+        """The history name users see: ``Time-Type-Status-UUID`` (time in UTC)."""
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S}-{self.mode}-{self.status}-{self.id}"
+
+
+class EndpointStatus(StrEnum):
+    """ESD's endpoint vocabulary, so users coming from the AWS extension read the same words."""
+
+    CREATING = "Creating"
+    IN_SERVICE = "InService"
+    UPDATING = "Updating"
+    DELETING = "Deleting"
+    FAILED = "Failed"
+    STOPPED = "Stopped"
+
+
+class Endpoint(SQLModel, table=True):
+    """A configured backend instance jobs can be sent to (``local`` is created at start)."""
+
+    __tablename__ = "endpoint"
+
+    name: str = Field(primary_key=True, max_length=64)
+    kind: str = Field(max_length=32)
+    status: EndpointStatus = Field(default=EndpointStatus.CREATING)
+    remote: bool = False
+    """True when jobs leave this server (the Generate button then reads "Generate on Cloud")."""
+    is_default: bool = False
+    config_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    capabilities_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+    owner_id: int | None = Field(default=None, foreign_key="user.id", ondelete="SET NULL")
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return _loads(self.config_json, {})
+
+    @property
+    def capabilities(self) -> dict[str, Any]:
+        return _loads(self.capabilities_json, {})
