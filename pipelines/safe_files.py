@@ -235,6 +235,25 @@ def safe_globals():
     return torch.serialization.safe_globals(_allowed_globals())
 
 
+def _check_legacy_stream(path: Path) -> None:
+    """Walk the opcodes of a legacy torch file's pickles (magic, version, sys info, object, storage keys).
+
+    The restricted unpickler reports a truncated stream as whatever it was reading when the bytes ran
+    out — often a half-read global name — so truncation is detected here first and named as such.
+    """
+    import pickletools
+
+    with path.open("rb") as f:
+        for _ in range(5):
+            if not f.peek(1)[:1]:
+                return
+            try:
+                for _op in pickletools.genops(f):
+                    pass
+            except ValueError as exc:
+                raise ModelFormatError(f"{path.name} is truncated or corrupt ({exc})") from None
+
+
 def load_pickle(path: Path) -> Any:
     """Load a pickled checkpoint with the restricted unpickler only; never execute code from it."""
     import pickle
@@ -246,6 +265,8 @@ def load_pickle(path: Path) -> Any:
     _check_extension(path, kind)
     if kind not in (FileKind.TORCH_ZIP, FileKind.PICKLE):
         raise ModelFormatError(f"{path.name} is {kind.value}, not a pickled checkpoint")
+    if kind is FileKind.PICKLE:
+        _check_legacy_stream(path)
     try:
         with safe_globals():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=kind is FileKind.TORCH_ZIP)

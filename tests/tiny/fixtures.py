@@ -28,16 +28,21 @@ Kind = Literal["sd15", "sd15_inpaint", "sdxl", "sdxl_refiner"]
 
 
 def build_pipeline(kind: Kind, tokenizer_dir: Path, seed: int = 0) -> Any:
-    """A fresh tiny pipeline of `kind` (deterministic by seed)."""
+    """A fresh tiny pipeline of `kind` (deterministic by seed), in eval mode like a loaded one."""
     if kind == "sd15":
-        return tiny_sd15(tokenizer_dir, seed=seed)
-    if kind == "sd15_inpaint":
-        return tiny_sd15(tokenizer_dir, seed=seed, in_channels=9)
-    if kind == "sdxl":
-        return tiny_sdxl(tokenizer_dir, seed=seed)
-    if kind == "sdxl_refiner":
-        return tiny_sdxl(tokenizer_dir, seed=seed, refiner=True)
-    raise ValueError(f"unknown tiny kind {kind!r}; choose from {KINDS}")
+        pipe = tiny_sd15(tokenizer_dir, seed=seed)
+    elif kind == "sd15_inpaint":
+        pipe = tiny_sd15(tokenizer_dir, seed=seed, in_channels=9)
+    elif kind == "sdxl":
+        pipe = tiny_sdxl(tokenizer_dir, seed=seed)
+    elif kind == "sdxl_refiner":
+        pipe = tiny_sdxl(tokenizer_dir, seed=seed, refiner=True)
+    else:
+        raise ValueError(f"unknown tiny kind {kind!r}; choose from {KINDS}")
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    return pipe
 
 
 def write_tiny_skeletons(root: Path, tokenizer_dir: Path, kinds: tuple[str, ...] = KINDS) -> Path:
