@@ -22,6 +22,8 @@ from deploy.storage import BlobStore, open_store  # noqa: E402
 from webapp import schema  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
+from webapp.services.models import ModelRegistry  # noqa: E402
+from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
 from webapp.services.tokens import TokenService  # noqa: E402
@@ -51,8 +53,12 @@ class Studio:
     app: FastAPI
     generated_admin_password: str | None
     tokens: TokenService | None = None
+    models: ModelRegistry | None = None
+    model_services: ModelServices | None = None
 
     def close(self) -> None:
+        if self.model_services is not None:
+            self.model_services.close()
         self.db.dispose()
 
 
@@ -84,13 +90,14 @@ def build(settings: Settings) -> Studio:
         db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours), tokens=tokens,
     )
     auth.purge_expired()
+    model_services = build_model_services(settings, db, store)
 
     ui_ctx = UiContext(users=users)
     ui = build_ui(ui_ctx, [UsersTab(ui_ctx)])
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
-        tokens=tokens,
+        tokens=tokens, models=model_services.registry, model_services=model_services,
     )
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -34,6 +34,50 @@ class Settings(BaseSettings):
     login_window_seconds: int = Field(300, ge=1)
     log_level: str = "INFO"
 
+    # -- models (registry, imports, cache) ----------------------------------------------------------
+    models_dir: Path | None = None
+    """An A1111 ``models/`` folder registered in place at start and rescanned on refresh."""
+    import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Server folders admins may import from; default ``<data_dir>/imports`` and the models dir.
+    Environment: paths separated by ``:`` (or a JSON list)."""
+    model_cache_dir: Path | None = None
+    """Where engines materialise models from the asset store; default ``<data_dir>/cache/models``."""
+    model_cache_budget_gb: float = Field(50.0, gt=0)
+    url_import_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Hosts, ``host:port`` or CIDRs that URL imports may reach despite being private/loopback. For tests and
+    trusted mirrors only; empty by default. Environment: comma-separated."""
+    civitai_token: SecretStr | None = None
+    """Sent (as a bearer token, to civitai.com only) with Civitai downloads; never logged or stored."""
+    hf_token: SecretStr | None = None
+    """Sent (as a bearer token, to huggingface.co only) with Hugging Face downloads; never logged or stored."""
+    max_upload_gb: float = Field(64.0, gt=0)
+    """Largest model file accepted through the browser or from a URL."""
+    import_workers: int = Field(2, ge=1, le=32)
+
+    @field_validator("import_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part for part in text.split(":") if part.strip()]
+        return value
+
+    @field_validator("url_import_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
@@ -45,6 +89,13 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'studio.db'}"
         if self.store is None:
             self.store = str(self.data_dir / "store")
+        if self.models_dir is not None:
+            self.models_dir = self.models_dir.expanduser().resolve()
+        if not self.import_roots:
+            self.import_roots = [self.data_dir / "imports", *([self.models_dir] if self.models_dir else [])]
+        self.import_roots = [Path(root).expanduser().resolve() for root in self.import_roots]
+        if self.model_cache_dir is None:
+            self.model_cache_dir = self.data_dir / "cache" / "models"
         return self
 
     @property
@@ -71,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="SQLAlchemy database URL (default SQLite in the data dir)")
     p.add_argument("--store", help="asset store: a directory or s3://bucket/prefix")
     p.add_argument("--log-level", help="logging level (default INFO)")
+    p.add_argument("--models-dir", type=Path, help="an A1111 models/ folder to register in place and rescan on refresh")
+    p.add_argument("--import-root", dest="import_roots", type=Path, action="append",
+                   help="a server folder admins may import models from (repeatable)")
+    p.add_argument("--model-cache-dir", type=Path, help="local cache for models materialised from the asset store")
+    p.add_argument("--model-cache-budget-gb", type=float, help="disk budget of the model cache (default 50)")
+    p.add_argument("--max-upload-gb", type=float, help="largest model upload accepted (default 64)")
+    p.add_argument("--import-workers", type=int, help="model imports running at once (default 2)")
     return p
 
 
@@ -80,7 +138,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     overrides: dict[str, Any] = {}
     if args.listen:
         overrides["host"] = "0.0.0.0"
-    for name in ("host", "port", "data_dir", "database_url", "store", "log_level"):
+    for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
+                 "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -65,6 +65,13 @@ class ModelRecord(SQLModel, table=True):
     """First 10 hex of sha256 (A1111 / Civitai short hash)."""
     lora_hash: str | None = Field(default=None, max_length=64)
     """A1111's AutoV3 hash for LoRAs (sha256 of the tensor data), full hex."""
+    legacy_hash: str | None = Field(default=None, max_length=8)
+    """A1111's old 8-hex checkpoint hash (sha256 of 64 KiB at 1 MiB); scripts still send it."""
+    source_sha256: str | None = Field(default=None, index=True, max_length=64)
+    """sha256 of the bytes the user brought when they differ from the stored file (a converted pickle):
+    the same .ckpt uploaded twice is still one model."""
+    file_name: str | None = Field(default=None, max_length=1024)
+    """The file name users know, with extension (relative to the models folder for scanned files)."""
     file_format: str | None = Field(default=None, max_length=16)
     """safetensors / diffusers (a folder); pickles are converted to safetensors on import."""
     store_key: str | None = Field(default=None, max_length=512)
