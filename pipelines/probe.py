@@ -229,8 +229,11 @@ def _embedding_info(widths: Mapping[str, tuple[int, ...]], fmt: FileKind, name: 
 def _is_embedding(shapes: Shapes) -> bool:
     if set(shapes) in ({"emb_params"}, {"clip_l", "clip_g"}):
         return True
-    # diffusers' own format: {"<token>": tensor[n, width]} — one small 1-D or 2-D tensor
-    return len(shapes) == 1 and 1 <= len(next(iter(shapes.values()))) <= 2 and next(iter(shapes.values()))[0] <= 77
+    # diffusers' own format: {"<token>": tensor[n, width]} — one small tensor named by a token, not a module path
+    if len(shapes) != 1:
+        return False
+    ((name, shape),) = shapes.items()
+    return "." not in name and 1 <= len(shape) <= 2 and shape[0] <= 77
 
 
 def _vae_info(shapes: Shapes, fmt: FileKind) -> ModelInfo:

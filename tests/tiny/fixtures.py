@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 
 import torch
@@ -112,3 +113,50 @@ def tiny_files() -> TinyFiles:
         atexit.register(shutil.rmtree, root, ignore_errors=True)
         _STORE.append(TinyFiles(root))
     return _STORE[0]
+
+
+def meta_components(skeleton_dir: Path) -> SimpleNamespace:
+    """The skeleton's models instantiated on the meta device (shapes, no memory): unet, vae, text encoders."""
+    import json
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    index = json.loads((skeleton_dir / "model_index.json").read_text())
+    parts: dict[str, Any] = {"text_encoder": None, "text_encoder_2": None}
+    with init_empty_weights():
+        parts["unet"] = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(skeleton_dir / "unet"))
+        parts["vae"] = AutoencoderKL.from_config(AutoencoderKL.load_config(skeleton_dir / "vae"))
+        for name in ("text_encoder", "text_encoder_2"):
+            library, cls = index.get(name) or [None, None]
+            if library is None:
+                continue
+            config = CLIPTextConfig.from_pretrained(skeleton_dir / name)
+            parts[name] = (CLIPTextModelWithProjection if cls == "CLIPTextModelWithProjection" else CLIPTextModel)(config)
+    return SimpleNamespace(**parts)
+
+
+def ldm_layout(skeleton_dir: Path, dtype: torch.dtype = torch.float16) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Names and shapes of a full LDM checkpoint for the skeleton (what a real single file holds)."""
+    return {k: (tuple(v.shape), dtype) for k, v in ldm.pipeline_to_ldm(meta_components(skeleton_dir)).items()}
+
+
+def write_random_ldm(skeleton_dir: Path, path: Path, *, dtype: torch.dtype = torch.float16, seed: int = 0) -> Path:
+    """A full-size random-weight LDM checkpoint for `skeleton_dir`, written one tensor at a time.
+
+    Norm scales are 1 and biases 0, other weights N(0, 1/fan_in), so activations stay finite through a
+    real-size network and a generated image is a meaningful smoke test.
+    """
+    layout = ldm_layout(skeleton_dir, dtype)
+    names = {name: i for i, name in enumerate(layout)}
+
+    def make(name: str) -> torch.Tensor:
+        shape, _ = layout[name]
+        if len(shape) == 1:
+            return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + names[name])
+        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
+        return torch.randn(shape, generator=generator) / fan_in**0.5
+
+    return ldm.save_streaming(path, layout, make)

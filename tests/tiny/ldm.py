@@ -255,3 +255,36 @@ def write_controlnet(
     """Write a ControlNetModel in the LDM layout of the original SD1.5 ControlNet releases."""
     sd = _prefixed("control_model.", controlnet_to_ldm(controlnet))
     return save_state_dict(cast(sd, dtype), path, fmt=fmt)
+
+
+_ST_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64",
+              torch.int32: "I32"}
+
+
+def save_streaming(path: Path, layout: Mapping[str, tuple[tuple[int, ...], torch.dtype]], make,
+                   metadata: dict[str, str] | None = None) -> Path:
+    """Write safetensors one tensor at a time: `make(name)` is called per tensor and dropped after writing.
+
+    Peak memory is one tensor, so multi-GB files can be produced on a small CI machine.
+    """
+    import json
+    import math
+
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for name, (shape, dtype) in layout.items():
+            tensor = make(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, layout says {shape}")
+            f.write(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return path
