@@ -18,10 +18,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from fastapi import FastAPI  # noqa: E402
 
+from deploy.model_files import ModelFiles  # noqa: E402
 from deploy.storage import BlobStore, open_store  # noqa: E402
 from webapp import schema  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
+from webapp.services.jobs import JobService, build_job_service  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
@@ -55,8 +57,11 @@ class Studio:
     tokens: TokenService | None = None
     models: ModelRegistry | None = None
     model_services: ModelServices | None = None
+    jobs: JobService | None = None
 
     def close(self) -> None:
+        if self.jobs is not None:
+            self.jobs.stop()
         if self.model_services is not None:
             self.model_services.close()
         self.db.dispose()
@@ -91,13 +96,18 @@ def build(settings: Settings) -> Studio:
     )
     auth.purge_expired()
     model_services = build_model_services(settings, db, store)
+    assert settings.model_cache_dir is not None  # filled by the settings validator
+    model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
+    jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
+                             model_files=model_files)
 
     ui_ctx = UiContext(users=users)
     ui = build_ui(ui_ctx, [UsersTab(ui_ctx)])
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
+    jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
-        tokens=tokens, models=model_services.registry, model_services=model_services,
+        tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
     )
 
 

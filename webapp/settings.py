@@ -78,6 +78,43 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    # -- jobs (queue, backends) ------------------------------------------------------------------------
+    backend: str = "local"
+    """Backend kind of the ``local`` endpoint: ``local`` (this machine's devices) or ``fake`` (tests, demos)."""
+    backend_options: dict[str, Any] = Field(default_factory=dict)
+    """Extra options of that backend, JSON in ``STUDIO_BACKEND_OPTIONS`` (e.g. the fake's ``step_delay``)."""
+    devices: str = "auto"
+    """Local devices: ``auto`` (every CUDA device, else one CPU worker) or a list such as ``cuda:0,cuda:1``."""
+    max_queued_jobs_per_user: int = Field(100, ge=1)
+    job_max_attempts: int = Field(3, ge=1, le=20)
+    """A job a crash left running is retried until it has been started this many times, then failed."""
+    skeleton_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """Extra config-skeleton folders searched before the shipped ones (``:``-separated or a JSON list)."""
+    pipeline_cache_gb: float = Field(8.0, gt=0)
+    """Loaded checkpoints kept per device (RAM on CPU, VRAM on CUDA)."""
+    preview_every: int = Field(5, ge=0)
+    """A live preview every N sampling steps (0: none)."""
+
+    @field_validator("skeleton_dirs", mode="before")
+    @classmethod
+    def _split_skeleton_dirs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part for part in text.split(":") if part.strip()]
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(cls, value: str) -> str:
+        for item in (v.strip() for v in value.split(",")):
+            if item != "auto" and item.split(":")[0] not in ("cpu", "cuda", "mps"):
+                raise ValueError(f"devices entry {item!r} must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
     @field_validator("data_dir")
     @classmethod
     def _absolute_data_dir(cls, value: Path) -> Path:
@@ -129,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-cache-budget-gb", type=float, help="disk budget of the model cache (default 50)")
     p.add_argument("--max-upload-gb", type=float, help="largest model upload accepted (default 64)")
     p.add_argument("--import-workers", type=int, help="model imports running at once (default 2)")
+    p.add_argument("--backend", help="backend kind of the local endpoint: local (default) or fake")
+    p.add_argument("--devices", help="local devices: auto (default), cpu, or a list such as cuda:0,cuda:1")
     return p
 
 
@@ -139,7 +178,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     if args.listen:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
-                 "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers"):
+                 "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
+                 "devices"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -1,0 +1,99 @@
+"""The one contract every backend implements: local GPU workers now, HTTP workers and SageMaker next.
+
+The control plane (webapp's dispatcher) only ever talks to this interface: it asks how many jobs a
+backend can take (``free_slots``), hands it ``JobSpec``s, asks it to ``cancel`` one, and receives
+events (``Started``, ``Progress``, ``Succeeded``, ``Failed``, ``Cancelled``) through the sink given to
+``start``. Events are plain messages (deploy.backends.messages), never Python objects tied to the
+worker, so a backend in another process or another cloud fits without changing the services or the UI.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from deploy.backends.messages import Event, JobSpec
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[Event], None]
+"""Receives every event of every job; called from the backend's own threads, must not block long."""
+
+
+class BackendError(RuntimeError):
+    """A backend could not do what was asked (not started, misconfigured, transport failure)."""
+
+
+class BackendBusy(BackendError):
+    """``submit`` was called with no free slot; the caller should have checked ``free_slots``."""
+
+
+class BackendNotConfigured(BackendError):
+    """The backend lacks configuration it needs (e.g. an endpoint URL); ``is_configured`` says False."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can do, shown on the Endpoints tab and used by the UI (remote → "Generate on Cloud")."""
+
+    modes: tuple[str, ...] = ("txt2img", "img2img", "inpaint")
+    slots: int = 1
+    """How many jobs it runs at once (local: one per device)."""
+    remote: bool = False
+    """Jobs leave this server."""
+    previews: bool = True
+    devices: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ("checkpoint", "vae", "lora", "embedding", "hypernetwork")
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"modes": list(self.modes), "slots": self.slots, "remote": self.remote, "previews": self.previews,
+                "devices": list(self.devices), "model_types": list(self.model_types), "extra": dict(self.extra)}
+
+
+class Backend(ABC):
+    """A place jobs run. One instance per configured endpoint; created by the registry from config."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def is_configured(self) -> bool:
+        """True when the backend has everything it needs to run jobs (no network calls: cheap)."""
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities:
+        """What it can do; may become more precise after ``start`` (e.g. devices found)."""
+
+    @abstractmethod
+    def start(self, sink: EventSink) -> None:
+        """Begin accepting jobs; every event goes to ``sink``. Must not import heavy libraries on the
+        caller's thread (the app starts in seconds): workers do that when their first job arrives."""
+
+    @abstractmethod
+    def free_slots(self) -> int:
+        """How many more jobs ``submit`` accepts right now."""
+
+    @abstractmethod
+    def submit(self, spec: JobSpec) -> None:
+        """Start running ``spec`` (asynchronously); raises ``BackendBusy`` when no slot is free."""
+
+    @abstractmethod
+    def cancel(self, job_id: str) -> bool:
+        """Ask the job to stop (a running job stops within one sampling step and reports ``Cancelled``).
+        Returns False when this backend does not hold the job."""
+
+    @abstractmethod
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop accepting jobs, cancel running ones and release workers. Jobs cut short report
+        ``Failed(kind="interrupted")`` so the queue can run them again later."""
+
+    def describe(self) -> str:
+        """A one-line, human status for the Endpoints tab."""
+        caps = self.capabilities()
+        return f"{self.kind}: {caps.slots} slot(s){' on ' + ', '.join(caps.devices) if caps.devices else ''}"

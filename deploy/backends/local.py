@@ -1,0 +1,205 @@
+"""The local backend: one worker thread per device of this machine, each with its own engine.
+
+``devices="auto"`` means every CUDA device (counted without importing torch, from the NVIDIA driver's
+/proc entries and ``CUDA_VISIBLE_DEVICES``) or one CPU worker where there is none. Each worker imports
+torch and builds its ``PipelineCache`` + ``Engine`` when its first job arrives — never on the app's
+start-up path — and materialises model files through ``ModelFiles`` (pinned while the job runs, so
+the disk cache cannot evict them mid-load).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from deploy.backends.base import BackendNotConfigured, Capabilities
+from deploy.backends.messages import (
+    Cancelled,
+    Event,
+    Failed,
+    JobModels,
+    JobSpec,
+    ModelSpec,
+    Started,
+    Succeeded,
+)
+from deploy.backends.registry import BackendConfig
+from deploy.backends.workers import EtaClock, ThreadedBackend, Worker, progress_event
+from deploy.model_files import ModelFileError, ModelFiles
+
+log = logging.getLogger(__name__)
+
+NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+
+
+def detect_devices(environ: dict[str, str] | None = None, proc_dir: Path = NVIDIA_PROC) -> list[str]:
+    """CUDA devices visible to this process, without importing torch; ``["cpu"]`` when there are none."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    try:
+        present = len([p for p in proc_dir.iterdir() if p.is_dir()]) if proc_dir.is_dir() else 0
+    except OSError:
+        present = 0
+    if visible is not None:
+        entries = [v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]
+        present = min(present, len(entries)) if present else 0
+    return [f"cuda:{i}" for i in range(present)] or ["cpu"]
+
+
+def parse_devices(value: str | Sequence[str] | None) -> list[str] | None:
+    """``"auto"``/None → None (detect at start); ``"cuda:0,cuda:1"`` or a list → that list."""
+    if value is None:
+        return None
+    items = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if v and v.strip()]
+    if not items or items == ["auto"]:
+        return None
+    for item in items:
+        if item.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"`devices` entry {item!r} is not cpu, cuda, cuda:N or mps")
+    return items
+
+
+class _DeviceRuntime:
+    """A worker's engine on its device, built on the worker's thread at its first job."""
+
+    def __init__(self, device: str, auto: bool, backend: LocalBackend) -> None:
+        from pipelines.cache import PipelineCache
+        from pipelines.devices import choose_device
+        from pipelines.engine import Engine
+        from pipelines.errors import PipelineError
+
+        try:
+            choice = choose_device(device, backend.dtype)
+        except PipelineError:
+            if not auto:
+                raise
+            log.warning("device %s was detected but torch cannot use it; this worker runs on the CPU", device)
+            choice = choose_device("cpu", backend.dtype)
+        if choice.device == "cpu":
+            import torch
+
+            if backend.cpu_threads:
+                torch.set_num_threads(backend.cpu_threads)
+        self.device = choice.device
+        self.cache = PipelineCache(budget_bytes=backend.cache_bytes, device=choice.device, dtype=choice.dtype,
+                                   skeleton_dirs=backend.skeleton_dirs)
+        self.engine = Engine(self.cache, device=choice.device, dtype=choice.dtype,
+                             preview_every=backend.preview_every)
+        log.info("local worker ready on %s (%s)", choice.device, choice.reason)
+
+
+class LocalBackend(ThreadedBackend):
+    kind = "local"
+
+    def __init__(self, name: str, *, model_files: ModelFiles | None, devices: str | Sequence[str] | None = "auto",
+                 skeleton_dirs: Sequence[str | Path] = (), cache_gb: float = 8.0, preview_every: int = 5,
+                 dtype: str | None = None, cpu_threads: int | None = None) -> None:
+        super().__init__(name)
+        self.model_files = model_files
+        self._explicit = parse_devices(devices)
+        self.devices = self._explicit or detect_devices()
+        self.skeleton_dirs = tuple(Path(d) for d in skeleton_dirs)
+        if cache_gb <= 0:
+            raise ValueError(f"`pipeline_cache_gb` must be positive, got {cache_gb}")
+        self.cache_bytes = int(cache_gb * 1024**3)
+        self.preview_every = max(0, int(preview_every))
+        self.dtype = dtype
+        self.cpu_threads = cpu_threads
+        self._runtimes: dict[str, _DeviceRuntime] = {}
+
+    def is_configured(self) -> bool:
+        return self.model_files is not None
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(slots=len(self.devices), remote=False, previews=self.preview_every > 0,
+                            devices=tuple(self.devices))
+
+    def worker_labels(self) -> list[str]:
+        if self.model_files is None:
+            raise BackendNotConfigured("the local backend needs a model file cache (ModelFiles)")
+        return list(self.devices)
+
+    def runtime(self, worker: Worker) -> _DeviceRuntime:
+        runtime = self._runtimes.get(worker.label)
+        if runtime is None:
+            runtime = self._runtimes[worker.label] = _DeviceRuntime(worker.label, self._explicit is None, self)
+        return runtime
+
+    # -- one job ---------------------------------------------------------------------------------------
+    def run_job(self, worker: Worker, spec: JobSpec) -> Event:
+        from pipelines.errors import PipelineError
+        from pipelines.types import Cancelled as EngineCancelled
+        from pipelines.types import GenerationRequest, InvalidRequestError, OutOfMemoryError
+
+        self.emit(Started(job_id=spec.job_id, worker=f"{self.name}/{worker.label}"))
+        runtime = self.runtime(worker)  # a device that cannot start is an internal failure, not the request's
+        clock = EtaClock()
+        try:
+            request = GenerationRequest.from_dict(spec.request)
+            with ExitStack() as stack:
+                models = self._resolve(spec.models, stack)
+
+                def on_event(p: Any) -> None:
+                    preview = base64.b64encode(p.preview).decode("ascii") if p.preview else None
+                    self.emit(progress_event(spec.job_id, p.step, p.total, p.job_no, p.job_count, clock, preview,
+                                             p.phase))
+
+                result = runtime.engine.generate(request, models, on_event=on_event,
+                                                 should_cancel=self.cancel_check(spec.job_id))
+        except EngineCancelled:
+            if self.stopping:
+                return self.stopped_event(spec.job_id)
+            return Cancelled(job_id=spec.job_id, reason="cancelled while running")
+        except OutOfMemoryError as exc:
+            return Failed(job_id=spec.job_id, message=str(exc), kind="oom")
+        except MemoryError:
+            return Failed(job_id=spec.job_id, kind="oom",
+                          message="out of memory on this server; lower the batch size or the resolution")
+        except InvalidRequestError as exc:
+            return Failed(job_id=spec.job_id, message=str(exc), kind="bad_request", field=exc.field)
+        except PipelineError as exc:
+            return Failed(job_id=spec.job_id, message=str(exc), kind="bad_request")
+        except ModelFileError as exc:
+            return Failed(job_id=spec.job_id, message=f"model file unavailable: {exc}", kind="internal")
+        return Succeeded(
+            job_id=spec.job_id, images=tuple(result.images), infotexts=tuple(result.infotexts),
+            seeds=tuple(result.seeds), warnings=tuple(result.warnings), timings=dict(result.timings),
+            info=result.a1111_info(),
+        )
+
+    def _resolve(self, models: JobModels, stack: ExitStack) -> Any:
+        """Materialise every file the job may use (pinned until the job ends) as a ``ResolvedModels``."""
+        from pipelines.types import ModelRef, ResolvedModels
+
+        assert self.model_files is not None
+        files = self.model_files
+
+        def ref(spec: ModelSpec) -> ModelRef:
+            path = stack.enter_context(files.pinned(spec.file))[0]
+            return ModelRef(name=spec.name, path=path, sha256=spec.sha256, kind=spec.kind, lora_hash=spec.lora_hash)
+
+        def group(g: Any) -> dict[str, ModelRef]:
+            return {name: ref(spec) for name, spec in g.items()}
+
+        return ResolvedModels(
+            checkpoint=ref(models.checkpoint),
+            vae=ref(models.vae) if isinstance(models.vae, ModelSpec) else models.vae,
+            companion_vae=ref(models.companion_vae) if models.companion_vae else None,
+            loras=group(models.loras), embeddings=group(models.embeddings),
+            hypernetworks=group(models.hypernetworks),
+            refiner=ref(models.refiner) if models.refiner else None,
+        )
+
+
+def create(config: BackendConfig) -> LocalBackend:
+    o = dict(config.options)
+    allowed = {"devices", "skeleton_dirs", "cache_gb", "preview_every", "dtype", "cpu_threads"}
+    unknown = sorted(set(o) - allowed)
+    if unknown:
+        raise ValueError(f"unknown local backend option(s) {unknown}; known: {sorted(allowed)}")
+    return LocalBackend(config.name, model_files=config.model_files, **o)

@@ -1,0 +1,171 @@
+"""Thread workers shared by backends that run jobs in this process (local GPU workers, the fake).
+
+Each worker owns one thread and runs one job at a time. A slot is taken when ``submit`` hands a job to
+an idle worker and given back *before* the job's terminal event is emitted, so a dispatcher woken by
+that event already sees the free slot. Cancellation is a set of job ids the job's step loop checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from deploy.backends.base import Backend, BackendBusy, BackendError, EventSink
+from deploy.backends.messages import Cancelled, Event, Failed, JobSpec, Progress
+
+log = logging.getLogger(__name__)
+
+
+class EtaClock:
+    """Seconds left for a job from how long the done fraction took (passes and steps combined)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def eta(self, fraction: float) -> float | None:
+        if fraction <= 0:
+            return None
+        elapsed = time.monotonic() - self.started
+        return max(0.0, elapsed / fraction * (1.0 - fraction))
+
+
+def progress_event(job_id: str, step: int, total: int, job_no: int, job_count: int, clock: EtaClock,
+                   preview_png: str | None = None, phase: str = "base") -> Progress:
+    event = Progress(job_id=job_id, step=step, total=total, job_no=job_no, job_count=job_count,
+                     preview_png=preview_png, phase=phase)
+    return Progress(job_id=job_id, step=step, total=total, job_no=job_no, job_count=job_count,
+                    eta=clock.eta(event.fraction), preview_png=preview_png, phase=phase)
+
+
+class Worker(threading.Thread):
+    """One job at a time from an inbox; ``run_job`` is the backend's."""
+
+    def __init__(self, owner: ThreadedBackend, label: str) -> None:
+        super().__init__(name=f"backend-{owner.name}-{label}", daemon=True)
+        self.owner = owner
+        self.label = label
+        self.inbox: queue.Queue[JobSpec | None] = queue.Queue()
+        self.busy = False
+        self.current: str | None = None
+
+    def run(self) -> None:
+        while True:
+            spec = self.inbox.get()
+            if spec is None:
+                return
+            terminal: Event | None = None
+            try:
+                if self.owner.is_cancelled(spec.job_id):
+                    terminal = Cancelled(job_id=spec.job_id, reason="cancelled before it started")
+                else:
+                    terminal = self.owner.run_job(self, spec)
+            except Exception as exc:  # noqa: BLE001 - the worker must survive and report any failure
+                log.exception("worker %s: job %s crashed", self.name, spec.job_id)
+                terminal = Failed(job_id=spec.job_id, message=f"internal error: {type(exc).__name__}: {exc}",
+                                  kind="internal")
+            finally:
+                with self.owner.lock:
+                    self.owner.forget(spec.job_id)
+                    self.current = None
+                    self.busy = False
+            if terminal is not None:
+                self.owner.emit(terminal)
+
+
+class ThreadedBackend(Backend, ABC):
+    """A backend made of in-process worker threads; subclasses say what a worker runs."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.lock = threading.Lock()
+        self.workers: list[Worker] = []
+        self._sink: EventSink | None = None
+        self._cancelled: set[str] = set()
+        self._stopping = False
+
+    @abstractmethod
+    def worker_labels(self) -> list[str]:
+        """One label (device / slot name) per worker to start."""
+
+    @abstractmethod
+    def run_job(self, worker: Worker, spec: JobSpec) -> Event:
+        """Run ``spec`` on ``worker``'s thread, emitting progress; return the terminal event."""
+
+    # -- contract ------------------------------------------------------------------------------------
+    def start(self, sink: EventSink) -> None:
+        if self._sink is not None:
+            raise BackendError(f"backend {self.name!r} is already started")
+        self._sink = sink
+        self.workers = [Worker(self, label) for label in self.worker_labels()]
+        for worker in self.workers:
+            worker.start()
+
+    def free_slots(self) -> int:
+        if self._sink is None or self._stopping:
+            return 0
+        with self.lock:
+            return sum(1 for w in self.workers if not w.busy)
+
+    def submit(self, spec: JobSpec) -> None:
+        if self._sink is None or self._stopping:
+            raise BackendError(f"backend {self.name!r} is not running")
+        with self.lock:
+            worker = next((w for w in self.workers if not w.busy), None)
+            if worker is None:
+                raise BackendBusy(f"backend {self.name!r} has no free worker")
+            worker.busy = True
+            worker.current = spec.job_id
+        worker.inbox.put(spec)
+
+    def cancel(self, job_id: str) -> bool:
+        with self.lock:
+            held = any(w.current == job_id for w in self.workers)
+            if held:
+                self._cancelled.add(job_id)
+        return held
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        with self.lock:
+            for worker in self.workers:
+                if worker.current:
+                    self._cancelled.add(worker.current)
+        for worker in self.workers:
+            worker.inbox.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                log.warning("worker %s did not stop within %.0fs", worker.name, timeout)
+
+    # -- for workers -----------------------------------------------------------------------------------
+    def is_cancelled(self, job_id: str) -> bool:
+        return job_id in self._cancelled
+
+    def cancel_check(self, job_id: str) -> Callable[[], bool]:
+        return lambda: job_id in self._cancelled
+
+    def forget(self, job_id: str) -> None:
+        """Drop the job's cancel flag (called with ``lock`` held when the job is over)."""
+        self._cancelled.discard(job_id)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def emit(self, event: Event) -> None:
+        sink = self._sink
+        if sink is None:
+            return
+        try:
+            sink(event)
+        except Exception:  # noqa: BLE001 - a broken sink must not kill the worker
+            log.exception("backend %s: the event sink failed on %s", self.name, type(event).__name__)
+
+    def stopped_event(self, job_id: str) -> Failed:
+        """What a job cut short by ``stop`` reports: the queue may run it again."""
+        return Failed(job_id=job_id, message="the backend stopped while the job was running", kind="interrupted")

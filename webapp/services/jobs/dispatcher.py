@@ -1,0 +1,247 @@
+"""One dispatcher per endpoint: claims jobs while its backend has room, records what comes back.
+
+Two threads: the claim loop (woken when a job is submitted or a slot frees, and every couple of
+seconds anyway) and the event loop, which turns backend events into database rows and asset-store
+blobs — progress on the in-memory board (and in the row now and then), images under
+``jobs/<job_id>/<n>.png``, failures with their message. An out-of-memory failure fails that job with
+the engine's message and the loop simply claims the next one. Backends are only ever handed plain
+``JobSpec`` messages and only ever answer with events, so a remote backend fits unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from queue import Queue
+
+from deploy.backends.base import Backend, BackendError
+from deploy.backends.messages import (
+    Cancelled,
+    Event,
+    Failed,
+    JobModels,
+    JobSpec,
+    Progress,
+    Started,
+    Succeeded,
+)
+from deploy.storage import BlobStore
+from webapp.records import Job, JobMode, JobStatus
+from webapp.services.errors import ServiceError
+from webapp.services.jobs.board import JobBoard, LiveProgress
+from webapp.services.jobs.queue import JobQueue
+from webapp.services.jobs.requests import engine_request
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 2.0
+"""Claim-loop fallback poll: picks up jobs another process queued (no wake-up reaches us from there)."""
+PROGRESS_WRITE_SECONDS = 1.0
+"""How often a running job's progress is written to its row (the board always has the live value)."""
+
+
+def image_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/{index}.png"
+
+
+class Dispatcher:
+    def __init__(self, *, endpoint: str, backend: Backend, queue: JobQueue, store: BlobStore, board: JobBoard) -> None:
+        self.endpoint = endpoint
+        self.backend = backend
+        self.queue = queue
+        self.store = store
+        self.board = board
+        self._wake = threading.Event()
+        self._events: Queue[Event | None] = Queue()
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, str] = {}  # job id -> worker label ("" until Started)
+        self._cancel_pending: set[str] = set()
+        self._last_write: dict[str, float] = {}
+        self._stopping = False
+        self._claimer: threading.Thread | None = None
+        self._recorder: threading.Thread | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.backend.start(self._events.put)
+        self._recorder = threading.Thread(target=self._record_loop, name=f"jobs-{self.endpoint}-events", daemon=True)
+        self._claimer = threading.Thread(target=self._claim_loop, name=f"jobs-{self.endpoint}-claims", daemon=True)
+        self._recorder.start()
+        self._claimer.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop claiming, stop the backend (running jobs report ``interrupted``), record what it said, and
+        put anything still unaccounted for back in the queue without charging it an attempt."""
+        self._stopping = True
+        self._wake.set()
+        if self._claimer is not None:
+            self._claimer.join(timeout)
+        self.backend.stop(timeout)
+        self._events.put(None)
+        if self._recorder is not None:
+            self._recorder.join(timeout)
+        with self._lock:
+            leftovers = list(self._in_flight)
+            self._in_flight.clear()
+        for job_id in leftovers:
+            self.queue.requeue(job_id, refund_attempt=True, reason="the server stopped while it ran")
+            self.board.finish(job_id)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask the backend to stop ``job_id``; remembered in case the job is between claim and submit."""
+        with self._lock:
+            self._cancel_pending.add(job_id)
+        return self.backend.cancel(job_id)
+
+    def in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self._in_flight)
+
+    # -- claiming -------------------------------------------------------------------------------------------
+    def _claim_loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                while not self._stopping and self.backend.free_slots() > 0:
+                    job = self.queue.claim(self.endpoint)
+                    if job is None:
+                        break
+                    self._dispatch(job)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the loop
+                log.exception("dispatcher %s: claiming failed; retrying", self.endpoint)
+                time.sleep(1.0)
+            self._wake.wait(POLL_SECONDS)
+
+    def _dispatch(self, job: Job) -> None:
+        try:
+            request = engine_request(JobMode(job.mode), job.request)
+            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request.to_dict(),
+                           models=JobModels.from_dict(job.models), attempt=job.attempts)
+        except (ServiceError, KeyError, ValueError) as exc:
+            message = exc.message if isinstance(exc, ServiceError) else f"the stored job cannot be run: {exc}"
+            self.queue.finish(job.id, JobStatus.FAILED, error=message, error_kind="bad_request")
+            self.board.finish(job.id)
+            return
+        with self._lock:
+            self._in_flight[job.id] = ""
+        self.board.post(job.id, LiveProgress(updated=time.monotonic()))
+        try:
+            self.backend.submit(spec)
+        except BackendError as exc:
+            log.warning("dispatcher %s: backend refused job %s (%s); requeued", self.endpoint, job.id, exc)
+            with self._lock:
+                self._in_flight.pop(job.id, None)
+            self.queue.requeue(job.id, refund_attempt=True, reason=str(exc))
+            self.board.finish(job.id)
+            time.sleep(0.5)
+            return
+        with self._lock:
+            cancel = job.id in self._cancel_pending or job.cancel_requested
+        if cancel:
+            self.backend.cancel(job.id)
+
+    # -- recording --------------------------------------------------------------------------------------------
+    def _record_loop(self) -> None:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            try:
+                self._record(event)
+            except Exception:  # noqa: BLE001 - keep recording the other jobs
+                log.exception("dispatcher %s: recording %s for job %s failed", self.endpoint,
+                              type(event).__name__, getattr(event, "job_id", "?"))
+
+    def _record(self, event: Event) -> None:
+        job_id = event.job_id
+        if isinstance(event, Progress):
+            self._progress(event)
+        elif isinstance(event, Started):
+            with self._lock:
+                if job_id in self._in_flight:
+                    self._in_flight[job_id] = event.worker
+        elif isinstance(event, Succeeded):
+            self._succeeded(event)
+        elif isinstance(event, Failed):
+            self._failed(event)
+        elif isinstance(event, Cancelled):
+            self._finish(job_id, JobStatus.CANCELLED, error=event.reason, error_kind="cancelled")
+
+    def _progress(self, event: Progress) -> None:
+        now = time.monotonic()
+        self.board.post(event.job_id, LiveProgress(
+            step=event.step, total=event.total, job_no=event.job_no, job_count=event.job_count, eta=event.eta,
+            preview_png=event.preview, phase=event.phase, updated=now))
+        if now - self._last_write.get(event.job_id, 0.0) >= PROGRESS_WRITE_SECONDS:
+            self._last_write[event.job_id] = now
+            self.queue.record_progress(event.job_id, {
+                "progress": event.fraction, "step": event.step, "steps": event.total, "job_no": event.job_no,
+                "job_count": event.job_count, "eta_seconds": event.eta})
+
+    def _succeeded(self, event: Succeeded) -> None:
+        keys = list(event.image_keys)
+        if event.images:
+            keys = []
+            try:
+                for index, png in enumerate(event.images):
+                    key = image_key(event.job_id, index)
+                    self.store.put(key, io.BytesIO(png), content_type="image/png")
+                    keys.append(key)
+            except Exception as exc:  # noqa: BLE001 - the store failed: the job fails, nothing half-stored stays
+                log.exception("job %s: storing its images failed", event.job_id)
+                self._delete_keys(keys)
+                self._finish(event.job_id, JobStatus.FAILED, error=f"storing the images failed: {exc}",
+                             error_kind="internal")
+                return
+        recorded = self._finish(
+            event.job_id, JobStatus.SUCCEEDED, image_keys_json=keys, infotexts_json=list(event.infotexts),
+            info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
+            progress=1.0)
+        if not recorded:  # deleted or cancelled meanwhile: keep no orphan images
+            self._delete_keys(keys)
+
+    def _failed(self, event: Failed) -> None:
+        if event.kind == "interrupted":
+            with self._lock:
+                self._in_flight.pop(event.job_id, None)
+                self._cancel_pending.discard(event.job_id)
+            self.queue.requeue(event.job_id, refund_attempt=self._stopping, reason=event.message)
+            self._done(event.job_id)
+            return
+        message = event.message
+        if event.kind == "oom":
+            message = f"out of memory: {message}" if "memory" not in message.lower() else message
+        self._finish(event.job_id, JobStatus.FAILED, error=message, error_kind=event.kind)
+
+    def _finish(self, job_id: str, status: JobStatus, **values: object) -> bool:
+        with self._lock:
+            worker = self._in_flight.pop(job_id, None)
+            self._cancel_pending.discard(job_id)
+        if worker:
+            values["worker"] = worker
+        for key in [k for k in values if k.endswith("_json")]:
+            if not isinstance(values[key], str):
+                values[key] = json.dumps(values[key])
+        recorded = self.queue.finish(job_id, status, **values)
+        if recorded:
+            log.info("job %s %s on %s", job_id, status, self.endpoint)
+        self._done(job_id)
+        return recorded
+
+    def _done(self, job_id: str) -> None:
+        self._last_write.pop(job_id, None)
+        self.board.finish(job_id)
+        self._wake.set()
+
+    def _delete_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.store.delete(key)
+            except Exception:  # noqa: BLE001 - best effort; logged
+                log.exception("could not delete %s", key)

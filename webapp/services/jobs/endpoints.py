@@ -1,0 +1,96 @@
+"""Endpoints: the configured backends jobs can be sent to, as database records.
+
+The ``local`` endpoint is (re)written at every start from the settings; later work (self-hosted
+workers, SageMaker real-time/async) adds rows through the same service and the dispatcher runs one
+loop per endpoint. Every signed-in user may list endpoints (to choose where to generate); changing
+them is for administrators.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sqlmodel import select
+
+from webapp.db import Database
+from webapp.records import Endpoint, EndpointStatus, User, utcnow
+from webapp.services.errors import Conflict, NotFound
+from webapp.services.users import require_admin
+
+log = logging.getLogger(__name__)
+
+
+class EndpointService:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # -- reads (any signed-in user) -------------------------------------------------------------------
+    def list_endpoints(self, *, actor: User) -> list[Endpoint]:  # noqa: ARG002 - every user may list
+        with self._db.read() as s:
+            return list(s.exec(select(Endpoint).order_by(Endpoint.is_default.desc(), Endpoint.name)).all())  # type: ignore[attr-defined]
+
+    def get(self, *, actor: User, name: str) -> Endpoint:  # noqa: ARG002
+        with self._db.read() as s:
+            endpoint = s.get(Endpoint, name)
+        if endpoint is None:
+            raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
+                           field="endpoint")
+        return endpoint
+
+    def names(self) -> list[str]:
+        with self._db.read() as s:
+            return list(s.exec(select(Endpoint.name).order_by(Endpoint.name)).all())
+
+    def default_name(self) -> str | None:
+        with self._db.read() as s:
+            row = s.exec(select(Endpoint.name).order_by(Endpoint.is_default.desc(), Endpoint.name)).first()  # type: ignore[attr-defined]
+        return row
+
+    def resolve(self, *, actor: User, name: str | None) -> Endpoint:
+        """The endpoint a new job goes to: the named one, or the default; it must be in service."""
+        if not name:
+            name = self.default_name()
+            if name is None:
+                raise Conflict("no endpoint is configured to run jobs", field="endpoint")
+        endpoint = self.get(actor=actor, name=name)
+        if endpoint.status != EndpointStatus.IN_SERVICE:
+            detail = f": {endpoint.error}" if endpoint.error else ""
+            raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")
+        return endpoint
+
+    # -- writes (start-up and administrators) -----------------------------------------------------------------
+    def ensure(self, *, name: str, kind: str, remote: bool, capabilities: Mapping[str, Any],
+               config: Mapping[str, Any], is_default: bool, status: EndpointStatus, error: str | None = None) -> Endpoint:
+        """Create or refresh an endpoint record from configuration (used at start for ``local``)."""
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name) or Endpoint(name=name, kind=kind)
+            endpoint.kind, endpoint.remote, endpoint.status, endpoint.error = kind, remote, status, error
+            endpoint.capabilities_json = json.dumps(dict(capabilities))
+            endpoint.config_json = json.dumps(dict(config), default=str)
+            endpoint.updated_at = utcnow()
+            if is_default:
+                for other in s.exec(select(Endpoint).where(Endpoint.is_default, Endpoint.name != name)).all():
+                    other.is_default = False
+                    s.add(other)
+            endpoint.is_default = is_default
+            s.add(endpoint)
+        return endpoint
+
+    def set_status(self, name: str, status: EndpointStatus, error: str | None = None) -> None:
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name)
+            if endpoint is None:
+                return
+            endpoint.status, endpoint.error, endpoint.updated_at = status, error, utcnow()
+            s.add(endpoint)
+
+    def set_status_as(self, *, actor: User, name: str, status: EndpointStatus) -> Endpoint:
+        """An administrator takes an endpoint out of service (Stopped) or back (InService)."""
+        require_admin(actor)
+        self.get(actor=actor, name=name)
+        self.set_status(name, status)
+        log.info("endpoint %s set to %s by %s", name, status, actor.username)
+        return self.get(actor=actor, name=name)

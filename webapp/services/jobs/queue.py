@@ -1,0 +1,184 @@
+"""The persistent job queue: rows in the ``job`` table, claimed atomically and fairly.
+
+Claiming is one write transaction (``BEGIN IMMEDIATE`` on SQLite serialises claimers; on PostgreSQL
+the chosen row is locked ``FOR UPDATE SKIP LOCKED``), and the status change is conditional
+(``... WHERE status = 'queued'``), so no job runs twice however many dispatchers claim at once.
+
+Fairness is per owner, not per job: the next job belongs to the owner with the fewest running jobs,
+then the one served least recently, then the one whose oldest queued job is oldest; within an owner
+jobs run first-in first-out. One user's hundred queued jobs therefore take turns with another user's
+single job instead of starving it.
+
+Restart recovery runs before any dispatcher starts: a job left ``running`` by a crash goes back to
+the queue unless it has already been started ``max_attempts`` times (then it fails with the reason:
+it may be what kills the server), and a running job whose cancel was requested ends cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import case, func, update
+from sqlalchemy.orm import aliased
+from sqlmodel import Session, select
+
+from webapp.db import Database
+from webapp.records import Job, JobStatus, utcnow
+from webapp.services.errors import Throttled
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING = JobStatus.QUEUED, JobStatus.RUNNING
+
+
+@dataclass(frozen=True)
+class Recovery:
+    requeued: tuple[str, ...]
+    failed: tuple[str, ...]
+    cancelled: tuple[str, ...]
+
+
+class JobQueue:
+    def __init__(self, db: Database, *, max_queued_per_user: int, max_attempts: int) -> None:
+        if max_queued_per_user < 1 or max_attempts < 1:
+            raise ValueError("max_queued_per_user and max_attempts must be at least 1")
+        self.db = db
+        self.max_queued_per_user = max_queued_per_user
+        self.max_attempts = max_attempts
+
+    # -- in ---------------------------------------------------------------------------------------------
+    def enqueue(self, job: Job) -> Job:
+        """Insert ``job`` as queued unless its owner is at the per-user cap (checked in the same transaction)."""
+        with self.db.write() as s:
+            queued = s.exec(select(func.count()).select_from(Job).where(
+                Job.owner_id == job.owner_id, Job.status == QUEUED)).one()
+            if queued >= self.max_queued_per_user:
+                raise Throttled(
+                    f"you already have {queued} queued jobs, the most one user may queue "
+                    f"({self.max_queued_per_user}); wait for some to finish or cancel some", retry_after=10)
+            job.status = QUEUED
+            job.created_at = utcnow()
+            s.add(job)
+        return job
+
+    # -- claim --------------------------------------------------------------------------------------------
+    def _next_owner(self, s: Session, endpoint: str) -> int | None:
+        waiting = (select(Job.owner_id.label("owner_id"), func.min(Job.created_at).label("oldest"))
+                   .where(Job.status == QUEUED, Job.endpoint == endpoint)
+                   .group_by(Job.owner_id).subquery("waiting"))
+        other = aliased(Job)
+        running = (select(func.count()).select_from(other)
+                   .where(other.owner_id == waiting.c.owner_id, other.status == RUNNING).scalar_subquery())
+        served = select(func.max(other.started_at)).where(other.owner_id == waiting.c.owner_id).scalar_subquery()
+        statement = (select(waiting.c.owner_id)
+                     .order_by(running, case((served.is_(None), 0), else_=1), served, waiting.c.oldest,
+                               waiting.c.owner_id)
+                     .limit(1))
+        return s.exec(statement).first()  # type: ignore[call-overload]
+
+    def claim(self, endpoint: str, *, worker: str | None = None) -> Job | None:
+        """Take the next job for ``endpoint`` (fairly across owners) and mark it running; None if none."""
+        with self.db.write() as s:
+            owner = self._next_owner(s, endpoint)
+            if owner is None:
+                return None
+            job = s.exec(select(Job).where(Job.status == QUEUED, Job.endpoint == endpoint, Job.owner_id == owner)
+                         .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True)).first()
+            if job is None:
+                return None  # PostgreSQL: a concurrent claimer holds it; the caller asks again
+            now = utcnow()
+            result = s.exec(update(Job).where(Job.id == job.id, Job.status == QUEUED).values(  # type: ignore[call-overload]
+                status=RUNNING, started_at=now, attempts=Job.attempts + 1, worker=worker, progress=0.0, step=0,
+                steps=0, job_no=0, job_count=0, eta_seconds=None, error=None, error_kind=None))
+            if result.rowcount != 1:
+                return None
+            s.refresh(job)
+            return job
+
+    # -- state changes --------------------------------------------------------------------------------------
+    def cancel_queued(self, job_id: str, reason: str = "cancelled") -> bool:
+        """Cancel a job that has not started; False when it is no longer queued."""
+        with self.db.write() as s:
+            result = s.exec(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(  # type: ignore[call-overload]
+                status=JobStatus.CANCELLED, finished_at=utcnow(), error=reason, error_kind="cancelled"))
+            return result.rowcount == 1
+
+    def request_cancel(self, job_id: str) -> bool:
+        """Flag a running job for cancellation (survives a restart: recovery then cancels it)."""
+        with self.db.write() as s:
+            result = s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(  # type: ignore[call-overload]
+                cancel_requested=True))
+            return result.rowcount == 1
+
+    def finish(self, job_id: str, status: JobStatus, **values: Any) -> bool:
+        """Move a running job to a terminal ``status`` with ``values``; False if it is not running any more."""
+        if not status.terminal:
+            raise ValueError(f"{status} is not a terminal status")
+        encoded = {k: (json.dumps(v) if k.endswith("_json") and not isinstance(v, str | None) else v)
+                   for k, v in values.items()}
+        with self.db.write() as s:
+            result = s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(  # type: ignore[call-overload]
+                status=status, finished_at=utcnow(), eta_seconds=None, **encoded))
+            return result.rowcount == 1
+
+    def requeue(self, job_id: str, *, refund_attempt: bool, reason: str) -> JobStatus | None:
+        """Put a running job back in the queue (or fail it when out of attempts); returns the new status."""
+        with self.db.write() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status != RUNNING:
+                return None
+            return self._requeue_row(s, job, refund_attempt=refund_attempt, reason=reason)
+
+    def _requeue_row(self, s: Session, job: Job, *, refund_attempt: bool, reason: str) -> JobStatus:
+        attempts = max(0, job.attempts - 1) if refund_attempt else job.attempts
+        if job.cancel_requested:
+            job.status, job.error, job.error_kind = JobStatus.CANCELLED, "cancelled", "cancelled"
+            job.finished_at = utcnow()
+        elif attempts >= self.max_attempts:
+            job.status, job.error_kind = JobStatus.FAILED, "interrupted"
+            job.error = (f"{reason}; it was started {attempts} times (the limit is {self.max_attempts}) and never "
+                         "finished, so it was given up — it may be what stops the server")
+            job.finished_at = utcnow()
+        else:
+            job.status, job.started_at, job.worker = QUEUED, None, None
+            job.progress, job.step, job.steps, job.eta_seconds = 0.0, 0, 0, None
+        job.attempts = attempts
+        s.add(job)
+        log.info("job %s %s after: %s (attempt %d of %d)", job.id,
+                 "requeued" if job.status == QUEUED else str(job.status), reason, attempts, self.max_attempts)
+        return JobStatus(job.status)
+
+    def recover(self, endpoints: list[str] | None = None) -> Recovery:
+        """At start-up: no job stays ``running`` — each is requeued, failed (out of attempts) or cancelled."""
+        requeued, failed, cancelled = [], [], []
+        with self.db.write() as s:
+            statement = select(Job).where(Job.status == RUNNING)
+            if endpoints is not None:
+                statement = statement.where(Job.endpoint.in_(endpoints))  # type: ignore[attr-defined]
+            for job in s.exec(statement).all():
+                status = self._requeue_row(s, job, refund_attempt=False, reason="the server stopped while it ran")
+                {QUEUED: requeued, JobStatus.FAILED: failed}.get(status, cancelled).append(job.id)
+        if requeued or failed or cancelled:
+            log.warning("restart recovery: %d job(s) requeued, %d failed, %d cancelled",
+                        len(requeued), len(failed), len(cancelled))
+        return Recovery(tuple(requeued), tuple(failed), tuple(cancelled))
+
+    def record_progress(self, job_id: str, values: Mapping[str, Any]) -> None:
+        """Persist progress now and then (the board holds the live value)."""
+        with self.db.write() as s:
+            s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(**values))  # type: ignore[call-overload]
+
+    def set_worker(self, job_id: str, worker: str) -> None:
+        with self.db.write() as s:
+            s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(worker=worker))  # type: ignore[call-overload]
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    def position(self, job: Job) -> int:
+        """Jobs on the same endpoint queued before this one (an estimate: fairness may reorder owners)."""
+        with self.db.read() as s:
+            return s.exec(select(func.count()).select_from(Job).where(
+                Job.status == QUEUED, Job.endpoint == job.endpoint, Job.created_at < job.created_at)).one()

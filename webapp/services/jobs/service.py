@@ -1,0 +1,311 @@
+"""JobService: the one way in for every generation (UI, /sdapi/v1, /api/v1), and the way to follow it.
+
+``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
+the per-user cap and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
+only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound —
+never 403 — so job ids reveal nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func
+from sqlmodel import select
+
+from deploy.storage import BlobNotFound, BlobStore
+from webapp.db import Database
+from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
+from webapp.records.jobs import ACTIVE_STATUSES
+from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.jobs.board import JobBoard
+from webapp.services.jobs.dispatcher import Dispatcher
+from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.queue import JobQueue, Recovery
+from webapp.services.jobs.requests import RequestResolver
+
+log = logging.getLogger(__name__)
+
+WAIT_RECHECK_SECONDS = 2.0
+"""``wait`` re-reads the row at least this often even without a wake-up (jobs finished by another process)."""
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """Where the actor's current job stands (A1111 /progress and the UI progress bar read this)."""
+
+    job_id: str
+    status: JobStatus
+    mode: str
+    task_id: str | None
+    step: int
+    total: int
+    job_no: int
+    job_count: int
+    progress: float
+    eta: float | None
+    preview_png: bytes | None
+    queue_position: int
+    started_at: datetime | None
+    created_at: datetime
+
+
+def _parse_status(value: JobStatus | str | None) -> JobStatus | None:
+    if value in (None, ""):
+        return None
+    try:
+        return JobStatus(str(value))
+    except ValueError:
+        raise InvalidInput(f"`status` must be one of {', '.join(s.value for s in JobStatus)}, not {value!r}",
+                           field="status") from None
+
+
+def _parse_mode(value: JobMode | str | None) -> JobMode | None:
+    if value in (None, ""):
+        return None
+    try:
+        return JobMode(str(value))
+    except ValueError:
+        raise InvalidInput(f"`mode` must be one of {', '.join(m.value for m in JobMode)}, not {value!r}",
+                           field="mode") from None
+
+
+class JobService:
+    def __init__(self, *, db: Database, store: BlobStore, queue: JobQueue, board: JobBoard,
+                 endpoints: EndpointService, resolver: RequestResolver) -> None:
+        self._db = db
+        self._store = store
+        self.queue = queue
+        self.board = board
+        self.endpoints = endpoints
+        self.resolver = resolver
+        self._dispatchers: dict[str, Dispatcher] = {}
+
+    # -- wiring -----------------------------------------------------------------------------------------
+    def attach(self, dispatcher: Dispatcher) -> None:
+        self._dispatchers[dispatcher.endpoint] = dispatcher
+
+    def start(self) -> Recovery:
+        """Recover jobs a crash left running, then start every dispatcher."""
+        recovery = self.queue.recover()
+        for dispatcher in self._dispatchers.values():
+            dispatcher.start()
+        return recovery
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for dispatcher in self._dispatchers.values():
+            dispatcher.stop(timeout)
+
+    def set_default_checkpoint(self, resolver: Callable[[User], str | None]) -> None:
+        """Where a request naming no checkpoint takes one from (the API's per-user options plug in here)."""
+        self.resolver.default_checkpoint = resolver
+
+    def model_in_use(self, record: ModelRecord) -> str | None:
+        """For the registry's delete guard: a queued/running job using ``record``'s file, described."""
+        if not record.sha256:
+            return None
+        with self._db.read() as s:
+            job = s.exec(select(Job).where(Job.status.in_(ACTIVE_STATUSES),  # type: ignore[attr-defined]
+                                           Job.models_json.contains(record.sha256))  # type: ignore[attr-defined]
+                         .order_by(Job.created_at)).first()
+        return f"job {job.title} of {job.owner_name}" if job else None
+
+    # -- submit -------------------------------------------------------------------------------------------
+    def submit(self, *, actor: User, mode: str, request: dict, endpoint: str | None = None,
+               task_id: str | None = None) -> Job:
+        """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
+        target = self.endpoints.resolve(actor=actor, name=endpoint)
+        prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)
+        if task_id is not None and (not isinstance(task_id, str) or len(task_id) > 128):
+            raise InvalidInput("`task_id` must be a string of at most 128 characters", field="task_id")
+        try:
+            request_json = json.dumps(request)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"the request is not JSON-serialisable: {exc}", field="request") from None
+        job = Job(
+            owner_id=actor.id, owner_name=actor.username, mode=prepared.mode, endpoint=target.name, task_id=task_id,
+            request_json=request_json, models_json=json.dumps(prepared.models.to_dict()),
+            checkpoint=prepared.checkpoint.name, checkpoint_hash=prepared.checkpoint.autov2,
+            job_count=prepared.request.n_iter,
+        )
+        self.queue.enqueue(job)
+        log.info("job %s (%s) queued by %s on %s", job.id, job.mode, actor.username, target.name)
+        dispatcher = self._dispatchers.get(target.name)
+        if dispatcher is not None:
+            dispatcher.wake()
+        return job
+
+    # -- reads --------------------------------------------------------------------------------------------
+    def _load(self, job_id: str) -> Job | None:
+        with self._db.read() as s:
+            return s.get(Job, job_id)
+
+    @staticmethod
+    def _visible(actor: User, job: Job | None, job_id: str) -> Job:
+        if job is None or (job.owner_id != actor.id and not actor.is_admin):
+            raise NotFound(f"no job {job_id!r}", field="job_id")
+        return job
+
+    def get(self, *, actor: User, job_id: str) -> Job:
+        return self._visible(actor, self._load(job_id), job_id)
+
+    def find_by_task(self, *, actor: User, task_id: str) -> Job:
+        """The actor's newest job submitted with ``task_id`` (A1111 ``force_task_id``)."""
+        with self._db.read() as s:
+            job = s.exec(select(Job).where(Job.task_id == task_id, Job.owner_id == actor.id)
+                         .order_by(Job.created_at.desc())).first()  # type: ignore[attr-defined]
+        return self._visible(actor, job, task_id)
+
+    def list_jobs(self, *, actor: User, mode: str | None = None, status: str | None = None,
+                  endpoint: str | None = None, checkpoint: str | None = None, since: datetime | None = None,
+                  until: datetime | None = None, limit: int | None = 10, offset: int = 0,
+                  all_users: bool = False) -> tuple[list[Job], int]:
+        """The actor's jobs newest first (admins: everyone's with ``all_users``), filtered; plus the total."""
+        if limit is not None and limit < 0 or offset < 0:
+            raise InvalidInput("`limit` and `offset` must not be negative", field="limit" if offset >= 0 else "offset")
+        conditions = []
+        if not (all_users and actor.is_admin):
+            conditions.append(Job.owner_id == actor.id)
+        if (parsed_mode := _parse_mode(mode)) is not None:
+            conditions.append(Job.mode == parsed_mode)
+        if (parsed_status := _parse_status(status)) is not None:
+            conditions.append(Job.status == parsed_status)
+        if endpoint:
+            conditions.append(Job.endpoint == endpoint)
+        if checkpoint:
+            conditions.append(Job.checkpoint == checkpoint)
+        if since is not None:
+            conditions.append(Job.created_at >= since)
+        if until is not None:
+            conditions.append(Job.created_at <= until)
+        with self._db.read() as s:
+            total = s.exec(select(func.count()).select_from(Job).where(*conditions)).one()
+            statement = select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id).offset(offset)  # type: ignore[attr-defined]
+            if limit is not None:
+                statement = statement.limit(limit)
+            jobs = list(s.exec(statement).all())
+        return jobs, total
+
+    def checkpoints_used(self, *, actor: User, all_users: bool = False) -> list[str]:
+        """Checkpoint names in the actor's history (for the History filter)."""
+        statement = select(Job.checkpoint).distinct().where(Job.checkpoint.is_not(None))  # type: ignore[union-attr]
+        if not (all_users and actor.is_admin):
+            statement = statement.where(Job.owner_id == actor.id)
+        with self._db.read() as s:
+            return sorted(c for c in s.exec(statement).all() if c)
+
+    def wait(self, *, actor: User, job_id: str, timeout: float | None = None) -> Job:
+        """Block until the job is finished (or ``timeout`` seconds pass); returns the latest row.
+
+        Sleeps on the board's condition (woken by the dispatcher), re-reading the row only on a wake-up
+        or every couple of seconds, so many waiters cost the database almost nothing.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        version = self.board.version(job_id)
+        job = self.get(actor=actor, job_id=job_id)
+        while not job.is_terminal:
+            remaining = WAIT_RECHECK_SECONDS if deadline is None else min(WAIT_RECHECK_SECONDS,
+                                                                          deadline - time.monotonic())
+            if remaining <= 0:
+                break
+            version = self.board.wait(job_id, version, remaining)
+            job = self.get(actor=actor, job_id=job_id)
+        return job
+
+    def image_count(self, job: Job) -> int:
+        return len(job.image_keys)
+
+    def image(self, *, actor: User, job_id: str, index: int) -> bytes:
+        """One result PNG exactly as stored (its ``parameters`` chunk included)."""
+        job = self.get(actor=actor, job_id=job_id)
+        keys = job.image_keys
+        if not 0 <= index < len(keys):
+            raise NotFound(f"job {job_id!r} has no image {index}", field="index")
+        try:
+            with self._store.open(keys[index]) as handle:
+                return handle.read()
+        except BlobNotFound:
+            raise NotFound(f"image {index} of job {job_id!r} is missing from the asset store") from None
+
+    def images(self, *, actor: User, job_id: str) -> list[bytes]:
+        job = self.get(actor=actor, job_id=job_id)
+        return [self.image(actor=actor, job_id=job.id, index=i) for i in range(len(job.image_keys))]
+
+    def current_job(self, *, actor: User) -> Job | None:
+        """The actor's running job (most recently started), else their oldest queued job, else None."""
+        with self._db.read() as s:
+            running = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
+                             .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
+            if running is not None:
+                return running
+            return s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.QUEUED)
+                          .order_by(Job.created_at)).first()
+
+    def progress(self, *, actor: User, job_id: str) -> ProgressSnapshot:
+        return self._snapshot(self.get(actor=actor, job_id=job_id))
+
+    def current_progress(self, *, actor: User) -> ProgressSnapshot | None:
+        """The actor's current job (running, else queued) as a snapshot; None when they have none."""
+        job = self.current_job(actor=actor)
+        return self._snapshot(job) if job is not None else None
+
+    def _snapshot(self, job: Job) -> ProgressSnapshot:
+        live = self.board.live(job.id) if job.status == JobStatus.RUNNING else None
+        if live is not None:
+            step, total, job_no, job_count = live.step, live.total, live.job_no, live.job_count
+            fraction, eta, preview = live.fraction, live.eta, live.preview_png
+        else:
+            step, total, job_no, job_count = job.step, job.steps, job.job_no, job.job_count
+            fraction, eta, preview = job.progress, job.eta_seconds, None
+        position = self.queue.position(job) if job.status == JobStatus.QUEUED else 0
+        return ProgressSnapshot(
+            job_id=job.id, status=JobStatus(job.status), mode=str(job.mode), task_id=job.task_id, step=step,
+            total=total, job_no=job_no, job_count=job_count, progress=1.0 if job.status == JobStatus.SUCCEEDED
+            else fraction, eta=eta, preview_png=preview, queue_position=position, started_at=job.started_at,
+            created_at=job.created_at)
+
+    # -- changes ----------------------------------------------------------------------------------------------
+    def cancel(self, *, actor: User, job_id: str) -> Job:
+        """Cancel a queued job now, or stop a running one within one sampling step. Finished jobs are left."""
+        job = self.get(actor=actor, job_id=job_id)
+        if job.status == JobStatus.QUEUED and self.queue.cancel_queued(job.id, f"cancelled by {actor.username}"):
+            self.board.finish(job.id)
+            log.info("job %s cancelled by %s while queued", job.id, actor.username)
+        elif self.queue.request_cancel(job.id):
+            dispatcher = self._dispatchers.get(job.endpoint)
+            if dispatcher is not None:
+                dispatcher.cancel(job.id)
+            log.info("job %s: cancel requested by %s while running", job.id, actor.username)
+        return self.get(actor=actor, job_id=job_id)
+
+    def delete(self, *, actor: User, job_id: str) -> None:
+        """Delete the job and its images (a running job is cancelled first)."""
+        job = self.get(actor=actor, job_id=job_id)
+        if job.status in ACTIVE_STATUSES:
+            self.cancel(actor=actor, job_id=job_id)
+        with self._db.write() as s:
+            row = s.get(Job, job.id)
+            keys = row.image_keys if row is not None else []
+            if row is not None:
+                s.delete(row)
+        for key in keys:
+            self._store.delete(key)
+        self.board.forget(job.id)
+        log.info("job %s deleted by %s", job.id, actor.username)
+
+    def interrupt(self, *, actor: User) -> Job | None:
+        """Cancel the actor's running job (A1111 /interrupt, per caller); returns it, or None if idle."""
+        with self._db.read() as s:
+            job = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
+                         .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
+        return self.cancel(actor=actor, job_id=job.id) if job is not None else None
+
+    def skip(self, *, actor: User) -> Job | None:
+        """A1111 /skip. The engine cannot hand back a half-finished batch, so skipping ends the actor's
+        running job like an interrupt (their next queued job starts); returns it, or None if idle."""
+        return self.interrupt(actor=actor)

@@ -1,0 +1,77 @@
+"""Building the jobs subsystem from settings (called once by app.py, the composition root).
+
+The ``local`` endpoint is written from configuration at every start: its backend kind (``local`` or,
+for tests and demos, ``fake``), options and capabilities. A backend that cannot be built leaves the
+endpoint ``Failed`` with the reason instead of stopping the server: the UI and the queue stay up
+and say why jobs cannot run there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from deploy.backends.base import BackendError
+from deploy.backends.registry import BackendConfig, create_backend
+from deploy.storage import BlobStore
+from webapp.db import Database
+from webapp.records import EndpointStatus
+from webapp.services.jobs.board import JobBoard
+from webapp.services.jobs.dispatcher import Dispatcher
+from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.queue import JobQueue
+from webapp.services.jobs.requests import Registry, RequestResolver
+from webapp.services.jobs.service import JobService
+
+if TYPE_CHECKING:
+    from deploy.model_files import ModelFiles
+    from webapp.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LOCAL_ENDPOINT = "local"
+
+
+def backend_options(settings: Settings) -> dict[str, Any]:
+    """The local endpoint's backend options: settings for the ``local`` kind, then ``backend_options``."""
+    options: dict[str, Any] = {}
+    if settings.backend == "local":
+        options = {"devices": settings.devices, "skeleton_dirs": [str(d) for d in settings.skeleton_dirs],
+                   "cache_gb": settings.pipeline_cache_gb, "preview_every": settings.preview_every}
+    options.update(settings.backend_options)
+    return options
+
+
+def build_job_service(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
+                      model_files: ModelFiles | None) -> JobService:
+    """Queue, board, endpoints, the local endpoint's backend and dispatcher, and the service over them.
+
+    Not started: call ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
+    """
+    board = JobBoard()
+    queue = JobQueue(db, max_queued_per_user=settings.max_queued_jobs_per_user,
+                     max_attempts=settings.job_max_attempts)
+    endpoints = EndpointService(db)
+    service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
+                         resolver=RequestResolver(registry))
+    options = backend_options(settings)
+    config = BackendConfig(name=LOCAL_ENDPOINT, kind=settings.backend, options=options, model_files=model_files)
+    try:
+        backend = create_backend(config)
+    except (BackendError, ValueError, TypeError) as exc:
+        log.error("the %s endpoint cannot run jobs: %s", LOCAL_ENDPOINT, exc)
+        endpoints.ensure(name=LOCAL_ENDPOINT, kind=settings.backend, remote=False, capabilities={}, config=options,
+                         is_default=True, status=EndpointStatus.FAILED, error=str(exc))
+    else:
+        caps = backend.capabilities()
+        configured = backend.is_configured()
+        endpoints.ensure(
+            name=LOCAL_ENDPOINT, kind=backend.kind, remote=caps.remote, capabilities=caps.to_dict(), config=options,
+            is_default=True, status=EndpointStatus.IN_SERVICE if configured else EndpointStatus.FAILED,
+            error=None if configured else f"the {backend.kind} backend is not configured")
+        if configured:
+            service.attach(Dispatcher(endpoint=LOCAL_ENDPOINT, backend=backend, queue=queue, store=store, board=board))
+    set_check = getattr(registry, "set_in_use_check", None)
+    if callable(set_check):
+        set_check(service.model_in_use)
+    return service
