@@ -8,6 +8,7 @@ the import paths and the jobs engineer's resolver share one definition.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from pathlib import PurePosixPath
@@ -212,6 +213,31 @@ def parse_status(value: ModelStatus | str) -> ModelStatus:
             return status
     choices = ", ".join(s.value for s in ModelStatus)
     raise InvalidInput(f"`status` must be one of {choices}, not {value!r}", field="status")
+
+
+def parse_description(text: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    """The seeds' optional JSON description (``{"description": "...", ...}``) or plain text.
+
+    Returns (description, metadata): the "description" key becomes the description, other keys are
+    kept as metadata. Text that starts like JSON but does not parse is an error, not a description.
+    """
+    if text is None or not str(text).strip():
+        return None, None
+    stripped = str(text).strip()
+    if not stripped.startswith(("{", "[")):
+        return stripped, None
+    try:
+        value = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"`description` is not valid JSON: {exc.msg} at character {exc.pos}",
+                           field="description") from None
+    if not isinstance(value, dict):
+        raise InvalidInput("`description` JSON must be an object such as {\"description\": \"...\"}",
+                           field="description")
+    description = value.pop("description", None)
+    if description is not None and not isinstance(description, str):
+        raise InvalidInput("`description.description` must be a string", field="description")
+    return (description.strip() or None) if description else None, (value or None)
 
 
 def parse_visibility(value: Visibility | str) -> Visibility:

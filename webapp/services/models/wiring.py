@@ -1,4 +1,10 @@
-"""Build the model services once (called from app.py, the composition root) and tear them down."""
+"""Build the model services once (called from app.py, the composition root), recover, and tear down.
+
+Start-up order matters: tasks interrupted by the last stop are failed (and cleaned up) first, then
+uploads drop stale sessions and orphaned ``Initial`` rows, then queued tasks resume, and finally the
+models dir is rescanned — in the background, so the server answers at once even when a new folder
+holds hundreds of gigabytes to hash.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +13,68 @@ from dataclasses import dataclass
 
 from deploy.storage import BlobStore
 from webapp.db import Database
+from webapp.records import ImportTask, TaskKind, User
 from webapp.services.models.importer import Importer
 from webapp.services.models.registry import ModelRegistry
 from webapp.services.models.scan import ModelsDirScanner
+from webapp.services.models.server_import import ServerImports
+from webapp.services.models.tasks import ImportTasks, TaskContext
+from webapp.services.models.uploads import Uploads
+from webapp.services.models.url_import import UrlImports
 from webapp.settings import Settings
 
 log = logging.getLogger(__name__)
+
+GB = 1024**3
 
 
 @dataclass
 class ModelServices:
     registry: ModelRegistry
+    tasks: ImportTasks
+    server: ServerImports
+    urls: UrlImports
+    uploads: Uploads
+
+    def start_scan(self, actor: User | None = None) -> ImportTask | None:
+        """Rescan the models dir in the background (start-up); None when no models dir is configured."""
+        if self.registry.scanner.models_dir is None:
+            return None
+        folder = str(self.registry.scanner.models_dir)
+        return self.tasks.submit(kind=TaskKind.SCAN, owner=actor, params={"folder": folder},
+                                 items=[{"source": folder}])
 
     def close(self) -> None:
-        return None
+        self.tasks.close()
+
+
+def _scan_handler(registry: ModelRegistry):  # noqa: ANN202 - a task handler
+    def run(ctx: TaskContext) -> None:
+        ctx.update(0, state="scanning")
+        summary = registry.rescan_models_dir()
+        ctx.update(0, state="done", message=summary.line, summary=summary.to_dict())
+    return run
 
 
 def build_model_services(settings: Settings, db: Database, store: BlobStore) -> ModelServices:
-    staging = settings.data_dir / "tmp" / "imports"
-    staging.mkdir(parents=True, exist_ok=True)
-    importer = Importer(db, store, staging)
+    assert settings.model_cache_dir is not None  # filled by Settings
+    temp_root = settings.data_dir / "tmp" / "imports"
+    temp_root.mkdir(parents=True, exist_ok=True)
+    max_bytes = int(settings.max_upload_gb * GB)
+    importer = Importer(db, store, temp_root)
     scanner = ModelsDirScanner(db, importer, settings.models_dir, settings.import_roots)
     registry = ModelRegistry(db, store, importer, scanner)
-    return ModelServices(registry=registry)
+    tasks = ImportTasks(db, importer, temp_root, settings.import_workers)
+    tasks.register(TaskKind.SCAN, _scan_handler(registry))
+    services = ModelServices(
+        registry=registry, tasks=tasks,
+        server=ServerImports(importer, tasks, settings.import_roots),
+        urls=UrlImports(importer, tasks, allow=settings.url_import_allow, max_bytes=max_bytes,
+                        civitai_token=settings.civitai_token, hf_token=settings.hf_token),
+        uploads=Uploads(db, importer, tasks, settings.data_dir / "uploads", max_bytes),
+    )
+    tasks.recover()
+    services.uploads.cleanup()
+    tasks.resume()
+    services.start_scan()
+    return services

@@ -1,0 +1,69 @@
+"""JSON-able views of models, import tasks and uploads, shared by /api/v1 and the Models tab.
+
+Views decide what a caller may read: server paths (``local_path``, server ``source_detail``) and
+asset-store keys are shown to administrators only.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from webapp.records import ImportTask, ModelRecord, UploadSession, User
+
+
+def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = None) -> dict[str, Any]:
+    try:
+        metadata = json.loads(record.metadata_json) if record.metadata_json else {}
+    except json.JSONDecodeError:
+        metadata = {}
+    view: dict[str, Any] = {
+        "id": record.id, "name": record.name, "title": record.title, "type": record.type.value,
+        "base": record.base, "status": record.status.value, "failure_reason": record.failure_reason,
+        "size": record.size, "sha256": record.sha256, "autov2": record.autov2, "legacy_hash": record.legacy_hash,
+        "lora_hash": record.lora_hash, "source_sha256": record.source_sha256, "file_format": record.file_format,
+        "file_name": record.file_name, "source": record.source, "in_place": record.local_path is not None,
+        "owner": owner_name, "visibility": record.visibility.value, "description": record.description,
+        "metadata": metadata, "has_preview": record.preview_key is not None,
+        "created_at": record.created_at.isoformat(), "updated_at": record.updated_at.isoformat(),
+    }
+    if record.source == "url":
+        view["source_detail"] = record.source_detail  # stored redacted
+    if actor.is_admin:
+        view["local_path"] = record.local_path
+        view["store_key"] = record.store_key
+        view["source_detail"] = record.source_detail
+    return view
+
+
+def task_view(task: ImportTask) -> dict[str, Any]:
+    items = json.loads(task.items_json or "[]")
+    for item in items:
+        item.pop("reserved_id", None)
+    return {
+        "id": task.id, "kind": task.kind.value, "status": task.status.value, "finished": task.status.finished,
+        "progress": round(task.progress, 4), "message": task.message, "items": items,
+        "created_at": task.created_at.isoformat(),
+        "started_at": task.started_at.isoformat() if task.started_at else None,
+        "finished_at": task.finished_at.isoformat() if task.finished_at else None,
+    }
+
+
+def upload_view(session: UploadSession, *, chunk_size: int) -> dict[str, Any]:
+    return {
+        "id": session.id, "file_name": session.file_name, "size": session.size, "received": session.received,
+        "type": session.type.value, "status": session.status.value, "task_id": session.task_id,
+        "model_id": session.model_id, "chunk_size": chunk_size,
+        "created_at": session.created_at.isoformat(), "updated_at": session.updated_at.isoformat(),
+    }
+
+
+def item_line(item: dict[str, Any]) -> str:
+    """One human line per file, as the Models tab shows it under the upload buttons."""
+    name = item.get("model_name") or item.get("file_name") or item.get("source") or "?"
+    state = item.get("state", "waiting")
+    if state in ("hashing", "storing", "downloading", "converting", "uploading") and item.get("total"):
+        pct = 100 * (item.get("done") or 0) / item["total"]
+        return f"{name}: {state} {pct:.0f}%"
+    message = item.get("message")
+    return f"{name}: {state}" + (f" — {message}" if message else "")
