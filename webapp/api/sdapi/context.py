@@ -1,0 +1,65 @@
+"""What the ``/sdapi/v1`` routes need, handed over once by the composition root (app.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from webapp.records import ModelRecord, ModelStatus, ModelType, User
+from webapp.services.options import OptionsService
+from webapp.settings import Settings
+
+# Blocking waits (an A1111 txt2img holds its request until the job is done) run in threads of their
+# own limiter so they never starve FastAPI's default pool, which serves every other sync route.
+WAIT_THREADS = 64
+
+
+@dataclass
+class SdapiContext:
+    """Services behind the A1111 routes. ``jobs`` is the JobService, ``registry`` the ModelRegistry."""
+
+    settings: Settings
+    options: OptionsService
+    registry: Any
+    jobs: Any
+    _limiter: anyio.CapacityLimiter | None = None
+
+    @property
+    def wait_limiter(self) -> anyio.CapacityLimiter:
+        if self._limiter is None:  # created lazily: it must belong to the server's event loop
+            self._limiter = anyio.CapacityLimiter(WAIT_THREADS)
+        return self._limiter
+
+    def models(self, actor: User, model_type: ModelType) -> list[ModelRecord]:
+        """Active models of one type the caller may use, by name (lists show only what really exists)."""
+        records = self.registry.list_models(actor=actor, type=model_type)
+        return sorted((r for r in records if r.status == ModelStatus.ACTIVE), key=lambda r: r.name.lower())
+
+
+def record_metadata(record: ModelRecord) -> dict[str, Any]:
+    """The registry's JSON metadata of a model (user metadata plus ``file``: details and header)."""
+    if not record.metadata_json:
+        return {}
+    try:
+        data = json.loads(record.metadata_json)
+    except json.JSONDecodeError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def file_details(record: ModelRecord) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(probe details, safetensors header metadata) recorded when the file was imported."""
+    file_info = record_metadata(record).get("file") or {}
+    if not isinstance(file_info, dict):
+        return {}, {}
+    details = file_info.get("details") if isinstance(file_info.get("details"), dict) else {}
+    header = file_info.get("header") if isinstance(file_info.get("header"), dict) else {}
+    return details, header
+
+
+def model_path(record: ModelRecord) -> str:
+    """Where the file is, as far as a client can know: the server path for in-place models, else its name."""
+    return record.local_path or record.file_name or record.name

@@ -1,0 +1,196 @@
+"""``POST /sdapi/v1/txt2img`` and ``/img2img``: A1111 requests through the studio's queue.
+
+The request is checked and normalised here (A1111 types and defaults, the user's options, features
+the studio does not have named in warnings), then goes through ``JobService.submit`` like every UI
+job — same queue, same backends, same per-user limits — and the HTTP request waits for the job as
+A1111's does. The wait runs in a worker thread so the event loop keeps serving ``/progress``.
+
+Warnings (unsupported fields that were set, unknown option overrides) are returned in ``info`` as
+``warnings`` and logged; the job's own warnings (e.g. networks not found) are added to them.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import re
+from datetime import datetime
+from typing import Any
+
+import anyio
+from fastapi import APIRouter
+
+from pipelines import infotext
+from webapp.api.deps import CurrentUser
+from webapp.api.sdapi.context import SdapiContext
+from webapp.api.sdapi.errors import A1111Error, A1111Route
+from webapp.api.sdapi.schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
+from webapp.records import Job, JobStatus, User
+from webapp.services.a1111_options import HONOURED
+from webapp.services.options import GenerationDefaults
+
+log = logging.getLogger(__name__)
+
+_EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
+_FIELD_IN_MESSAGE = re.compile(r"`(\w+)`")
+# alwayson_scripts titles accepted with nothing to do (webuiapi sends {"ControlNet": {"args": []}}).
+_NOOP_SCRIPTS = {"controlnet"}
+# Fields A1111 has and the studio does not act on, with the value that means "not used".
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "restore_faces": (None, False), "tiling": (None, False), "script_name": (None, ""),
+    "s_min_uncond": (None, 0, 0.0), "s_churn": (None, 0, 0.0), "s_tmax": (None, 0, 0.0), "s_tmin": (None, 0, 0.0),
+    "s_noise": (None, 1, 1.0), "firstpass_image": (None, ""), "firstphase_width": (0,), "firstphase_height": (0,),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"), "initial_noise_multiplier": (None, 1, 1.0),
+    "latent_mask": (None, ""), "mask_round": (True,),
+}
+
+
+def _warn_unsupported(body: GenerationBody, warnings: list[str]) -> None:
+    for name, neutral in _UNSUPPORTED.items():
+        if name in type(body).model_fields and getattr(body, name) not in neutral:
+            warnings.append(f"`{name}` is not supported by this server and was ignored")
+    if body.styles:
+        warnings.append(f"prompt styles {', '.join(map(repr, body.styles))} do not exist here and were ignored")
+
+
+def _check_alwayson(scripts: dict[str, Any]) -> None:
+    """Unknown titles are refused as A1111 does (422); known no-op titles must carry no enabled unit."""
+    for title, value in scripts.items():
+        key = title.strip().lower()
+        if key not in _NOOP_SCRIPTS:
+            raise A1111Error(422, "HTTPException", f"always on script {title} not found", field="alwayson_scripts")
+        args = value.get("args", []) if isinstance(value, dict) else []
+        enabled = [a for a in args if not isinstance(a, dict) or a.get("enabled", True)]
+        if enabled:
+            raise A1111Error(422, "HTTPException", f"always on script {title}: ControlNet is not available on this "
+                             "server; send no enabled units", field="alwayson_scripts")
+
+
+def _apply_infotext(body: GenerationBody, request: dict[str, Any]) -> None:
+    """A1111 v1.8+: ``infotext`` fills the fields the request did not set; Clip skip goes to settings."""
+    parsed = infotext.request_fields(infotext.parse(body.infotext or ""))
+    clip_skip = parsed.pop("clip_skip", None)
+    for key, value in parsed.items():
+        if key in request and key not in body.model_fields_set:
+            request[key] = value
+    if clip_skip is not None and "CLIP_stop_at_last_layers" not in body.override_settings:
+        request["override_settings"]["CLIP_stop_at_last_layers"] = clip_skip
+
+
+def _override_settings(body: GenerationBody, defaults: GenerationDefaults, warnings: list[str]) -> dict[str, Any]:
+    """The request's overrides over the caller's options (checkpoint defaults come via JobService's hook)."""
+    settings = dict(body.override_settings)
+    ignored = sorted(k for k in settings if k not in HONOURED)
+    if ignored:
+        warnings.append(f"override_settings {', '.join(ignored)} have no effect on this server")
+    if "sd_vae" not in settings and defaults.vae != "Automatic":
+        settings["sd_vae"] = defaults.vae if isinstance(defaults.vae, str) else defaults.vae.sha256
+    settings.setdefault("CLIP_stop_at_last_layers", defaults.clip_skip)
+    return settings
+
+
+def build_job_request(body: GenerationBody, defaults: GenerationDefaults) -> tuple[dict[str, Any], list[str]]:
+    """The A1111-shaped dict handed to ``JobService.submit``, and the warnings to report."""
+    warnings: list[str] = []
+    _check_alwayson(body.alwayson_scripts)
+    _warn_unsupported(body, warnings)
+    request = body.model_dump()
+    request["override_settings"] = _override_settings(body, defaults, warnings)
+    if body.infotext:
+        _apply_infotext(body, request)
+    if body.disable_extra_networks:
+        for key in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
+            if isinstance(request.get(key), str):
+                request[key] = _EXTRA_NETWORK_RE.sub("", request[key])
+    for key in ("alwayson_scripts", "script_args", "comments", "infotext", "force_task_id", "send_images",
+                "save_images", "do_not_save_samples", "do_not_save_grid"):
+        request.pop(key, None)
+    return request, warnings
+
+
+def encode_for_client(png: bytes, defaults: GenerationDefaults, settings: dict[str, Any]) -> str:
+    """Bare base64 in the caller's ``samples_format``; PNGs pass through untouched when nothing changes."""
+    fmt = str(settings.get("samples_format") or defaults.samples_format).lower()
+    pnginfo = bool(settings.get("enable_pnginfo", defaults.enable_pnginfo))
+    if fmt == "png" and pnginfo:
+        return base64.b64encode(png).decode("ascii")
+    from PIL import Image
+
+    text = infotext.read_infotext(png) if pnginfo else None
+    with Image.open(io.BytesIO(png)) as image:
+        image.load()
+        quality = int(settings.get("jpeg_quality", defaults.jpeg_quality))
+        data = infotext.encode_image(image, text, fmt if fmt in ("png", "webp") else "jpeg", quality=quality)
+    return base64.b64encode(data).decode("ascii")
+
+
+def _info(job: Job, body: GenerationBody, warnings: list[str]) -> dict[str, Any]:
+    info: dict[str, Any] = dict(job.info or {})
+    stamp = (job.started_at or job.created_at or datetime.now()).strftime("%Y%m%d%H%M%S")
+    info.setdefault("prompt", body.prompt)
+    info.setdefault("negative_prompt", body.negative_prompt)
+    info.setdefault("all_seeds", [])
+    info.setdefault("infotexts", job.infotexts)
+    info.update({
+        "subseed_strength": body.subseed_strength, "restore_faces": bool(body.restore_faces),
+        "face_restoration_model": None, "seed_resize_from_w": body.seed_resize_from_w,
+        "seed_resize_from_h": body.seed_resize_from_h, "denoising_strength": body.denoising_strength,
+        "extra_generation_params": {}, "styles": body.styles, "job_timestamp": stamp,
+        "batch_size": body.batch_size, "index_of_first_image": 0,
+        "is_using_inpainting_conditioning": bool(job.mode == "inpaint"),
+        "job_id": job.id, "task_id": job.task_id, "warnings": [*warnings, *job.warnings],
+    })
+    return info
+
+
+def _failure(job: Job) -> A1111Error:
+    message = job.error or f"the job ended {job.status}"
+    if job.error_kind == "bad_request":
+        match = _FIELD_IN_MESSAGE.search(message)
+        return A1111Error(422, "InvalidRequestError", message, field=match.group(1) if match else None)
+    if job.error_kind == "oom":
+        return A1111Error(500, "OutOfMemoryError", message)
+    return A1111Error(500, "RuntimeError", message)
+
+
+def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBody) -> dict[str, Any]:
+    """Submit, wait, answer (blocking: called in a worker thread)."""
+    if isinstance(body, Img2ImgBody) and not body.init_images:
+        raise A1111Error(404, "HTTPException", "Init image not found", field="init_images")
+    defaults = ctx.options.generation_defaults(actor=user)
+    request, warnings = build_job_request(body, defaults)
+    job = ctx.jobs.submit(actor=user, mode=mode, request=request, task_id=body.force_task_id)
+    if warnings:
+        log.info("job %s of %s: %s", job.id, user.username, "; ".join(warnings))
+    job = ctx.jobs.wait(actor=user, job_id=job.id)
+    if job.status == JobStatus.FAILED:
+        raise _failure(job)
+    if job.status == JobStatus.CANCELLED:
+        warnings.append("the job was interrupted before its images were finished")
+    images: list[str] = []
+    if body.send_images and job.status == JobStatus.SUCCEEDED:
+        images = [encode_for_client(png, defaults, request["override_settings"])
+                  for png in ctx.jobs.images(actor=user, job_id=job.id)]
+    parameters = body.model_dump()
+    if isinstance(body, Img2ImgBody) and not body.include_init_images:
+        parameters["init_images"] = None
+        parameters["mask"] = None
+    return {"images": images, "parameters": parameters, "info": json.dumps(_info(job, body, warnings))}
+
+
+def build_router(ctx: SdapiContext) -> APIRouter:
+    router = APIRouter(route_class=A1111Route)
+
+    @router.post("/txt2img")
+    async def txt2img(user: CurrentUser, body: Txt2ImgBody) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(run_generation, ctx, user, "txt2img", body,
+                                              limiter=ctx.wait_limiter)
+
+    @router.post("/img2img")
+    async def img2img(user: CurrentUser, body: Img2ImgBody) -> dict[str, Any]:
+        return await anyio.to_thread.run_sync(run_generation, ctx, user, "img2img", body,
+                                              limiter=ctx.wait_limiter)
+
+    return router

@@ -1,0 +1,64 @@
+"""``GET``/``POST /sdapi/v1/options`` and ``/cmd-flags``.
+
+POST accepts any subset or the whole dict back (Open WebUI); unknown and API-restricted keys are
+skipped; a non-administrator's values apply to that user only. An unknown ``sd_model_checkpoint``
+answers like A1111: 500 ``RuntimeError`` "model 'X' not found".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Body
+from sqlalchemy.engine import make_url
+
+from webapp.api.deps import CurrentUser
+from webapp.api.sdapi.context import SdapiContext
+from webapp.api.sdapi.errors import A1111Error, A1111Route
+from webapp.services.errors import NotFound
+from webapp.settings import Settings
+
+
+def _safe_database_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown as nothing rather than risk a secret
+        return "(unparsable)"
+
+
+def cmd_flags(settings: Settings) -> dict[str, Any]:
+    """The server's flags in A1111's ``cmd-flags`` spirit. Built from an allow-list, so no secret
+    (admin password, provider tokens, database password) can ever appear."""
+    return {
+        "listen": settings.listens_publicly, "server_name": settings.host, "port": settings.port,
+        "api": True, "nowebui": False, "api_auth": None, "gradio_auth": None,
+        "data_dir": str(settings.data_dir), "models_dir": str(getattr(settings, "models_dir", None) or "") or None,
+        "database_url": _safe_database_url(settings.db_url),
+        "store": settings.store_url.split("?", 1)[0], "log_level": settings.log_level,
+        "cookie_secure": settings.cookie_secure, "session_ttl_hours": settings.session_ttl_hours,
+        "skip_torch_cuda_test": True, "no_download_sd_model": True, "hide_ui_dir_config": True,
+    }
+
+
+def build_router(ctx: SdapiContext) -> APIRouter:
+    router = APIRouter(route_class=A1111Route)
+
+    @router.get("/options")
+    def get_options(user: CurrentUser) -> dict[str, Any]:
+        return ctx.options.get(actor=user)
+
+    @router.post("/options")
+    def set_options(user: CurrentUser, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+        try:
+            ctx.options.set(actor=user, values=body)
+        except NotFound as exc:
+            if exc.field == "sd_model_checkpoint":
+                raise A1111Error(500, "RuntimeError", exc.message, field=exc.field) from None
+            raise
+        return None
+
+    @router.get("/cmd-flags")
+    def get_cmd_flags(user: CurrentUser) -> dict[str, Any]:
+        return cmd_flags(ctx.settings)
+
+    return router

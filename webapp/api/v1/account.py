@@ -1,0 +1,61 @@
+"""``/api/v1`` for the caller's own account: who am I, API tokens; and ``/api/v1/ping`` (ESD's health check)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, Field
+
+from webapp.api.deps import CurrentUser
+from webapp.records import ApiTokenPublic
+from webapp.services.tokens import TokenService
+
+
+class Me(BaseModel):
+    id: int
+    username: str
+    role: str
+    is_admin: bool
+    created_at: datetime
+
+
+class TokenCreate(BaseModel):
+    name: str = Field(description="What the token is for, e.g. 'laptop scripts'")
+
+
+class TokenCreated(ApiTokenPublic):
+    token: str = Field(description="The token itself: shown only in this answer, never again")
+
+
+def build_router(tokens: TokenService) -> APIRouter:
+    router = APIRouter(prefix="/api/v1", tags=["account"])
+
+    @router.get("/ping")
+    def ping(user: CurrentUser) -> dict[str, Any]:
+        """Health check in ESD's shape (``{"message": "pong", "statusCode": 200}``)."""
+        return {"message": "pong", "statusCode": 200}
+
+    @router.get("/me")
+    def me(user: CurrentUser) -> Me:
+        return Me(id=user.id, username=user.username, role=str(user.role), is_admin=user.is_admin,
+                  created_at=user.created_at)
+
+    @router.get("/tokens")
+    def list_tokens(user: CurrentUser, include_revoked: bool = True) -> list[ApiTokenPublic]:
+        """The caller's own API tokens (never the tokens themselves)."""
+        return tokens.list_tokens(actor=user, include_revoked=include_revoked)
+
+    @router.post("/tokens", status_code=status.HTTP_201_CREATED)
+    def create_token(user: CurrentUser, body: TokenCreate) -> TokenCreated:
+        """A new personal token; send it as ``Authorization: Bearer <token>``."""
+        token, public = tokens.create(actor=user, name=body.name)
+        return TokenCreated(token=token, **public.model_dump())
+
+    @router.delete("/tokens/{token_id}")
+    def revoke_token(user: CurrentUser, token_id: str) -> ApiTokenPublic:
+        """Revoke one of the caller's tokens; requests using it are refused from now on."""
+        return tokens.revoke(actor=user, token_id=token_id)
+
+    return router

@@ -1,0 +1,124 @@
+"""Account tab (every user): personal API tokens and changing one's own password.
+
+A token is shown once, right after it is created; only its hash is kept. Scripts send it as
+``Authorization: Bearer <token>``; clients that only speak HTTP Basic (webuiapi, SillyTavern) use the
+user's own name and password instead.
+"""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from webapp.services.auth import AuthService
+from webapp.services.tokens import TokenService
+from webapp.ui.context import UiContext, ui_errors
+from webapp.web.gate import SESSION_COOKIE
+
+HEADERS = ["Name", "Token starts with", "Created (UTC)", "Last used (UTC)", "Status"]
+USAGE = """Use a token instead of your password in scripts and editors:
+
+```
+curl -H "Authorization: Bearer stk_..." http://<server>/sdapi/v1/options
+```
+
+Clients that only support a user name and password (webuiapi, SillyTavern, Open WebUI) work with your
+own login. A revoked token stops working at once."""
+
+
+def _when(value) -> str:  # noqa: ANN001 - datetime or None
+    return value.strftime("%Y-%m-%d %H:%M") if value else "never"
+
+
+def _cookie(request: gr.Request) -> str | None:
+    try:
+        return dict(request.cookies).get(SESSION_COOKIE)
+    except (AttributeError, TypeError):
+        return None
+
+
+class AccountTab:
+    """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
+
+    admin_only = False
+
+    def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService) -> None:
+        self.ctx = ctx
+        self.tokens = tokens
+        self.auth = auth
+
+    def _rows(self, request: gr.Request) -> tuple[list[list[str]], list[tuple[str, str]]]:
+        tokens = self.tokens.list_tokens(actor=self.ctx.user(request))
+        rows = [[t.name, f"{t.prefix}…", _when(t.created_at), _when(t.last_used_at),
+                 "revoked " + _when(t.revoked_at) if t.revoked_at else "active"] for t in tokens]
+        choices = [(f"{t.name} ({t.prefix}…)", t.id) for t in tokens if t.revoked_at is None]
+        return rows, choices
+
+    @ui_errors
+    def refresh(self, request: gr.Request) -> tuple:
+        user = self.ctx.user(request)
+        rows, choices = self._rows(request)
+        badge = " (administrator)" if user.is_admin else ""
+        return f"Signed in as **{html.escape(user.username)}**{badge}", rows, gr.update(choices=choices, value=None)
+
+    @ui_errors
+    def create(self, name: str, request: gr.Request) -> tuple:
+        token, public = self.tokens.create(actor=self.ctx.user(request), name=name)
+        rows, choices = self._rows(request)
+        gr.Info(f"Token {public.name!r} created: copy it now, it will not be shown again")
+        return gr.update(value=token, visible=True), "", rows, gr.update(choices=choices, value=None)
+
+    @ui_errors
+    def revoke(self, token_id: str | None, request: gr.Request) -> tuple:
+        if not token_id:
+            raise gr.Error("Choose the token to revoke")
+        revoked = self.tokens.revoke(actor=self.ctx.user(request), token_id=token_id)
+        gr.Info(f"Token {revoked.name!r} revoked")
+        rows, choices = self._rows(request)
+        return rows, gr.update(choices=choices, value=None)
+
+    @ui_errors
+    def change_password(self, current: str, new: str, confirm: str, request: gr.Request) -> tuple:
+        if new != confirm:
+            raise gr.Error("The new password and its confirmation differ")
+        client = getattr(request, "client", None)
+        self.auth.change_own_password(
+            actor=self.ctx.user(request), current_password=current, new_password=new,
+            keep_session=_cookie(request), client_address=getattr(client, "host", None),
+        )
+        gr.Info("Password changed; your other sessions were signed out")
+        return "", "", ""
+
+    def build(self) -> gr.Tab:
+        with gr.Tab("Account", id="account") as tab:
+            whoami = gr.Markdown(elem_id="account-user")
+            with gr.Row():
+                with gr.Column(scale=2):
+                    gr.Markdown("### API tokens")
+                    gr.Markdown(USAGE)
+                    table = gr.Dataframe(headers=HEADERS, interactive=False, label="Your tokens",
+                                         elem_id="tokens-table")
+                    refresh = gr.Button("Refresh", size="sm", elem_id="refresh-tokens")
+                    with gr.Row():
+                        name = gr.Textbox(label="New token name", placeholder="e.g. laptop scripts",
+                                          elem_id="token-name", scale=3)
+                        create = gr.Button("Create token", variant="primary", elem_id="create-token", scale=1)
+                    shown = gr.Textbox(label="Your new token (shown only once: copy it now)", visible=False,
+                                       interactive=False, buttons=["copy"], elem_id="new-token")
+                    with gr.Row():
+                        revoke_choice = gr.Dropdown(label="Token", choices=[], elem_id="revoke-token-choice", scale=3)
+                        revoke = gr.Button("Revoke", variant="stop", elem_id="revoke-token", scale=1)
+                with gr.Column(scale=1):
+                    gr.Markdown("### Change password")
+                    current = gr.Textbox(label="Current password", type="password", elem_id="current-password")
+                    new = gr.Textbox(label="New password", type="password", elem_id="new-password")
+                    confirm = gr.Textbox(label="Confirm new password", type="password", elem_id="confirm-password")
+                    change = gr.Button("Change password", elem_id="change-password")
+        tab.select(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
+        refresh.click(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
+        create.click(self.create, [name], [shown, name, table, revoke_choice], api_visibility="private")
+        revoke.click(self.revoke, [revoke_choice], [table, revoke_choice], api_visibility="private")
+        change.click(self.change_password, [current, new, confirm], [current, new, confirm],
+                     api_visibility="private")
+        return tab
