@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -161,18 +161,23 @@ class JobService:
                          .order_by(Job.created_at.desc())).first()  # type: ignore[attr-defined]
         return self._visible(actor, job, task_id)
 
-    def list_jobs(self, *, actor: User, mode: str | None = None, status: str | None = None,
+    def list_jobs(self, *, actor: User, mode: str | Sequence[str] | None = None, status: str | None = None,
                   endpoint: str | None = None, checkpoint: str | None = None, since: datetime | None = None,
                   until: datetime | None = None, limit: int | None = 10, offset: int = 0,
                   all_users: bool = False) -> tuple[list[Job], int]:
-        """The actor's jobs newest first (admins: everyone's with ``all_users``), filtered; plus the total."""
+        """The actor's jobs newest first (admins: everyone's with ``all_users``), filtered; plus the total.
+
+        ``mode`` may be one type or several (the img2img tab lists img2img and inpaint jobs).
+        """
         if limit is not None and limit < 0 or offset < 0:
             raise InvalidInput("`limit` and `offset` must not be negative", field="limit" if offset >= 0 else "offset")
         conditions = []
         if not (all_users and actor.is_admin):
             conditions.append(Job.owner_id == actor.id)
-        if (parsed_mode := _parse_mode(mode)) is not None:
-            conditions.append(Job.mode == parsed_mode)
+        modes = [mode] if isinstance(mode, str) or mode is None else list(mode)
+        parsed_modes = [m for m in (_parse_mode(m) for m in modes) if m is not None]
+        if parsed_modes:
+            conditions.append(Job.mode.in_(parsed_modes))  # type: ignore[attr-defined]
         if (parsed_status := _parse_status(status)) is not None:
             conditions.append(Job.status == parsed_status)
         if endpoint:
@@ -253,6 +258,10 @@ class JobService:
         """The actor's current job (running, else queued) as a snapshot; None when they have none."""
         job = self.current_job(actor=actor)
         return self._snapshot(job) if job is not None else None
+
+    def snapshot_of(self, job: Job) -> ProgressSnapshot:
+        """The snapshot of a job the caller already loaded (and was allowed to see)."""
+        return self._snapshot(job)
 
     def _snapshot(self, job: Job) -> ProgressSnapshot:
         live = self.board.live(job.id) if job.status == JobStatus.RUNNING else None
