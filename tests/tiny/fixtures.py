@@ -12,6 +12,7 @@ with `build_pipeline` to mutate one.
 from __future__ import annotations
 
 import atexit
+import math
 import shutil
 import tempfile
 from functools import cached_property
@@ -149,14 +150,23 @@ def write_random_ldm(skeleton_dir: Path, path: Path, *, dtype: torch.dtype = tor
     real-size network and a generated image is a meaningful smoke test.
     """
     layout = ldm_layout(skeleton_dir, dtype)
+    # One pool of normals per fan-in, already scaled and cast, sliced at a different offset per tensor:
+    # drawing and converting 1e9 fresh values costs far more than the smoke test needs.
+    base = torch.randn(1 << 22, generator=torch.Generator().manual_seed(seed))
+    pools: dict[int, torch.Tensor] = {}
     names = {name: i for i, name in enumerate(layout)}
 
     def make(name: str) -> torch.Tensor:
         shape, _ = layout[name]
         if len(shape) == 1:
             return torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + names[name])
-        fan_in = max(1, int(torch.tensor(shape[1:]).prod())) if len(shape) > 1 else 1
-        return torch.randn(shape, generator=generator) / fan_in**0.5
+        fan_in = math.prod(shape[1:])
+        if fan_in not in pools:
+            pools[fan_in] = (base / fan_in**0.5).to(dtype)
+        pool, count = pools[fan_in], math.prod(shape)
+        if count > pool.numel():
+            return pool.repeat(-(-count // pool.numel()))[:count].reshape(shape)
+        start = (names[name] * 7_919_993) % (pool.numel() - count + 1)
+        return pool[start:start + count].reshape(shape)
 
     return ldm.save_streaming(path, layout, make)
