@@ -59,7 +59,8 @@ def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: 
         p["Hires upscaler"] = request.effective_hr_upscaler
         if facts.hr_sampler is not None and facts.hr_sampler.name != facts.sampler.name:
             p["Hires sampler"] = facts.hr_sampler.name
-        if facts.hr_sampler is not None and facts.hr_sampler.schedule_label != facts.sampler.schedule_label:
+        if (request.hr_scheduler and facts.hr_sampler is not None
+                and facts.hr_sampler.schedule_label != facts.sampler.schedule_label):
             p["Hires schedule type"] = facts.hr_sampler.schedule_label
         if request.hr_prompt and request.hr_prompt != request.prompt:
             p["Hires prompt"] = request.hr_prompt

@@ -98,11 +98,20 @@ class LoraManager:
     def _components(self, pipe) -> dict[str, torch.nn.Module]:
         return {c: getattr(pipe, c) for c in _COMPONENTS if getattr(pipe, c, None) is not None}
 
+    @staticmethod
+    def _present(pipe) -> set[str]:
+        """Adapters actually on the pipeline (another engine sharing the provider may have added some)."""
+        return {a for names in pipe.get_list_adapters().values() for a in names}
+
     def _load(self, pipe, ref: ModelRef, warnings: list[str]) -> str | None:
         cache = self._cache(pipe)
-        if ref.sha256 in cache:
+        adapter = f"lora_{ref.sha256[:16]}"
+        present = self._present(pipe)
+        if adapter in present:
+            cache[ref.sha256] = adapter
             cache.move_to_end(ref.sha256)
-            return cache[ref.sha256]
+            return adapter
+        cache.pop(ref.sha256, None)
         tensors, metadata = read_state_dict(ref.path)
         kind = unsupported_kind(tensors)
         if kind is not None:
@@ -115,10 +124,14 @@ class LoraManager:
             warnings.append(f"LoRA {ref.name!r} is for {names[family]} and cannot be used with this "
                             f"{names[want]} checkpoint; skipped")
             return None
-        while len(cache) >= self.max_adapters:
-            _, old = cache.popitem(last=False)
-            pipe.delete_adapters(old)
-        adapter = f"lora_{ref.sha256[:16]}"
+        ours = [a for a in present if a.startswith("lora_")]
+        while len(ours) >= self.max_adapters:
+            lru = next((a for a in cache.values() if a in ours), ours[0])
+            pipe.delete_adapters(lru)
+            ours.remove(lru)
+            for sha, name in list(cache.items()):
+                if name == lru:
+                    del cache[sha]
         try:
             pipe.load_lora_weights(dict(tensors), adapter_name=adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
@@ -173,7 +186,7 @@ class LoraManager:
 
     def deactivate(self, pipe) -> None:
         """Disable every LoRA layer: the base layers alone run again (exact, no weights touched)."""
-        if pipe not in self._active:
+        if pipe not in self._active and not self._present(pipe):
             return
         for model in self._components(pipe).values():
             for layer in _tuner_layers(model):
@@ -183,6 +196,7 @@ class LoraManager:
     def unload_all(self, pipe) -> None:
         """Remove every cached adapter from ``pipe`` (memory pressure, or before handing it elsewhere)."""
         self.deactivate(pipe)
-        cache = self._adapters.pop(pipe, None)
-        if cache:
-            pipe.delete_adapters(list(cache.values()))
+        self._adapters.pop(pipe, None)
+        ours = [a for a in self._present(pipe) if a.startswith("lora_")]
+        if ours:
+            pipe.delete_adapters(ours)

@@ -73,6 +73,8 @@ def incompatibility(embedding: Embedding, pipe) -> str | None:
     """Why ``embedding`` cannot be used with ``pipe`` (A1111 skips such embeddings), or None."""
     widths = encoder_widths(pipe)
     missing = [k for k in widths if k not in embedding.vectors]
+    if "clip_g" in embedding.vectors and "clip_g" not in widths:
+        return f"embedding {embedding.name!r} is for SDXL and does not fit this checkpoint"
     if missing:
         kind = "SD1.x/SD2.x" if "clip_g" not in embedding.vectors else "SDXL"
         return f"embedding {embedding.name!r} is for {kind} and has no vectors for this checkpoint's {missing[0]} encoder"
