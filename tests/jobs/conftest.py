@@ -1,12 +1,19 @@
-"""Fixtures for the jobs tests: studios on the fake backend (fast, no torch) or the real local one."""
+"""Fixtures for the jobs tests: studios on the fake backend (fast, no torch) or the real local one.
+
+Building a studio costs seconds (argon2, the Gradio app), so each test module shares one fake-backend
+studio and every test leaves it empty: ``fake_studio`` deletes all jobs (cancelling running ones)
+after the test. Users are created once and reused (``add_user`` is get-or-create).
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
+from tests.conftest import ADMIN_PASSWORD
 from tests.fixtures.studio_models import (  # noqa: F401 - fixtures re-exported for this package
     ModelStudio,
     build_model_studio,
@@ -15,26 +22,48 @@ from tests.fixtures.studio_models import (  # noqa: F401 - fixtures re-exported 
 )
 
 USER_PASSWORD = "user-password-123"
+FAKE_OPTIONS = {"step_delay": 0.005, "fail_prompts": {"oom": "OOM-PLEASE", "internal": "CRASH-PLEASE"}}
 
 
 def add_user(studio: Any, username: str, *, admin: bool = False) -> Any:
+    existing = studio.users.get_by_name(username)
+    if existing is not None:
+        return existing
     actor = studio.users.get_by_name("admin")
     return studio.users.create_user(actor=actor, username=username, password=USER_PASSWORD,
                                     role="admin" if admin else "user")
 
 
-@pytest.fixture
-def fake_options() -> dict[str, Any]:
-    """Override in a test module to change the fake backend (delays, failures, slots)."""
-    return {"step_delay": 0.0, "fail_prompts": {"oom": "OOM-PLEASE", "internal": "CRASH-PLEASE"}}
+def empty_queue(studio: Any) -> None:
+    """Delete every job (running ones are cancelled first) and wait until the dispatcher is idle."""
+    jobs, admin = studio.jobs, studio.users.get_by_name("admin")
+    for job in jobs.list_jobs(actor=admin, all_users=True, limit=None)[0]:
+        jobs.delete(actor=admin, job_id=job.id)
+    deadline = time.monotonic() + 10
+    for dispatcher in jobs._dispatchers.values():
+        while dispatcher.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
-@pytest.fixture
-def fake_studio(make_settings, tiny_model_files, fake_options) -> Iterator[ModelStudio]:  # noqa: F811
-    """A studio whose ``local`` endpoint runs the fake backend, with the tiny models registered."""
-    with build_model_studio(make_settings, tiny_model_files, backend="fake", backend_options=fake_options,
-                            max_queued_jobs_per_user=5) as built:
+@pytest.fixture(scope="module")
+def shared_fake_studio(tmp_path_factory, tiny_model_files) -> Iterator[ModelStudio]:  # noqa: F811
+    from webapp.settings import Settings
+
+    data_dir = tmp_path_factory.mktemp("fake-studio") / "data"
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, **overrides)
+
+    with build_model_studio(make, tiny_model_files, backend="fake", backend_options=FAKE_OPTIONS,
+                            max_queued_jobs_per_user=50) as built:
         yield built
+
+
+@pytest.fixture
+def fake_studio(shared_fake_studio) -> Iterator[ModelStudio]:
+    """The module's fake-backend studio (tiny models registered), emptied after the test."""
+    yield shared_fake_studio
+    empty_queue(shared_fake_studio)
 
 
 def txt2img(**overrides: Any) -> dict[str, Any]:
