@@ -62,7 +62,8 @@ def build_model_services(settings: Settings, db: Database, store: BlobStore) -> 
     temp_root.mkdir(parents=True, exist_ok=True)
     max_bytes = int(settings.max_upload_gb * GB)
     importer = Importer(db, store, temp_root)
-    scanner = ModelsDirScanner(db, importer, settings.models_dir, settings.import_roots)
+    scan_roots = [*settings.import_roots, *([settings.models_dir] if settings.models_dir else [])]
+    scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the models dir is always readable
     registry = ModelRegistry(db, store, importer, scanner)
     tasks = ImportTasks(db, importer, temp_root, settings.import_workers)
     tasks.register(TaskKind.SCAN, _scan_handler(registry))
