@@ -1,0 +1,111 @@
+"""The local backend really generates: tiny SD1.5 through pipelines' Engine on the CPU, via the queue."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import ADMIN_PASSWORD
+from tests.fixtures.studio_models import ModelStudio, build_model_studio
+from tests.jobs.conftest import empty_queue, txt2img
+from webapp.records import JobStatus
+
+
+@pytest.fixture(scope="module")
+def local_studio(tmp_path_factory, tiny_model_files) -> Iterator[ModelStudio]:
+    from webapp.settings import Settings
+
+    data_dir = tmp_path_factory.mktemp("local-studio") / "data"
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, **overrides)
+
+    with build_model_studio(make, tiny_model_files, backend="local", devices="cpu", preview_every=1) as built:
+        yield built
+
+
+@pytest.fixture
+def studio(local_studio) -> Iterator[ModelStudio]:
+    yield local_studio
+    empty_queue(local_studio)
+
+
+def _run(studio: ModelStudio, mode: str = "txt2img", **request: Any):
+    job = studio.jobs.submit(actor=studio.admin, mode=mode, request=txt2img(**request))
+    done = studio.jobs.wait(actor=studio.admin, job_id=job.id, timeout=120)
+    assert done.is_terminal, "the job did not finish in time"
+    return done
+
+
+def _b64_png(color: str, mode: str = "RGB") -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new(mode, (64, 64), color).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_txt2img_with_networks_is_deterministic_and_the_lora_changes_the_image(studio):
+    plain = _run(studio, prompt="a red fox tinyemb", seed=11)
+    again = _run(studio, prompt="a red fox tinyemb", seed=11)
+    lora = _run(studio, prompt="a red fox tinyemb <lora:tinylora:1>", seed=11)
+    for job in (plain, again, lora):
+        assert job.status == JobStatus.SUCCEEDED, job.error
+        assert job.worker == "local/cpu"
+    images = [studio.jobs.images(actor=studio.admin, job_id=j.id)[0] for j in (plain, again, lora)]
+    assert images[0] == images[1], "same request and seed: the same PNG"
+    assert images[0] != images[2], "the LoRA changes the image"
+    assert 'TI hashes: "tinyemb: ' in plain.infotexts[0] and "Model: tiny-sd15" in plain.infotexts[0]
+    assert 'Lora hashes: "tinylora: ' in lora.infotexts[0]
+    assert lora.info["sd_model_hash"] == studio.models.checkpoint.autov2
+
+
+def test_vae_and_hypernetwork_are_applied(studio):
+    base = _run(studio, seed=3)
+    vae = _run(studio, seed=3, override_settings={"sd_vae": "tinyvae"})
+    hyper = _run(studio, seed=3, prompt="a red fox <hypernet:tinyhyper:1>")
+    assert vae.status == hyper.status == JobStatus.SUCCEEDED, (vae.error, hyper.error)
+    assert "VAE: tinyvae" in vae.infotexts[0]
+    pngs = {studio.jobs.images(actor=studio.admin, job_id=j.id)[0] for j in (base, vae, hyper)}
+    assert len(pngs) == 3
+
+
+def test_img2img_and_inpaint_run_on_the_engine(studio):
+    from PIL import Image
+
+    init = _b64_png("red")
+    img2img = _run(studio, "img2img", init_images=[init], denoising_strength=0.5)
+    inpaint = _run(studio, "img2img", init_images=[init], mask=_b64_png("white", "L"), inpainting_fill=1)
+    assert (img2img.mode, inpaint.mode) == ("img2img", "inpaint")
+    assert img2img.status == inpaint.status == JobStatus.SUCCEEDED, (img2img.error, inpaint.error)
+    png = studio.jobs.image(actor=studio.admin, job_id=inpaint.id, index=0)
+    with Image.open(io.BytesIO(png)) as image:
+        assert image.size == (64, 64) and "Denoising strength" in image.info["parameters"]
+
+
+def test_progress_previews_and_cancel_within_a_step(studio):
+    jobs, admin = studio.jobs, studio.admin
+    job = jobs.submit(actor=admin, mode="txt2img", request=txt2img(steps=150, n_iter=3))
+    deadline = time.monotonic() + 60
+    snapshot = jobs.progress(actor=admin, job_id=job.id)
+    while snapshot.step < 2:
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.02)
+        snapshot = jobs.progress(actor=admin, job_id=job.id)
+    assert snapshot.total == 150 and snapshot.job_count == 3 and snapshot.preview_png.startswith(b"\x89PNG")
+    jobs.cancel(actor=admin, job_id=job.id)
+    done = jobs.wait(actor=admin, job_id=job.id, timeout=30)
+    assert done.status == JobStatus.CANCELLED and done.image_keys == []
+    assert done.step < 150 and done.job_no == 0, "stopped in the first pass, long before the end"
+    assert _run(studio, seed=1).status == JobStatus.SUCCEEDED, "the worker is free again"
+
+
+def test_an_engine_refusal_fails_the_job_with_the_engines_message(studio):
+    refused = _run(studio, refiner_checkpoint="tiny-sd15", refiner_switch_at=0.5)
+    assert refused.status == JobStatus.FAILED and refused.error_kind == "bad_request"
+    assert "refiner needs an SDXL" in refused.error
