@@ -68,6 +68,13 @@ def insert_token(prompt: str, token: str) -> str:
     return f"{prompt}, {token}" if prompt and not prompt.endswith(",") else f"{prompt} {token}".strip()
 
 
+def _index(value: Any, options: list[str]) -> int:
+    """A radio's choice as its index (Gradio gives the index for ``type="index"``; accept the label too)."""
+    if isinstance(value, str):
+        return options.index(value) if value in options else 0
+    return int(value or 0)
+
+
 def _png_b64(image: Any) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
@@ -229,16 +236,16 @@ class GenerationForm:
             if init is None:
                 raise gr.Error("Add an image to start from (drop one on the image box)")
             request.update(init_images=[_png_b64(init)], denoising_strength=float(v["denoising_strength"]),
-                           resize_mode=int(v["resize_mode"] or 0))
+                           resize_mode=_index(v["resize_mode"], RESIZE_MODES))
             if v["img_mode"] == "inpaint":
                 if mask is None:
                     raise gr.Error("Inpaint mode: paint the area to repaint on the image first")
                 mode = "inpaint"
                 request.update(mask=_png_b64(mask), mask_blur=int(v["mask_blur"]),
-                               inpainting_fill=int(v["inpainting_fill"]),
-                               inpaint_full_res=bool(v["inpaint_full_res"]),
+                               inpainting_fill=_index(v["inpainting_fill"], MASKED_CONTENT),
+                               inpaint_full_res=bool(_index(v["inpaint_full_res"], INPAINT_AREAS)),
                                inpaint_full_res_padding=int(v["inpaint_full_res_padding"]),
-                               inpainting_mask_invert=int(v["inpainting_mask_invert"]))
+                               inpainting_mask_invert=_index(v["inpainting_mask_invert"], MASK_MODES))
         return mode, request, v.get("endpoint") or None
 
     # -- filling it from an infotext (PNG Info → txt2img) ------------------------------------------------
