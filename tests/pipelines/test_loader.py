@@ -23,7 +23,8 @@ from tests.tiny.models import tiny_vae  # noqa: E402
 torch.set_num_threads(2)
 
 CLASSES = {"sd15": "StableDiffusionPipeline", "sd15_inpaint": "StableDiffusionInpaintPipeline",
-           "sdxl": "StableDiffusionXLPipeline", "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}
+           "sdxl": "StableDiffusionXLPipeline", "sdxl_inpaint": "StableDiffusionXLInpaintPipeline",
+           "sdxl_refiner": "StableDiffusionXLImg2ImgPipeline"}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch):
 def _generate(pipe, kind: str) -> np.ndarray:
     kwargs = {"num_inference_steps": 2, "height": 64, "width": 64, "output_type": "np",
               "generator": torch.Generator().manual_seed(0)}
-    if kind == "sd15_inpaint":
+    if kind in ("sd15_inpaint", "sdxl_inpaint"):
         kwargs |= {"image": Image.new("RGB", (64, 64), (90, 120, 200)), "mask_image": Image.new("L", (64, 64), 255)}
     if kind == "sdxl_refiner":
         kwargs |= {"image": torch.full((1, 3, 64, 64), 0.4), "strength": 1.0}

@@ -33,6 +33,7 @@ def files():
         ("sd15", Base.SD1, False, ("unet", "vae", "text_encoder")),
         ("sd15_inpaint", Base.SD1, True, ("unet", "vae", "text_encoder")),
         ("sdxl", Base.SDXL, False, ("unet", "vae", "text_encoder", "text_encoder_2")),
+        ("sdxl_inpaint", Base.SDXL, True, ("unet", "vae", "text_encoder", "text_encoder_2")),
         ("sdxl_refiner", Base.SDXL_REFINER, False, ("unet", "vae", "text_encoder_2")),
     ],
 )

@@ -86,7 +86,8 @@ def test_real_clip_tokenizers():
 def test_tiny_skeletons_use_the_same_format():
     root = tiny_files().skeleton_root
     names = sorted(p.name for p in root.iterdir())
-    assert names == ["tiny-sd15", "tiny-sd15-inpaint", "tiny-sdxl", "tiny-sdxl-refiner", "vocabularies"]
+    assert names == ["tiny-sd15", "tiny-sd15-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint", "tiny-sdxl-refiner",
+                     "vocabularies"]
     assert sorted(p.name for p in (root / "vocabularies").iterdir()) == ["tiny-bytes"]
     config = json.loads((root / "tiny-sdxl" / "tokenizer_2" / "tokenizer_config.json").read_text())
     assert config["studio_vocabulary"] == "tiny-bytes" and config["pad_token"] == "!"
@@ -98,7 +99,7 @@ def test_choice_is_by_tensors_not_names(tmp_path: Path):
     files = tiny_files()
     root = files.skeleton_root
     for kind, skeleton in (("sd15", "tiny-sd15"), ("sd15_inpaint", "tiny-sd15-inpaint"), ("sdxl", "tiny-sdxl"),
-                           ("sdxl_refiner", "tiny-sdxl-refiner")):
+                           ("sdxl_inpaint", "tiny-sdxl-inpaint"), ("sdxl_refiner", "tiny-sdxl-refiner")):
         misnamed = tmp_path / "sd15-inpaint-sdxl-refiner.safetensors"
         misnamed.write_bytes(files.checkpoint(kind).read_bytes())
         assert find_skeleton(probe(misnamed).architecture, [root]).name == skeleton

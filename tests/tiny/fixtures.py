@@ -25,8 +25,22 @@ import torch
 from tests.tiny import ldm
 from tests.tiny.models import tiny_sd15, tiny_sdxl
 
-KINDS = ("sd15", "sd15_inpaint", "sdxl", "sdxl_refiner")
-Kind = Literal["sd15", "sd15_inpaint", "sdxl", "sdxl_refiner"]
+KINDS = ("sd15", "sd15_inpaint", "sdxl", "sdxl_inpaint", "sdxl_refiner")
+Kind = Literal["sd15", "sd15_inpaint", "sdxl", "sdxl_inpaint", "sdxl_refiner"]
+
+
+def _tiny_sdxl_inpaint(tokenizer_dir: Path, seed: int) -> Any:
+    """The tiny SDXL with a 9-channel UNet (SDXL inpainting checkpoints)."""
+    from diffusers import StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+
+    base = tiny_sdxl(tokenizer_dir, seed=seed)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config({**base.unet.config, "in_channels": 9})
+    components = {k: v for k, v in base.components.items() if k not in ("image_encoder", "feature_extractor")}
+    pipe = StableDiffusionXLInpaintPipeline(**(components | {"unet": unet}), requires_aesthetics_score=False,
+                                            force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def build_pipeline(kind: Kind, tokenizer_dir: Path, seed: int = 0) -> Any:
@@ -37,6 +51,8 @@ def build_pipeline(kind: Kind, tokenizer_dir: Path, seed: int = 0) -> Any:
         pipe = tiny_sd15(tokenizer_dir, seed=seed, in_channels=9)
     elif kind == "sdxl":
         pipe = tiny_sdxl(tokenizer_dir, seed=seed)
+    elif kind == "sdxl_inpaint":
+        pipe = _tiny_sdxl_inpaint(tokenizer_dir, seed)
     elif kind == "sdxl_refiner":
         pipe = tiny_sdxl(tokenizer_dir, seed=seed, refiner=True)
     else:
