@@ -7,10 +7,12 @@ ASGI scope under ``studio.user`` for the routes, the API dependencies and Gradio
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -70,17 +72,19 @@ class AuthGate:
     def __init__(self, app: Callable, auth: AuthService) -> None:
         self.app = app
         self.auth = auth
-        self._limiter: anyio.CapacityLimiter | None = None
+        self._limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        if self._limiter is None:
-            self._limiter = anyio.CapacityLimiter(_IDENTIFY_LIMITER_TOKENS)
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(_IDENTIFY_LIMITER_TOKENS)
         try:
-            user = await anyio.to_thread.run_sync(self._identify, scope, limiter=self._limiter)
+            user = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
         except Throttled as exc:
             await self._reply(send, 429, {"detail": exc.message}, [(b"retry-after", str(exc.retry_after).encode())])
             return

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -25,13 +27,16 @@ class SdapiContext:
     options: OptionsService
     registry: Any
     jobs: Any
-    _limiter: anyio.CapacityLimiter | None = None
+    _limiters: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
 
     @property
     def wait_limiter(self) -> anyio.CapacityLimiter:
-        if self._limiter is None:  # created lazily: it must belong to the server's event loop
-            self._limiter = anyio.CapacityLimiter(WAIT_THREADS)
-        return self._limiter
+        """The limiter of the running event loop (one per loop: a limiter's waiters belong to one loop)."""
+        loop = asyncio.get_running_loop()
+        limiter = self._limiters.get(loop)
+        if limiter is None:
+            limiter = self._limiters[loop] = anyio.CapacityLimiter(WAIT_THREADS)
+        return limiter
 
     def models(self, actor: User, model_type: ModelType) -> list[ModelRecord]:
         """Active models of one type the caller may use, by name (lists show only what really exists)."""

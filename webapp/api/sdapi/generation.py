@@ -80,11 +80,13 @@ def _apply_infotext(body: GenerationBody, request: dict[str, Any]) -> None:
 
 
 def _override_settings(body: GenerationBody, defaults: GenerationDefaults, warnings: list[str]) -> dict[str, Any]:
-    """The request's overrides over the caller's options (checkpoint defaults come via JobService's hook)."""
+    """The request's overrides over the caller's options (checkpoint, VAE, clip skip)."""
     settings = dict(body.override_settings)
     ignored = sorted(k for k in settings if k not in HONOURED)
     if ignored:
         warnings.append(f"override_settings {', '.join(ignored)} have no effect on this server")
+    if not settings.get("sd_model_checkpoint") and defaults.checkpoint is not None and defaults.checkpoint.sha256:
+        settings["sd_model_checkpoint"] = defaults.checkpoint.sha256  # resolved once, kept with the job
     if "sd_vae" not in settings and defaults.vae != "Automatic":
         settings["sd_vae"] = defaults.vae if isinstance(defaults.vae, str) else defaults.vae.sha256
     settings.setdefault("CLIP_stop_at_last_layers", defaults.clip_skip)
