@@ -115,9 +115,10 @@ def test_admin_sets_server_defaults_users_override_them(fake_studio):
     assert c.get("/sdapi/v1/options", auth=BOB).json()["CLIP_stop_at_last_layers"] == 1
 
 
-def test_options_survive_a_restart(tmp_path_factory):
+def test_options_and_tokens_survive_a_restart(tmp_path_factory):
     with api_studio(tmp_path_factory, backend="fake") as first:
         first.client.post("/sdapi/v1/options", auth=ALICE, json={"sd_vae": "tinyvae", "jpeg_quality": 55})
+        token = first.client.post("/api/v1/tokens", auth=ALICE, json={"name": "survives"}).json()["token"]
         settings = first.studio.settings
     import app
 
@@ -127,6 +128,8 @@ def test_options_survive_a_restart(tmp_path_factory):
 
         with TestClient(again.app) as c:
             options = c.get("/sdapi/v1/options", auth=ALICE).json()
+            me = c.get("/api/v1/me", headers={"authorization": f"Bearer {token}"})
         assert options["sd_vae"] == "tinyvae" and options["jpeg_quality"] == 55
+        assert me.status_code == 200 and me.json()["username"] == "alice"
     finally:
         again.close()

@@ -76,6 +76,17 @@ def test_inferences_esd_flow(fake_studio):
     assert c.get(f"/api/v1/inferences/{job_id}", auth=ALICE).status_code == 404
 
 
+def test_inference_cancel(slow_studio):
+    c = slow_studio.client
+    created = c.post("/api/v1/inferences", auth=ALICE, json={
+        "task_type": "txt2img", "payload": {**TXT, "steps": 150, "n_iter": 20}}).json()["data"]["inference"]
+    assert c.post(f"/api/v1/inferences/{created['id']}/cancel", auth=BOB).status_code == 404
+    assert c.post(f"/api/v1/inferences/{created['id']}/cancel", auth=ALICE).status_code == 200
+    slow_studio.studio.jobs.wait(actor=slow_studio.user("alice"), job_id=created["id"], timeout=30)
+    item = c.get(f"/api/v1/inferences/{created['id']}", auth=ALICE).json()["data"]
+    assert item["status"] == "failed" and item["studio_status"] == "cancelled"
+
+
 def test_inferences_page_and_validate(fake_studio):
     c = fake_studio.client
     ids = []

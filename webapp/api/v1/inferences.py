@@ -113,6 +113,11 @@ def build_router(jobs: Any) -> APIRouter:
                          "endpoint_name": job.endpoint, "output_path": f"/api/v1/inferences/{job.id}/images"},
                         "inference started", 202)
 
+    @router.post("/{inference_id}/cancel")
+    def cancel_inference(user: CurrentUser, inference_id: str) -> dict[str, Any]:
+        """Cancel a queued inference now, or stop a running one within a sampling step."""
+        return envelope(item(user, jobs.cancel(actor=user, job_id=inference_id)), "cancel requested")
+
     @router.get("/{inference_id}")
     def get_inference(user: CurrentUser, inference_id: str) -> dict[str, Any]:
         return envelope(item(user, jobs.get(actor=user, job_id=inference_id)))
