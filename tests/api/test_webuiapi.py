@@ -69,6 +69,14 @@ def test_txt2img_with_a_lora_in_the_prompt(api):
     assert with_lora.parameters["prompt"] == f"a cat <lora:{LORA}:1>"
 
 
+def test_combined_sampler_names_and_hires_fix(api):
+    result = api.txt2img(prompt="a hill", seed=3, sampler_name="DPM++ 2M Karras", enable_hr=True, hr_scale=2,
+                         hr_upscaler="Latent", denoising_strength=0.6, hr_second_pass_steps=2, **SMALL)
+    assert result.image.size == (128, 128)
+    text = result.info["infotexts"][0]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in text and "Hires upscale: 2" in text
+
+
 def test_batch_and_seeds(api):
     result = api.txt2img(prompt="a dog", seed=40, batch_size=2, n_iter=2, **SMALL)
     assert len(result.images) == 4
