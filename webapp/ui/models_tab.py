@@ -1,0 +1,257 @@
+"""Models tab: upload from the server / the computer / URLs, and the table of models with its actions.
+
+Handlers are thin: they resolve the user from the request and call the model services, which
+authorise (server imports are admin-only there, not just hidden here). Long imports stream their
+progress lines from the task row. The browser upload runs in JavaScript (static/uploader.js) against
+/api/v1/uploads, because Gradio's own upload neither resumes nor bounds memory for multi-GB files.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from webapp.records import ModelStatus, ModelType, Visibility
+from webapp.services.models.views import item_line
+from webapp.services.models.wiring import ModelServices
+from webapp.ui.context import UiContext, ui_errors
+
+HEADERS = ["Name", "Type", "Base", "Status", "Size", "AutoV2", "SHA256", "LoRA hash", "Owner", "Visibility",
+           "Source", "Created (UTC)", "ID"]
+ALL = "All"
+AUTO = "Auto-detect"
+TYPE_CHOICES = [(t.label, t.value) for t in ModelType]
+POLL_SECONDS = 0.5
+UPLOADER_JS = (Path(__file__).parent / "static" / "uploader.js").read_text(encoding="utf-8")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _upload_block() -> str:
+    options = "".join(f'<option value="{html.escape(v)}">{html.escape(label)}</option>' for label, v in TYPE_CHOICES)
+    visibility = "".join(f'<option value="{v}">{v}</option>' for v in (Visibility.EVERYONE, Visibility.PRIVATE))
+    return (
+        '<div class="studio-uploader">'
+        f'<label>Type <select class="studio-upload-type">{options}</select></label> '
+        f'<label>Visible to <select class="studio-upload-visibility">{visibility}</select></label><br>'
+        '<input class="studio-upload-input" type="file" multiple '
+        'accept=".safetensors,.ckpt,.pt,.pth,.bin,.sft"> '
+        '<button class="studio-upload-button lg primary" type="button">Upload models</button>'
+        '<div class="studio-upload-lines" aria-live="polite"></div>'
+        "</div>"
+    )
+
+
+class ModelsTab:
+    """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
+
+    admin_only = False
+
+    def __init__(self, ctx: UiContext, services: ModelServices) -> None:
+        self.ctx = ctx
+        self.services = services
+        self.registry = services.registry
+
+    # -- table -------------------------------------------------------------------------------------------
+
+    def _rows(self, request: gr.Request, type_: str, status: str, base: str, query: str) -> list[list[str]]:
+        user = self.ctx.user(request)
+        records = self.registry.list_models(
+            actor=user, type=None if type_ in (ALL, "", None) else type_,
+            status=None if status in (ALL, "", None) else status, base=None if base in (ALL, "", None) else base,
+            query=query or None, limit=1000,
+        )
+        owners = self.registry.owner_names(records)
+        return [[
+            r.name, r.type.label, r.base or "", r.status.value + (f": {r.failure_reason}" if r.failure_reason else ""),
+            _size(r.size) if r.size else "", r.autov2 or "", r.sha256 or "", (r.lora_hash or "")[:12],
+            owners.get(r.owner_id, "server" if r.owner_id is None else "?"), r.visibility.value,
+            "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"), r.id,
+        ] for r in records]
+
+    @ui_errors
+    def refresh(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
+        rows = self._rows(request, type_, status, base, query)
+        bases = [ALL, *self.registry.bases(actor=self.ctx.user(request))]
+        choices = [(f"{r[0]} ({r[1]})", r[-1]) for r in rows]
+        return rows, gr.update(choices=bases), gr.update(choices=choices)
+
+    @ui_errors
+    def rescan(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
+        self.ctx.user(request)
+        summary = self.registry.rescan_models_dir()
+        if summary.folder:
+            gr.Info(f"Models folder rescanned: {summary.line}")
+        return self.refresh(type_, status, base, query, request)
+
+    @ui_errors
+    def on_select(self, evt: gr.SelectData, request: gr.Request) -> tuple:
+        row = evt.row_value or []
+        return self.show(row[-1] if row else None, request)
+
+    @ui_errors
+    def show(self, model_id: str | None, request: gr.Request) -> tuple:
+        if not model_id:
+            return None, "", "", Visibility.EVERYONE.value, None
+        user = self.ctx.user(request)
+        record = self.registry.get(actor=user, model_id=model_id)
+        preview = self.registry.preview(actor=user, model_id=model_id)
+        image = None
+        if preview is not None:
+            import io
+
+            from PIL import Image
+
+            image = Image.open(io.BytesIO(preview[0]))
+        return gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image
+
+    # -- actions on one model ------------------------------------------------------------------------------
+
+    @ui_errors
+    def save(self, model_id: str | None, name: str, description: str, visibility: str, request: gr.Request) -> None:
+        if not model_id:
+            raise gr.Error("Choose a model in the table first")
+        record = self.registry.update(actor=self.ctx.user(request), model_id=model_id, name=name,
+                                      description=description, visibility=visibility)
+        gr.Info(f"Saved {record.type.label} {record.name}")
+
+    @ui_errors
+    def delete(self, model_id: str | None, request: gr.Request) -> tuple:
+        if not model_id:
+            raise gr.Error("Choose a model in the table first")
+        user = self.ctx.user(request)
+        record = self.registry.get(actor=user, model_id=model_id)
+        self.registry.delete(actor=user, model_id=model_id)
+        gr.Info(f"Deleted {record.type.label} {record.name}")
+        return None, "", "", Visibility.EVERYONE.value, None
+
+    @ui_errors
+    def set_preview(self, model_id: str | None, image_path: str | None, request: gr.Request) -> None:
+        if not model_id:
+            raise gr.Error("Choose a model in the table first")
+        if not image_path:
+            raise gr.Error("Drop an image on the preview first")
+        data = Path(image_path).read_bytes()
+        self.registry.set_preview(actor=self.ctx.user(request), model_id=model_id, data=data)
+        gr.Info("Preview image saved")
+
+    # -- imports -----------------------------------------------------------------------------------------
+
+    def _follow(self, task_id: str, request: gr.Request) -> Iterator[str]:
+        """Progress lines from the task row until it finishes."""
+        user = self.ctx.user(request)
+        while True:
+            task = self.services.tasks.get(actor=user, task_id=task_id)
+            items = json.loads(task.items_json)
+            lines = [item_line(i) for i in items]
+            if task.status.finished:
+                yield "\n".join([*lines, f"— {task.status.value}: {task.message}"])
+                return
+            yield "\n".join(lines)
+            time.sleep(POLL_SECONDS)
+
+    @ui_errors
+    def import_server(self, paths: str, type_: str, mode: str, description: str, visibility: str,
+                      request: gr.Request) -> Iterator[str]:
+        task = self.services.server.start(
+            actor=self.ctx.user(request), paths=paths, declared_type=None if type_ in (AUTO, "", None) else type_,
+            in_place=mode == "in place", description=description, visibility=visibility,
+        )
+        yield from self._follow(task.id, request)
+
+    @ui_errors
+    def import_urls(self, urls: str, type_: str, description: str, visibility: str,
+                    request: gr.Request) -> Iterator[str]:
+        task = self.services.urls.start(actor=self.ctx.user(request), urls=urls, declared_type=type_,
+                                        description=description, visibility=visibility)
+        yield from self._follow(task.id, request)
+
+    @ui_errors
+    def on_open(self, request: gr.Request) -> Any:
+        return gr.update(visible=self.ctx.user(request).is_admin)
+
+    # -- layout --------------------------------------------------------------------------------------------
+
+    def build(self) -> gr.Tab:
+        visibilities = [v.value for v in Visibility]
+        with gr.Tab("Models", id="models") as tab:
+            with gr.Tabs():
+                with gr.Tab("From server", visible=False) as server_tab:
+                    gr.Markdown("Files or folders on this server (one per line), under the configured import "
+                                "roots. A folder laid out like A1111's `models/` imports every model in it.")
+                    server_paths = gr.Textbox(label="Paths on the server", lines=3, elem_id="models-server-paths")
+                    with gr.Row():
+                        server_type = gr.Dropdown([AUTO, *TYPE_CHOICES], value=AUTO, label="Type")
+                        server_mode = gr.Radio(["in place", "copy into the store"], value="in place",
+                                               label="Register")
+                        server_vis = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                    server_desc = gr.Textbox(label='Description (optional; text or JSON like {"description": "..."})')
+                    server_go = gr.Button("Import from server", variant="primary")
+                    server_out = gr.Textbox(label="Progress", lines=4, interactive=False)
+                with gr.Tab("From computer"):
+                    gr.Markdown("Choose several files at once; each is sent in chunks and resumes by itself after "
+                                "a dropped connection. A line per file shows its progress.")
+                    uploader = gr.HTML(_upload_block(), js_on_load=UPLOADER_JS, elem_id="models-uploader")
+                with gr.Tab("From URL"):
+                    url_list = gr.Textbox(label="URL list (comma-separated)", lines=2, elem_id="models-url-list")
+                    with gr.Row():
+                        url_type = gr.Dropdown(TYPE_CHOICES, value=ModelType.CHECKPOINT.value, label="Type")
+                        url_vis = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                    url_desc = gr.Textbox(label='Models description (optional; JSON like {"description": "..."})')
+                    url_go = gr.Button("Import from URLs", variant="primary")
+                    url_out = gr.Textbox(label="Progress", lines=4, interactive=False)
+            gr.Markdown("### Models")
+            with gr.Row():
+                f_type = gr.Dropdown([ALL, *TYPE_CHOICES], value=ALL, label="Type", scale=1)
+                f_status = gr.Dropdown([ALL, *(s.value for s in ModelStatus)], value=ALL, label="Status", scale=1)
+                f_base = gr.Dropdown([ALL], value=ALL, label="Base", scale=1)
+                f_query = gr.Textbox(label="Search", scale=2)
+                refresh = gr.Button("Refresh", size="sm", scale=0, min_width=100, elem_id="models-refresh")
+            table = gr.Dataframe(headers=HEADERS, interactive=False, label="Models", elem_id="models-table",
+                                 wrap=True)
+            with gr.Row():
+                with gr.Column(scale=2):
+                    selected = gr.Dropdown(label="Model", choices=[], elem_id="models-selected")
+                    new_name = gr.Textbox(label="Name")
+                    description = gr.Textbox(label="Description", lines=2)
+                    visibility = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                    with gr.Row():
+                        save = gr.Button("Save name / description", size="sm")
+                        delete = gr.Button("Delete model", variant="stop", size="sm")
+                with gr.Column(scale=1):
+                    preview = gr.Image(label="Preview image", type="filepath", sources=["upload"], height=220)
+                    set_preview = gr.Button("Set preview image", size="sm")
+
+        filters = [f_type, f_status, f_base, f_query]
+        table_out = [table, f_base, selected]
+        detail_out = [selected, new_name, description, visibility, preview]
+        private = {"api_visibility": "private"}
+        refresh.click(self.rescan, filters, table_out, **private)
+        for control in (f_type, f_status, f_base):
+            control.change(self.refresh, filters, table_out, **private)
+        f_query.submit(self.refresh, filters, table_out, **private)
+        tab.select(self.refresh, filters, table_out, **private)
+        tab.select(self.on_open, None, [server_tab], **private)
+        uploader.change(self.refresh, filters, table_out, **private)
+        table.select(self.on_select, None, detail_out, **private)
+        selected.input(self.show, [selected], detail_out, **private)
+        save.click(self.save, [selected, new_name, description, visibility], None, **private).then(
+            self.refresh, filters, table_out, **private)
+        delete.click(self.delete, [selected], detail_out, **private).then(self.refresh, filters, table_out, **private)
+        set_preview.click(self.set_preview, [selected, preview], None, **private)
+        server_go.click(self.import_server, [server_paths, server_type, server_mode, server_desc, server_vis],
+                        [server_out], **private).then(self.refresh, filters, table_out, **private)
+        url_go.click(self.import_urls, [url_list, url_type, url_desc, url_vis], [url_out], **private).then(
+            self.refresh, filters, table_out, **private)
+        return tab
