@@ -5,8 +5,17 @@ the studio does not have named in warnings), then goes through ``JobService.subm
 job — same queue, same backends, same per-user limits — and the HTTP request waits for the job as
 A1111's does. The wait runs in a worker thread so the event loop keeps serving ``/progress``.
 
-Warnings (unsupported fields that were set, unknown option overrides) are returned in ``info`` as
-``warnings`` and logged; the job's own warnings (e.g. networks not found) are added to them.
+Decisions where A1111 versions differ or the studio has no equivalent:
+
+* an unknown sampler answers 404 naming ``sampler_name`` (A1111 before v1.10; v1.10 silently runs
+  its default sampler, which hides typos), an unknown checkpoint in ``override_settings`` 404 too;
+* warnings (unsupported fields that were set, ``override_settings`` keys with no effect, missing
+  prompt styles) are returned in ``info`` as ``warnings`` and logged; the job's own warnings
+  (e.g. networks not found) are added to them;
+* every job is kept in the user's history whatever ``save_images``/``do_not_save_*`` say, and no
+  grid image is inserted (``index_of_first_image`` is always 0);
+* an interrupted job answers 200 with no images and a warning (the engine cannot hand back a
+  half-denoised batch).
 """
 
 from __future__ import annotations
@@ -187,11 +196,13 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.post("/txt2img")
     async def txt2img(user: CurrentUser, body: Txt2ImgBody) -> dict[str, Any]:
+        """A1111 txt2img: queued like every job, answered when it is done (``info`` is a JSON string)."""
         return await anyio.to_thread.run_sync(run_generation, ctx, user, "txt2img", body,
                                               limiter=ctx.wait_limiter)
 
     @router.post("/img2img")
     async def img2img(user: CurrentUser, body: Img2ImgBody) -> dict[str, Any]:
+        """A1111 img2img; with a ``mask`` it is an inpaint job. Images as bare base64 or data URIs."""
         return await anyio.to_thread.run_sync(run_generation, ctx, user, "img2img", body,
                                               limiter=ctx.wait_limiter)
 

@@ -45,10 +45,12 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.get("/options")
     def get_options(user: CurrentUser) -> dict[str, Any]:
+        """Every A1111 option as the caller sees it (their values over the server defaults)."""
         return ctx.options.get(actor=user)
 
     @router.post("/options")
     def set_options(user: CurrentUser, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
+        """Any subset or the whole dict back; administrators set server defaults, others their own values."""
         try:
             ctx.options.set(actor=user, values=body)
         except NotFound as exc:

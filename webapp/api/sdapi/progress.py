@@ -63,15 +63,18 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.get("/progress")
     def progress(user: CurrentUser, skip_current_image: bool = False) -> dict[str, Any]:
+        """The caller's running (else oldest queued) job; idle is ``progress 0`` and ``job_count 0``."""
         return progress_answer(ctx, user, skip_current_image)
 
     @router.post("/interrupt")
     def interrupt(user: CurrentUser) -> dict[str, Any]:
+        """Stop the caller's running job (only their own, administrators included)."""
         ctx.jobs.interrupt(actor=user)
         return {}
 
     @router.post("/skip")
     def skip(user: CurrentUser) -> None:
+        """Like ``interrupt``: a batch cannot be cut short, so the caller's running job ends."""
         ctx.jobs.skip(actor=user)
         return None
 
