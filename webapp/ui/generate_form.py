@@ -119,7 +119,7 @@ class GenerationForm:
             c["vae"] = gr.Dropdown(label="SD VAE", choices=["Automatic", "None"], value="Automatic", scale=2,
                                    elem_id=f"{m}-vae")
             c["endpoint"] = gr.Dropdown(label="Endpoint", choices=[], scale=2, elem_id=f"{m}-endpoint")
-            self.refresh = gr.Button("🔄", scale=0, min_width=48, elem_id=f"{m}-refresh")
+            self.refresh = gr.Button("Refresh", scale=0, min_width=80, elem_id=f"{m}-refresh")
 
     def build_prompts(self) -> None:
         c, m = self.c, self.mode
@@ -166,8 +166,8 @@ class GenerationForm:
             c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id=f"{m}-cfg")
         with gr.Row():
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{m}-seed", scale=3)
-            self.random_seed = gr.Button("🎲", scale=0, min_width=48, elem_id=f"{m}-random-seed")
-            self.reuse_seed = gr.Button("♻️", scale=0, min_width=48, elem_id=f"{m}-reuse-seed")
+            self.random_seed = gr.Button("Random", scale=0, min_width=80, elem_id=f"{m}-random-seed")
+            self.reuse_seed = gr.Button("Reuse last", scale=0, min_width=80, elem_id=f"{m}-reuse-seed")
             c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=3)
         if m == "img2img":
             c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",

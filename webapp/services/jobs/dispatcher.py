@@ -66,7 +66,7 @@ class Dispatcher:
 
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.backend.start(self._events.put)
+        self.backend.start(self._receive)
         self._recorder = threading.Thread(target=self._record_loop, name=f"jobs-{self.endpoint}-events", daemon=True)
         self._claimer = threading.Thread(target=self._claim_loop, name=f"jobs-{self.endpoint}-claims", daemon=True)
         self._recorder.start()
@@ -92,6 +92,13 @@ class Dispatcher:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _receive(self, event: Event) -> None:
+        """The backend's sink (its threads): queue the event for recording. A terminal event means a
+        slot is free now, so the claim loop starts the next job while this one's images are stored."""
+        self._events.put(event)
+        if isinstance(event, Succeeded | Failed | Cancelled):
+            self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
         """Ask the backend to stop ``job_id``; remembered in case the job is between claim and submit."""

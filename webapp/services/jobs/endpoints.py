@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,32 +24,49 @@ from webapp.services.users import require_admin
 
 log = logging.getLogger(__name__)
 
+CACHE_SECONDS = 2.0
+"""Every submit reads the endpoints; they change rarely, so a short-lived copy serves (changes made in
+this process are seen at once, changes by another process within this many seconds)."""
+
 
 class EndpointService:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._lock = threading.Lock()
+        self._cached: tuple[float, list[Endpoint]] | None = None
+
+    def _rows(self) -> list[Endpoint]:
+        """All endpoints, default first, then by name."""
+        with self._lock:
+            if self._cached is not None and time.monotonic() - self._cached[0] < CACHE_SECONDS:
+                return self._cached[1]
+        with self._db.read() as s:
+            rows = list(s.exec(select(Endpoint).order_by(Endpoint.is_default.desc(), Endpoint.name)).all())  # type: ignore[attr-defined]
+        with self._lock:
+            self._cached = (time.monotonic(), rows)
+        return rows
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._cached = None
 
     # -- reads (any signed-in user) -------------------------------------------------------------------
     def list_endpoints(self, *, actor: User) -> list[Endpoint]:  # noqa: ARG002 - every user may list
-        with self._db.read() as s:
-            return list(s.exec(select(Endpoint).order_by(Endpoint.is_default.desc(), Endpoint.name)).all())  # type: ignore[attr-defined]
+        return list(self._rows())
 
     def get(self, *, actor: User, name: str) -> Endpoint:  # noqa: ARG002
-        with self._db.read() as s:
-            endpoint = s.get(Endpoint, name)
+        endpoint = next((e for e in self._rows() if e.name == name), None)
         if endpoint is None:
             raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
                            field="endpoint")
         return endpoint
 
     def names(self) -> list[str]:
-        with self._db.read() as s:
-            return list(s.exec(select(Endpoint.name).order_by(Endpoint.name)).all())
+        return sorted(e.name for e in self._rows())
 
     def default_name(self) -> str | None:
-        with self._db.read() as s:
-            row = s.exec(select(Endpoint.name).order_by(Endpoint.is_default.desc(), Endpoint.name)).first()  # type: ignore[attr-defined]
-        return row
+        rows = self._rows()
+        return rows[0].name if rows else None
 
     def resolve(self, *, actor: User, name: str | None) -> Endpoint:
         """The endpoint a new job goes to: the named one, or the default; it must be in service."""
@@ -77,6 +96,7 @@ class EndpointService:
                     s.add(other)
             endpoint.is_default = is_default
             s.add(endpoint)
+        self._invalidate()
         return endpoint
 
     def set_status(self, name: str, status: EndpointStatus, error: str | None = None) -> None:
@@ -86,6 +106,7 @@ class EndpointService:
                 return
             endpoint.status, endpoint.error, endpoint.updated_at = status, error, utcnow()
             s.add(endpoint)
+        self._invalidate()
 
     def set_status_as(self, *, actor: User, name: str, status: EndpointStatus) -> Endpoint:
         """An administrator takes an endpoint out of service (Stopped) or back (InService)."""

@@ -126,10 +126,11 @@ class RequestResolver:
         job_mode = derive_mode(mode, request)
         built = engine_request(job_mode, request)
         checkpoint = self._checkpoint(actor, request)
+        vae = self._vae(actor, request)
         models = JobModels(
             checkpoint=self._spec(checkpoint),
-            vae=self._vae(actor, request),
-            companion_vae=self._companion_vae(actor, checkpoint),
+            vae=vae,
+            companion_vae=self._companion_vae(actor, checkpoint, vae),
             refiner=self._refiner(actor, request),
             loras=self._tagged(actor, ModelType.LORA, built, "loras"),
             hypernetworks=self._tagged(actor, ModelType.HYPERNETWORK, built, "hypernets"),
@@ -179,10 +180,14 @@ class RequestResolver:
             raise NotFound(f"VAE {ref!r} not found (use 'Automatic', 'None' or a registered VAE)", field="sd_vae")
         return self._spec(record)
 
-    def _companion_vae(self, actor: User, checkpoint: ModelRecord) -> ModelSpec | None:
-        """A1111's "Automatic": a VAE named like the checkpoint (``model.vae.pt`` beside ``model.safetensors``)."""
-        for ref in (f"{checkpoint.name}.vae", checkpoint.name):
-            record = self._find(actor, ModelType.VAE, ref)
+    def _companion_vae(self, actor: User, checkpoint: ModelRecord, vae: ModelSpec | str) -> ModelSpec | None:
+        """A1111's "Automatic": a VAE named like the checkpoint (``model.vae.pt`` beside ``model.safetensors``).
+        One listing, matched here: this runs for every job."""
+        if vae != VAE_AUTOMATIC:
+            return None
+        by_name = {r.name.lower(): r for r in self.registry.list_models(actor=actor, type=ModelType.VAE)}
+        for name in (f"{checkpoint.name}.vae", checkpoint.name):
+            record = by_name.get(name.lower())
             if record is not None:
                 return self._spec(record)
         return None
@@ -216,5 +221,7 @@ class RequestResolver:
     def _embeddings(self, actor: User, request: GenerationRequest) -> dict[str, ModelSpec]:
         """Embeddings whose names occur as words in any prompt (A1111 has no tag for them)."""
         text = " ".join((request.prompt, request.negative_prompt, request.hr_prompt, request.hr_negative_prompt))
+        if not text.strip():
+            return {}
         records = {r.name: r for r in self.registry.list_models(actor=actor, type=ModelType.EMBEDDING)}
         return {name: self._spec(records[name]) for name in referenced_words(text, list(records))}

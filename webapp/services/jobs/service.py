@@ -18,6 +18,7 @@ from datetime import datetime
 from sqlalchemy import func
 from sqlmodel import select
 
+from deploy.backends.base import Backend
 from deploy.storage import BlobNotFound, BlobStore
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
@@ -100,6 +101,11 @@ class JobService:
     def stop(self, timeout: float = 10.0) -> None:
         for dispatcher in self._dispatchers.values():
             dispatcher.stop(timeout)
+
+    def backend(self, endpoint: str) -> Backend | None:
+        """The backend running ``endpoint`` in this process (diagnostics, benchmarks), or None."""
+        dispatcher = self._dispatchers.get(endpoint)
+        return dispatcher.backend if dispatcher is not None else None
 
     def set_default_checkpoint(self, resolver: Callable[[User], str | None]) -> None:
         """Where a request naming no checkpoint takes one from (the API's per-user options plug in here)."""
@@ -207,19 +213,26 @@ class JobService:
     def wait(self, *, actor: User, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is finished (or ``timeout`` seconds pass); returns the latest row.
 
-        Sleeps on the board's condition (woken by the dispatcher), re-reading the row only on a wake-up
-        or every couple of seconds, so many waiters cost the database almost nothing.
+        Sleeps on the board's condition (woken by the dispatcher). While the board shows the job running
+        (progress events) the row is not re-read; it is on other wake-ups (start, end) and every couple of
+        seconds, so many waiters cost the database almost nothing.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         version = self.board.version(job_id)
         job = self.get(actor=actor, job_id=job_id)
+        last_read = time.monotonic()
         while not job.is_terminal:
             remaining = WAIT_RECHECK_SECONDS if deadline is None else min(WAIT_RECHECK_SECONDS,
                                                                           deadline - time.monotonic())
             if remaining <= 0:
                 break
-            version = self.board.wait(job_id, version, remaining)
+            changed = self.board.wait(job_id, version, remaining)
+            progressing = changed != version and self.board.live(job_id) is not None
+            version = changed
+            if progressing and time.monotonic() - last_read < WAIT_RECHECK_SECONDS:
+                continue
             job = self.get(actor=actor, job_id=job_id)
+            last_read = time.monotonic()
         return job
 
     def image_count(self, job: Job) -> int:
