@@ -92,7 +92,7 @@ class Engine:
                 return _Job(self, request, models, on_event, should_cancel).run()
             except torch.cuda.OutOfMemoryError as exc:
                 gc.collect()
-                if torch.cuda.is_available():
+                if self.device.type == "cuda" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 raise OutOfMemoryError(
                     f"out of GPU memory generating {request.batch_size} image(s) at {request.width}x{request.height}"
@@ -165,9 +165,10 @@ class _Job:
         positive = [(end, enc(t, False)) for end, t in prompt_schedule(pos, steps)]
         negative = [(end, enc(t, True)) for end, t in prompt_schedule(neg, steps)]
         chunks = max(c.chunks for _, c in positive + negative)
-        empty = encoder.empty()
-        positive = [(e, pad_to_chunks(c, chunks, empty)) for e, c in positive]
-        negative = [(e, pad_to_chunks(c, chunks, empty)) for e, c in negative]
+        if any(c.chunks != chunks for _, c in positive + negative):
+            empty = encoder.empty()
+            positive = [(e, pad_to_chunks(c, chunks, empty)) for e, c in positive]
+            negative = [(e, pad_to_chunks(c, chunks, empty)) for e, c in negative]
         return CondSchedule(positive, negative, steps)
 
     # -- the job ------------------------------------------------------------------------------------
@@ -192,6 +193,9 @@ class _Job:
 
         t = time.perf_counter()
         self.base = e.provider.get(self.models.checkpoint.path, self.models.checkpoint.sha256)
+        if self.base.unet.device.type != e.device.type:
+            logger.warning("provider returned %s on %s but the engine runs on %s", self.models.checkpoint.name,
+                           self.base.unet.device, e.device)
         self.refiner = None
         if r.refiner_switch_at is not None:
             self.refiner = self._load_refiner()
@@ -420,7 +424,6 @@ class _Job:
             refiner=self.models.refiner if self.refiner is not None else None,
             lora_hashes=lora_hashes(self.session.applied_loras), ti_hashes=ti_hashes(used_tis),
             hires_size=r.hr_target_size() if self.hr_sampler else None,
-            hires_steps=r.hr_second_pass_steps or None,
         )
         infotexts, encoded = [], []
         for i, image in enumerate(images):

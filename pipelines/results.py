@@ -22,7 +22,6 @@ class JobFacts:
     lora_hashes: str | None
     ti_hashes: str | None
     hires_size: tuple[int, int] | None
-    hires_steps: int | None
 
 
 def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: int) -> dict[str, Any]:

@@ -23,6 +23,27 @@ from pipelines.types import InvalidRequestError
 logger = logging.getLogger(__name__)
 
 
+_SIGMAS = frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
+_SPACING = frozenset({"timestep_spacing"})
+# Schedule-related constructor arguments of each diffusers scheduler (diffusers 0.42), kept here so that
+# validating a request does not import diffusers; a test checks the table against the real signatures.
+SCHEDULE_ARGS: Mapping[str, frozenset[str]] = {
+    "DPMSolverMultistepScheduler": _SIGMAS | _SPACING | {"use_lu_lambdas"},
+    "DPMSolverSDEScheduler": _SIGMAS | _SPACING,
+    "DPMSolverSinglestepScheduler": _SIGMAS,
+    "KDPM2DiscreteScheduler": _SIGMAS | _SPACING,
+    "KDPM2AncestralDiscreteScheduler": _SIGMAS | _SPACING,
+    "EulerDiscreteScheduler": _SIGMAS | _SPACING,
+    "EulerAncestralDiscreteScheduler": _SPACING,
+    "HeunDiscreteScheduler": _SIGMAS | _SPACING,
+    "LMSDiscreteScheduler": _SIGMAS | _SPACING,
+    "DDIMScheduler": _SPACING,
+    "PNDMScheduler": _SPACING,
+    "UniPCMultistepScheduler": _SIGMAS | _SPACING,
+    "LCMScheduler": _SPACING,
+}
+
+
 @dataclass(frozen=True)
 class SamplerSpec:
     name: str
@@ -114,7 +135,7 @@ class ResolvedSampler:
     def scheduler_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(self.sampler.kwargs)
         if self.effective_schedule is not None:
-            accepted = _accepted_kwargs(self.sampler.scheduler_class)
+            accepted = SCHEDULE_ARGS[self.sampler.scheduler_class]
             # At most one sigma flag may be on: clear any the checkpoint's config carries.
             kwargs.update({flag: False for flag in _SIGMA_FLAGS if flag in accepted})
             kwargs.update(self.effective_schedule.kwargs)
@@ -133,7 +154,7 @@ def _accepted_kwargs(class_name: str) -> frozenset[str]:
 
 
 def _schedule_ok(sampler: SamplerSpec, schedule: ScheduleSpec) -> bool:
-    return set(schedule.kwargs) <= _accepted_kwargs(sampler.scheduler_class)
+    return set(schedule.kwargs) <= SCHEDULE_ARGS[sampler.scheduler_class]
 
 
 def _find_sampler(name: str) -> SamplerSpec | None:

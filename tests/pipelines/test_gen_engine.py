@@ -260,3 +260,17 @@ def test_inpaint_mask_size_mismatch_is_named():
 def test_clip_skip_beyond_the_encoder_is_named(eng):
     with pytest.raises(InvalidRequestError, match="clip_skip"):
         eng.generate(request(clip_skip=4), world().models())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fp16_generation_reproduces():
+    from pipelines.engine import Engine
+    from tests.pipelines.test_gen_fixtures import PIPE_FILES, Provider, fresh_pipeline
+
+    pipe = fresh_pipeline("sd15").to("cuda", torch.float16)
+    eng = Engine(Provider({PIPE_FILES["sd15"]: pipe}), device="cuda", dtype=torch.float16)
+    a = eng.generate(request(steps=4, batch_size=2), world().models())
+    b = eng.generate(request(steps=4, batch_size=2), world().models())
+    assert np.array_equal(pixels(a.images[1]), pixels(b.images[1]))
+    assert diff(a.images[0], a.images[1]) > 0

@@ -21,7 +21,7 @@ Negative prompt: blurry
 Steps: 30, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 925997e9, Hypernet: anime, Hypernet strength: 0.6, ENSD: 31337"""
 
 A1111_INPAINT = """a red door
-Negative prompt: 
+Negative prompt:
 Steps: 25, Sampler: Euler a, Schedule type: Automatic, CFG scale: 7, Seed: 99, Size: 512x512, Model hash: 6ce0161689, Model: v1-5, Denoising strength: 0.75, Mask blur: 4, Inpaint area: Only masked, Masked area padding: 32, Masked content: latent noise, Version: v1.9.0"""
 
 
@@ -87,7 +87,7 @@ def test_request_survives_infotext_round_trip(kwargs):
     sampler = resolve(req.sampler_name, req.scheduler)
     hr = resolve(req.hr_sampler_name or req.sampler_name, req.scheduler) if req.enable_hr else None
     facts = JobFacts(sampler, hr, ModelRef("model.safetensors", Path("/m"), "ab" * 32, "checkpoint"), None, None,
-                     None, None, req.hr_target_size() if req.enable_hr else None, None)
+                     None, None, req.hr_target_size() if req.enable_hr else None)
     text = infotext.build(req.prompt, req.negative_prompt, parameters(req, facts, req.seed, req.subseed))
     fields = infotext.request_fields(infotext.parse(text))
     for key, value in fields.items():

@@ -101,3 +101,25 @@ def test_a1111_list_shapes():
     assert karras == {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0,
                       "need_inner_model": False}
     assert {"name", "label", "aliases", "default_rho", "need_inner_model"} == set(schedules[0])
+
+
+def test_static_schedule_table_matches_diffusers_signatures():
+    import inspect
+
+    import diffusers
+
+    relevant = {"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "timestep_spacing"}
+    for spec in samplers.SAMPLERS:
+        params = set(inspect.signature(getattr(diffusers, spec.scheduler_class).__init__).parameters)
+        assert samplers.SCHEDULE_ARGS[spec.scheduler_class] == params & relevant, spec.scheduler_class
+
+
+def test_validating_a_request_does_not_import_the_model_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipelines.types import GenerationRequest; "
+            "GenerationRequest(sampler_name='DPM++ 2M Karras', steps=5).validate(); "
+            "print('diffusers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
