@@ -253,3 +253,18 @@ class TestSlowJobs:
             jobs.get(actor=admin, job_id=job.id)
         time.sleep(0.3)
         assert list(store.list(f"jobs/{running.id}/")) == []
+
+
+def test_deleting_a_user_removes_their_jobs_and_the_sweep_their_images(fake_studio):
+    jobs, store = fake_studio.jobs, fake_studio.store
+    leaving = add_user(fake_studio, "leaving")
+    staying = jobs.submit(actor=fake_studio.admin, mode="txt2img", request=txt2img())
+    job = jobs.submit(actor=leaving, mode="txt2img", request=txt2img())
+    done = jobs.wait(actor=leaving, job_id=job.id, timeout=30)
+    jobs.wait(actor=fake_studio.admin, job_id=staying.id, timeout=30)
+    fake_studio.users.delete_user(actor=fake_studio.admin, username="leaving")
+    assert jobs.list_jobs(actor=fake_studio.admin, all_users=True)[1] == 1
+    assert store.exists(done.image_keys[0])
+    assert jobs.purge_orphan_images() == 1
+    assert not store.exists(done.image_keys[0])
+    assert jobs.images(actor=fake_studio.admin, job_id=staying.id), "live jobs keep their images"

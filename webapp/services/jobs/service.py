@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,11 +93,43 @@ class JobService:
         self._dispatchers[dispatcher.endpoint] = dispatcher
 
     def start(self) -> Recovery:
-        """Recover jobs a crash left running, then start every dispatcher."""
+        """Recover jobs a crash left running, then start every dispatcher (and sweep orphaned images
+        in the background)."""
         recovery = self.queue.recover()
         for dispatcher in self._dispatchers.values():
             dispatcher.start()
+        threading.Thread(target=self._sweep, name="jobs-orphan-sweep", daemon=True).start()
         return recovery
+
+    def _sweep(self) -> None:
+        try:
+            self.purge_orphan_images()
+        except Exception:  # noqa: BLE001 - a sweep failure must not take the server down; it runs again next start
+            log.exception("sweeping orphaned job images failed")
+
+    def purge_orphan_images(self) -> int:
+        """Delete stored images whose job row is gone — a user deleted with their jobs, or a crash between
+        storing a result and recording it — so no unreachable image stays behind. Returns blobs deleted."""
+        by_job: dict[str, list[str]] = {}
+        for blob in self._store.list("jobs/"):
+            parts = blob.key.split("/")
+            if len(parts) == 3:
+                by_job.setdefault(parts[1], []).append(blob.key)
+        ids = list(by_job)
+        deleted = 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            with self._db.read() as s:
+                known = set(s.exec(select(Job.id).where(Job.id.in_(chunk))).all())  # type: ignore[attr-defined]
+            for job_id in chunk:
+                if job_id in known:
+                    continue
+                for key in by_job[job_id]:
+                    self._store.delete(key)
+                    deleted += 1
+        if deleted:
+            log.info("deleted %d image(s) of jobs that no longer exist", deleted)
+        return deleted
 
     def stop(self, timeout: float = 10.0) -> None:
         for dispatcher in self._dispatchers.values():
