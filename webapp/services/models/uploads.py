@@ -15,6 +15,7 @@ A dropped connection keeps every byte written before the drop; a server restart 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -51,6 +52,29 @@ WRITE_BUFFER = 4 * 1024 * 1024
 CHUNK_HINT = 16 * 1024 * 1024
 """What clients are told to send per request: small enough to lose little on a drop."""
 STALE_AFTER = timedelta(days=7)
+
+
+class _BackgroundWriter:
+    """Writes buffers on a worker thread while the event loop reads the next one.
+
+    At most one write is in flight, so an upload holds two buffers at most, and reading the socket
+    overlaps with the disk instead of alternating with it.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self._pending: asyncio.Future[int] | None = None
+        self.written = 0
+
+    async def write(self, data: bytearray) -> None:
+        await self.flush()
+        if data:
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self._handle.write, data)
+
+    async def flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self.written += await pending
 
 
 def _clean_file_name(file_name: str) -> str:
@@ -133,30 +157,31 @@ class Uploads:
         if upload_id in self._busy:
             raise Conflict(f"another request is writing upload {upload_id}; wait for it", field="upload_id")
         self._busy.add(upload_id)
-        received = offset
+        writer: _BackgroundWriter | None = None
         try:
             handle = await anyio.to_thread.run_sync(self._open_at, session, offset)
+            writer = _BackgroundWriter(handle)
+            buffer, accepted = bytearray(), offset
             try:
-                buffer = bytearray()
                 async for chunk in chunks:
-                    if received + len(buffer) + len(chunk) > session.size:
+                    accepted += len(chunk)
+                    if accepted > session.size:
                         raise InvalidInput(f"more bytes than the declared size of {session.size}", field="size")
                     buffer += chunk
                     if len(buffer) >= WRITE_BUFFER:
-                        await anyio.to_thread.run_sync(handle.write, bytes(buffer))
-                        received += len(buffer)
-                        buffer.clear()
-                if buffer:
-                    await anyio.to_thread.run_sync(handle.write, bytes(buffer))
-                    received += len(buffer)
+                        await writer.write(buffer)  # written on a thread while the next buffer fills
+                        buffer = bytearray()
+                await writer.write(buffer)
+                await writer.flush()
             except BaseException:
-                if buffer:  # keep what arrived before the drop: it is a correct prefix
-                    await anyio.to_thread.run_sync(handle.write, bytes(buffer))
-                    received += len(buffer)
+                await writer.flush()
+                await writer.write(buffer)  # keep what arrived before the drop: it is a correct prefix
+                await writer.flush()
                 raise
             finally:
                 await anyio.to_thread.run_sync(handle.close)
         finally:
+            received = offset + (writer.written if writer is not None else 0)
             await anyio.to_thread.run_sync(self._set_received, upload_id, received)
             self._busy.discard(upload_id)
         return received
