@@ -186,3 +186,20 @@ def test_file_ref_round_trips_and_materialises(mstudio, tiny, tmp_path):
     assert ModelFileRef.from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
     files = ModelFiles(mstudio.store, tmp_path / "cache", budget_bytes=10**9)
     assert files.path_for(ref).read_bytes() == tiny.lora.read_bytes()
+
+
+def test_delete_names_the_real_job_using_the_model(build_studio, tiny):
+    """The job service's guard (registered at build) refuses deletion while a queued/running job uses it."""
+    studio = build_studio(backend="fake", backend_options={"step_delay": 0.5})
+    admin = admin_of(studio)
+    studio.models.register_file(actor=admin, path=tiny.checkpoint)
+    lora = studio.models.register_file(actor=admin, path=tiny.lora)
+    job = studio.jobs.submit(actor=admin, mode="txt2img",
+                             request={"prompt": "ink <lora:style:0.8>", "steps": 40, "width": 64, "height": 64})
+    with pytest.raises(Conflict) as caught:
+        studio.models.delete(actor=admin, model_id=lora.id)
+    assert "job" in caught.value.message and "of admin" in caught.value.message
+    studio.jobs.cancel(actor=admin, job_id=job.id)
+    studio.jobs.wait(actor=admin, job_id=job.id, timeout=30)
+    studio.models.delete(actor=admin, model_id=lora.id)
+    assert studio.models.find(actor=admin, type="lora", ref="style") is None
