@@ -315,8 +315,9 @@ def _probe_pickle(path: Path, kind: FileKind) -> ModelInfo:
             raise ModelFormatError(f"{path.name}: string_to_param must hold exactly one embedding")
         (tensor,) = params.values()
         return _embedding_info({"*": tuple(tensor.shape)}, kind, name=obj.get("name"))
-    if isinstance(obj, dict) and any(isinstance(k, int) for k in obj) and "layer_structure" in obj:
-        dims = sorted(k for k in obj if isinstance(k, int))
+    dims = sorted(k for k in obj if isinstance(k, int)) if isinstance(obj, dict) else []
+    if dims and all(isinstance(obj[d], list | tuple) and len(obj[d]) == 2 for d in dims):
+        # A1111 hypernetwork: {context width: (k module state, v module state)}; old files lack the options
         base = Base.SD2 if 1024 in dims else Base.SD1 if 768 in dims else None
         details = {"dims": tuple(dims), "layer_structure": tuple(obj.get("layer_structure") or ()),
                    "activation": obj.get("activation_func"), "layer_norm": bool(obj.get("is_layer_norm")),

@@ -118,6 +118,16 @@ def test_hypernetwork(files, tmp_path: Path):
     assert info.details["activation"] == "relu"
 
 
+def test_old_hypernetwork_without_options(tmp_path: Path):
+    """2022 files: only {width: (k, v)} with linear1/linear2 keys, no layer_structure."""
+    module = {"linear1.weight": torch.zeros(1536, 768), "linear1.bias": torch.zeros(1536),
+              "linear2.weight": torch.zeros(768, 1536), "linear2.bias": torch.zeros(768)}
+    path = tmp_path / "anime.pt"
+    torch.save({768: (module, module), 320: (module, module)}, path)
+    info = probe(path)
+    assert info.type is ModelType.HYPERNETWORK and info.base is Base.SD1 and info.details["dims"] == (320, 768)
+
+
 def test_vae_files(tmp_path: Path):
     for fmt in ("safetensors", "ckpt"):
         info = probe(networks.write_vae(tmp_path / f"v.{fmt}", fmt=fmt))
