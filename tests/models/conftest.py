@@ -35,14 +35,17 @@ class TinyFiles:
     embedding: Path
     hypernetwork: Path
     vae: Path
+    controlnet: Path
+    inpaint: Path
     root: Path
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
     import torch
+    from diffusers import ControlNetModel
 
-    from tests.tiny import networks
+    from tests.tiny import ldm, networks
     from tests.tiny.fixtures import tiny_files
 
     torch.set_num_threads(2)
@@ -57,6 +60,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
         embedding=networks.write_textual_inversion(root / "tinyemb.pt", pipe),
         hypernetwork=networks.write_hypernetwork(root / "tinyhyper.pt", pipe),
         vae=networks.write_vae(root / "tinyvae.safetensors"),
+        controlnet=ldm.write_controlnet(root / "tinycontrol.safetensors", ControlNetModel.from_unet(pipe.unet)),
+        inpaint=shutil.copy(shared.checkpoint("sd15_inpaint"), root / "tiny-inpaint.safetensors"),
         root=root,
     )
 

@@ -22,7 +22,8 @@ def test_register_each_type_detects_type_base_and_hashes(mstudio, tiny):
     expected = {
         tiny.checkpoint: (ModelType.CHECKPOINT, "sd1"), tiny.lora: (ModelType.LORA, "sd1"),
         tiny.embedding: (ModelType.EMBEDDING, None), tiny.hypernetwork: (ModelType.HYPERNETWORK, None),
-        tiny.vae: (ModelType.VAE, None),
+        tiny.vae: (ModelType.VAE, None), tiny.controlnet: (ModelType.CONTROLNET, None),
+        tiny.inpaint: (ModelType.CHECKPOINT, "sd1-inpaint"),
     }
     for path, (model_type, base) in expected.items():
         record = registry.register_file(actor=admin, path=path)  # no declared type: detected from tensors

@@ -143,3 +143,23 @@ def test_upload_survives_a_restart_and_resumes(build_studio, tiny, data_dir):
         task = client.post(f"/api/v1/uploads/{upload['id']}/complete").json()
         assert wait_task(second, task["id"]).status.value == "succeeded"
     assert second.models.get(actor=admin_of(second), model_id=upload["model_id"]).status.value == "Active"
+
+
+def test_abandoned_uploads_expire_with_their_bytes(mstudio, admin_http):
+    from datetime import timedelta
+
+    from webapp.records import UploadSession, utcnow
+
+    old = admin_http.post("/api/v1/uploads", json={"file_name": "old.safetensors", "size": 100, "type": "lora"}).json()
+    admin_http.put(f"/api/v1/uploads/{old['id']}?offset=0", content=b"x" * 50)
+    with mstudio.db.write() as s:
+        row = s.get(UploadSession, old["id"])
+        row.updated_at = utcnow() - timedelta(days=8)
+        s.add(row)
+    uploads = mstudio.model_services.uploads
+    uploads._last_expiry -= 7200  # the hourly check is due
+    fresh = admin_http.post("/api/v1/uploads", json={"file_name": "new.safetensors", "size": 100, "type": "lora"})
+    assert fresh.status_code == 201
+    assert admin_http.get(f"/api/v1/uploads/{old['id']}").status_code == 404
+    assert not (uploads.upload_dir / old["id"]).exists()
+    assert admin_http.get(f"/api/v1/models/{old['model_id']}").status_code == 404

@@ -19,8 +19,9 @@ import asyncio
 import json
 import logging
 import shutil
+import time
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,11 @@ class _BackgroundWriter:
             self.written += await pending
 
 
+def _stale(session: UploadSession) -> bool:
+    updated = session.updated_at if session.updated_at.tzinfo else session.updated_at.replace(tzinfo=UTC)
+    return updated < utcnow() - STALE_AFTER
+
+
 def _clean_file_name(file_name: str) -> str:
     name = (file_name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
     name = "".join(c for c in name if c.isprintable()).lstrip(".")
@@ -93,6 +99,7 @@ class Uploads:
         self.upload_dir = upload_dir
         self.max_bytes = max_bytes
         self._busy: set[str] = set()
+        self._last_expiry = time.monotonic()
         upload_dir.mkdir(parents=True, exist_ok=True)
         tasks.register(TaskKind.UPLOAD, self._run, on_interrupted=self._reopen)
 
@@ -103,6 +110,7 @@ class Uploads:
         description: str | None = None, visibility: Visibility | str = Visibility.EVERYONE,
         sha256: str | None = None,
     ) -> UploadSession:
+        self._expire_stale()
         file_name = _clean_file_name(file_name)
         if not type:
             raise InvalidInput("choose the model `type` of the file being uploaded", field="type")
@@ -302,15 +310,24 @@ class Uploads:
                 row.model_id = reserved.id if reserved else None
                 s.add(row)
 
+    def _expire_stale(self) -> None:
+        """Sessions abandoned for a week go (with their bytes); checked at most hourly, when uploads start."""
+        if time.monotonic() - self._last_expiry < 3600:
+            return
+        self._last_expiry = time.monotonic()
+        with self._db.read() as s:
+            sessions = list(s.exec(select(UploadSession).where(UploadSession.status == UploadStatus.OPEN)))
+        for session in sessions:
+            if _stale(session) and session.id not in self._busy:
+                self._remove(session)
+
     def cleanup(self) -> None:
         """At start: drop finished or week-old sessions and their files, and orphaned ``Initial`` rows."""
-        cutoff = utcnow() - STALE_AFTER
         with self._db.read() as s:
             sessions = list(s.exec(select(UploadSession)))
         live_ids: set[str] = set()
         for session in sessions:
-            updated = session.updated_at if session.updated_at.tzinfo else session.updated_at.replace(tzinfo=cutoff.tzinfo)
-            if session.status == UploadStatus.DONE or (session.status == UploadStatus.OPEN and updated < cutoff):
+            if session.status == UploadStatus.DONE or (session.status == UploadStatus.OPEN and _stale(session)):
                 self._remove(session)
             else:
                 live_ids.add(session.id)
