@@ -121,11 +121,32 @@ def test_hypernetwork_layout(tmp_path: Path):
 def test_vae_file_loads_single_file(tmp_path: Path):
     from diffusers import AutoencoderKL
 
-    config_dir = tmp_path / "skeleton"
-    tiny_vae().save_config(config_dir / "vae")
+    from tests.tiny.fixtures import tiny_files
+
+    skeleton = tiny_files().skeleton_root / "tiny-sd15"
     path = networks.write_vae(tmp_path / "tiny.vae.safetensors", seed=5)
-    loaded = AutoencoderKL.from_single_file(str(path), config=str(config_dir), subfolder="vae", local_files_only=True)
+    loaded = AutoencoderKL.from_single_file(str(path), config=str(skeleton), subfolder="vae", local_files_only=True)
     reference = tiny_vae(5)
     for key, value in reference.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     assert not torch.equal(tiny_vae(1).decoder.conv_out.weight, loaded.decoder.conv_out.weight)
+
+
+def test_ldm_controlnet_round_trip(tmp_path: Path):
+    """The LDM ControlNet writer matches diffusers' reader exactly (SD1.5 layout)."""
+    from diffusers import ControlNetModel
+
+    pipe = tiny_sd15(tmp_path / "tok")
+    controlnet = ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for block in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
+            block.weight.normal_(0, 0.02)
+    from tests.tiny import ldm
+
+    for fmt, dtype in (("safetensors", torch.float32), ("ckpt", torch.float16)):
+        path = ldm.write_controlnet(tmp_path / f"cn.{fmt}", controlnet, dtype=dtype, fmt=fmt)
+        controlnet.save_config(tmp_path / "cn_config")
+        loaded = ControlNetModel.from_single_file(str(path), config=str(tmp_path / "cn_config"), local_files_only=True)
+        for key, value in controlnet.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value.to(dtype).float()), (fmt, key)
