@@ -2,4 +2,25 @@
 
 ``base.Backend`` is the one contract, ``messages`` what travels to and from a backend (JSON-safe),
 ``registry`` builds a backend by kind from configuration. Nothing here imports webapp.
+
+How a job flows::
+
+    JobService.submit  -> job row (queued)                      webapp/services/jobs/service.py
+    Dispatcher (per endpoint) -> JobQueue.claim -> JobSpec      webapp/services/jobs/dispatcher.py
+    Backend.submit(spec) ... events via the sink:              deploy/backends/<kind>.py
+        Started, Progress*, then Succeeded | Failed | Cancelled
+    Dispatcher records them: board (live), row, images under jobs/<job_id>/<n>.png
+
+Add a backend (e.g. a self-hosted HTTP worker):
+
+1. ``deploy/backends/<kind>.py``: a ``Backend`` subclass with ``kind``, ``is_configured``, ``capabilities``
+   (``remote=True`` turns the UI button into "Generate on Cloud"), ``start(sink)``, ``free_slots``,
+   ``submit(spec)``, ``cancel(job_id)``, ``stop``. Send ``spec.to_json()`` over the wire; decode the
+   worker's answers with ``messages.event_from_json`` and hand them to the sink. Results may come back
+   as PNG bytes or as asset-store keys the worker wrote (``Succeeded.image_keys``). A worker that dies
+   mid-job reports ``Failed(kind="interrupted")``: the queue runs the job again (bounded attempts).
+2. ``create(config: BackendConfig) -> Backend`` in that module and one line in ``registry._FACTORIES``
+   (or ``register_backend(kind, factory)``).
+3. An endpoint row (``EndpointService.ensure``) plus a ``Dispatcher`` for it; services and UI need no
+   change. Test it against the same contract tests as the fake (tests/jobs/test_backends.py).
 """

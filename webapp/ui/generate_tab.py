@@ -193,7 +193,7 @@ class GenerateTab:
         submitted.success(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
         followed = submitted.success(
             self.follow, [self.job_id], [self.progress, self.results, self.infotext, self.index, self.last_seed],
-            show_progress="hidden", **private)
+            show_progress="hidden", concurrency_limit=None, **private)  # followers mostly sleep: no queue slot cap
         followed.then(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
         # A new Generate follows the new job; the previous follower stops (its job keeps running).
         self.generate.click(None, None, None, cancels=[followed], **private)
