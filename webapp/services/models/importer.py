@@ -242,6 +242,8 @@ class Importer:
             if existing is None and request.replace_id:
                 with self._db.read() as s:
                     existing = s.get(ModelRecord, request.replace_id)
+            if existing is not None and request.owner is not None and not catalog.can_see(request.owner, existing):
+                raise Conflict("these exact bytes belong to another user's private model", field="file")
             workdir = Path(tempfile.mkdtemp(prefix="import-", dir=self._staging))
             try:
                 stored, stored_hashes = path, hashes
