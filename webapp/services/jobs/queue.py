@@ -100,7 +100,11 @@ class JobQueue:
                 steps=0, job_no=0, job_count=0, eta_seconds=None, error=None, error_kind=None))
             if result.rowcount != 1:
                 return None
-            s.refresh(job)
+            # what the UPDATE wrote, without reading the row back
+            job.status, job.started_at, job.attempts, job.worker = RUNNING, now, job.attempts + 1, worker
+            job.progress, job.step, job.steps, job.job_no, job.job_count = 0.0, 0, 0, 0, 0
+            job.eta_seconds, job.error, job.error_kind = None, None, None
+            s.expunge(job)
             return job
 
     # -- state changes --------------------------------------------------------------------------------------
