@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import gradio as gr
@@ -204,5 +203,4 @@ def test_progress_html_while_running():
     html = progress_html(snap)
     assert "Step 5/20 · pass 2/2 · 62% · ETA 1:15" in html and "width:62.5%" in html
     assert 'src="data:image/png;base64,' in html
-    buf = io.BytesIO()
-    assert progress_html(None, note="x<y") == '<div class="studio-progress">x&lt;y</div>' and not buf.getvalue()
+    assert progress_html(None, note="x<y") == '<div class="studio-progress">x&lt;y</div>'
