@@ -223,7 +223,7 @@ class PromptEncoder:
             weights.append([1.0, *chunk.weights, 1.0] + [1.0] * fill)
             # fixes were recorded without BOS; shift them by one
         shifted = [_Chunk(c.tokens, c.weights, [(o + 1, e) for o, e in c.fixes]) for c in chunks]
-        device = slot.encoder.device
+        device = next(slot.encoder.parameters()).device
         input_ids = torch.tensor(ids, device=device)
         with torch.no_grad(), _embedding_overrides(slot.encoder, shifted, slot.key):
             out = slot.encoder(input_ids, output_hidden_states=True)

@@ -31,7 +31,7 @@ from pipelines.networks.textual_inversion import EmbeddingCache
 from pipelines.networks.vae import VaeCache, VaeLoader
 from pipelines.prompts import ExtraNetworks, join_and, parse_extra_networks, prompt_schedule
 from pipelines.results import JobFacts, parameters
-from pipelines.sampling import CondSchedule, EventSink, PassSpec, expand_for_batch, run_pass
+from pipelines.sampling import CondSchedule, EventSink, PassSpec, expand_for_batch, placement, run_pass
 from pipelines.seeds import make_noise, plan_seeds
 from pipelines.types import (
     GenerationRequest,
@@ -149,11 +149,13 @@ class _Job:
                                  f"were encoded as separate chunks")
         return clean, nets
 
-    def _conds(self, encoder: PromptEncoder, pipe, pos: str, neg: str, steps: int) -> CondSchedule:
+    def _conds(self, encoder: PromptEncoder, pipe, pos: str, neg: str, steps: int,
+               nets: ExtraNetworks | None = None) -> CondSchedule:
+        """Encoded prompt schedules, cached per job by text and by the network set active (LoRA TE weights)."""
         zero_negative = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
 
         def enc(text: str, negative: bool) -> Conditioning:
-            key = (id(encoder), text)
+            key = (id(encoder), id(nets), text)
             if key not in self._cond_cache:
                 cond = encoder.encode(text)
                 if negative and zero_negative and not text.strip():
@@ -193,9 +195,10 @@ class _Job:
 
         t = time.perf_counter()
         self.base = e.provider.get(self.models.checkpoint.path, self.models.checkpoint.sha256)
-        if self.base.unet.device.type != e.device.type:
+        unet_device, _ = placement(self.base.unet)
+        if unet_device.type != e.device.type:
             logger.warning("provider returned %s on %s but the engine runs on %s", self.models.checkpoint.name,
-                           self.base.unet.device, e.device)
+                           unet_device, e.device)
         self.refiner = None
         if r.refiner_switch_at is not None:
             self.refiner = self._load_refiner()
@@ -250,7 +253,8 @@ class _Job:
         if ref is None:
             return None, self.base.vae
         try:
-            vae = self.e.vaes.get(ref, like=self.base, device=self.base.vae.device, dtype=self.base.vae.dtype)
+            device, dtype = placement(self.base.vae)
+            vae = self.e.vaes.get(ref, like=self.base, device=device, dtype=dtype)
         except PipelineError as exc:
             if isinstance(self.models.vae, ModelRef):
                 raise
@@ -298,7 +302,8 @@ class _Job:
 
     def _encode_images(self, pipe, images: list[Image.Image]) -> torch.Tensor:
         """VAE-encode PIL images (at their own size) to scaled latents (mean of the posterior)."""
-        tensor = pipe.image_processor.preprocess(images).to(device=pipe.vae.device, dtype=pipe.vae.dtype)
+        device, dtype = placement(pipe.vae)
+        tensor = pipe.image_processor.preprocess(images).to(device=device, dtype=dtype)
         with torch.no_grad():
             latents = pipe.vae.encode(tensor).latent_dist.mode()
         return latents * pipe.vae.config.scaling_factor
@@ -309,7 +314,7 @@ class _Job:
         w, h, f = r.width, r.height, self.factor
         noise, gens = make_noise((4, h // f, w // f), seeds, subseeds, r.subseed_strength, self.plan.resize_from, f)
         nine = self.base.unet.config.in_channels == 9
-        conds = self._conds(self.encoder, self.base, self.prompt, self.negative, r.steps)
+        conds = self._conds(self.encoder, self.base, self.prompt, self.negative, r.steps, nets)
         latent_next = self.refiner is not None or (self.hr_sampler is not None and hires.is_latent(r.effective_hr_upscaler))
         common = dict(steps=r.steps, cfg_scale=r.cfg_scale, conds=conds, noise=noise, generators=gens, width=w,
                       height=h, eta=r.eta)
@@ -394,7 +399,7 @@ class _Job:
             self.session.activate(self.hr_nets)
         n_sched, wanted = hires.second_pass_steps(r)
         noise, gens = make_noise((4, th // f, tw // f), seeds, subseeds, r.subseed_strength, self.plan.resize_from, f)
-        conds = self._conds(self.encoder, self.base, self.hr_prompt, self.hr_negative, wanted)
+        conds = self._conds(self.encoder, self.base, self.hr_prompt, self.hr_negative, wanted, self.hr_nets)
         spec = PassSpec(kind="img2img", steps=n_sched, cfg_scale=r.cfg_scale, conds=conds, noise=noise,
                         generators=gens, width=tw, height=th, phase="hires", image=image,
                         strength=r.denoising_strength, eta=r.eta)
@@ -410,7 +415,8 @@ class _Job:
         pipe = self._pipe(self.base, "txt2img")
         vae = pipe.vae
         with torch.no_grad():
-            decoded = vae.decode(latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor).sample
+            device, dtype = placement(vae)
+            decoded = vae.decode(latents.to(device=device, dtype=dtype) / vae.config.scaling_factor).sample
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     # -- result ---------------------------------------------------------------------------------------

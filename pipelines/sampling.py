@@ -105,6 +105,12 @@ class _NoiseOverride:
         return self._add_noise(original, ours, timesteps)
 
 
+def placement(module: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype of a module's first parameter (diffusers' ``.device`` walks every submodule)."""
+    param = next(module.parameters())
+    return param.device, param.dtype
+
+
 def _embeds(cond: Conditioning, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     embeds = cond.embeds.repeat(batch, 1, 1)
     pooled = cond.pooled.repeat(batch, 1) if cond.pooled is not None else None
@@ -115,8 +121,7 @@ def run_pass(pipe, spec: PassSpec, scheduler, sink: EventSink) -> Any:
     """Run one pipeline call; returns latents (``output_type="latent"``) or a list of PIL images."""
     batch = spec.noise.shape[0]
     sdxl = hasattr(pipe, "text_encoder_2")
-    device = pipe._execution_device
-    unet_dtype = pipe.unet.dtype
+    device, unet_dtype = placement(pipe.unet)
     if spec.kind != "txt2img":
         scheduler.add_noise = _NoiseOverride(scheduler.add_noise, spec.noise, spec.latent_fill)
     pipe.scheduler = scheduler
@@ -193,7 +198,7 @@ def _callback(spec: PassSpec, sink: EventSink, sdxl: bool, batch: int):
 def _switch(pipe, pos: Conditioning, neg: Conditioning, batch: int, sdxl: bool) -> dict[str, Any]:
     pos_e, pos_p = _embeds(pos, batch)
     neg_e, neg_p = _embeds(neg, batch)
-    device, dtype = pipe._execution_device, pipe.unet.dtype
+    device, dtype = placement(pipe.unet)
     cfg = pipe.do_classifier_free_guidance
     out = {"prompt_embeds": (torch.cat([neg_e, pos_e]) if cfg else pos_e).to(device=device, dtype=dtype)}
     if sdxl and pos_p is not None:

@@ -12,8 +12,6 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
-
 from pipelines.conditioning import Embedding
 from pipelines.errors import PipelineError
 from pipelines.networks.hypernetwork import HypernetworkCache, HypernetworkHooks
@@ -68,8 +66,9 @@ class NetworkSession:
                 self._missing(call.name)
                 continue
             unet = self.pipe.unet
+            param = next(unet.parameters())
             try:
-                net = self.hypernet_cache.get(ref, unet.device, unet.dtype)
+                net = self.hypernet_cache.get(ref, param.device, param.dtype)
             except PipelineError as exc:
                 self.warnings.append(f"hypernetwork {call.name!r} could not be loaded: {exc}")
                 continue
@@ -127,7 +126,3 @@ def ti_hashes(used: Mapping[str, ModelRef]) -> str | None:
     if not used:
         return None
     return ", ".join(f"{name.replace(':', '').replace(',', '')}: {ref.short_hash}" for name, ref in used.items())
-
-
-def device_of(pipe) -> torch.device:
-    return pipe.unet.device
