@@ -91,6 +91,8 @@ class Engine:
             try:
                 return _Job(self, request, models, on_event, should_cancel).run()
             except torch.cuda.OutOfMemoryError as exc:
+                self.vaes.clear()  # reloadable; the pipelines themselves belong to the provider
+                self.hypernetworks.clear()
                 gc.collect()
                 if self.device.type == "cuda" and torch.cuda.is_available():
                     torch.cuda.empty_cache()
@@ -182,6 +184,8 @@ class _Job:
         if r.mode == "txt2img" and r.enable_hr:
             self.hr_sampler = samplers.resolve(r.hr_sampler_name or r.sampler_name, r.hr_scheduler or r.scheduler,
                                                field_name="hr_sampler_name")
+        if r.eta is not None and self.sampler.name != "DDIM":
+            self.warnings.append(f"eta is only used by the DDIM sampler here; ignored for {self.sampler.name}")
         self.prompt, nets = self._clean(r.prompt, "prompt")
         self.negative, neg_nets = self._clean(r.negative_prompt, "negative prompt")
         if neg_nets:

@@ -47,8 +47,8 @@ def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: 
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "RNG": "CPU",
     }
-    if request.eta is not None:
-        p["Eta DDIM" if facts.sampler.name == "DDIM" else "Eta"] = request.eta
+    if request.eta is not None and facts.sampler.name == "DDIM":
+        p["Eta DDIM"] = request.eta
     if request.mode == "txt2img" and request.enable_hr and facts.hires_size is not None:
         if request.hr_resize_x or request.hr_resize_y:
             p["Hires resize"] = f"{facts.hires_size[0]}x{facts.hires_size[1]}"

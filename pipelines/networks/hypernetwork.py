@@ -203,3 +203,6 @@ class HypernetworkCache:
         else:
             self._items.move_to_end(key)
         return net
+
+    def clear(self) -> None:
+        self._items.clear()

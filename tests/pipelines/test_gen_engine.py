@@ -146,6 +146,16 @@ def test_sdxl_refiner_takes_over_at_the_switch(eng):
     assert err.value.field == "refiner_checkpoint"
 
 
+def test_eta_drives_ddim_and_is_reported(eng):
+    w = world()
+    zero = eng.generate(request(sampler_name="DDIM", eta=0.0, steps=4), w.models())
+    one = eng.generate(request(sampler_name="DDIM", eta=1.0, steps=4), w.models())
+    assert diff(zero.images[0], one.images[0]) > 0 and "Eta DDIM: 1" in one.infotexts[0]
+    other = eng.generate(request(sampler_name="Euler", eta=0.5), w.models())
+    assert any("eta is only used by the DDIM sampler" in m for m in other.warnings)
+    assert "Eta" not in other.infotexts[0]
+
+
 def test_prompt_editing_changes_conditioning_mid_way(eng):
     w = world()
     cat = eng.generate(request(prompt="a photo of a cat", steps=4), w.models())
