@@ -21,19 +21,35 @@ from fastapi import FastAPI  # noqa: E402
 from deploy.model_files import ModelFiles  # noqa: E402
 from deploy.storage import BlobStore, open_store  # noqa: E402
 from webapp import schema  # noqa: E402
+from webapp.api import sdapi  # noqa: E402
+from webapp.api.v1 import account as account_api  # noqa: E402
+from webapp.api.v1 import checkpoints as checkpoints_api  # noqa: E402
+from webapp.api.v1 import endpoints as endpoints_api  # noqa: E402
+from webapp.api.v1 import inferences as inferences_api  # noqa: E402
+from webapp.api.v1 import jobs as jobs_api  # noqa: E402
+from webapp.api.v1 import models as models_api  # noqa: E402
+from webapp.api.v1 import tasks as tasks_api  # noqa: E402
+from webapp.api.v1 import uploads as uploads_api  # noqa: E402
+from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.jobs import JobService, build_job_service  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
+from webapp.services.options import OptionsService  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
 from webapp.services.tokens import TokenService  # noqa: E402
 from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
+from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
+from webapp.ui.generate_tab import GenerateTab  # noqa: E402
+from webapp.ui.models_tab import ModelsTab  # noqa: E402
+from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
+from webapp.web.files import build_files_router  # noqa: E402
 from webapp.web.server import create_app  # noqa: E402
 
 log = logging.getLogger("studio")
@@ -58,6 +74,7 @@ class Studio:
     models: ModelRegistry | None = None
     model_services: ModelServices | None = None
     jobs: JobService | None = None
+    options: OptionsService | None = None
 
     def close(self) -> None:
         if self.jobs is not None:
@@ -100,14 +117,32 @@ def build(settings: Settings) -> Studio:
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
     jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
                              model_files=model_files)
+    options = OptionsService(db, model_services.registry)
+    jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
+    sdapi_ctx = sdapi.SdapiContext(settings=settings, options=options, registry=model_services.registry, jobs=jobs)
 
     ui_ctx = UiContext(users=users)
-    ui = build_ui(ui_ctx, [UsersTab(ui_ctx)])
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure)
+    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img")
+    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img])
+    pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
+    models_tab = ModelsTab(ui_ctx, model_services)
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, UsersTab(ui_ctx),
+                           AccountTab(ui_ctx, tokens=tokens, auth=auth)])
+    routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
+    routers += [
+        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens), users_api.build_router(users, auth),
+        endpoints_api.build_router(jobs.endpoints), inferences_api.build_router(jobs),
+        checkpoints_api.build_router(model_services.registry),
+    ]
+    routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
+                tasks_api.build_router(model_services.tasks)]
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers)
+    app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
+        options=options,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -63,3 +64,29 @@ def admin_client(studio) -> Iterator:
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "admin", ADMIN_PASSWORD)
         yield c
+
+
+CHROMIUM = os.environ.get("STUDIO_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's chromium driven by Playwright (``playwright install`` is not used: no downloads).
+
+    Defined once for the whole run: Playwright's sync API cannot nest, so every browser test in every
+    folder must share this one instance.
+    """
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("STUDIO_REQUIRE_BROWSER"):
+            pytest.fail(f"{CHROMIUM} is missing but STUDIO_REQUIRE_BROWSER is set")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield b
+        b.close()

@@ -6,7 +6,6 @@ import httpx
 import pytest
 
 from tests.api.conftest import ALICE
-from tests.browser.conftest import browser  # noqa: F401 - the shared chromium fixture
 from tests.live import serve
 
 pytestmark = pytest.mark.browser
@@ -23,7 +22,7 @@ def _table_shows(page, text: str) -> None:
         "t => (document.querySelector('#tokens-table')?.innerText || '').includes(t)", arg=text, timeout=30_000)
 
 
-def test_account_tab_token_lifecycle(browser, server):  # noqa: F811 - pytest fixture
+def test_account_tab_token_lifecycle(browser, server):
     context = browser.new_context()
     page = context.new_page()
     page.goto(server + "/login")

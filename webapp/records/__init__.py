@@ -1,8 +1,8 @@
 """Database tables (SQLModel). Importing this package registers every table on ``SQLModel.metadata``."""
 
 from webapp.records.common import new_id, utcnow
-from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatus
 from webapp.records.imports import ImportTask, ScannedFile, TaskKind, TaskStatus, UploadSession, UploadStatus
+from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatus
 from webapp.records.models import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.records.options import ServerOption, UserOption
 from webapp.records.tokens import ApiToken, ApiTokenPublic
