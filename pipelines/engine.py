@@ -34,6 +34,8 @@ from pipelines.results import JobFacts, parameters
 from pipelines.sampling import CondSchedule, EventSink, PassSpec, expand_for_batch, placement, run_pass
 from pipelines.seeds import make_noise, plan_seeds
 from pipelines.types import (
+    BatchSkipped,
+    Cancelled,
     GenerationRequest,
     GenerationResult,
     InvalidRequestError,
@@ -83,13 +85,16 @@ class Engine:
     # -- public -----------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, models: ResolvedModels, *,
                  on_event: Callable[[Progress], None] | None = None,
-                 should_cancel: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_cancel: Callable[[], bool] | None = None,
+                 should_skip: Callable[[], bool] | None = None) -> GenerationResult:
         """Run one job. Raises ``InvalidRequestError``/``PipelineError`` for bad input, ``Cancelled`` when
-        ``should_cancel()`` turns True (checked every step), ``OutOfMemoryError`` after freeing memory."""
+        ``should_cancel()`` turns True (checked every step; ``partial`` holds the batches already done),
+        ``OutOfMemoryError`` after freeing memory. ``should_skip()`` turning True drops the current batch
+        and goes on with the next (A1111's skip); it must reset itself once it has answered True."""
         request.validate()
         with self._lock:
             try:
-                return _Job(self, request, models, on_event, should_cancel).run()
+                return _Job(self, request, models, on_event, should_cancel, should_skip).run()
             except torch.cuda.OutOfMemoryError as exc:
                 self.vaes.clear()  # reloadable; the pipelines themselves belong to the provider
                 self.hypernetworks.clear()
@@ -129,12 +134,13 @@ class _Job:
     """One ``generate`` call: state shared by its passes."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, models: ResolvedModels,
-                 on_event, should_cancel) -> None:
+                 on_event, should_cancel, should_skip=None) -> None:
         self.e = engine
         self.r = request
         self.models = models
         self.on_event = on_event
         self.should_cancel = should_cancel
+        self.should_skip = should_skip
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
         self._cond_cache: dict[tuple[int, str], Conditioning] = {}
@@ -217,6 +223,8 @@ class _Job:
             self.models.embeddings, self.warnings)
         self.session = session
         images: list[Image.Image] = []
+        self.image_indices: list[int] = []  # each image's place in the seed plan (skipped batches leave gaps)
+        cancelled: Cancelled | None = None
         try:
             t = time.perf_counter()
             session.activate(nets)
@@ -225,7 +233,8 @@ class _Job:
             self.embeddings_available = embeddings
             self.timings["networks"] = time.perf_counter() - t
             passes = 1 + (1 if self.hr_sampler else 0) + (1 if self.refiner else 0)
-            self.sink = EventSink(self.on_event, self.should_cancel, e.preview_every, self.sdxl, r.n_iter * passes)
+            self.sink = EventSink(self.on_event, self.should_cancel, e.preview_every, self.sdxl, r.n_iter * passes,
+                                  should_skip=self.should_skip)
             t = time.perf_counter()
             inputs = self._prepare_inputs()
             for it in range(r.n_iter):
@@ -233,13 +242,24 @@ class _Job:
                 seeds, subseeds = self.plan.batch(it, r.batch_size)
                 if it > 0 and self.hr_nets is not nets:
                     session.activate(nets)
-                images.extend(self._iteration(seeds, subseeds, inputs, nets))
+                try:
+                    done = self._iteration(seeds, subseeds, inputs, nets)
+                except BatchSkipped:
+                    self.warnings.append(f"batch {it + 1} of {r.n_iter} was skipped")
+                    continue
+                images.extend(done)
+                self.image_indices.extend(range(it * r.batch_size, it * r.batch_size + len(done)))
             self.timings["sampling"] = time.perf_counter() - t
+        except Cancelled as exc:
+            cancelled = exc
         finally:
             session.close()
             for pipe in self._job_pipes():
                 pipe.vae = self._own_vae(pipe)
         session.finish_warnings()
+        if cancelled is not None:
+            cancelled.partial = self._result(images, started) if images else None
+            raise cancelled
         return self._result(images, started)
 
     def _load_refiner(self):
@@ -436,8 +456,10 @@ class _Job:
             hires_size=r.hr_target_size() if self.hr_sampler else None,
         )
         infotexts, encoded = [], []
+        image_seeds = [self.plan.seeds[i] for i in self.image_indices]
+        image_subseeds = [self.plan.subseeds[i] for i in self.image_indices]
         for i, image in enumerate(images):
-            params = parameters(r, facts, self.plan.seeds[i], self.plan.subseeds[i])
+            params = parameters(r, facts, image_seeds[i], image_subseeds[i])
             text = infotext.build(r.prompt, r.negative_prompt, params)
             infotexts.append(text)
             encoded.append(infotext.encode_image(image, text, "png"))
@@ -446,7 +468,7 @@ class _Job:
         width, height = images[0].size if images else (r.width, r.height)
         n = len(images)
         return GenerationResult(
-            images=encoded, infotexts=infotexts, seeds=self.plan.seeds[:n], subseeds=self.plan.subseeds[:n],
+            images=encoded, infotexts=infotexts, seeds=image_seeds, subseeds=image_subseeds,
             prompts=[r.prompt] * n, negative_prompts=[r.negative_prompt] * n, width=width, height=height,
             sampler_name=self.sampler.name, scheduler=self.sampler.schedule_label, steps=r.steps,
             cfg_scale=r.cfg_scale, clip_skip=r.clip_skip, model_name=self.models.checkpoint.stem,

@@ -7,7 +7,8 @@ The diffusers pipeline does the work; this module only decides what goes in:
 * the initial noise: ``latents=`` for txt2img, and for img2img/inpaint a per-call override of the
   scheduler's ``add_noise`` so the noise that is mixed into the init latents is ours (seeded per
   image) rather than the pipeline's own draw; the same hook applies "latent noise"/"latent nothing";
-* ``callback_on_step_end`` checks ``should_cancel`` after every step and raises ``Cancelled``, and emits
+* ``callback_on_step_end`` checks ``should_cancel``/``should_skip`` after every step and raises ``Cancelled``
+  or ``BatchSkipped``, and emits
   ``Progress`` with a cheap preview every N steps.
 """
 
@@ -22,7 +23,7 @@ import torch
 
 from pipelines.conditioning import Conditioning
 from pipelines.previews import preview_png
-from pipelines.types import Cancelled, Progress
+from pipelines.types import BatchSkipped, Cancelled, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ class EventSink:
     sdxl: bool
     job_count: int
     job_no: int = 0
+    should_skip: Callable[[], bool] | None = None
 
     def check_cancel(self) -> None:
         if self.should_cancel is not None and self.should_cancel():
             raise Cancelled("generation cancelled")
+        if self.should_skip is not None and self.should_skip():
+            raise BatchSkipped("batch skipped")
 
 
 @dataclass

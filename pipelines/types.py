@@ -52,7 +52,18 @@ class OutOfMemoryError(PipelineError):
 
 
 class Cancelled(Exception):  # noqa: N818 - the A1111 vocabulary: a job is "interrupted"/cancelled, not an error
-    """The caller's ``should_cancel()`` returned True; the job stopped within one sampling step."""
+    """The caller's ``should_cancel()`` returned True; the job stopped within one sampling step.
+
+    ``partial`` is set by the engine when whole batches finished before the cancel (A1111's interrupt keeps
+    what was done): a ``GenerationResult`` of those images, else None.
+    """
+
+    partial: GenerationResult | None = None
+
+
+class BatchSkipped(Exception):  # noqa: N818 - a signal, not an error
+    """The caller's ``should_skip()`` returned True (A1111 /skip): the current batch is dropped, the job
+    goes on with its next batch (``n_iter``)."""
 
 
 def _b64(data: bytes) -> str:

@@ -88,6 +88,16 @@ class Backend(ABC):
         """Ask the job to stop (a running job stops within one sampling step and reports ``Cancelled``).
         Returns False when this backend does not hold the job."""
 
+    def release_memory(self) -> None:
+        """Drop the models it holds loaded (A1111 unload-checkpoint); they load again at the next job that
+        needs them. Running jobs keep what they use until they end. Default: nothing is held here."""
+        return None
+
+    def skip(self, job_id: str) -> bool:
+        """A1111's skip: drop the running job's current batch and go on with its next one (``n_iter``).
+        Returns False when this backend does not hold the job or cannot skip (the default)."""
+        return False
+
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting jobs, cancel running ones and release workers. Jobs cut short report

@@ -111,7 +111,8 @@ class FakeBackend(ThreadedBackend):
         if seed == -1:
             seed = random.randrange(4294967294)
         clock = EtaClock()
-        cancelled = self.cancel_check(spec.job_id)
+        cancelled, skipped = self.cancel_check(spec.job_id), self.skip_check(spec.job_id)
+        done: list[int] = []  # seed offsets of the finished images (a skipped batch leaves a gap, like the engine)
         for it in range(n_iter):
             for step in range(1, steps + 1):
                 if self.step_delay:
@@ -119,19 +120,27 @@ class FakeBackend(ThreadedBackend):
                 if cancelled():
                     if self.stopping:
                         return self.stopped_event(spec.job_id)
-                    return Cancelled(job_id=spec.job_id, reason="cancelled while running")
+                    partial = self._result(spec, seed, steps, done, width, height) if done else None
+                    return Cancelled(job_id=spec.job_id, reason="cancelled while running",
+                                     **(_fields(partial) if partial else {}))
+                if skipped():
+                    break
                 preview = None
                 if self.preview_every and step % self.preview_every == 0:
                     preview = _preview(prompt, seed, step, steps)
                 self.emit(progress_event(spec.job_id, step, steps, it, n_iter, clock, preview))
-        return self._result(spec, seed, steps, batch * n_iter, width, height)
+            else:
+                done.extend(range(it * batch, (it + 1) * batch))
+        return self._result(spec, seed, steps, done, width, height)
 
-    def _result(self, spec: JobSpec, seed: int, steps: int, count: int, width: int, height: int) -> Succeeded:
+    def _result(self, spec: JobSpec, seed: int, steps: int, offsets: list[int], width: int,
+                height: int) -> Succeeded:
         from pipelines.infotext import build
 
         req = spec.request
         checkpoint = spec.models.checkpoint
-        seeds = [seed + i for i in range(count)]
+        seeds = [seed + i for i in offsets]
+        count = len(seeds)
         infotexts, images = [], []
         for s in seeds:
             params = {"Steps": steps, "Sampler": req.get("sampler_name") or "DPM++ 2M",
@@ -142,7 +151,7 @@ class FakeBackend(ThreadedBackend):
             images.append(render_png(str(req.get("prompt", "")), s, width, height, text))
         info: dict[str, Any] = {
             "prompt": req.get("prompt", ""), "all_prompts": [req.get("prompt", "")] * count,
-            "negative_prompt": req.get("negative_prompt", ""), "seed": seeds[0], "all_seeds": seeds,
+            "negative_prompt": req.get("negative_prompt", ""), "seed": seeds[0] if seeds else seed, "all_seeds": seeds,
             "subseed": -1, "all_subseeds": [-1] * count, "width": width, "height": height,
             "sampler_name": req.get("sampler_name") or "DPM++ 2M", "cfg_scale": req.get("cfg_scale", 7.0),
             "steps": steps, "batch_size": count, "sd_model_name": checkpoint.name,
@@ -151,6 +160,11 @@ class FakeBackend(ThreadedBackend):
         }
         return Succeeded(job_id=spec.job_id, images=tuple(images), infotexts=tuple(infotexts), seeds=tuple(seeds),
                          timings={"total": 0.0}, info=info)
+
+
+def _fields(result: Succeeded) -> dict[str, Any]:
+    return {"images": result.images, "infotexts": result.infotexts, "seeds": result.seeds, "info": result.info,
+            "timings": result.timings}
 
 
 def create(config: BackendConfig) -> FakeBackend:

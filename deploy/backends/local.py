@@ -130,6 +130,13 @@ class LocalBackend(ThreadedBackend):
             runtime = self._runtimes[worker.label] = _DeviceRuntime(worker.label, self._explicit is None, self)
         return runtime
 
+    def release_memory(self) -> None:
+        for label, runtime in list(self._runtimes.items()):
+            runtime.engine.vaes.clear()
+            runtime.engine.hypernetworks.clear()
+            runtime.cache.unload_all()
+            log.info("local worker %s: loaded models released", label)
+
     # -- one job ---------------------------------------------------------------------------------------
     def run_job(self, worker: Worker, spec: JobSpec) -> Event:
         from pipelines.errors import PipelineError
@@ -150,11 +157,15 @@ class LocalBackend(ThreadedBackend):
                                              p.phase))
 
                 result = runtime.engine.generate(request, models, on_event=on_event,
-                                                 should_cancel=self.cancel_check(spec.job_id))
-        except EngineCancelled:
+                                                 should_cancel=self.cancel_check(spec.job_id),
+                                                 should_skip=self.skip_check(spec.job_id))
+        except EngineCancelled as exc:
             if self.stopping:
                 return self.stopped_event(spec.job_id)
-            return Cancelled(job_id=spec.job_id, reason="cancelled while running")
+            done = exc.partial
+            if done is None:
+                return Cancelled(job_id=spec.job_id, reason="cancelled while running")
+            return Cancelled(job_id=spec.job_id, reason="cancelled while running", **_outputs(done))
         except OutOfMemoryError as exc:
             return Failed(job_id=spec.job_id, message=str(exc), kind="oom")
         except MemoryError:
@@ -166,11 +177,7 @@ class LocalBackend(ThreadedBackend):
             return Failed(job_id=spec.job_id, message=str(exc), kind="bad_request")
         except ModelFileError as exc:
             return Failed(job_id=spec.job_id, message=f"model file unavailable: {exc}", kind="internal")
-        return Succeeded(
-            job_id=spec.job_id, images=tuple(result.images), infotexts=tuple(result.infotexts),
-            seeds=tuple(result.seeds), warnings=tuple(result.warnings), timings=dict(result.timings),
-            info=result.a1111_info(),
-        )
+        return Succeeded(job_id=spec.job_id, **_outputs(result))
 
     def _resolve(self, models: JobModels, stack: ExitStack) -> Any:
         """Materialise every file the job may use (pinned until the job ends) as a ``ResolvedModels``."""
@@ -194,6 +201,12 @@ class LocalBackend(ThreadedBackend):
             hypernetworks=group(models.hypernetworks),
             refiner=ref(models.refiner) if models.refiner else None,
         )
+
+
+def _outputs(result: Any) -> dict[str, Any]:
+    """The image fields of ``Succeeded``/``Cancelled`` from an engine ``GenerationResult``."""
+    return {"images": tuple(result.images), "infotexts": tuple(result.infotexts), "seeds": tuple(result.seeds),
+            "warnings": tuple(result.warnings), "timings": dict(result.timings), "info": result.a1111_info()}
 
 
 def create(config: BackendConfig) -> LocalBackend:

@@ -229,10 +229,10 @@ class Progress(_Event):
 
 
 @dataclass(frozen=True)
-class Succeeded(_Event):
-    """The job's images (PNG bytes with the ``parameters`` chunk, or store keys the worker wrote) and facts."""
+class _Outcome(_Event):
+    """The images a job made (PNG bytes with the ``parameters`` chunk, or store keys the worker wrote) and
+    the facts about them: all of them for ``Succeeded``, those finished before the cancel for ``Cancelled``."""
 
-    type: ClassVar[str] = "succeeded"
     _bytes_fields: ClassVar[tuple[str, ...]] = ("images",)
     job_id: str
     images: tuple[bytes, ...] = ()
@@ -247,6 +247,13 @@ class Succeeded(_Event):
     @property
     def count(self) -> int:
         return len(self.images) or len(self.image_keys)
+
+
+@dataclass(frozen=True)
+class Succeeded(_Outcome):
+    """The job finished: every image it was asked for."""
+
+    type: ClassVar[str] = "succeeded"
 
 
 @dataclass(frozen=True)
@@ -266,11 +273,13 @@ class Failed(_Event):
 
 
 @dataclass(frozen=True)
-class Cancelled(_Event):
-    """The job stopped because it was cancelled (within one sampling step when it was running)."""
+class Cancelled(_Outcome):
+    """The job stopped because it was cancelled (within one sampling step when it was running).
+
+    Like A1111's interrupt it keeps what was finished: the images of the batches done before the cancel
+    (none when it stopped in its first batch)."""
 
     type: ClassVar[str] = "cancelled"
-    job_id: str
     reason: str = "cancelled"
 
 

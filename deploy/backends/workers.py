@@ -2,7 +2,8 @@
 
 Each worker owns one thread and runs one job at a time. A slot is taken when ``submit`` hands a job to
 an idle worker and given back *before* the job's terminal event is emitted, so a dispatcher woken by
-that event already sees the free slot. Cancellation is a set of job ids the job's step loop checks.
+that event already sees the free slot. Cancellation (and A1111's skip) is a set of job ids the job's step
+loop checks.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ThreadedBackend(Backend, ABC):
         self.workers: list[Worker] = []
         self._sink: EventSink | None = None
         self._cancelled: set[str] = set()
+        self._skips: set[str] = set()
         self._stopping = False
 
     @abstractmethod
@@ -128,6 +130,13 @@ class ThreadedBackend(Backend, ABC):
                 self._cancelled.add(job_id)
         return held
 
+    def skip(self, job_id: str) -> bool:
+        with self.lock:
+            held = any(w.current == job_id for w in self.workers)
+            if held:
+                self._skips.add(job_id)
+        return held
+
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         with self.lock:
@@ -149,9 +158,24 @@ class ThreadedBackend(Backend, ABC):
     def cancel_check(self, job_id: str) -> Callable[[], bool]:
         return lambda: job_id in self._cancelled
 
+    def skip_check(self, job_id: str) -> Callable[[], bool]:
+        """True once per ``skip`` call: answering consumes the request (the next batch runs normally)."""
+
+        def check() -> bool:
+            if job_id not in self._skips:
+                return False
+            with self.lock:
+                if job_id not in self._skips:
+                    return False
+                self._skips.discard(job_id)
+                return True
+
+        return check
+
     def forget(self, job_id: str) -> None:
-        """Drop the job's cancel flag (called with ``lock`` held when the job is over)."""
+        """Drop the job's cancel and skip flags (called with ``lock`` held when the job is over)."""
         self._cancelled.discard(job_id)
+        self._skips.discard(job_id)
 
     @property
     def stopping(self) -> bool:

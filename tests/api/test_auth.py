@@ -25,6 +25,9 @@ def test_no_or_wrong_credentials_get_401_in_a1111_shape(fake_studio):
         body = response.json()
         assert set(body) >= {"error", "detail", "body", "errors"} and body["detail"]
         assert "x-process-time" in response.headers
+    followed = c.post("/internal/progress", json={"id_task": "task(x)"})  # what force_task_id followers poll
+    assert followed.status_code == 401 and followed.headers["www-authenticate"].startswith("Basic")
+    assert set(followed.json()) >= {"error", "detail", "body", "errors"}
     wrong = c.post("/sdapi/v1/txt2img", json=TXT, auth=("alice", "not-her-password"))
     assert wrong.status_code == 401 and wrong.json()["detail"] == "Incorrect username or password"
     assert c.get("/sdapi/v1/options", headers=bearer("stk_" + "x" * 43)).status_code == 401

@@ -144,3 +144,45 @@ def test_waiting_requests_do_not_block_others(base_url):
     http.post("/sdapi/v1/interrupt")
     thread.join(60)
     assert result[0].status_code == 200
+
+
+def test_skip_drops_the_current_batch_and_interrupt_keeps_finished_ones(base_url):
+    http = httpx.Client(base_url=base_url, auth=ALICE, timeout=120)
+    body = {"prompt": "a lighthouse", "steps": 40, "n_iter": 3, "width": 64, "height": 64, "seed": 500}
+
+    def in_batch(n: int) -> Callable[[], bool]:
+        return lambda: http.get("/sdapi/v1/progress").json()["state"]["job_no"] == n
+
+    thread, result = _in_background(lambda: http.post("/sdapi/v1/txt2img", json=body))
+    _until(in_batch(1), "the second batch")
+    assert http.post("/sdapi/v1/skip").status_code == 200
+    thread.join(60)
+    skipped = result[0].json()
+    assert json.loads(skipped["info"])["all_seeds"] == [500, 502] and len(skipped["images"]) == 2
+
+    thread, result = _in_background(lambda: http.post("/sdapi/v1/txt2img", json=body))
+    _until(in_batch(1), "the second batch")
+    assert http.post("/sdapi/v1/interrupt").json() == {}
+    thread.join(60)
+    interrupted = result[0]
+    assert interrupted.status_code == 200
+    info = json.loads(interrupted.json()["info"])
+    assert info["all_seeds"] == [500] and len(interrupted.json()["images"]) == 1
+    assert any("interrupted" in w and "1 finished image" in w for w in info["warnings"])
+
+
+def test_interrupt_reaches_a_job_still_waiting_in_the_queue(base_url):
+    alice = httpx.Client(base_url=base_url, auth=ALICE, timeout=120)
+    bob = httpx.Client(base_url=base_url, auth=BOB, timeout=120)
+    running, first = _in_background(lambda: alice.post("/sdapi/v1/txt2img", json={"prompt": "long", **LONG}))
+    _until(lambda: alice.get("/sdapi/v1/progress").json()["progress"] > 0, "alice's job to run")
+    waiting, second = _in_background(lambda: bob.post("/sdapi/v1/txt2img", json={"prompt": "queued", **LONG}))
+    _until(lambda: bob.get("/sdapi/v1/progress").json()["state"]["job_count"] > 0, "bob's job to be queued")
+    assert bob.get("/sdapi/v1/progress").json()["progress"] == 0  # still waiting behind alice's
+    assert bob.post("/sdapi/v1/interrupt").json() == {}
+    waiting.join(30)
+    assert not waiting.is_alive() and second[0].status_code == 200 and second[0].json()["images"] == []
+    assert alice.get("/sdapi/v1/progress").json()["progress"] > 0  # bob's interrupt left alice's job alone
+    alice.post("/sdapi/v1/interrupt")
+    running.join(60)
+    assert first[0].status_code == 200

@@ -133,3 +133,23 @@ def test_options_and_tokens_survive_a_restart(tmp_path_factory):
         assert me.status_code == 200 and me.json()["username"] == "alice"
     finally:
         again.close()
+
+
+def test_posting_back_the_fallback_model_does_not_pin_it(tmp_path_factory):
+    """Open WebUI posts the whole dict back on a fresh server: the user must keep following server defaults."""
+    from sqlmodel import select
+
+    from tests.tiny.fixtures import tiny_files
+    from webapp.records import UserOption
+
+    with api_studio(tmp_path_factory, backend="fake") as fresh:
+        c = fresh.client
+        shown = c.get("/sdapi/v1/options", auth=BOB).json()
+        assert shown["sd_model_checkpoint"] == fresh.models.checkpoint.title  # the fallback: nobody chose it
+        assert c.post("/sdapi/v1/options", auth=BOB, json=shown).status_code == 200
+        with fresh.studio.db.read() as s:
+            assert s.exec(select(UserOption).where(UserOption.user_id == fresh.user("bob").id)).all() == []
+        other = fresh.studio.models.register_file(actor=fresh.admin, path=tiny_files().checkpoint("sd15_inpaint"),
+                                                  declared_type="checkpoint", name="zz-later-default")
+        assert c.post("/sdapi/v1/options", auth=ADMIN, json={"sd_model_checkpoint": other.name}).status_code == 200
+        assert c.get("/sdapi/v1/options", auth=BOB).json()["sd_model_checkpoint"] == other.title

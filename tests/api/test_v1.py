@@ -36,7 +36,11 @@ def test_users_are_for_admins(fake_studio):
     assert bad.status_code == 422 and bad.json()["field"] == "username"
     assert c.put("/api/v1/users/dave/password", auth=ADMIN, json={"password": "dave-password-2"}).status_code == 200
     assert c.get("/api/v1/me", auth=("dave", "dave-password-2")).status_code == 200
-    # ESD's bulk delete: an unknown name refuses the whole request
+    # ESD's bulk delete: a non-admin learns nothing (same 403 for existing and unknown names) ...
+    for names in (["dave"], ["nobody"]):
+        denied = c.request("DELETE", "/api/v1/users", auth=ALICE, json={"user_name_list": names})
+        assert denied.status_code == 403, names
+    # ... and an unknown name refuses the whole request
     refused = c.request("DELETE", "/api/v1/users", auth=ADMIN, json={"user_name_list": ["dave", "nobody"]})
     assert refused.status_code == 404 and refused.json()["field"] == "user_name_list"
     assert c.request("DELETE", "/api/v1/users", auth=ADMIN, json={"user_name_list": ["dave"]}).json() == {

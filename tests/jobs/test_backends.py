@@ -52,6 +52,7 @@ EVENTS = [
     Failed(job_id="j", message="out of GPU memory", kind="oom"),
     Failed(job_id="j", message="`steps` must be ...", kind="bad_request", field="steps"),
     Cancelled(job_id="j", reason="cancelled while running"),
+    Cancelled(job_id="j", reason="cancelled while running", images=(b"\x89PNG kept",), infotexts=("a",), seeds=(7,)),
 ]
 
 

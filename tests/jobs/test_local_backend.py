@@ -109,3 +109,61 @@ def test_an_engine_refusal_fails_the_job_with_the_engines_message(studio):
     refused = _run(studio, refiner_checkpoint="tiny-sd15", refiner_switch_at=0.5)
     assert refused.status == JobStatus.FAILED and refused.error_kind == "bad_request"
     assert "refiner needs an SDXL" in refused.error
+
+
+def test_interrupt_keeps_finished_batches_and_skip_moves_on(studio):
+    jobs, admin = studio.jobs, studio.admin
+
+    def started_batch(job_id: str, n: int) -> None:
+        deadline = time.monotonic() + 60
+        while jobs.progress(actor=admin, job_id=job_id).job_no < n:
+            assert time.monotonic() < deadline, f"batch {n + 1} never started"
+            time.sleep(0.01)
+
+    job = jobs.submit(actor=admin, mode="txt2img", request=txt2img(steps=60, n_iter=3, seed=70))
+    started_batch(job.id, 1)
+    assert jobs.skip(actor=admin).id == job.id
+    done = jobs.wait(actor=admin, job_id=job.id, timeout=120)
+    assert done.status == JobStatus.SUCCEEDED and len(done.image_keys) == 2
+    assert done.info["all_seeds"] == [70, 72] and any("skipped" in w for w in done.warnings)
+
+    job = jobs.submit(actor=admin, mode="txt2img", request=txt2img(steps=60, n_iter=3, seed=70))
+    started_batch(job.id, 1)
+    jobs.interrupt(actor=admin)
+    done = jobs.wait(actor=admin, job_id=job.id, timeout=60)
+    assert done.status == JobStatus.CANCELLED and len(done.image_keys) == 1 and done.info["all_seeds"] == [70]
+    kept = jobs.images(actor=admin, job_id=job.id)[0]
+    assert b"Seed: 70," in kept  # the PNG carries its infotext
+
+
+def test_out_of_memory_fails_the_job_and_the_next_one_runs(studio, monkeypatch):
+    import torch
+
+    import pipelines.engine as engine_module
+
+    real = engine_module.run_pass
+
+    def oom_once(*args, **kwargs):
+        monkeypatch.setattr(engine_module, "run_pass", real)
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(engine_module, "run_pass", oom_once)
+    failed = _run(studio, seed=3, batch_size=2)
+    assert failed.status == JobStatus.FAILED and failed.error_kind == "oom"
+    assert "out of GPU memory" in failed.error and "lower the batch size" in failed.error
+    assert _run(studio, seed=3).status == JobStatus.SUCCEEDED
+
+
+def test_unload_releases_every_loaded_model(studio):
+    from webapp.services.errors import PermissionDenied
+
+    assert _run(studio, seed=5).status == JobStatus.SUCCEEDED
+    runtime = next(iter(studio.jobs.backend("local")._runtimes.values()))
+    assert len(runtime.cache) == 1
+    alice = studio.users.create_user(actor=studio.admin, username="unload-alice", password="alice-password-9")
+    with pytest.raises(PermissionDenied):
+        studio.jobs.release_memory(actor=alice)
+    assert len(runtime.cache) == 1
+    assert studio.jobs.release_memory(actor=studio.admin) == ["local"]
+    assert len(runtime.cache) == 0
+    assert _run(studio, seed=5).status == JobStatus.SUCCEEDED and len(runtime.cache) == 1

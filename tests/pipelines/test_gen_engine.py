@@ -197,6 +197,38 @@ def test_cancel_stops_within_one_step_and_restores(eng):
         eng.generate(request(), w.models(), should_cancel=lambda: True)
 
 
+def test_skip_drops_one_batch_and_cancel_keeps_the_finished_ones(eng):
+    w = world()
+    full = eng.generate(request(seed=200, n_iter=3), w.models())
+    events: list[Progress] = []
+    asked = []
+
+    def skip_in_second_batch() -> bool:  # answers True once, like the backends' skip flag
+        if not asked and events and events[-1].job_no == 1:
+            asked.append(True)
+            return True
+        return False
+
+    skipped = eng.generate(request(seed=200, n_iter=3), w.models(), on_event=events.append,
+                           should_skip=skip_in_second_batch)
+    assert skipped.seeds == [200, 202] and len(skipped.images) == 2
+    assert np.array_equal(pixels(skipped.images[0]), pixels(full.images[0]))
+    assert np.array_equal(pixels(skipped.images[1]), pixels(full.images[2]))
+    assert "Seed: 202," in skipped.infotexts[1] and "batch 2 of 3 was skipped" in skipped.warnings
+    assert {e.job_no for e in events} == {0, 1, 2}
+
+    events.clear()
+    with pytest.raises(Cancelled) as caught:
+        eng.generate(request(seed=200, n_iter=3), w.models(), on_event=events.append,
+                     should_cancel=lambda: bool(events) and events[-1].job_no == 2)
+    partial = caught.value.partial
+    assert partial is not None and partial.seeds == [200, 201] and len(partial.images) == 2
+    assert np.array_equal(pixels(partial.images[1]), pixels(full.images[1]))
+    with pytest.raises(Cancelled) as caught:
+        eng.generate(request(), w.models(), should_cancel=lambda: True)
+    assert caught.value.partial is None
+
+
 def test_out_of_memory_becomes_a_pipeline_error(eng, monkeypatch):
     import pipelines.engine as engine_module
 

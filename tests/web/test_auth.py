@@ -78,6 +78,9 @@ def test_next_parameter_cannot_redirect_off_site(client):
 
 def test_logout_invalidates_the_session_server_side(studio, admin_client):
     token = admin_client.cookies[SESSION_COOKIE]
+    # A link or <img> on another site must not log anyone out: GET is refused, the session stays.
+    assert admin_client.get("/logout").status_code == 405
+    assert studio.auth.user_for_token(token) is not None
     assert admin_client.post("/logout").status_code == 303
     assert studio.auth.user_for_token(token) is None
     # Even a client that kept the cookie is refused now.

@@ -209,9 +209,14 @@ class OptionsService:
             wanted.pop("sd_model_checkpoint", None)  # "no checkpoint" is not a choice: keep the current one
         stored = {key: self._stored_value(actor, key, value) for key, value in wanted.items()}
         base, own = self._layers(actor)
+        effective = self._effective_choices(actor, {**base, **own})
         changed: list[str] = []
         with self._db.write() as s:
             for key, value in stored.items():
+                if key in effective and value == effective[key]:
+                    # The model the caller already runs on, posted back (Open WebUI sends the whole dict):
+                    # writing it would pin a fallback and stop them following later server defaults.
+                    continue
                 if actor.is_admin:
                     current, fallback = base.get(key), DEFAULTS[key]
                     row_type: type[ServerOption] | type[UserOption] = ServerOption
@@ -231,6 +236,13 @@ class OptionsService:
             scope = "server defaults" if actor.is_admin else "own options"
             log.info("%s changed %s: %s", actor.username, scope, ", ".join(changed))
         return changed
+
+    def _effective_choices(self, actor: User, raw: Mapping[str, Any]) -> dict[str, Any]:
+        """Stored forms of the checkpoint and VAE the caller runs on now, whichever layer they come from."""
+        checkpoint = self.current_checkpoint(actor, raw)
+        vae = self._current_vae(actor, raw)
+        return {"sd_model_checkpoint": checkpoint.sha256 if checkpoint else None,
+                "sd_vae": vae if isinstance(vae, str) else vae.sha256}
 
     def reset_own(self, *, actor: User) -> None:
         """Forget the caller's own option values (they see the server defaults again)."""

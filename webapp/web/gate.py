@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "studio_session"
 SCOPE_USER = "studio.user"
-PUBLIC_PATHS = frozenset({"/login", "/login.css", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/login", "/favicon.ico"})
 # Paths whose clients are scripts: they get a Basic challenge instead of a redirect to the login page.
-API_PREFIXES = ("/sdapi/", "/api/", "/controlnet/", "/agent-scheduler/", "/docs", "/openapi.json", "/redoc")
+API_PREFIXES = ("/sdapi/", "/api/", "/internal/", "/controlnet/", "/agent-scheduler/", "/docs", "/openapi.json",
+                "/redoc")
 
 # Identification does blocking work (a database read; argon2 on a Basic cache miss), so it runs in
 # worker threads, on a limiter of its own: requests that hold threads for long (an A1111 txt2img
@@ -134,7 +135,7 @@ class AuthGate:
             return
         headers = [(b"www-authenticate", b'Basic realm="studio"')] if is_api else []
         body: dict[str, Any] = {"detail": message}
-        if path.startswith("/sdapi/"):  # A1111 clients parse its error shape (a1111-api.md §1)
+        if path.startswith(("/sdapi/", "/internal/")):  # A1111 clients parse its error shape (a1111-api.md §1)
             body = {"error": "HTTPException", "detail": message, "body": "", "errors": f"401: {message}"}
         await self._reply(send, 401, body, headers)
 

@@ -70,8 +70,9 @@ def build_login_router(auth: AuthService, *, secure_cookie: bool) -> APIRouter:
         )
         return response
 
+    # POST only: a GET would let any other site log our users out with a link or an <img> (the session
+    # cookie is SameSite=lax, which still travels on cross-site top-level GET navigations).
     @router.post("/logout", include_in_schema=False)
-    @router.get("/logout", include_in_schema=False)
     def logout(request: Request) -> Response:
         auth.logout(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/login", status_code=303)

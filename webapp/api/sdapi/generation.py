@@ -12,10 +12,12 @@ Decisions where A1111 versions differ or the studio has no equivalent:
 * warnings (unsupported fields that were set, ``override_settings`` keys with no effect, missing
   prompt styles) are returned in ``info`` as ``warnings`` and logged; the job's own warnings
   (e.g. networks not found) are added to them;
-* every job is kept in the user's history whatever ``save_images``/``do_not_save_*`` say, and no
-  grid image is inserted (``index_of_first_image`` is always 0);
-* an interrupted job answers 200 with no images and a warning (the engine cannot hand back a
-  half-denoised batch).
+* every job is kept in the user's history whatever ``save_images``/``do_not_save_*`` say (a warning
+  says so when ``do_not_save_samples`` is set), and no grid image is inserted (``index_of_first_image``
+  is always 0);
+* an interrupted job answers 200 with the images of the batches finished before the interrupt (A1111
+  also decodes the half-denoised current batch; the studio drops it) and a warning;
+* ``/skip`` drops the current batch and the job goes on with its next one (``n_iter``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "s_noise": (None, 1, 1.0), "firstpass_image": (None, ""), "firstphase_width": (0,), "firstphase_height": (0,),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"), "initial_noise_multiplier": (None, 1, 1.0),
     "latent_mask": (None, ""), "mask_round": (True,),
+    "image_cfg_scale": (None, 1.5),  # instruct-pix2pix models only
 }
 
 
@@ -62,6 +65,12 @@ def _warn_unsupported(body: GenerationBody, warnings: list[str]) -> None:
             warnings.append(f"`{name}` is not supported by this server and was ignored")
     if body.styles:
         warnings.append(f"prompt styles {', '.join(map(repr, body.styles))} do not exist here and were ignored")
+    if body.override_settings and not body.override_settings_restore_afterwards:
+        warnings.append("`override_settings_restore_afterwards: false` was ignored: override_settings apply to this "
+                        "job only (set defaults with POST /sdapi/v1/options)")
+    if body.do_not_save_samples:
+        warnings.append("`do_not_save_samples` was ignored: every job's images are kept in your history "
+                        "(delete them there or with DELETE /api/v1/jobs/{id})")
 
 
 def _check_alwayson(scripts: dict[str, Any]) -> None:
@@ -179,9 +188,9 @@ def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBod
     if job.status == JobStatus.FAILED:
         raise _failure(job)
     if job.status == JobStatus.CANCELLED:
-        warnings.append("the job was interrupted before its images were finished")
+        warnings.append(f"the job was interrupted; {len(job.image_keys)} finished image(s) were kept")
     images: list[str] = []
-    if body.send_images and job.status == JobStatus.SUCCEEDED:
+    if body.send_images and job.status in (JobStatus.SUCCEEDED, JobStatus.CANCELLED):
         images = [encode_for_client(png, defaults, request["override_settings"])
                   for png in ctx.jobs.images(actor=user, job_id=job.id)]
     parameters = body.model_dump()

@@ -88,14 +88,16 @@ def build_router(ctx: SdapiContext) -> APIRouter:
                  "/refresh-hypernetworks"):
         router.add_api_route(path, rescan, methods=["POST"], name=path.strip("/"))
 
-    def not_resident(user: CurrentUser) -> None:
-        raise A1111Error(
-            501, "NotImplementedError",
-            "checkpoints are loaded per job by the backends and kept in their memory-budgeted cache; "
-            "unloading or reloading them on request is not available on this server")
+    @router.post("/unload-checkpoint")
+    def unload_checkpoint(user: CurrentUser) -> dict[str, Any]:
+        """Every backend drops its loaded models (administrators only: it affects every user)."""
+        ctx.jobs.release_memory(actor=user)
+        return {}
 
-    for path in ("/unload-checkpoint", "/reload-checkpoint"):
-        router.add_api_route(path, not_resident, methods=["POST"], name=path.strip("/"))
+    @router.post("/reload-checkpoint")
+    def reload_checkpoint(user: CurrentUser) -> dict[str, Any]:
+        """Nothing to do: backends load the checkpoint a job needs when it starts (and keep it cached)."""
+        return {}
 
     @router.post("/interrogate")
     def interrogate(user: CurrentUser) -> None:

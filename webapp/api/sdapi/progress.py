@@ -2,8 +2,10 @@
 
 A1111 has one global job, so any client sees and interrupts whatever runs. Here each caller sees and
 stops only their own work: ``/progress`` reports the caller's running job (else their oldest queued
-one), ``/interrupt`` and ``/skip`` stop the caller's running job — administrators included; they stop
-other users' jobs through ``/api/v1/jobs/{id}/cancel`` or the UI, where the target is explicit.
+one) and ``/interrupt`` stops that same job, keeping its finished batches; ``/skip`` drops the current
+batch of the caller's running job and it goes on with the next. Administrators are callers like anyone
+here; they stop other users' jobs through ``/api/v1/jobs/{id}/cancel`` or the UI, where the target is
+explicit.
 Idle is exactly what pollers wait for: ``progress == 0`` and ``state.job_count == 0``.
 """
 
@@ -68,13 +70,13 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.post("/interrupt")
     def interrupt(user: CurrentUser) -> dict[str, Any]:
-        """Stop the caller's running job (only their own, administrators included)."""
+        """Stop the caller's current job (running, else oldest queued; only their own), keeping finished batches."""
         ctx.jobs.interrupt(actor=user)
         return {}
 
     @router.post("/skip")
     def skip(user: CurrentUser) -> None:
-        """Like ``interrupt``: a batch cannot be cut short, so the caller's running job ends."""
+        """Drop the current batch of the caller's running job; it goes on with its next batch (``n_iter``)."""
         ctx.jobs.skip(actor=user)
         return None
 

@@ -14,7 +14,7 @@ from webapp.api.deps import CurrentUser
 from webapp.records import UserPublic
 from webapp.services.auth import AuthService
 from webapp.services.errors import InvalidInput, NotFound
-from webapp.services.users import UserService
+from webapp.services.users import UserService, require_admin
 
 
 class UserCreate(BaseModel):
@@ -54,6 +54,7 @@ def build_router(users: UserService, auth: AuthService) -> APIRouter:
         """ESD's bulk form. Unknown names refuse the whole request; otherwise users are deleted in order."""
         if not body.user_name_list:
             raise InvalidInput("`user_name_list` must name at least one user", field="user_name_list")
+        require_admin(user)  # before looking names up: a non-admin must not learn which users exist
         missing = [name for name in body.user_name_list if users.get_by_name(name) is None]
         if missing:  # refuse the whole request before deleting anyone
             raise NotFound(f"no user named {', '.join(repr(m) for m in missing)}", field="user_name_list")

@@ -106,6 +106,10 @@ class Dispatcher:
             self._cancel_pending.add(job_id)
         return self.backend.cancel(job_id)
 
+    def skip(self, job_id: str) -> bool:
+        """A1111's skip: the backend drops the job's current batch; False when it cannot."""
+        return self.backend.skip(job_id)
+
     def in_flight(self) -> list[str]:
         with self._lock:
             return list(self._in_flight)
@@ -174,11 +178,12 @@ class Dispatcher:
                 if job_id in self._in_flight:
                     self._in_flight[job_id] = event.worker
         elif isinstance(event, Succeeded):
-            self._succeeded(event)
+            self._with_images(event, JobStatus.SUCCEEDED, progress=1.0)
         elif isinstance(event, Failed):
             self._failed(event)
         elif isinstance(event, Cancelled):
-            self._finish(job_id, JobStatus.CANCELLED, error=event.reason, error_kind="cancelled")
+            # Batches finished before the cancel are kept, as A1111's interrupt keeps them.
+            self._with_images(event, JobStatus.CANCELLED, error=event.reason, error_kind="cancelled")
 
     def _progress(self, event: Progress) -> None:
         now = time.monotonic()
@@ -191,7 +196,7 @@ class Dispatcher:
                 "progress": event.fraction, "step": event.step, "steps": event.total, "job_no": event.job_no,
                 "job_count": event.job_count, "eta_seconds": event.eta})
 
-    def _succeeded(self, event: Succeeded) -> None:
+    def _with_images(self, event: Succeeded | Cancelled, status: JobStatus, **values: object) -> None:
         keys = list(event.image_keys)
         if event.images:
             keys = []
@@ -207,9 +212,9 @@ class Dispatcher:
                              error_kind="internal")
                 return
         recorded = self._finish(
-            event.job_id, JobStatus.SUCCEEDED, image_keys_json=keys, infotexts_json=list(event.infotexts),
+            event.job_id, status, image_keys_json=keys, infotexts_json=list(event.infotexts),
             info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
-            progress=1.0)
+            **values)
         if not recorded:  # deleted or cancelled meanwhile: keep no orphan images
             self._delete_keys(keys)
 

@@ -24,7 +24,7 @@ from deploy.storage import BlobNotFound, BlobStore
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
 from webapp.records.jobs import ACTIVE_STATUSES
-from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.errors import InvalidInput, NotFound, PermissionDenied
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
@@ -353,14 +353,36 @@ class JobService:
         self.board.forget(job.id)
         log.info("job %s deleted by %s", job.id, actor.username)
 
+    def release_memory(self, *, actor: User) -> list[str]:
+        """Every backend drops its loaded models (A1111 unload-checkpoint). Administrators only: it slows
+        the next job of every user. Returns the endpoints asked."""
+        if not actor.is_admin:
+            raise PermissionDenied("only administrators can unload the models of the server's backends")
+        names = []
+        for name, dispatcher in self._dispatchers.items():
+            dispatcher.backend.release_memory()
+            names.append(name)
+        log.info("%s released the loaded models of %s", actor.username, ", ".join(names) or "no endpoint")
+        return names
+
     def interrupt(self, *, actor: User) -> Job | None:
-        """Cancel the actor's running job (A1111 /interrupt, per caller); returns it, or None if idle."""
-        with self._db.read() as s:
-            job = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
-                         .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
+        """A1111 /interrupt, per caller: cancel the job ``/progress`` shows them — the running one, else
+        their oldest queued one (on a shared server a client's request may still wait in the queue).
+        Batches already finished are kept. Returns the job, or None when the caller is idle."""
+        job = self.current_job(actor=actor)
         return self.cancel(actor=actor, job_id=job.id) if job is not None else None
 
     def skip(self, *, actor: User) -> Job | None:
-        """A1111 /skip. The engine cannot hand back a half-finished batch, so skipping ends the actor's
-        running job like an interrupt (their next queued job starts); returns it, or None if idle."""
-        return self.interrupt(actor=actor)
+        """A1111 /skip, per caller: the running job drops its current batch and goes on with the next
+        (``n_iter``). A backend that cannot skip ends the job instead, keeping the finished batches.
+        Returns the job, or None when nothing of the caller's is running."""
+        with self._db.read() as s:
+            job = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
+                         .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
+        if job is None:
+            return None
+        dispatcher = self._dispatchers.get(job.endpoint)
+        if dispatcher is not None and dispatcher.skip(job.id):
+            log.info("job %s: %s skipped its current batch", job.id, actor.username)
+            return self.get(actor=actor, job_id=job.id)
+        return self.cancel(actor=actor, job_id=job.id)
