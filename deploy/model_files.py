@@ -4,7 +4,11 @@ Engines load models from local paths, but the registry keeps bytes in the asset 
 S3) under content-addressed keys. A job message carries a small `ModelFileRef` per model; the worker
 asks `ModelFiles.path_for(ref)` for a path:
 
-* a model registered *in place* on this server returns its own `local_path` (nothing copied);
+* a model registered *in place* on this server returns its own `local_path` (nothing copied) once its
+  bytes are shown to be the registered ones: size always, sha256 whenever the file's size or mtime is
+  new to us (remembered in ``in-place-verified.json``, so a restart does not hash again). A file edited
+  or replaced on disk is never loaded under the old identity: the job uses the asset-store copy when
+  there is one and fails with a clear message otherwise;
 * otherwise the blob is downloaded once into ``<cache_dir>/<sha[:2]>/<sha>.<format>``, verified
   against the ref's sha256 (a corrupt or swapped blob never reaches a loader), and reused later;
 * when the cache grows past its disk budget, least-recently-used files go first — but never a file
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import re
@@ -37,6 +42,7 @@ logger = logging.getLogger(__name__)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FORMAT = re.compile(r"[a-z0-9_]{1,16}")
 LOCK_DIR = ".locks"
+VERIFIED_FILE = "in-place-verified.json"
 
 
 class ModelFileError(RuntimeError):
@@ -112,6 +118,7 @@ class ModelFiles:
         self._entries: dict[str, _Entry] = {}
         self._clock = 0.0
         self._load_index()
+        self._verified: dict[str, list[Any]] = self._load_verified()  # path -> [size, mtime_ns, sha256]
 
     # -- public API ------------------------------------------------------------------------------------
 
@@ -123,9 +130,13 @@ class ModelFiles:
         """
         if ref.local_path is not None:
             local = Path(ref.local_path)
-            if local.is_file() or local.is_dir():
+            if local.is_dir() or (local.is_file() and self._is_registered_bytes(local, ref)):
                 return local
             if ref.store_key is None:
+                if local.is_file():
+                    raise ModelFileError(
+                        f"model file {local} changed on disk since it was registered (sha256 {ref.sha256[:10]}); "
+                        f"refresh the models folder to register the new file")
                 raise ModelFileError(f"model file {local} (sha256 {ref.sha256[:10]}) is gone from this server")
         with self._lock:
             entry = self._entries.get(ref.sha256)
@@ -177,6 +188,45 @@ class ModelFiles:
             return entry is not None and entry.size > 0 and entry.path.is_file()
 
     # -- internals -------------------------------------------------------------------------------------
+
+    def _is_registered_bytes(self, local: Path, ref: ModelFileRef) -> bool:
+        """True when `local` holds `ref`'s bytes (hashing only a size/mtime not seen before)."""
+        stat = local.stat()
+        if stat.st_size != ref.size:
+            return False
+        key, seen = str(local), [stat.st_size, stat.st_mtime_ns, ref.sha256]
+        with self._lock:
+            if self._verified.get(key) == seen:
+                return True
+        digest = hashlib.sha256()
+        with local.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+        if digest.hexdigest() != ref.sha256:
+            logger.warning("in-place model %s no longer has the registered sha256 %s", local, ref.sha256[:10])
+            return False
+        with self._lock:
+            self._verified[key] = seen
+            snapshot = dict(self._verified)
+        self._save_verified(snapshot)
+        return True
+
+    def _load_verified(self) -> dict[str, list[Any]]:
+        try:
+            data = json.loads((self.cache_dir / VERIFIED_FILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3} if isinstance(data, dict) else {}
+
+    def _save_verified(self, snapshot: Mapping[str, list[Any]]) -> None:
+        target = self.cache_dir / VERIFIED_FILE
+        temp = target.with_name(f".{VERIFIED_FILE}.{os.getpid()}.{threading.get_ident()}")
+        try:
+            temp.write_text(json.dumps(snapshot))
+            os.replace(temp, target)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            logger.warning("could not record in-place verifications in %s", target)
 
     def _cache_path(self, ref: ModelFileRef) -> Path:
         return self.cache_dir / ref.sha256[:2] / f"{ref.sha256}{ref.suffix}"

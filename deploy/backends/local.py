@@ -1,7 +1,8 @@
 """The local backend: one worker thread per device of this machine, each with its own engine.
 
 ``devices="auto"`` means every CUDA device (counted without importing torch, from the NVIDIA driver's
-/proc entries and ``CUDA_VISIBLE_DEVICES``) or one CPU worker where there is none. Each worker imports
+/proc entries or ``/dev/nvidiaN`` nodes, and ``CUDA_VISIBLE_DEVICES``) or one CPU worker where there is
+none. Each worker imports
 torch and builds its ``PipelineCache`` + ``Engine`` when its first job arrives — never on the app's
 start-up path — and materialises model files through ``ModelFiles`` (pinned while the job runs, so
 the disk cache cannot evict them mid-load).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -35,16 +37,28 @@ from deploy.model_files import ModelFileError, ModelFiles
 log = logging.getLogger(__name__)
 
 NVIDIA_PROC = Path("/proc/driver/nvidia/gpus")
+DEV_DIR = Path("/dev")
+_DEVICE_NODE = re.compile(r"nvidia\d+")
 
 
-def detect_devices(environ: dict[str, str] | None = None, proc_dir: Path = NVIDIA_PROC) -> list[str]:
+def _count_gpus(proc_dir: Path, dev_dir: Path) -> int:
+    """The driver's /proc entries; containers often lack them but get the ``/dev/nvidiaN`` nodes."""
+    try:
+        if proc_dir.is_dir():
+            found = len([p for p in proc_dir.iterdir() if p.is_dir()])
+            if found:
+                return found
+        return len([p for p in dev_dir.iterdir() if _DEVICE_NODE.fullmatch(p.name)]) if dev_dir.is_dir() else 0
+    except OSError:
+        return 0
+
+
+def detect_devices(environ: dict[str, str] | None = None, proc_dir: Path = NVIDIA_PROC,
+                   dev_dir: Path = DEV_DIR) -> list[str]:
     """CUDA devices visible to this process, without importing torch; ``["cpu"]`` when there are none."""
     env = os.environ if environ is None else environ
     visible = env.get("CUDA_VISIBLE_DEVICES")
-    try:
-        present = len([p for p in proc_dir.iterdir() if p.is_dir()]) if proc_dir.is_dir() else 0
-    except OSError:
-        present = 0
+    present = _count_gpus(proc_dir, dev_dir)
     if visible is not None:
         entries = [v for v in visible.split(",") if v.strip() and not v.strip().startswith("-")]
         present = min(present, len(entries)) if present else 0

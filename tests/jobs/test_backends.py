@@ -180,12 +180,20 @@ def test_fake_backend_stop_reports_interrupted_so_the_queue_can_retry():
 
 
 def test_local_device_detection_without_torch(tmp_path):
-    assert detect_devices({}, tmp_path / "missing") == ["cpu"]
+    no_dev = tmp_path / "no-dev"
+    assert detect_devices({}, tmp_path / "missing", no_dev) == ["cpu"]
+    proc = tmp_path / "proc"
     for i in range(2):
-        (tmp_path / f"0000:0{i}:00.0").mkdir()
-    assert detect_devices({}, tmp_path) == ["cuda:0", "cuda:1"]
-    assert detect_devices({"CUDA_VISIBLE_DEVICES": "1"}, tmp_path) == ["cuda:0"]
-    assert detect_devices({"CUDA_VISIBLE_DEVICES": ""}, tmp_path) == ["cpu"]
+        (proc / f"0000:0{i}:00.0").mkdir(parents=True)
+    assert detect_devices({}, proc, no_dev) == ["cuda:0", "cuda:1"]
+    assert detect_devices({"CUDA_VISIBLE_DEVICES": "1"}, proc, no_dev) == ["cuda:0"]
+    assert detect_devices({"CUDA_VISIBLE_DEVICES": ""}, proc, no_dev) == ["cpu"]
+    # a container with the device nodes but no driver /proc entries
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in ("nvidia0", "nvidia1", "nvidia2", "nvidiactl", "nvidia-uvm", "null"):
+        (dev / name).touch()
+    assert detect_devices({}, tmp_path / "missing", dev) == ["cuda:0", "cuda:1", "cuda:2"]
     assert parse_devices("auto") is None and parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     with pytest.raises(ValueError, match="tpu"):
         parse_devices("tpu:0")

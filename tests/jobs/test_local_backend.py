@@ -98,6 +98,7 @@ def test_progress_previews_and_cancel_within_a_step(studio):
         time.sleep(0.02)
         snapshot = jobs.progress(actor=admin, job_id=job.id)
     assert snapshot.total == 150 and snapshot.job_count == 3 and snapshot.preview_png.startswith(b"\x89PNG")
+    assert jobs.get(actor=admin, job_id=job.id).worker == "local/cpu"  # recorded when it started, not at the end
     jobs.cancel(actor=admin, job_id=job.id)
     done = jobs.wait(actor=admin, job_id=job.id, timeout=30)
     assert done.status == JobStatus.CANCELLED and done.image_keys == []

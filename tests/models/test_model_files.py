@@ -101,6 +101,34 @@ def test_in_place_files_are_used_where_they_are(tmp_path):
         files.path_for(ref)
 
 
+def test_an_in_place_file_edited_on_disk_is_never_loaded_as_the_registered_model(tmp_path, monkeypatch):
+    local = tmp_path / "model.safetensors"
+    local.write_bytes(b"x" * 10)
+    sha = hashlib.sha256(b"x" * 10).hexdigest()
+    in_place = ModelFileRef(sha256=sha, store_key=None, local_path=str(local), size=10)
+    files = ModelFiles(MemoryStore(), tmp_path / "cache", budget_bytes=100)
+    assert files.path_for(in_place) == local
+    # verified once: a restart does not hash the file again while its size and mtime stay
+    hashed = []
+    real_sha256 = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    again = ModelFiles(MemoryStore(), tmp_path / "cache", budget_bytes=100)
+    assert again.path_for(in_place) == local and hashed == []
+    # same size, other bytes (a file swapped under the same name): refused, with the reason
+    local.write_bytes(b"y" * 10)
+    with pytest.raises(ModelFileError, match="changed on disk"):
+        again.path_for(in_place)
+    assert hashed, "a new mtime means hashing again"
+    with pytest.raises(ModelFileError, match="changed on disk"):
+        again.path_for(ModelFileRef(sha256=sha, store_key=None, local_path=str(local), size=11))
+    # with a copy in the asset store the job still gets the registered bytes
+    store = MemoryStore()
+    store.put("models/x", io.BytesIO(b"x" * 10))
+    backed = ModelFiles(store, tmp_path / "cache2", budget_bytes=100)
+    path = backed.path_for(ModelFileRef(sha256=sha, store_key="models/x", local_path=str(local), size=10))
+    assert path != local and path.read_bytes() == b"x" * 10
+
+
 def test_ref_validation():
     with pytest.raises(ValueError):
         ModelFileRef(sha256="xyz", store_key="k", local_path=None, size=1)

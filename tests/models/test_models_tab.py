@@ -85,3 +85,15 @@ def test_select_rename_preview_and_delete(mstudio, tiny):
     assert tab.refresh(ALL, ALL, ALL, "", ADMIN)[0] == []
     with pytest.raises(gr.Error, match="Choose a model"):
         tab.delete(None, ADMIN)
+
+
+def test_refresh_button_registers_files_dropped_into_the_models_folder(build_studio, tiny, tmp_path):
+    folder = tmp_path / "a1111-models"
+    (folder / "Lora").mkdir(parents=True)
+    studio = build_studio(models_dir=folder)
+    tab = _tab(studio)
+    rows, *_ = tab.refresh(ALL, ALL, ALL, "", ADMIN)
+    assert rows == []
+    shutil.copy(tiny.lora, folder / "Lora" / "dropped.safetensors")
+    rows, _, choices = tab.rescan(ALL, ALL, ALL, "", ADMIN)
+    assert [r[0] for r in rows] == ["dropped"] and len(choices["choices"]) == 1

@@ -190,3 +190,14 @@ def test_refresh_route_rescans(build_studio, tiny, tmp_path):
         assert answer.status_code == 200 and answer.json()["added"] == ["fresh"]
         names = [m["name"] for m in client.get("/api/v1/models", params={"type": "lora"}).json()["items"]]
         assert names == ["fresh"]
+    # A1111 clients refresh through /sdapi/v1 with their own credentials and see the new files listed.
+    (folder / "Stable-diffusion").mkdir()
+    shutil.copy(tiny.checkpoint, folder / "Stable-diffusion" / "dropped-in.safetensors")
+    shutil.copy(tiny.lora2, folder / "Lora" / "second.safetensors")
+    with TestClient(studio.app, follow_redirects=False) as api:
+        admin = ("admin", ADMIN_PASSWORD)
+        assert "dropped-in" not in [m["model_name"] for m in api.get("/sdapi/v1/sd-models", auth=admin).json()]
+        assert api.post("/sdapi/v1/refresh-checkpoints", auth=admin).status_code == 200
+        assert "dropped-in" in [m["model_name"] for m in api.get("/sdapi/v1/sd-models", auth=admin).json()]
+        assert api.post("/sdapi/v1/refresh-loras", auth=admin).status_code == 200
+        assert sorted(m["name"] for m in api.get("/sdapi/v1/loras", auth=admin).json()) == ["fresh", "second"]

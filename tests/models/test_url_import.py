@@ -210,10 +210,15 @@ def test_guard_address_rules():
 
     guard = SsrfGuard(["10.9.0.0/16", "mirror.internal:8080"])
     for blocked in ("127.0.0.1", "169.254.169.254", "fd00:ec2::254", "::1", "192.168.1.1", "100.64.0.1",
-                    "::ffff:10.0.0.1", "224.0.0.1", "0.0.0.0"):
+                    "::ffff:10.0.0.1", "224.0.0.1", "0.0.0.0",
+                    # IPv6 forms that carry a loopback or metadata IPv4 to a gateway that delivers it
+                    "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::", "2002:a9fe:a9fe::", "::127.0.0.1",
+                    "2001:0:4136:e378:8000:63bf:80ff:fffe"):  # Teredo to client 127.0.0.1
         with pytest.raises(BlockedUrl):
             guard.check_address("h", ipaddress.ip_address(blocked), 80)
     guard.check_address("h", ipaddress.ip_address("93.184.216.34"), 443)
+    guard.check_address("h", ipaddress.ip_address("64:ff9b::5db8:d822"), 443)  # NAT64 to a public address
+    guard.check_address("h", ipaddress.ip_address("2606:4700::6810:84e5"), 443)
     guard.check_address("h", ipaddress.ip_address("10.9.3.4"), 80)  # allow-listed CIDR
     guard.check_address("mirror.internal", ipaddress.ip_address("10.1.1.1"), 8080)  # allow-listed host:port
     with pytest.raises(BlockedUrl):

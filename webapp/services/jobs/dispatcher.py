@@ -175,8 +175,11 @@ class Dispatcher:
             self._progress(event)
         elif isinstance(event, Started):
             with self._lock:
-                if job_id in self._in_flight:
+                known = job_id in self._in_flight
+                if known:
                     self._in_flight[job_id] = event.worker
+            if known and event.worker:
+                self.queue.set_worker(job_id, event.worker)  # History shows where a running job runs
         elif isinstance(event, Succeeded):
             self._with_images(event, JobStatus.SUCCEEDED, progress=1.0)
         elif isinstance(event, Failed):

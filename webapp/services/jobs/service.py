@@ -24,7 +24,7 @@ from deploy.storage import BlobNotFound, BlobStore
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
 from webapp.records.jobs import ACTIVE_STATUSES
-from webapp.services.errors import InvalidInput, NotFound, PermissionDenied
+from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
@@ -87,6 +87,7 @@ class JobService:
         self.endpoints = endpoints
         self.resolver = resolver
         self._dispatchers: dict[str, Dispatcher] = {}
+        self._started = False
 
     # -- wiring -----------------------------------------------------------------------------------------
     def attach(self, dispatcher: Dispatcher) -> None:
@@ -98,6 +99,7 @@ class JobService:
         recovery = self.queue.recover()
         for dispatcher in self._dispatchers.values():
             dispatcher.start()
+        self._started = True
         threading.Thread(target=self._sweep, name="jobs-orphan-sweep", daemon=True).start()
         return recovery
 
@@ -159,6 +161,11 @@ class JobService:
                task_id: str | None = None) -> Job:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
         target = self.endpoints.resolve(actor=actor, name=endpoint)
+        if self._started and target.name not in self._dispatchers:
+            # Recorded but not running here (added after this server started): a job sent there would
+            # wait forever, so say so now.
+            raise Conflict(f"endpoint {target.name!r} has no backend running on this server; restart the server to "
+                           f"start it", field="endpoint")
         prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)
         if task_id is not None and (not isinstance(task_id, str) or len(task_id) > 128):
             raise InvalidInput("`task_id` must be a string of at most 128 characters", field="task_id")

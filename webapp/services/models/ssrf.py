@@ -31,6 +31,24 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 ALLOWED_SCHEMES = ("http", "https")
 
 
+NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
+
+
+def embedded_ipv4(ip: Address) -> list[ipaddress.IPv4Address]:
+    """IPv4 addresses an IPv6 address carries and that a gateway may deliver to: NAT64, 6to4, Teredo and
+    the old IPv4-compatible form. ``64:ff9b::7f00:1`` is global by itself but reaches 127.0.0.1."""
+    if not isinstance(ip, ipaddress.IPv6Address):
+        return []
+    found: list[ipaddress.IPv4Address] = []
+    if any(ip in net for net in NAT64_PREFIXES) or int(ip) >> 32 == 0:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.extend(ip.teredo)
+    return found
+
+
 class BlockedUrl(Exception):
     """The URL (or a redirect, or the address a name resolved to) is not one imports may reach."""
 
@@ -99,9 +117,11 @@ class SsrfGuard:
             ip = ip.ipv4_mapped
         if self.allowed_by_list(host, ip, port):
             return
-        if not ip.is_global or ip.is_multicast:
-            shown = host if host == str(ip) else f"{host} ({ip})"
-            raise BlockedUrl(f"{shown} is a {_describe(ip)} address; URL imports may only reach public addresses")
+        for target in (ip, *embedded_ipv4(ip)):
+            if not target.is_global or target.is_multicast:
+                shown = host if host == str(target) else f"{host} ({target})"
+                raise BlockedUrl(f"{shown} is a {_describe(target)} address; URL imports may only reach public "
+                                 f"addresses")
 
     def check_url(self, url: httpx.URL) -> None:
         """Cheap checks before any connection: scheme, host present, literal addresses."""
