@@ -73,7 +73,7 @@ class _Slot:
     tokenizer: object
     encoder: torch.nn.Module
     key: str  # TI vector key
-    penultimate: bool  # SDXL reads hidden_states[-(clip_skip + 1)] without the final layer norm
+    penultimate: bool  # SDXL always reads hidden_states[-2] without the final layer norm (clip skip ignored)
     pooled: bool  # the encoder whose projected EOS state is SDXL's pooled embedding
 
 
@@ -124,11 +124,10 @@ class PromptEncoder:
         self.embeddings = dict(embeddings or {})
         for slot in self.slots:
             layers = slot.encoder.config.num_hidden_layers
-            needed = self.clip_skip + (1 if slot.penultimate else 0)
-            if needed > layers:
+            if not slot.penultimate and self.clip_skip > layers:
                 raise InvalidRequestError(
-                    "clip_skip", f"`clip_skip` must be at most {layers - (1 if slot.penultimate else 0)} for this "
-                                 f"model's text encoder ({layers} layers) but is {clip_skip}")
+                    "clip_skip", f"`clip_skip` must be at most {layers} for this model's text encoder ({layers} "
+                                 f"layers) but is {clip_skip}")
         self._lookup = [self._embedding_lookup(slot) for slot in self.slots]
         self._empty: Conditioning | None = None
 
@@ -228,7 +227,10 @@ class PromptEncoder:
         with torch.no_grad(), _embedding_overrides(slot.encoder, shifted, slot.key):
             out = slot.encoder(input_ids, output_hidden_states=True)
         if slot.penultimate:
-            z = out.hidden_states[-(self.clip_skip + 1)]
+            # A1111 reads SDXL's encoders at the penultimate layer whatever CLIP_stop_at_last_layers says
+            # (its sdxl_clip_l_skip option, off by default, is the only exception), so SDXL prompts and
+            # infotexts reproduce there.
+            z = out.hidden_states[-2]
         elif self.clip_skip > 1:
             final_norm = getattr(slot.encoder, "text_model", slot.encoder).final_layer_norm
             z = final_norm(out.hidden_states[-self.clip_skip])

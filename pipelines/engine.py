@@ -190,6 +190,9 @@ class _Job:
         if r.mode == "txt2img" and r.enable_hr:
             self.hr_sampler = samplers.resolve(r.hr_sampler_name or r.sampler_name, r.hr_scheduler or r.scheduler,
                                                field_name="hr_sampler_name")
+        for chosen in (self.sampler, self.hr_sampler):
+            if chosen is not None and chosen.sampler.note:  # no exact diffusers equivalent: say what ran instead
+                self.warnings.append(f"sampler {chosen.name} ran as the {chosen.sampler.note}")
         if r.eta is not None and self.sampler.name != "DDIM":
             self.warnings.append(f"eta is only used by the DDIM sampler here; ignored for {self.sampler.name}")
         self.prompt, nets = self._clean(r.prompt, "prompt")
@@ -214,6 +217,14 @@ class _Job:
             self.refiner = self._load_refiner()
         self.timings["load"] = time.perf_counter() - t
         self.sdxl = is_sdxl(self.base)
+        if r.mode == "txt2img" and self.sdxl and getattr(self.base, "text_encoder", None) is None:
+            raise InvalidRequestError(
+                "sd_model_checkpoint", f"{self.models.checkpoint.name!r} is an SDXL refiner: it refines images "
+                "(img2img, inpaint, or as `refiner_checkpoint` after an SDXL base) but cannot start from text; "
+                "choose an SDXL base checkpoint for txt2img")
+        if self.sdxl and r.clip_skip > 1:
+            self.warnings.append(f"clip skip {r.clip_skip} is not applied to SDXL models: like A1111 (option "
+                                 f"sdxl_clip_l_skip off), their text encoders are read at the penultimate layer")
         self.factor = getattr(self.base, "vae_scale_factor", 8)
         self.vae_ref, self.vae = self._select_vae()
         self.plan = plan_seeds(r)

@@ -135,6 +135,15 @@ def _int(value: Any) -> int:
     return int(float(value))
 
 
+def refiner_refs(parsed: Mapping[str, Any]) -> list[str]:
+    """What names the refiner in ``Refiner: name [hash]``: the hash first (exact), then the name."""
+    value = str(parsed.get("Refiner") or "").strip()
+    if not value:
+        return []
+    match = re.fullmatch(r"(.*?)\s*\[([0-9a-fA-F]{8,64})\]", value)
+    return [match.group(2), match.group(1)] if match else [value]
+
+
 def request_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
     """Map a parsed infotext onto ``GenerationRequest`` field names and types (only what it states).
 
@@ -149,7 +158,8 @@ def request_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
         "Variation seed": ("subseed", _int), "Variation seed strength": ("subseed_strength", float),
         "Seed resize from-1": ("seed_resize_from_w", _int), "Seed resize from-2": ("seed_resize_from_h", _int),
         "Hires steps": ("hr_second_pass_steps", _int), "Hires upscaler": ("hr_upscaler", str),
-        "Mask blur": ("mask_blur", _int), "Eta": ("eta", float), "Eta DDIM": ("eta", float),
+        "Mask blur": ("mask_blur", _int), "Mask blur x": ("mask_blur_x", _int), "Mask blur y": ("mask_blur_y", _int),
+        "Eta": ("eta", float), "Eta DDIM": ("eta", float), "Refiner switch at": ("refiner_switch_at", float),
         "Hires prompt": ("hr_prompt", str), "Hires negative prompt": ("hr_negative_prompt", str),
     }
     for key, (name, cast) in simple.items():
@@ -171,7 +181,7 @@ def request_fields(parsed: Mapping[str, Any]) -> dict[str, Any]:
             out["hr_scale"] = float(parsed["Hires upscale"])
         if any(hires_resize):
             out["hr_resize_x"], out["hr_resize_y"] = hires_resize
-    if "Mask blur" in parsed:  # A1111 writes it for every inpaint job
+    if "Mask blur" in parsed or "Mask blur x" in parsed:  # A1111 writes it for every inpaint job
         content = str(parsed.get("Masked content", "original"))
         if content in MASKED_CONTENT:
             out["inpainting_fill"] = MASKED_CONTENT.index(content)

@@ -75,10 +75,10 @@ def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: 
             p["Mask blur x"], p["Mask blur y"] = request.mask_blur_x, request.mask_blur_y
         if request.inpainting_mask_invert:
             p["Mask mode"] = "Inpaint not masked"
-        p["Masked content"] = infotext.MASKED_CONTENT[request.inpainting_fill]
-        if request.inpaint_full_res:
+        if request.inpaint_full_res:  # A1111's order: area and padding, then masked content
             p["Inpaint area"] = "Only masked"
             p["Masked area padding"] = request.inpaint_full_res_padding
+        p["Masked content"] = infotext.MASKED_CONTENT[request.inpainting_fill]
     p["Lora hashes"] = facts.lora_hashes
     p["TI hashes"] = facts.ti_hashes
     p["Version"] = infotext.VERSION

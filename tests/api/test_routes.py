@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -173,3 +174,28 @@ def test_nulls_and_unknown_keys_are_ignored_and_unsupported_fields_warned(fake_s
         assert name in warnings
     assert response.json()["parameters"]["batch_size"] == 1 and response.json()["parameters"]["cfg_scale"] == 7.0
     assert "some_client_key" not in response.json()["parameters"]
+
+
+def test_infotext_fills_only_what_the_request_left_unset(fake_studio):
+    text = ("a harbour at dawn\nNegative prompt: fog\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 123, "
+            "Size: 64x64, Model: x, Clip skip: 2, Version: v1.10.1")
+    answer = fake_studio.client.post("/sdapi/v1/txt2img", auth=ALICE, json={"infotext": text, "seed": 7})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    assert info["prompt"] == "a harbour at dawn" and info["negative_prompt"] == "fog"
+    assert info["all_seeds"] == [7] and (info["width"], info["height"]) == (64, 64)  # the request's seed wins
+
+
+def test_infotext_with_a_refiner_names_it_by_hash():
+    from webapp.api.sdapi.generation import build_job_request
+    from webapp.api.sdapi.schemas import Txt2ImgBody
+    from webapp.services.options import GenerationDefaults
+
+    defaults = GenerationDefaults(checkpoint=None, vae="Automatic", clip_skip=1, samples_format="png",
+                                  jpeg_quality=80, enable_pnginfo=True, live_previews=True)
+    text = "a castle\nSteps: 20, Sampler: Euler a, Seed: 5, Size: 1024x1024, Refiner: xl-refiner [0123456789], " \
+           "Refiner switch at: 0.8, Version: v1.10.1"
+    request, _ = build_job_request(Txt2ImgBody(infotext=text), defaults)
+    assert request["refiner_checkpoint"] == "0123456789" and request["refiner_switch_at"] == 0.8
+    chosen, _ = build_job_request(Txt2ImgBody(infotext=text, refiner_checkpoint="mine"), defaults)
+    assert chosen["refiner_checkpoint"] == "mine"

@@ -162,9 +162,21 @@ def test_send_to_img2img_and_png_info_to_txt2img(fake_studio, tabs, tmp_path):
     c = tabs.txt2img.form.c
     assert updates[c["prompt"]] == "a tiny lighthouse" and updates[c["seed"]] == 42 and updates[c["steps"]] == 5
     assert updates[c["checkpoint"]] == fake_studio.models.checkpoint.title
-    plain = tmp_path / "plain.png"
+    assert c["refiner_checkpoint"] not in updates  # no refiner in that infotext
+    # an SDXL infotext with a refiner: the refiner (by its hash) and the switch come along
+    from pipelines.infotext import encode_image
+
+    refiner = fake_studio.models.checkpoint
+    text = (f"a castle\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 5, Size: 64x64, Model: x, "
+            f"Refiner: renamed-since [{refiner.autov2}], Refiner switch at: 0.7, Version: v1.10.1")
     from PIL import Image
 
+    xl = tmp_path / "xl.png"
+    xl.write_bytes(encode_image(Image.new("RGB", (8, 8)), text, "png"))
+    state = tabs.pnginfo.read(str(xl), req(admin))[3]
+    updates = tabs.pnginfo.send(state)
+    assert updates[c["refiner_checkpoint"]] == refiner.title and updates[c["refiner_switch_at"]] == 0.7
+    plain = tmp_path / "plain.png"
     Image.new("RGB", (8, 8)).save(plain)
     assert tabs.pnginfo.read(str(plain), req(admin))[3] is None
     junk = tmp_path / "junk.png"

@@ -299,6 +299,33 @@ def test_inpaint_mask_size_mismatch_is_named():
         req.validate()
 
 
+def test_a_refiner_refines_images_but_cannot_start_from_text(eng):
+    w = world()
+    with pytest.raises(InvalidRequestError, match="is an SDXL refiner") as err:
+        eng.generate(request(), w.models("sdxl_refiner"))
+    assert err.value.field == "sd_model_checkpoint"
+    init = _image()
+    refined = eng.generate(request(mode="img2img", init_images=(init,), denoising_strength=0.3), w.models("sdxl_refiner"))
+    assert len(refined.images) == 1 and diff(refined.images[0], init) > 0
+    inpainted = eng.generate(request(mode="inpaint", init_images=(init,), mask=_image(seed=1), denoising_strength=0.5),
+                             w.models("sdxl_refiner"))
+    assert len(inpainted.images) == 1
+
+
+def test_a_sampler_run_by_its_nearest_equivalent_says_so(eng):
+    result = eng.generate(request(sampler_name="DPM++ 2S a"), world().models())
+    assert any("DPM++ 2S a ran as the nearest diffusers equivalent" in w for w in result.warnings)
+    assert not any("ran as" in w for w in eng.generate(request(), world().models()).warnings)
+
+
+def test_clip_skip_is_ignored_on_sdxl_with_a_warning(eng):
+    w = world()
+    plain = eng.generate(request(), w.models("sdxl"))
+    skipped = eng.generate(request(clip_skip=2), w.models("sdxl"))
+    assert diff(plain.images[0], skipped.images[0]) == 0
+    assert any("clip skip 2 is not applied to SDXL" in warning for warning in skipped.warnings)
+
+
 def test_clip_skip_beyond_the_encoder_is_named(eng):
     with pytest.raises(InvalidRequestError, match="clip_skip"):
         eng.generate(request(clip_skip=4), world().models())

@@ -63,6 +63,33 @@ def test_parser_reads_inpaint_fields():
     assert fields["inpaint_full_res_padding"] == 32 and fields["negative_prompt"] == ""
 
 
+def test_inpaint_and_refiner_keys_in_a1111_order_and_back():
+    from pipelines.results import JobFacts, parameters
+    from pipelines.samplers import resolve
+    from pipelines.types import ModelRef
+
+    req = GenerationRequest(prompt="a red door", mode="inpaint", steps=25, seed=99, mask_blur_x=4, mask_blur_y=8,
+                            inpainting_fill=2, inpaint_full_res=True, inpaint_full_res_padding=32,
+                            init_images=(b"x",), mask=b"m", denoising_strength=0.75)
+    refiner = ModelRef("sdxl-refiner.safetensors", Path("/r"), "cd" * 32, "checkpoint")
+    facts = JobFacts(resolve("Euler a", "Automatic"), None, ModelRef("v1-5.safetensors", Path("/m"), "ab" * 32,
+                     "checkpoint"), None, None, None, None, None)
+    text = infotext.build(req.prompt, "", parameters(req, facts, 99, -1))
+    order = ["Mask blur x:", "Mask blur y:", "Inpaint area:", "Masked area padding:", "Masked content:"]
+    assert [text.index(k) for k in order] == sorted(text.index(k) for k in order)
+    fields = infotext.request_fields(infotext.parse(text))
+    assert (fields["mask_blur_x"], fields["mask_blur_y"], fields["inpainting_fill"]) == (4, 8, 2)
+
+    xl = GenerationRequest(prompt="a castle", refiner_switch_at=0.8)
+    facts = JobFacts(resolve("Euler a", "Automatic"), None, ModelRef("base.safetensors", Path("/b"), "ab" * 32,
+                     "checkpoint"), None, refiner, None, None, None)
+    parsed = infotext.parse(infotext.build(xl.prompt, "", parameters(xl, facts, 1, -1)))
+    assert parsed["Refiner"] == f"sdxl-refiner [{refiner.short_hash}]"
+    assert infotext.request_fields(parsed)["refiner_switch_at"] == 0.8
+    assert infotext.refiner_refs(parsed) == [refiner.short_hash, "sdxl-refiner"]
+    assert infotext.refiner_refs({"Refiner": "plain-name"}) == ["plain-name"] and infotext.refiner_refs({}) == []
+
+
 def test_parser_keeps_short_last_lines_as_prompt():
     p = infotext.parse("just a prompt\nwith: two lines")
     assert p["Prompt"] == "just a prompt\nwith: two lines" and p["Negative prompt"] == ""

@@ -129,6 +129,13 @@ def test_clip_skip_uses_an_earlier_layer():
         _encoder(clip_skip=5)
 
 
+def test_sdxl_reads_the_penultimate_layer_whatever_the_clip_skip_like_a1111():
+    plain = _encoder("sdxl").encode("a cat")
+    for skip in (2, 3):
+        skipped = _encoder("sdxl", clip_skip=skip).encode("a cat")
+        assert torch.equal(skipped.embeds, plain.embeds) and torch.equal(skipped.pooled, plain.pooled)
+
+
 def test_sdxl_concatenates_both_encoders_and_pools_the_first_chunk():
     enc = _encoder("sdxl")
     cond = enc.encode("a cat BREAK a dog")

@@ -249,15 +249,18 @@ class GenerationForm:
         return mode, request, v.get("endpoint") or None
 
     # -- filling it from an infotext (PNG Info → txt2img) ------------------------------------------------
-    def updates_from_fields(self, fields: dict[str, Any], checkpoint: str | None) -> dict[Any, Any]:
+    def updates_from_fields(self, fields: dict[str, Any], checkpoint: str | None,
+                            refiner: str | None = None) -> dict[Any, Any]:
         """Widget updates for request fields parsed from an infotext (only what it states)."""
         c = self.c
         out: dict[Any, Any] = {}
         for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
                      "height", "seed", "clip_skip", "denoising_strength", "enable_hr", "hr_upscaler", "hr_scale",
-                     "hr_second_pass_steps", "hr_resize_x", "hr_resize_y"):
+                     "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "refiner_switch_at"):
             if name in fields and name in c:
                 out[c[name]] = fields[name]
         if checkpoint:
             out[c["checkpoint"]] = checkpoint
+        if refiner and "refiner_checkpoint" in c:
+            out[c["refiner_checkpoint"]] = refiner
         return out

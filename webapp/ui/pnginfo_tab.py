@@ -15,7 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.infotext import parse, read_infotext, request_fields
+from pipelines.infotext import parse, read_infotext, refiner_refs, request_fields
 from webapp.records import ModelType
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.generate_tab import GenerateTab, switch_tab_js
@@ -64,19 +64,22 @@ class PngInfoTab:
             return preview, "", {"note": "this image has no generation parameters"}, None
         parsed = parse(text)
         fields = request_fields(parsed)
-        checkpoint = None
-        for ref in (parsed.get("Model hash"), parsed.get("Model")):
-            if ref:
-                record = self.registry.find(actor=user, type=ModelType.CHECKPOINT, ref=str(ref))
-                if record is not None:
-                    checkpoint = record.title
-                    break
-        return preview, text, parsed, {"fields": fields, "checkpoint": checkpoint}
+        checkpoint = self._checkpoint_title(user, [parsed.get("Model hash"), parsed.get("Model")])
+        refiner = self._checkpoint_title(user, refiner_refs(parsed)) if "refiner_switch_at" in fields else None
+        return preview, text, parsed, {"fields": fields, "checkpoint": checkpoint, "refiner": refiner}
+
+    def _checkpoint_title(self, user: Any, refs: list[Any]) -> str | None:
+        """The title of the first checkpoint the caller may use that ``refs`` (hash, name) name."""
+        for ref in refs:
+            record = self.registry.find(actor=user, type=ModelType.CHECKPOINT, ref=str(ref)) if ref else None
+            if record is not None:
+                return record.title
+        return None
 
     def send(self, state: dict[str, Any] | None) -> dict[Any, Any]:
         if not state:
             raise gr.Error("Drop an image with generation parameters first")
-        return self.target.form.updates_from_fields(state["fields"], state.get("checkpoint"))
+        return self.target.form.updates_from_fields(state["fields"], state.get("checkpoint"), state.get("refiner"))
 
     def build(self) -> gr.Tab:
         with gr.Tab("PNG Info", id="pnginfo", elem_id="tab-pnginfo") as tab:

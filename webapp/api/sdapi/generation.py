@@ -88,11 +88,15 @@ def _check_alwayson(scripts: dict[str, Any]) -> None:
 
 def _apply_infotext(body: GenerationBody, request: dict[str, Any]) -> None:
     """A1111 v1.8+: ``infotext`` fills the fields the request did not set; Clip skip goes to settings."""
-    parsed = infotext.request_fields(infotext.parse(body.infotext or ""))
+    raw = infotext.parse(body.infotext or "")
+    parsed = infotext.request_fields(raw)
     clip_skip = parsed.pop("clip_skip", None)
     for key, value in parsed.items():
         if key in request and key not in body.model_fields_set:
             request[key] = value
+    refiner = infotext.refiner_refs(raw)
+    if refiner and "refiner_checkpoint" not in body.model_fields_set and "refiner_switch_at" in parsed:
+        request["refiner_checkpoint"] = refiner[0]  # "Refiner: name [hash]": the hash names it exactly
     if clip_skip is not None and "CLIP_stop_at_last_layers" not in body.override_settings:
         request["override_settings"]["CLIP_stop_at_last_layers"] = clip_skip
 
