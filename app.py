@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the product runs air-gapped: nev
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from fastapi import FastAPI  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
 from deploy.model_files import ModelFiles  # noqa: E402
 from deploy.storage import BlobStore, open_store  # noqa: E402
@@ -33,6 +34,7 @@ from webapp.api.v1 import uploads as uploads_api  # noqa: E402
 from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
+from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.jobs import JobService, build_job_service  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
@@ -100,7 +102,10 @@ def build(settings: Settings) -> Studio:
             "refusing to listen on all interfaces with no administrator: set STUDIO_ADMIN_PASSWORD for the "
             f"first start (or start once without --listen and note the generated {ADMIN_USERNAME!r} password)"
         )
-    generated = users.ensure_admin(admin_password)
+    try:
+        generated = users.ensure_admin(admin_password)
+    except InvalidInput as exc:
+        raise StartupRefused(f"STUDIO_ADMIN_PASSWORD cannot be the first administrator's password: {exc.message}") from None
 
     throttle = LoginThrottle(
         max_per_user=settings.login_max_failures_per_user,
@@ -147,7 +152,16 @@ def build(settings: Settings) -> Studio:
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = settings_from_args(argv)
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:  # bad STUDIO_* values or flags: one line per setting, no traceback
+        for error in exc.errors():
+            name = ".".join(str(part) for part in error["loc"])
+            secret = any(word in name for word in ("password", "secret", "token", "key"))
+            got = "(hidden)" if secret else repr(error.get("input"))
+            sys.stderr.write(f"studio: setting {name} (flag --{name.replace('_', '-')} or env STUDIO_{name.upper()}): "
+                             f"{error['msg']}; got {got}\n")
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         studio = build(settings)

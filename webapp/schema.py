@@ -46,6 +46,19 @@ def add_column(conn: Connection, table: str, column: str, ddl_type: str, default
     conn.execute(text(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {ddl_type}{default}'))
 
 
+def create_missing_indexes(conn: Connection) -> None:
+    """Every index the current tables declare and the database lacks (``add_column`` adds none)."""
+    found = inspect(conn)
+    for table in SQLModel.metadata.sorted_tables:
+        if not found.has_table(table.name):
+            continue
+        existing = {i["name"] for i in found.get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in existing:
+                index.create(conn)
+                log.info("schema: created missing index %s", index.name)
+
+
 def _v1(conn: Connection) -> None:
     create_tables(conn, "user", "login_session")
 
@@ -69,6 +82,11 @@ def _v5(conn: Connection) -> None:
     create_tables(conn, "api_token", "server_option", "user_option")
 
 
+def _v6(conn: Connection) -> None:
+    # v3 added model.source_sha256 to existing databases without its index (found by the release-2 test).
+    create_missing_indexes(conn)
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -76,6 +94,7 @@ MIGRATIONS: list[Migration] = [
     Migration(3, "model imports, uploads and models-folder scan", _v3),
     Migration(4, "jobs and endpoints", _v4),
     Migration(5, "API tokens and per-user options", _v5),
+    Migration(6, "indexes that earlier in-place upgrades missed", _v6),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -96,3 +96,43 @@ def test_newer_database_is_refused(db):
         s.connection().execute(text("UPDATE schema_version SET version = :v"), {"v": schema.LATEST + 1})
     with pytest.raises(schema.SchemaError, match="newer"):
         schema.upgrade(db)
+
+
+def test_a_release_2_data_dir_upgrades_in_place_to_the_fresh_layout(tmp_path):
+    """A database written by hand as release 2 left it (tests/web/data/release2.sql), not by today's code:
+    after the upgrade it has every column and index a fresh database has, and its rows are all there."""
+    import sqlite3
+    from pathlib import Path
+
+    from sqlalchemy import inspect
+    from sqlmodel import select
+
+    from webapp.records import LoginSession, ModelRecord, ModelStatus, User
+
+    old = tmp_path / "release2.db"
+    with sqlite3.connect(old) as conn:
+        conn.executescript((Path(__file__).parent / "data" / "release2.sql").read_text())
+    upgraded, fresh = Database(f"sqlite:///{old}"), Database(f"sqlite:///{tmp_path / 'fresh.db'}")
+    try:
+        assert schema.current_version(upgraded) == 2
+        schema.upgrade(upgraded)
+        schema.upgrade(fresh)
+        assert schema.current_version(upgraded) == schema.LATEST
+
+        def layout(db: Database) -> dict:
+            with db.read() as s:
+                found = inspect(s.connection())
+                return {t: ({c["name"] for c in found.get_columns(t)},
+                            {(i["name"], tuple(i["column_names"])) for i in found.get_indexes(t)})
+                        for t in found.get_table_names()}
+
+        assert layout(upgraded) == layout(fresh)
+        with upgraded.read() as s:
+            model = s.exec(select(ModelRecord)).one()
+            assert (model.name, model.status, model.size, model.legacy_hash) == ("kept-model", ModelStatus.ACTIVE,
+                                                                                1234, None)
+            assert s.exec(select(User)).one().username == "admin"
+            assert s.exec(select(LoginSession)).one().client_address == "127.0.0.1"
+    finally:
+        upgraded.dispose()
+        fresh.dispose()

@@ -62,3 +62,17 @@ def test_first_start_generates_and_reveals_an_admin_password_once(make_settings)
         assert again.generated_admin_password is None
     finally:
         again.close()
+
+
+def test_bad_settings_are_refused_with_one_clear_line(tmp_path, monkeypatch, capsys, caplog):
+    import app
+
+    monkeypatch.setenv("STUDIO_PORT", "abc")
+    assert app.main(["--data-dir", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "setting port (flag --port or env STUDIO_PORT)" in err and "Traceback" not in err
+    monkeypatch.delenv("STUDIO_PORT")
+    monkeypatch.setenv("STUDIO_ADMIN_PASSWORD", "short")
+    assert app.main(["--data-dir", str(tmp_path / "b")]) == 2
+    assert "STUDIO_ADMIN_PASSWORD cannot be the first administrator's password" in caplog.text
+    assert "at least 8 characters" in caplog.text and "'short'" not in caplog.text  # the value is never echoed
