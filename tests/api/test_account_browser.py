@@ -6,6 +6,7 @@ import httpx
 import pytest
 
 from tests.api.conftest import ALICE
+from tests.browser.session import signed_in_page
 from tests.live import serve
 
 pytestmark = pytest.mark.browser
@@ -23,13 +24,7 @@ def _table_shows(page, text: str) -> None:
 
 
 def test_account_tab_token_lifecycle(browser, server):
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(server + "/login")
-    page.fill("#username", ALICE[0])
-    page.fill("#password", ALICE[1])
-    page.click("#login-button")
-    page.wait_for_url("**/ui/**")
+    context, page = signed_in_page(browser, server, *ALICE)
     page.get_by_role("tab", name="Account").click()
     page.locator("#token-name textarea, #token-name input").first.fill("browser token")
     page.click("#create-token")

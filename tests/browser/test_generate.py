@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 
+from tests.browser.session import signed_in_page
 from tests.fixtures.studio_models import model_studio, tiny_model_files  # noqa: F401 - fixtures
 from tests.live import serve
 
@@ -39,14 +40,7 @@ def _pixels(png: bytes) -> bytes:
 
 
 def test_generate_see_history_and_reproduce_with_curl(browser, server, model_studio):  # noqa: F811
-    context = browser.new_context()
-    page = context.new_page()
-    page.goto(server + "/login")
-    page.fill("#username", "alice")
-    page.fill("#password", PASSWORD)
-    page.click("#login-button")
-    page.wait_for_url("**/ui/**")
-    page.get_by_text("Signed in as alice").wait_for(timeout=60_000)
+    context, page = signed_in_page(browser, server, "alice", PASSWORD)
 
     checkpoint = page.locator("#txt2img-checkpoint input")
     page.wait_for_function("() => document.querySelector('#txt2img-checkpoint input')?.value.includes('tiny-sd15')",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.browser.session import sign_in
 from tests.conftest import ADMIN_PASSWORD
 from tests.live import serve
 
@@ -18,16 +19,6 @@ def server(studio):
         yield base
 
 
-def _login(page, base: str, username: str, password: str) -> None:
-    page.goto(base + "/")
-    page.wait_for_url("**/login*")
-    page.fill("#username", username)
-    page.fill("#password", password)
-    page.click("#login-button")
-    page.wait_for_url("**/ui/**")
-    page.get_by_text(f"Signed in as {username}").wait_for(timeout=30_000)
-
-
 def test_login_tabs_logout_and_switch_user(browser, server):
     context = browser.new_context()
     page = context.new_page()
@@ -37,7 +28,7 @@ def test_login_tabs_logout_and_switch_user(browser, server):
     page.click("#login-button")
     assert page.locator(".error").inner_text() == "Incorrect username or password"
 
-    _login(page, server, "admin", ADMIN_PASSWORD)
+    sign_in(page, server, "admin", ADMIN_PASSWORD)
     users_tab = page.get_by_role("tab", name="Users")
     users_tab.wait_for()
     users_tab.click()
@@ -48,7 +39,7 @@ def test_login_tabs_logout_and_switch_user(browser, server):
     page.goto(server + "/ui/")
     page.wait_for_url("**/login*")  # the session is gone
 
-    _login(page, server, "alice", "alice-password")
+    sign_in(page, server, "alice", "alice-password")
     assert page.get_by_role("tab", name="Users").count() == 0
     context.close()
 
@@ -56,8 +47,8 @@ def test_login_tabs_logout_and_switch_user(browser, server):
 def test_two_browsers_two_users_at_once(browser, server):
     first, second = browser.new_context(), browser.new_context()
     a, b = first.new_page(), second.new_page()
-    _login(a, server, "admin", ADMIN_PASSWORD)
-    _login(b, server, "alice", "alice-password")
+    sign_in(a, server, "admin", ADMIN_PASSWORD)
+    sign_in(b, server, "alice", "alice-password")
     a.reload()
     b.reload()
     a.get_by_text("Signed in as admin").wait_for()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.browser.session import signed_in_page
 from tests.conftest import ADMIN_PASSWORD
 from tests.live import serve
 
@@ -24,13 +25,7 @@ def lora_file(tmp_path):
 
 def test_upload_a_lora_through_the_models_tab(browser, studio, lora_file):
     with serve(studio.app) as base:
-        context = browser.new_context()
-        page = context.new_page()
-        page.goto(base + "/login")
-        page.fill("#username", "admin")
-        page.fill("#password", ADMIN_PASSWORD)
-        page.click("#login-button")
-        page.wait_for_url("**/ui/**")
+        context, page = signed_in_page(browser, base, "admin", ADMIN_PASSWORD)
         page.get_by_role("tab", name="Models").click()
         page.get_by_role("tab", name="From computer").click()
         page.select_option(".studio-upload-type", "lora")
@@ -50,3 +45,36 @@ def test_upload_a_lora_through_the_models_tab(browser, studio, lora_file):
     admin = studio.users.get_by_name("admin")
     record = studio.models.find(actor=admin, type="lora", ref="inkstyle")
     assert record is not None and record.size == lora_file.stat().st_size
+
+
+def test_an_upload_cut_off_by_a_reload_resumes_with_the_same_session(browser, studio, lora_file):
+    from sqlmodel import select
+
+    from webapp.records import UploadSession
+
+    def open_uploader(page) -> None:
+        page.get_by_role("tab", name="Models").click()
+        page.get_by_role("tab", name="From computer").click()
+        page.select_option(".studio-upload-type", "lora")
+        page.set_input_files(".studio-upload-input", str(lora_file))
+        page.click(".studio-upload-button")
+
+    def line_state(page, state: str) -> None:
+        page.wait_for_function(
+            "s => [...document.querySelectorAll('.studio-upload-line')].some(d => d.dataset.state === s)",
+            arg=state, timeout=60_000)
+
+    with serve(studio.app) as base:
+        context, page = signed_in_page(browser, base, "admin", ADMIN_PASSWORD)
+        page.route("**/api/v1/uploads/*/complete", lambda route: route.abort())  # the link drops at the end
+        open_uploader(page)
+        line_state(page, "failed")
+        page.unroute("**/api/v1/uploads/*/complete")
+        page.reload()
+        open_uploader(page)
+        line_state(page, "done")
+        assert 'Active as "inkstyle"' in page.locator(".studio-upload-line").inner_text()
+        context.close()
+    with studio.db.read() as s:
+        sessions = s.exec(select(UploadSession)).all()
+    assert len(sessions) == 1, "the second try resumed the first upload instead of starting another"

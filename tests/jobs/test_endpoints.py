@@ -43,3 +43,24 @@ def test_stored_endpoints_run_jobs_after_a_restart_and_broken_ones_say_why(tmp_p
             jobs.submit(actor=admin, mode="txt2img", request=txt2img(), endpoint="broken")
         # The default endpoint is untouched by the others.
         assert jobs.endpoints.default_name() == "local"
+
+
+def test_eight_slots_run_every_job_exactly_once(tmp_path, tiny_model_files):  # noqa: F811
+    """The dispatcher feeding a backend with 8 workers: claims never hand a job out twice."""
+    from webapp.settings import Settings
+
+    def make(**overrides: Any) -> Settings:
+        return Settings(data_dir=tmp_path / "data", admin_password=ADMIN_PASSWORD, **overrides)
+
+    with build_model_studio(make, tiny_model_files, backend="fake",
+                            backend_options={"slots": 8, "step_delay": 0.002}) as built:
+        jobs, admin = built.studio.jobs, built.admin
+        users = [built.studio.users.create_user(actor=admin, username=f"user{i}", password="user-password-1")
+                 for i in range(4)]
+        submitted = [jobs.submit(actor=users[i % 4], mode="txt2img", request=txt2img(seed=i, steps=5)).id
+                     for i in range(48)]
+        done = [jobs.wait(actor=admin, job_id=job_id, timeout=60) for job_id in submitted]
+        assert [j.status for j in done] == [JobStatus.SUCCEEDED] * 48
+        ran = jobs.backend("local").jobs_run
+        assert sorted(ran) == sorted(submitted), "every job ran, none twice"
+        assert len({j.worker for j in done}) > 1, "the eight workers shared the work"

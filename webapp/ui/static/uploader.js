@@ -2,7 +2,9 @@
 // Runs as the `js_on_load` of the Models tab's upload block: `element` is that block, `trigger`
 // fires its Gradio events ("change" once a batch has finished, so the table refreshes).
 // Files are sliced (never read whole), each slice is PUT with its Content-Range, and after a dropped
-// connection the upload resumes from the byte count the server reports. One progress line per file.
+// connection the upload resumes from the byte count the server reports. The upload id is remembered in
+// localStorage by file name, size and date, so choosing the same file again after a reload, a crash or
+// a closed tab resumes where the server stopped instead of starting over. One progress line per file.
 const CHUNK = 8 * 1024 * 1024;
 const MAX_RETRIES = 8;
 const find = (selector) => element.querySelector(selector);
@@ -39,8 +41,8 @@ async function serverOffset(id) {
   }
 }
 
-async function sendBytes(file, id, show) {
-  let offset = 0;
+async function sendBytes(file, id, show, start) {
+  let offset = start;
   let failures = 0;
   while (offset < file.size) {
     const end = Math.min(offset + CHUNK, file.size);
@@ -77,18 +79,41 @@ async function waitForImport(taskId, show) {
   }
 }
 
+const remembered = (file, type) => `studio-upload:${type}:${file.name}:${file.size}:${file.lastModified}`;
+
+async function resumable(key) {
+  // An unfinished upload of this very file by this user (another user's id answers 404: start anew).
+  const id = window.localStorage.getItem(key);
+  if (!id) return null;
+  try {
+    const session = await api("GET", `/api/v1/uploads/${id}`);
+    if (session.status === "open") return session;
+  } catch (ignored) { /* expired, finished or not ours */ }
+  window.localStorage.removeItem(key);
+  return null;
+}
+
 async function uploadOne(file, type, visibility) {
   const show = progressLine(file);
+  const key = remembered(file, type);
   try {
-    show("starting", "uploading");
-    const created = await api("POST", "/api/v1/uploads",
-      JSON.stringify({ file_name: file.name, size: file.size, type, visibility }),
-      { "content-type": "application/json" });
-    await sendBytes(file, created.id, show);
-    const task = await api("POST", `/api/v1/uploads/${created.id}/complete`);
+    let session = await resumable(key);
+    if (session) {
+      show(`resuming at ${size(session.received)} of ${size(file.size)}`, "uploading");
+    } else {
+      show("starting", "uploading");
+      session = await api("POST", "/api/v1/uploads",
+        JSON.stringify({ file_name: file.name, size: file.size, type, visibility }),
+        { "content-type": "application/json" });
+      window.localStorage.setItem(key, session.id);
+    }
+    await sendBytes(file, session.id, show, session.received || 0);
+    const task = await api("POST", `/api/v1/uploads/${session.id}/complete`);
+    window.localStorage.removeItem(key);
     show("all bytes received; checking", "checking");
     await waitForImport(task.id, show);
   } catch (error) {
+    if (error.status && error.status < 500 && error.status !== 409) window.localStorage.removeItem(key);
     show(`failed — ${error.message}`, "failed");
   }
 }
