@@ -57,6 +57,19 @@ def test_lora_changes_the_image_and_weight_zero_equals_base(eng, fresh):
     assert with_lora.infotexts[0].startswith("a photo of a cat <lora:style:1>\n")
 
 
+@pytest.mark.parametrize("weight", [0.5, 1.0])
+def test_lora_strength_matches_the_weights_merged_by_hand(eng, weight):
+    """The engine's ``<lora:style:w>`` against the kohya definition W += w * alpha/rank * up @ down."""
+    from tests.tiny.networks import merged_copy
+
+    w = world()
+    merged = merged_copy(fresh_pipeline("sd15"), w.loras["style"].path, weight)
+    reference = Engine(Provider({**w.pipes, PIPE_FILES["sd15"]: merged})).generate(request(), w.models())
+    applied = eng.generate(request(prompt=f"a photo of a cat <lora:style:{weight}>"), w.models())
+    assert diff(applied.images[0], _base(eng)) > 0.5, "the LoRA has an effect"
+    assert diff(applied.images[0], reference.images[0]) < 0.5, "and exactly the effect of its merged weights"
+
+
 def test_after_a_lora_job_the_pipeline_is_bit_identical_to_a_fresh_one(eng, fresh):
     eng.generate(request(prompt="a cat <lora:style:0.8> <lora:locon:1>"), world().models())
     after = _base(eng)

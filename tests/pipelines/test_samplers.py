@@ -16,11 +16,12 @@ def sd_engine():
     return engine()
 
 
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
 @pytest.mark.parametrize("name", ALL)
-def test_every_sampler_runs_and_reproduces(sd_engine, name):
+def test_every_sampler_runs_and_reproduces(sd_engine, name, model):
     w = world()
-    first = sd_engine.generate(request(sampler_name=name, steps=3), w.models())
-    again = sd_engine.generate(request(sampler_name=name, steps=3), w.models())
+    first = sd_engine.generate(request(sampler_name=name, steps=3), w.models(model))
+    again = sd_engine.generate(request(sampler_name=name, steps=3), w.models(model))
     assert diff(first.images[0], again.images[0]) == 0.0, f"{name} is not reproducible"
     assert first.sampler_name == name
     assert f"Sampler: {name}," in first.infotexts[0]
