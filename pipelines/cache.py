@@ -33,6 +33,27 @@ logger = logging.getLogger(__name__)
 
 Loader = Callable[..., Any]
 
+GIB = 1024**3
+VRAM_HEADROOM = 0.25
+"""Share of a GPU kept free of cached weights for activations (an SDXL 1024² batch needs several GiB)."""
+MIN_VRAM_HEADROOM = 4 * GIB
+RAM_SHARE = 0.5
+"""Share of the machine's RAM cached weights may use on the CPU (the rest: activations, the app, the OS)."""
+
+
+def auto_budget(device: str, memory: Any = None) -> int:
+    """A cache budget from the device's memory: VRAM minus headroom on CUDA, half the RAM elsewhere.
+
+    ``memory`` is a ``pipelines.devices.MemoryInfo`` (read from the device when None)."""
+    if memory is None:
+        from pipelines.devices import memory_info
+
+        memory = memory_info(device)
+    if str(device).startswith("cuda") and memory.vram_total:
+        headroom = max(MIN_VRAM_HEADROOM, int(memory.vram_total * VRAM_HEADROOM))
+        return max(GIB, memory.vram_total - headroom)
+    return max(GIB, int(memory.ram_total * RAM_SHARE))
+
 
 @dataclass(frozen=True)
 class EntryStats:

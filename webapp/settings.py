@@ -90,8 +90,9 @@ class Settings(BaseSettings):
     """A job a crash left running is retried until it has been started this many times, then failed."""
     skeleton_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Extra config-skeleton folders searched before the shipped ones (``:``-separated or a JSON list)."""
-    pipeline_cache_gb: float = Field(8.0, gt=0)
-    """Loaded checkpoints kept per device (RAM on CPU, VRAM on CUDA)."""
+    pipeline_cache_gb: float | None = Field(None, gt=0)
+    """Loaded checkpoints kept per device (RAM on CPU, VRAM on CUDA); unset: sized from the device's memory
+    (``pipelines.cache.auto_budget``)."""
     preview_every: int = Field(5, ge=0)
     """A live preview every N sampling steps (0: none)."""
 

@@ -82,7 +82,7 @@ class _DeviceRuntime:
     """A worker's engine on its device, built on the worker's thread at its first job."""
 
     def __init__(self, device: str, auto: bool, backend: LocalBackend) -> None:
-        from pipelines.cache import PipelineCache
+        from pipelines.cache import PipelineCache, auto_budget
         from pipelines.devices import choose_device
         from pipelines.engine import Engine
         from pipelines.errors import PipelineError
@@ -100,27 +100,29 @@ class _DeviceRuntime:
             if backend.cpu_threads:
                 torch.set_num_threads(backend.cpu_threads)
         self.device = choice.device
-        self.cache = PipelineCache(budget_bytes=backend.cache_bytes, device=choice.device, dtype=choice.dtype,
+        budget = backend.cache_bytes or auto_budget(choice.device)
+        self.cache = PipelineCache(budget_bytes=budget, device=choice.device, dtype=choice.dtype,
                                    skeleton_dirs=backend.skeleton_dirs)
         self.engine = Engine(self.cache, device=choice.device, dtype=choice.dtype,
                              preview_every=backend.preview_every)
-        log.info("local worker ready on %s (%s)", choice.device, choice.reason)
+        log.info("local worker ready on %s (%s); pipeline cache budget %.1f GiB", choice.device, choice.reason,
+                 budget / 1024**3)
 
 
 class LocalBackend(ThreadedBackend):
     kind = "local"
 
     def __init__(self, name: str, *, model_files: ModelFiles | None, devices: str | Sequence[str] | None = "auto",
-                 skeleton_dirs: Sequence[str | Path] = (), cache_gb: float = 8.0, preview_every: int = 5,
+                 skeleton_dirs: Sequence[str | Path] = (), cache_gb: float | None = None, preview_every: int = 5,
                  dtype: str | None = None, cpu_threads: int | None = None) -> None:
         super().__init__(name)
         self.model_files = model_files
         self._explicit = parse_devices(devices)
         self.devices = self._explicit or detect_devices()
         self.skeleton_dirs = tuple(Path(d) for d in skeleton_dirs)
-        if cache_gb <= 0:
+        if cache_gb is not None and cache_gb <= 0:
             raise ValueError(f"`pipeline_cache_gb` must be positive, got {cache_gb}")
-        self.cache_bytes = int(cache_gb * 1024**3)
+        self.cache_bytes = int(cache_gb * 1024**3) if cache_gb is not None else None  # None: from the device
         self.preview_every = max(0, int(preview_every))
         self.dtype = dtype
         self.cpu_threads = cpu_threads

@@ -184,3 +184,17 @@ def test_memory_info():
     if torch.cuda.is_available():
         gpu = devices.memory_info("cuda:0")
         assert 0 < gpu.vram_free <= gpu.vram_total
+
+
+def test_auto_budget_leaves_headroom_for_activations():
+    from pipelines.cache import GIB, auto_budget
+    from pipelines.devices import MemoryInfo
+
+    h200 = MemoryInfo(ram_total=128 * GIB, ram_available=100 * GIB, vram_total=140 * GIB, vram_free=139 * GIB)
+    assert auto_budget("cuda:0", h200) == 105 * GIB  # a quarter kept free
+    card = MemoryInfo(ram_total=32 * GIB, ram_available=20 * GIB, vram_total=12 * GIB, vram_free=11 * GIB)
+    assert auto_budget("cuda", card) == 8 * GIB  # at least 4 GiB kept free
+    laptop = MemoryInfo(ram_total=16 * GIB, ram_available=4 * GIB)
+    assert auto_budget("cpu", laptop) == 8 * GIB and auto_budget("mps", laptop) == 8 * GIB
+    assert auto_budget("cpu", MemoryInfo(ram_total=GIB, ram_available=GIB)) == GIB  # never below one model
+    assert auto_budget("cpu") >= GIB  # this machine
