@@ -112,6 +112,9 @@ def test_history_lists_selects_reproduces_and_deletes(fake_studio, tabs):
     admin = fake_studio.admin
     job_id, _ = generate(tabs.txt2img, admin, checkpoint=fake_studio.models.checkpoint.title, steps=3, seed=-1)
     h = tabs.txt2img.history
+    type_choices = {t: [c[0] for c in tab.history.mode.choices] for t, tab in (("txt2img", tabs.txt2img),
+                                                                              ("img2img", tabs.img2img))}
+    assert type_choices == {"txt2img": ["Any", "txt2img"], "img2img": ["Any", "img2img", "inpaint"]}
     selected, summary, *_ = h.refresh(False, False, "Any", "Any", "Any", "Any", "", "", None, req(admin))
     titles = [c[0] if isinstance(c, tuple) else c for c in selected["choices"]]
     assert len(titles) == 1 and titles[0].endswith(f"-txt2img-succeeded-{job_id}") and summary == "1 of 1 job"

@@ -118,7 +118,8 @@ class HistoryPanel:
                 self.refresh_button = gr.Button("Refresh", size="sm", scale=0, elem_id=f"{t}-history-refresh")
             with gr.Accordion("Filter", open=False):
                 with gr.Row():
-                    self.mode = gr.Dropdown([ANY, *(m.value for m in JobMode)], value=ANY, label="Type")
+                    self.mode = gr.Dropdown([ANY, *(m.value for m in JobMode if m.value in self.modes)], value=ANY,
+                                            label="Type")
                     self.status = gr.Dropdown([ANY, *(s.value for s in JobStatus)], value=ANY, label="Status")
                     self.endpoint = gr.Dropdown([ANY], value=ANY, label="Endpoint")
                     self.checkpoint = gr.Dropdown([ANY], value=ANY, label="Checkpoint")
