@@ -28,6 +28,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers warns on every ``module.to(dtype)`` that "modules ... should be kept in float32: []" —
+    about an empty list, i.e. nothing. Dropped so real warnings stay visible in the server log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Warning())
+
 # The txt2img-capable class for each skeleton; img2img/inpaint variants are derived with from_pipe.
 _PIPELINE_CLASSES = (
     "StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "StableDiffusionXLPipeline",
