@@ -120,9 +120,10 @@ class FakeBackend(ThreadedBackend):
                 if cancelled():
                     if self.stopping:
                         return self.stopped_event(spec.job_id)
-                    partial = self._result(spec, seed, steps, done, width, height) if done else None
-                    return Cancelled(job_id=spec.job_id, reason="cancelled while running",
-                                     **(_fields(partial) if partial else {}))
+                    if not done:
+                        return Cancelled(job_id=spec.job_id, reason="cancelled while running")
+                    return self._result(spec, seed, steps, done, width, height, Cancelled,
+                                        reason="cancelled while running")
                 if skipped():
                     break
                 preview = None
@@ -133,8 +134,8 @@ class FakeBackend(ThreadedBackend):
                 done.extend(range(it * batch, (it + 1) * batch))
         return self._result(spec, seed, steps, done, width, height)
 
-    def _result(self, spec: JobSpec, seed: int, steps: int, offsets: list[int], width: int,
-                height: int) -> Succeeded:
+    def _result(self, spec: JobSpec, seed: int, steps: int, offsets: list[int], width: int, height: int,
+                outcome: type[Succeeded] | type[Cancelled] = Succeeded, **extra: Any) -> Succeeded | Cancelled:
         from pipelines.infotext import build
 
         req = spec.request
@@ -158,13 +159,8 @@ class FakeBackend(ThreadedBackend):
             "sd_model_hash": checkpoint.sha256[:10], "sd_vae_name": None, "sd_vae_hash": None, "clip_skip": 1,
             "index_of_first_image": 0, "infotexts": infotexts, "version": VERSION,
         }
-        return Succeeded(job_id=spec.job_id, images=tuple(images), infotexts=tuple(infotexts), seeds=tuple(seeds),
-                         timings={"total": 0.0}, info=info)
-
-
-def _fields(result: Succeeded) -> dict[str, Any]:
-    return {"images": result.images, "infotexts": result.infotexts, "seeds": result.seeds, "info": result.info,
-            "timings": result.timings}
+        return outcome(job_id=spec.job_id, images=tuple(images), infotexts=tuple(infotexts), seeds=tuple(seeds),
+                       timings={"total": 0.0}, info=info, **extra)
 
 
 def create(config: BackendConfig) -> FakeBackend:

@@ -178,10 +178,8 @@ class LocalBackend(ThreadedBackend):
         except EngineCancelled as exc:
             if self.stopping:
                 return self.stopped_event(spec.job_id)
-            done = exc.partial
-            if done is None:
-                return Cancelled(job_id=spec.job_id, reason="cancelled while running")
-            return Cancelled(job_id=spec.job_id, reason="cancelled while running", **_outputs(done))
+            kept = _outputs(exc.partial) if exc.partial is not None else {}  # the batches finished before
+            return Cancelled(job_id=spec.job_id, reason="cancelled while running", **kept)
         except OutOfMemoryError as exc:
             return Failed(job_id=spec.job_id, message=str(exc), kind="oom")
         except MemoryError:

@@ -124,17 +124,17 @@ class ThreadedBackend(Backend, ABC):
         worker.inbox.put(spec)
 
     def cancel(self, job_id: str) -> bool:
-        with self.lock:
-            held = any(w.current == job_id for w in self.workers)
-            if held:
-                self._cancelled.add(job_id)
-        return held
+        return self._flag(job_id, self._cancelled)
 
     def skip(self, job_id: str) -> bool:
+        return self._flag(job_id, self._skips)
+
+    def _flag(self, job_id: str, flags: set[str]) -> bool:
+        """Mark a job a worker holds (for its step loop to see); False when no worker holds it."""
         with self.lock:
             held = any(w.current == job_id for w in self.workers)
             if held:
-                self._skips.add(job_id)
+                flags.add(job_id)
         return held
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -162,13 +162,10 @@ class ThreadedBackend(Backend, ABC):
         """True once per ``skip`` call: answering consumes the request (the next batch runs normally)."""
 
         def check() -> bool:
-            if job_id not in self._skips:
-                return False
             with self.lock:
-                if job_id not in self._skips:
-                    return False
+                asked = job_id in self._skips
                 self._skips.discard(job_id)
-                return True
+            return asked
 
         return check
 

@@ -197,4 +197,6 @@ def test_auto_budget_leaves_headroom_for_activations():
     laptop = MemoryInfo(ram_total=16 * GIB, ram_available=4 * GIB)
     assert auto_budget("cpu", laptop) == 8 * GIB and auto_budget("mps", laptop) == 8 * GIB
     assert auto_budget("cpu", MemoryInfo(ram_total=GIB, ram_available=GIB)) == GIB  # never below one model
-    assert auto_budget("cpu") >= GIB  # this machine
+    import psutil
+
+    assert auto_budget("cpu") == max(GIB, psutil.virtual_memory().total // 2)  # this machine, read for real

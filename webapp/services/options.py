@@ -209,14 +209,13 @@ class OptionsService:
             wanted.pop("sd_model_checkpoint", None)  # "no checkpoint" is not a choice: keep the current one
         stored = {key: self._stored_value(actor, key, value) for key, value in wanted.items()}
         base, own = self._layers(actor)
-        effective = self._effective_choices(actor, {**base, **own})
+        # Models are compared with the one the caller runs on now, whichever layer (or the fallback) chose
+        # it: Open WebUI posts the whole dict back, and storing the fallback would pin it for good.
+        effective = self._effective_choices(actor, {**base, **own}) if {"sd_model_checkpoint", "sd_vae"} & set(
+            stored) else {}
         changed: list[str] = []
         with self._db.write() as s:
             for key, value in stored.items():
-                if key in effective and value == effective[key]:
-                    # The model the caller already runs on, posted back (Open WebUI sends the whole dict):
-                    # writing it would pin a fallback and stop them following later server defaults.
-                    continue
                 if actor.is_admin:
                     current, fallback = base.get(key), DEFAULTS[key]
                     row_type: type[ServerOption] | type[UserOption] = ServerOption
@@ -225,7 +224,7 @@ class OptionsService:
                     current, fallback = own.get(key, base.get(key)), base.get(key)
                     row_type = UserOption
                     where = [UserOption.user_id == actor.id, UserOption.key == key]
-                if value == current:
+                if value == effective.get(key, current):
                     continue
                 changed.append(key)
                 s.exec(delete(row_type).where(*where))

@@ -383,10 +383,8 @@ class JobService:
         """A1111 /skip, per caller: the running job drops its current batch and goes on with the next
         (``n_iter``). A backend that cannot skip ends the job instead, keeping the finished batches.
         Returns the job, or None when nothing of the caller's is running."""
-        with self._db.read() as s:
-            job = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
-                         .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
-        if job is None:
+        job = self.current_job(actor=actor)
+        if job is None or job.status != JobStatus.RUNNING:
             return None
         dispatcher = self._dispatchers.get(job.endpoint)
         if dispatcher is not None and dispatcher.skip(job.id):

@@ -15,6 +15,8 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sqlmodel import select
+
 from deploy.backends.base import BackendError
 from deploy.backends.registry import BackendConfig, create_backend
 from deploy.storage import BlobStore
@@ -48,8 +50,6 @@ def backend_options(settings: Settings) -> dict[str, Any]:
 
 def _stored_endpoints(db: Database) -> list[Endpoint]:
     """Endpoints other than ``local`` recorded by earlier runs (configuration lives in their rows)."""
-    from sqlmodel import select
-
     with db.read() as s:
         return list(s.exec(select(Endpoint).where(Endpoint.name != LOCAL_ENDPOINT).order_by(Endpoint.name)).all())
 
