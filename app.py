@@ -141,7 +141,8 @@ def build(settings: Settings) -> Studio:
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers)
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers,
+                     allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips)
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(
@@ -179,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
     log.info("serving on http://%s:%d/ (data dir %s)", settings.host, settings.port, settings.data_dir)
     try:
-        uvicorn.run(studio.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        # proxy_headers off: the app applies forwarded_allow_ips itself (web/proxy.py); uvicorn's own copy
+        # would trust X-Forwarded-For from 127.0.0.1 by default.
+        uvicorn.run(studio.app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                    proxy_headers=False, forwarded_allow_ips=settings.forwarded_allow_ips or [])
     finally:
         studio.close()
     return 0
