@@ -110,6 +110,7 @@ def build(settings: Settings) -> Studio:
     throttle = LoginThrottle(
         max_per_user=settings.login_max_failures_per_user,
         max_per_address=settings.login_max_failures_per_address,
+        max_per_account=settings.login_max_failures_per_account,
         window_seconds=settings.login_window_seconds,
     )
     tokens = TokenService(db)

@@ -65,15 +65,17 @@ class AuthService:
         return self._ttl
 
     def verify_password(self, username: str, password: str, *, client_address: str | None) -> User:
-        """Check credentials under the rate limit; raises Throttled or NotAuthenticated."""
+        """Check credentials under the rate limit; raises Throttled or NotAuthenticated.
+
+        The attempt is reserved before argon2 runs (see ``LoginThrottle``), so parallel guesses cannot
+        outnumber the limit; only a correct password gives the reservation back."""
         username = username.strip()
-        self._throttle.check(username, client_address)
+        attempt = self._throttle.reserve(username, client_address)
         user = self._users.get_by_name(username) if username else None
         if not self._passwords.verify(user.password_hash if user else None, password) or user is None:
-            self._throttle.record_failure(username, client_address)
             log.warning("failed login for %r from %s", username, client_address)
             raise NotAuthenticated("Incorrect username or password")
-        self._throttle.record_success(username)
+        self._throttle.succeeded(attempt)
         return user
 
     def verify_basic(self, username: str, password: str, *, client_address: str | None) -> User:
