@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         # Shown exactly once; only its argon2 hash is stored.
         sys.stderr.write(
             f"\n  First start: created user '{ADMIN_USERNAME}' with password: {studio.generated_admin_password}\n"
-            "  (shown only now; change it in the Users tab)\n\n"
+            "  (shown only now; change it in the Account tab)\n\n"
         )
         sys.stderr.flush()
     import uvicorn
