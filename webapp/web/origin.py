@@ -88,7 +88,8 @@ class OriginPolicy:
             if origin is not None and (origin == own or origin in self._allowed):
                 return None
             return (f"cross-origin request refused: {source} {claimed[:200]!r} is not this server's origin "
-                    f"({own or 'unknown: no Host header'}); an administrator can add it to allowed_origins")
+                    f"({own or 'unknown: no Host header'}); behind a reverse proxy an administrator sets "
+                    "forwarded_allow_ips to the proxy's address, or adds the public origin to allowed_origins")
         site = headers.get(b"sec-fetch-site")
         if site in ("cross-site", "same-site"):
             navigation = (method in ("GET", "HEAD") and headers.get(b"sec-fetch-mode") == "navigate"
