@@ -110,6 +110,7 @@ def build(settings: Settings) -> Studio:
     throttle = LoginThrottle(
         max_per_user=settings.login_max_failures_per_user,
         max_per_address=settings.login_max_failures_per_address,
+        max_per_account=settings.login_max_failures_per_account,
         window_seconds=settings.login_window_seconds,
     )
     tokens = TokenService(db)
@@ -141,7 +142,8 @@ def build(settings: Settings) -> Studio:
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers)
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers,
+                     allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips)
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(
@@ -172,14 +174,17 @@ def main(argv: list[str] | None = None) -> int:
         # Shown exactly once; only its argon2 hash is stored.
         sys.stderr.write(
             f"\n  First start: created user '{ADMIN_USERNAME}' with password: {studio.generated_admin_password}\n"
-            "  (shown only now; change it in the Users tab)\n\n"
+            "  (shown only now; change it in the Account tab)\n\n"
         )
         sys.stderr.flush()
     import uvicorn
 
     log.info("serving on http://%s:%d/ (data dir %s)", settings.host, settings.port, settings.data_dir)
     try:
-        uvicorn.run(studio.app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+        # proxy_headers off: the app applies forwarded_allow_ips itself (web/proxy.py); uvicorn's own copy
+        # would trust X-Forwarded-For from 127.0.0.1 by default.
+        uvicorn.run(studio.app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                    proxy_headers=False, forwarded_allow_ips=settings.forwarded_allow_ips or [])
     finally:
         studio.close()
     return 0

@@ -66,7 +66,7 @@ class Settings(BaseSettings):
             return [part for part in text.split(":") if part.strip()]
         return value
 
-    @field_validator("url_import_allow", mode="before")
+    @field_validator("url_import_allow", "allowed_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_allow(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -136,6 +136,30 @@ class Settings(BaseSettings):
             self.model_cache_dir = self.data_dir / "cache" / "models"
         return self
 
+    # -- HTTP gate: origins, reverse proxies, login throttle -------------------------------------------
+    allowed_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins (``scheme://host[:port]``) accepted besides the server's own for cookie-authenticated requests,
+    e.g. the public address when a proxy rewrites the Host header. Environment: comma-separated."""
+    forwarded_allow_ips: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Peers (IPs, CIDRs or ``*``) whose X-Forwarded-For/-Proto/-Host are trusted, as uvicorn's option of that
+    name; empty by default: forwarded headers are ignored. Environment: comma-separated."""
+    login_max_failures_per_account: int = Field(100, ge=1)
+    """Failed logins for one user name from all addresses per window; past it, attempts for that user are
+    spaced ``login_window_seconds / this`` seconds apart (slowed, never locked)."""
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _check_origins(cls, value: list[str]) -> list[str]:
+        from webapp.web.origin import normalize_origin
+
+        normalized = []
+        for item in value:
+            origin = normalize_origin(item)
+            if origin is None:
+                raise ValueError(f"allowed_origins entry {item!r} must be scheme://host[:port] (no path)")
+            normalized.append(origin)
+        return normalized
+
     @property
     def listens_publicly(self) -> bool:
         return self.host not in ("127.0.0.1", "localhost", "::1")
@@ -169,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import-workers", type=int, help="model imports running at once (default 2)")
     p.add_argument("--backend", help="backend kind of the local endpoint: local (default) or fake")
     p.add_argument("--devices", help="local devices: auto (default), cpu, or a list such as cuda:0,cuda:1")
+    p.add_argument("--forwarded-allow-ips",
+                   help="comma-separated proxy addresses (IPs, CIDRs or *) whose X-Forwarded-* headers are trusted")
+    p.add_argument("--allowed-origins", help="comma-separated extra origins (scheme://host[:port]) browsers may use")
     return p
 
 
@@ -180,7 +207,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
-                 "devices"):
+                 "devices", "forwarded_allow_ips", "allowed_origins"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

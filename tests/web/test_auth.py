@@ -164,10 +164,10 @@ def test_throttle_window_slides():
 
     now = [1000.0]
     throttle = LoginThrottle(max_per_user=2, max_per_address=10, window_seconds=60, clock=lambda: now[0])
-    throttle.record_failure("bob", "1.2.3.4")
-    throttle.record_failure("bob", "1.2.3.4")
+    throttle.reserve("bob", "1.2.3.4")  # a reservation stands as a failure until it is forgiven
+    throttle.reserve("bob", "1.2.3.4")
     with pytest.raises(Throttled) as exc:
-        throttle.check("bob", "1.2.3.4")
+        throttle.reserve("bob", "1.2.3.4")
     assert exc.value.retry_after == 60
     now[0] += 61
-    throttle.check("bob", "1.2.3.4")  # the window slid past both failures
+    throttle.reserve("bob", "1.2.3.4")  # the window slid past both failures

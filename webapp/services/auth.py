@@ -22,7 +22,7 @@ from webapp.records import LoginSession, User, utcnow
 from webapp.services.errors import InvalidInput, NotAuthenticated
 from webapp.services.passwords import Passwords, check_password_policy
 from webapp.services.throttle import LoginThrottle
-from webapp.services.tokens import TokenService
+from webapp.services.tokens import TokenService, revoke_all
 from webapp.services.users import UserService
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,17 @@ class AuthService:
         return self._ttl
 
     def verify_password(self, username: str, password: str, *, client_address: str | None) -> User:
-        """Check credentials under the rate limit; raises Throttled or NotAuthenticated."""
+        """Check credentials under the rate limit; raises Throttled or NotAuthenticated.
+
+        The attempt is reserved before argon2 runs (see ``LoginThrottle``), so parallel guesses cannot
+        outnumber the limit; only a correct password gives the reservation back."""
         username = username.strip()
-        self._throttle.check(username, client_address)
+        attempt = self._throttle.reserve(username, client_address)
         user = self._users.get_by_name(username) if username else None
         if not self._passwords.verify(user.password_hash if user else None, password) or user is None:
-            self._throttle.record_failure(username, client_address)
             log.warning("failed login for %r from %s", username, client_address)
             raise NotAuthenticated("Incorrect username or password")
-        self._throttle.record_success(username)
+        self._throttle.succeeded(attempt)
         return user
 
     def verify_basic(self, username: str, password: str, *, client_address: str | None) -> User:
@@ -118,10 +120,11 @@ class AuthService:
 
     def change_own_password(
         self, *, actor: User, current_password: str, new_password: str, keep_session: str | None = None,
-        client_address: str | None = None,
+        client_address: str | None = None, revoke_tokens: bool = True,
     ) -> None:
         """A user changes their own password: the current one is checked (under the throttle), every
-        other session of theirs ends and cached Basic credentials stop working."""
+        other session of theirs ends (``keep_session``, the one asking, stays), cached Basic credentials
+        stop working and, unless ``revoke_tokens`` is false, their API tokens are revoked."""
         self.verify_password(actor.username, current_password, client_address=client_address)
         check_password_policy(new_password, field="new_password")
         if new_password == current_password:
@@ -139,8 +142,9 @@ class AuthService:
             if keep:
                 query = query.where(LoginSession.token_hash != keep)
             s.exec(query)
+            revoked = revoke_all(s, actor.id) if revoke_tokens else 0
         self.forget_credentials(actor.id)
-        log.info("%s changed their password", actor.username)
+        log.info("%s changed their password (%d API tokens revoked)", actor.username, revoked)
 
     def login(
         self, username: str, password: str, *, client_address: str | None = None, user_agent: str | None = None,

@@ -12,7 +12,7 @@ import logging
 import secrets
 from datetime import timedelta
 
-from sqlmodel import func, select
+from sqlmodel import Session, func, select, update
 
 from webapp.db import Database
 from webapp.records import ApiToken, ApiTokenPublic, User, utcnow
@@ -34,6 +34,14 @@ def hash_token(token: str) -> str:
 
 def looks_like_token(value: str) -> bool:
     return value.startswith(TOKEN_PREFIX) and 20 <= len(value) <= 128
+
+
+def revoke_all(s: Session, user_id: int) -> int:
+    """Revoke every active token of a user inside the caller's write transaction (a password reset or
+    change: a token minted with a leaked password must not outlive the reset); returns how many."""
+    result = s.exec(update(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+                    .values(revoked_at=utcnow()))
+    return result.rowcount or 0
 
 
 class TokenService:

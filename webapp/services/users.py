@@ -12,6 +12,7 @@ from webapp.db import Database
 from webapp.records import LoginSession, Role, User, UserPublic, utcnow
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.services.passwords import Passwords, check_password_policy
+from webapp.services.tokens import revoke_all
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ class UserService:
             s.delete(user)
         log.info("user %s deleted by %s", username, actor.username)
 
-    def reset_password(self, *, actor: User, username: str, new_password: str) -> None:
-        """Set a new password and end every session of that user (they must log in again)."""
+    def reset_password(self, *, actor: User, username: str, new_password: str, revoke_tokens: bool = True) -> None:
+        """Set a new password and end every session of that user (they must log in again); unless
+        ``revoke_tokens`` is false, their API tokens are revoked too."""
         require_admin(actor)
         check_password_policy(new_password)
         password_hash = self._passwords.hash(new_password)
@@ -89,7 +91,8 @@ class UserService:
             user.password_changed_at = utcnow()
             s.add(user)
             s.exec(delete(LoginSession).where(LoginSession.user_id == user.id))
-        log.info("password of %s reset by %s", username, actor.username)
+            revoked = revoke_all(s, user.id) if revoke_tokens else 0
+        log.info("password of %s reset by %s (%d API tokens revoked)", username, actor.username, revoked)
 
     # -- bootstrap ------------------------------------------------------------------------------------
     def has_admin(self) -> bool:

@@ -17,6 +17,7 @@ from webapp.ui.context import UiContext, ui_errors
 from webapp.web.gate import SESSION_COOKIE
 
 HEADERS = ["Name", "Token starts with", "Created (UTC)", "Last used (UTC)", "Status"]
+REVOKE_TOKENS_LABEL = "Also revoke API tokens"
 USAGE = """Use a token instead of your password in scripts and editors:
 
 ```
@@ -79,15 +80,19 @@ class AccountTab:
         return rows, gr.update(choices=choices, value=None)
 
     @ui_errors
-    def change_password(self, current: str, new: str, confirm: str, request: gr.Request) -> tuple:
+    def change_password(
+        self, current: str, new: str, confirm: str, request: gr.Request, revoke_tokens: bool = True,
+    ) -> tuple:
         if new != confirm:
             raise gr.Error("The new password and its confirmation differ")
         client = getattr(request, "client", None)
         self.auth.change_own_password(
             actor=self.ctx.user(request), current_password=current, new_password=new,
             keep_session=_cookie(request), client_address=getattr(client, "host", None),
+            revoke_tokens=bool(revoke_tokens),
         )
-        gr.Info("Password changed; your other sessions were signed out")
+        tokens = "your API tokens were revoked" if revoke_tokens else "your API tokens still work"
+        gr.Info(f"Password changed; your other sessions were signed out and {tokens}")
         return "", "", ""
 
     def build(self) -> gr.Tab:
@@ -114,11 +119,12 @@ class AccountTab:
                     current = gr.Textbox(label="Current password", type="password", elem_id="current-password")
                     new = gr.Textbox(label="New password", type="password", elem_id="new-password")
                     confirm = gr.Textbox(label="Confirm new password", type="password", elem_id="confirm-password")
+                    revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL, elem_id="revoke-tokens-on-change")
                     change = gr.Button("Change password", elem_id="change-password")
         tab.select(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
         refresh.click(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
         create.click(self.create, [name], [shown, name, table, revoke_choice], api_visibility="private")
         revoke.click(self.revoke, [revoke_choice], [table, revoke_choice], api_visibility="private")
-        change.click(self.change_password, [current, new, confirm], [current, new, confirm],
+        change.click(self.change_password, [current, new, confirm, revoke_tokens], [current, new, confirm],
                      api_visibility="private")
         return tab

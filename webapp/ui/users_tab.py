@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from webapp.records import Role
+from webapp.ui.account_tab import REVOKE_TOKENS_LABEL
 from webapp.ui.context import UiContext, ui_errors
 
 HEADERS = ["User", "Role", "Created (UTC)"]
@@ -40,11 +41,15 @@ class UsersTab:
         return (*_refresh(self.ctx, request), "", "")
 
     @ui_errors
-    def reset_password(self, username: str | None, password: str, request: gr.Request) -> tuple:
+    def reset_password(
+        self, username: str | None, password: str, request: gr.Request, revoke_tokens: bool = True,
+    ) -> tuple:
         if not username:
             raise gr.Error("Choose the user whose password to reset")
-        self.ctx.users.reset_password(actor=self.ctx.user(request), username=username, new_password=password)
-        gr.Info(f"Password of {username} reset; their sessions were ended")
+        self.ctx.users.reset_password(actor=self.ctx.user(request), username=username, new_password=password,
+                                      revoke_tokens=bool(revoke_tokens))
+        tokens = "their API tokens were revoked" if revoke_tokens else "their API tokens still work"
+        gr.Info(f"Password of {username} reset; their sessions were ended and {tokens}")
         return ("",)
 
     @ui_errors
@@ -70,6 +75,7 @@ class UsersTab:
                     gr.Markdown("### Reset password")
                     reset_name = gr.Dropdown(label="User", choices=[])
                     reset_password = gr.Textbox(label="New password", type="password")
+                    revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL)
                     reset = gr.Button("Reset password")
                 with gr.Column():
                     gr.Markdown("### Delete user")
@@ -80,7 +86,8 @@ class UsersTab:
             self.create, [new_name, new_password, new_role], [table, reset_name, delete_name, new_name, new_password],
             api_visibility="private",
         )
-        reset.click(self.reset_password, [reset_name, reset_password], [reset_password], api_visibility="private")
+        reset.click(self.reset_password, [reset_name, reset_password, revoke_tokens], [reset_password],
+                    api_visibility="private")
         delete.click(self.delete, [delete_name], [table, reset_name, delete_name], api_visibility="private")
         tab.select(self.refresh, None, [table, reset_name, delete_name], api_visibility="private")
         return tab

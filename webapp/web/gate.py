@@ -3,6 +3,10 @@
 Identity comes from the session cookie (browsers) or an ``Authorization`` header (scripts: HTTP Basic
 with the user's own login, or ``Bearer <token>`` with a personal API token). The user is put in the
 ASGI scope under ``studio.user`` for the routes, the API dependencies and Gradio's ``auth_dependency``.
+
+Every request except a Bearer one must come from the server's own origin (``origin.OriginPolicy``):
+browsers attach cookies and cached Basic credentials to requests other pages start, never a Bearer
+token, so that one check covers every route, the login form (login CSRF) and Gradio's queue alike.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import anyio
 from webapp.records import User
 from webapp.services.auth import AuthService
 from webapp.services.errors import NotAuthenticated, Throttled
+from webapp.web.origin import OriginPolicy
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +69,24 @@ def _cookie(scope: Scope, name: str) -> str | None:
     return None
 
 
+def _scheme(scope: Scope) -> str | None:
+    """The ``Authorization`` scheme in lower case (``basic``, ``bearer``), or None without one."""
+    authorization = _header(scope, b"authorization")
+    return authorization.partition(" ")[0].lower() if authorization else None
+
+
 def client_address(scope: Scope) -> str | None:
+    """The peer's address; ``web.proxy.ForwardedHeaders`` has replaced it with X-Forwarded-For's client
+    when (and only when) the peer is a trusted proxy."""
     client = scope.get("client")
     return client[0] if client else None
 
 
 class AuthGate:
-    def __init__(self, app: Callable, auth: AuthService) -> None:
+    def __init__(self, app: Callable, auth: AuthService, origins: OriginPolicy | None = None) -> None:
         self.app = app
         self.auth = auth
+        self.origins = origins or OriginPolicy()
         self._limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,6 +94,12 @@ class AuthGate:
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
+        if _scheme(scope) != "bearer":
+            reason = self.origins.refusal(scope)
+            if reason is not None:
+                log.warning("refused %s %s: %s", scope.get("method", "websocket"), path, reason)
+                await self._refuse(scope, send, path, 403, reason)
+                return
         loop = asyncio.get_running_loop()
         limiter = self._limiters.get(loop)
         if limiter is None:
@@ -101,10 +121,10 @@ class AuthGate:
     def _identify(self, scope: Scope) -> User | None:
         authorization = _header(scope, b"authorization")
         if authorization:
-            scheme, _, value = authorization.partition(" ")
-            if scheme.lower() == "basic":
+            _, _, value = authorization.partition(" ")
+            if _scheme(scope) == "basic":
                 return self._basic(value.strip(), scope)
-            if scheme.lower() == "bearer":
+            if _scheme(scope) == "bearer":
                 user = self.auth.user_for_api_token(value.strip())
                 if user is None:
                     raise NotAuthenticated("Invalid or revoked API token")
@@ -121,9 +141,6 @@ class AuthGate:
         return self.auth.verify_basic(username, password, client_address=client_address(scope))
 
     async def _deny(self, scope: Scope, send: Send, path: str, message: str) -> None:
-        if scope["type"] == "websocket":
-            await send({"type": "websocket.close", "code": 4401})
-            return
         is_api = path.startswith(API_PREFIXES)
         accept = _header(scope, b"accept") or ""
         if not is_api and scope.get("method") == "GET" and "text/html" in accept:
@@ -134,10 +151,19 @@ class AuthGate:
             await send({"type": "http.response.body", "body": b""})
             return
         headers = [(b"www-authenticate", b'Basic realm="studio"')] if is_api else []
+        await self._refuse(scope, send, path, 401, message, headers)
+
+    async def _refuse(
+        self, scope: Scope, send: Send, path: str, status: int, message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 4000 + status})
+            return
         body: dict[str, Any] = {"detail": message}
         if path.startswith(("/sdapi/", "/internal/")):  # A1111 clients parse its error shape (a1111-api.md §1)
-            body = {"error": "HTTPException", "detail": message, "body": "", "errors": f"401: {message}"}
-        await self._reply(send, 401, body, headers)
+            body = {"error": "HTTPException", "detail": message, "body": "", "errors": f"{status}: {message}"}
+        await self._reply(send, status, body, headers or [])
 
     @staticmethod
     async def _reply(send: Send, status: int, body: dict, headers: list[tuple[bytes, bytes]]) -> None:

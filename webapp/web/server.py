@@ -11,6 +11,8 @@ from webapp.services.auth import AuthService
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.login import UI_PATH, build_login_router
+from webapp.web.origin import OriginPolicy
+from webapp.web.proxy import ForwardedHeaders
 
 
 def gradio_user(request: Request) -> str | None:
@@ -21,6 +23,7 @@ def gradio_user(request: Request) -> str | None:
 
 def create_app(
     *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
+    allowed_origins: Iterable[str] = (), forwarded_allow_ips: list[str] | None = None,
 ) -> FastAPI:
     app = FastAPI(title="the studio", version="0.1.0", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
@@ -30,5 +33,6 @@ def create_app(
     gr.mount_gradio_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
     )
-    app.add_middleware(AuthGate, auth=auth)
+    app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))
+    app.add_middleware(ForwardedHeaders, trusted_hosts=forwarded_allow_ips or [])  # before the gate reads them
     return app

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Body, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool
 
 from webapp.api.deps import CurrentUser
 from webapp.records import UserPublic
@@ -25,6 +25,7 @@ class UserCreate(BaseModel):
 
 class PasswordReset(BaseModel):
     password: str = Field(description="The new password; every session of the user ends")
+    revoke_tokens: StrictBool = Field(True, description="Also revoke the user's API tokens")
 
 
 class UserDeleteMany(BaseModel):
@@ -67,7 +68,8 @@ def build_router(users: UserService, auth: AuthService) -> APIRouter:
 
     @router.put("/{username}/password")
     def reset_password(user: CurrentUser, username: str, body: PasswordReset) -> dict[str, Any]:
-        users.reset_password(actor=user, username=username, new_password=body.password)
-        return {"username": username, "password_reset": True}
+        users.reset_password(actor=user, username=username, new_password=body.password,
+                             revoke_tokens=body.revoke_tokens)
+        return {"username": username, "password_reset": True, "tokens_revoked": body.revoke_tokens}
 
     return router
