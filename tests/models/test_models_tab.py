@@ -61,8 +61,10 @@ def test_url_import_lines_and_bad_input(build_studio, tiny):
             list(tab.import_urls("http://127.0.0.1:1/x.safetensors", "lora", "", "everyone", ADMIN))
 
 
-def test_select_rename_preview_and_delete(mstudio, tiny):
+def test_select_rename_preview_and_delete(mstudio, tiny, tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # handlers read files Gradio received, from its folder
 
     tab = _tab(mstudio)
     admin = mstudio.users.get_by_name("admin")
@@ -73,7 +75,7 @@ def test_select_rename_preview_and_delete(mstudio, tiny):
     assert mstudio.models.get(actor=admin, model_id=record.id).name == "styles/ink"
     with pytest.raises(gr.Error, match="contains"):
         tab.save(record.id, "bad:name", "", "private", ADMIN)
-    picture = mstudio.settings.data_dir / "preview.png"
+    picture = tmp_path / "preview.png"
     Image.new("RGB", (4, 4), "green").save(picture)
     tab.set_preview(record.id, str(picture), ADMIN)
     assert tab.show(record.id, ADMIN)[-1].size == (4, 4)

@@ -18,9 +18,11 @@ from typing import Any
 import gradio as gr
 
 from webapp.records import ModelStatus, ModelType, Visibility
+from webapp.services.models.registry import MAX_PREVIEW_BYTES
 from webapp.services.models.views import item_line
 from webapp.services.models.wiring import ModelServices
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.files import read_upload
 
 HEADERS = ["Name", "Type", "Base", "Status", "Size", "AutoV2", "SHA256", "LoRA hash", "Owner", "Visibility",
            "Source", "Created (UTC)", "ID"]
@@ -142,7 +144,7 @@ class ModelsTab:
             raise gr.Error("Choose a model in the table first")
         if not image_path:
             raise gr.Error("Drop an image on the preview first")
-        data = Path(image_path).read_bytes()
+        data = read_upload(image_path, max_bytes=MAX_PREVIEW_BYTES, what="preview image")
         self.registry.set_preview(actor=self.ctx.user(request), model_id=model_id, data=data)
         gr.Info("Preview image saved")
 

@@ -8,6 +8,7 @@ import gradio as gr
 from fastapi import APIRouter, FastAPI, Request
 
 from webapp.services.auth import AuthService
+from webapp.ui.files import guard_uploads
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.login import UI_PATH, build_login_router
@@ -30,5 +31,6 @@ def create_app(
     gr.mount_gradio_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
     )
+    guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
     app.add_middleware(AuthGate, auth=auth)
     return app
