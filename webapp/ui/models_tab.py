@@ -91,9 +91,10 @@ class ModelsTab:
 
     @ui_errors
     def rescan(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
-        self.ctx.user(request)
-        summary = self.registry.rescan_models_dir()
-        if summary.folder:
+        summary = self.registry.refresh(actor=self.ctx.user(request))
+        if summary is None:
+            gr.Info("The models folder was rescanned moments ago; this is the current list")
+        elif summary.folder:
             gr.Info(f"Models folder rescanned: {summary.line}")
         return self.refresh(type_, status, base, query, request)
 
