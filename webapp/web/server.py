@@ -9,6 +9,7 @@ from fastapi import APIRouter, FastAPI, Request
 
 from webapp.services.auth import AuthService
 from webapp.ui.files import guard_uploads
+from webapp.web.docs import install_docs
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.login import UI_PATH, build_login_router
@@ -23,7 +24,8 @@ def gradio_user(request: Request) -> str | None:
 def create_app(
     *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
 ) -> FastAPI:
-    app = FastAPI(title="the studio", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None)
+    install_docs(app)  # self-hosted Swagger UI (no CDN)
     install_error_handlers(app)
     app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
     for router in routers:
