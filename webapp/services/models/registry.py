@@ -96,6 +96,15 @@ class ModelRegistry:
             raise NotFound(f"no model with id {model_id!r}", field="model_id")
         return record
 
+    def get_by_name(self, *, actor: User, type: ModelType | str, name: str) -> ModelRecord:
+        """The model of `type` named exactly `name` (names are unique per type), any status."""
+        model_type = catalog.parse_type(type)
+        with self._db.read() as s:
+            record = s.exec(select(ModelRecord).where(ModelRecord.type == model_type, ModelRecord.name == name)).first()
+        if record is None or not catalog.can_see(actor, record):
+            raise NotFound(f"no {model_type.label} named {name!r}", field="name")
+        return record
+
     def find(self, *, actor: User, type: ModelType | str, ref: str) -> ModelRecord | None:
         """Resolve name / ``name [hash]`` / file name / AutoV2 / legacy / LoRA / full sha256 to an Active model."""
         model_type = catalog.parse_type(type)

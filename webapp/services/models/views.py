@@ -37,6 +37,17 @@ def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = Non
     return view
 
 
+DETAIL_KEYS = ("id", "name", "title", "sha256", "autov2", "legacy_hash", "lora_hash", "source_sha256", "file_name",
+               "file_format", "size", "source", "source_detail", "in_place", "local_path", "store_key",
+               "created_at", "updated_at")
+
+
+def model_details(record: ModelRecord, *, actor: User) -> dict[str, Any]:
+    """The Models tab's details panel: identity, hashes and origin (paths as `model_view` allows), no metadata."""
+    view = model_view(record, actor=actor)
+    return {key: view[key] for key in DETAIL_KEYS if view.get(key) is not None}
+
+
 def scan_view(summary: ScanSummary | None, *, actor: User) -> dict[str, Any]:
     """A refresh's answer; the folder and the paths of files that are not models: administrators only."""
     if summary is None:
