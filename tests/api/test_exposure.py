@@ -43,7 +43,7 @@ def test_listings_show_server_paths_to_admins_only(exposed):
     s, folder = exposed
     c = s.client
     listings = ["/sdapi/v1/sd-models", "/sdapi/v1/loras", "/sdapi/v1/sd-vae", "/sdapi/v1/hypernetworks",
-                "/api/v1/checkpoints", "/api/v1/models"]
+                "/sdapi/v1/embeddings", "/sdapi/v1/options", "/api/v1/checkpoints", "/api/v1/models"]
     for path in listings:
         answer = c.get(path, auth=ALICE)
         assert answer.status_code == 200, (path, answer.text)

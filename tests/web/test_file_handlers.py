@@ -126,3 +126,28 @@ def test_handlers_called_directly_refuse_paths_outside_the_upload_folder(studio,
     models = ModelsTab(ctx, studio.model_services)
     with pytest.raises(gr.Error, match="uploaded"):
         models.set_preview("any-model", str(secret), request)
+
+
+def test_every_file_input_of_the_ui_refuses_a_server_path(studio, tmp_path):
+    """Gradio's own step before any handler (preprocess moves input files to its cache) refuses the path,
+    for every file-taking component: PNG Info's file, the model preview, img2img's image editor."""
+    import asyncio
+
+    from gradio import processing_utils
+    from gradio.context import LocalContext
+    from gradio.exceptions import InvalidPathError
+
+    blocks = _blocks(studio)
+    payload = _file_data(_png_with_infotext(tmp_path / f"any-{uuid.uuid4().hex}.png"))
+    shapes = {gr.ImageEditor: {"background": payload, "layers": [], "composite": payload}}
+    inputs = {block for dep in blocks.fns.values() for block in dep.inputs
+              if isinstance(block, gr.File | gr.Image | gr.ImageEditor)}
+    assert {type(block) for block in inputs} == {gr.File, gr.Image, gr.ImageEditor}
+    token = LocalContext.blocks.set(blocks)  # what Gradio sets while it processes an event
+    try:
+        for block in inputs:
+            with pytest.raises(InvalidPathError):
+                asyncio.run(processing_utils.async_move_files_to_cache(
+                    shapes.get(type(block), payload), block, check_in_upload_folder=True))
+    finally:
+        LocalContext.blocks.reset(token)

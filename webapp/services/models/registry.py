@@ -140,7 +140,8 @@ class ModelRegistry:
         The caller vouches for `path` (HTTP/UI server imports check admin rights and import roots before
         calling). In place, the file stays where it is and is referenced by path (admins only: it is a
         server file); otherwise its bytes are copied into the asset store. Same bytes twice: the existing
-        model is returned.
+        model is returned if the caller may see it; another user's private model is never revealed (the
+        caller gets a model of their own sharing the stored bytes).
         """
         if in_place and actor is not None:
             require_admin(actor)
