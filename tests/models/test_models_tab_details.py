@@ -56,3 +56,20 @@ def test_table_has_no_hash_columns_and_the_details_panel_has_them(build_studio, 
     assert selected["value"] == record.id
     assert admin_details["local_path"] == str(folder / "Lora" / "inplace.safetensors")
     assert tab.show(record.id, ALICE)[-1]["sha256"] == record.sha256  # choosing it in the dropdown too
+
+
+def test_refresh_button_of_a_non_admin_rescans_at_most_once_per_interval(build_studio, tiny, tmp_path):
+    folder = tmp_path / "a1111-models"
+    (folder / "Lora").mkdir(parents=True)
+    studio = build_studio(models_dir=folder)
+    studio.models.rescan_models_dir()
+    make_user(studio)
+    tab = _tab(studio)
+    shutil.copy(tiny.lora, folder / "Lora" / "first.safetensors")
+    rows, *_ = tab.rescan(ALL, ALL, ALL, "", ALICE)
+    assert [r[0] for r in rows] == ["first"]
+    shutil.copy(tiny.lora2, folder / "Lora" / "second.safetensors")
+    rows, *_ = tab.rescan(ALL, ALL, ALL, "", ALICE)
+    assert [r[0] for r in rows] == ["first"], "a second rescan within the interval was skipped"
+    rows, *_ = tab.rescan(ALL, ALL, ALL, "", ADMIN)
+    assert [r[0] for r in rows] == ["first", "second"]
