@@ -88,6 +88,9 @@ class Studio:
 
 def build(settings: Settings) -> Studio:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    default_imports = settings.data_dir / "imports"
+    if default_imports in settings.import_roots:  # where admins put files for Models › From server
+        default_imports.mkdir(exist_ok=True)
     db = Database(settings.db_url)
     schema.upgrade(db)
     is_s3 = settings.store_url.startswith("s3://")

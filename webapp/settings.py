@@ -78,6 +78,12 @@ class Settings(BaseSettings):
             return [part.strip() for part in text.split(",") if part.strip()]
         return value
 
+    # -- exposure (what ordinary users may trigger and read) ----------------------------------------------
+    refresh_min_interval_seconds: float = Field(60.0, ge=0)
+    """Non-administrators' model-folder refreshes (A1111 ``refresh-*``, the Models tab's Refresh) rescan at
+    most once per this many seconds, server-wide; the others answer at once with the lists as they are.
+    Administrators always rescan."""
+
     # -- jobs (queue, backends) ------------------------------------------------------------------------
     backend: str = "local"
     """Backend kind of the ``local`` endpoint: ``local`` (this machine's devices) or ``fake`` (tests, demos)."""

@@ -84,7 +84,7 @@ def test_cmd_flags_never_show_secrets(make_settings):
 
     settings = make_settings(database_url="postgresql+psycopg://studio:s3cret-pw@db.example/studio",
                              civitai_token=SecretStr("civitai-secret-token"), hf_token=SecretStr("hf-secret-token"))
-    text = repr(cmd_flags(settings))
+    text = repr(cmd_flags(settings, admin=True))
     for secret in ("s3cret-pw", "civitai-secret-token", "hf-secret-token", "admin-password-for-tests"):
         assert secret not in text
     assert "db.example" in text

@@ -151,7 +151,8 @@ def test_another_user_cannot_reach_a_job_through_the_ui(fake_studio, tabs):
     assert image.size == (64, 64)
 
 
-def test_send_to_img2img_and_png_info_to_txt2img(fake_studio, tabs, tmp_path):
+def test_send_to_img2img_and_png_info_to_txt2img(fake_studio, tabs, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # handlers read files Gradio received, from its folder
     admin = fake_studio.admin
     job_id, _ = generate(tabs.txt2img, admin, checkpoint=fake_studio.models.checkpoint.title, steps=5, seed=42,
                          prompt="a tiny lighthouse", width=64, height=64)

@@ -12,7 +12,7 @@ import pytest
 from tests.models.conftest import make_user
 from tests.models.http_files import serve_files
 from webapp.ui.context import UiContext
-from webapp.ui.models_tab import ALL, AUTO, ModelsTab
+from webapp.ui.models_tab import ALL, AUTO, HEADERS, ModelsTab
 
 
 def _tab(studio) -> ModelsTab:
@@ -30,11 +30,11 @@ def test_server_import_streams_lines_then_table_filters(mstudio, tiny, import_ro
     assert "style: done — registered in place" in lines[-1] and "— succeeded: 2 of 2 file(s) imported" in lines[-1]
     rows, bases, choices = tab.refresh(ALL, ALL, ALL, "", ADMIN)
     assert sorted(r[0] for r in rows) == ["style", "tinyvae"]
-    assert rows[0][3] == "Active" and rows[0][-3] == "in place"
+    assert rows[0][3] == "Active" and rows[0][HEADERS.index("Source")] == "in place"
     assert "sd1" in bases["choices"]
     lora_rows, _, _ = tab.refresh("lora", "Active", "sd1", "", ADMIN)
-    assert [r[0] for r in lora_rows] == ["style"] and lora_rows[0][6] == mstudio.models.list_models(
-        actor=mstudio.users.get_by_name("admin"), type="lora")[0].sha256
+    assert [r[0] for r in lora_rows] == ["style"] and tab.on_select(SimpleNamespace(row_value=lora_rows[0]), ADMIN)[
+        -1]["sha256"] == mstudio.models.list_models(actor=mstudio.users.get_by_name("admin"), type="lora")[0].sha256
     assert tab.refresh(ALL, "Failed", ALL, "", ADMIN)[0] == []
     assert [r[0] for r in tab.refresh(ALL, ALL, ALL, "vae", ADMIN)[0]] == ["tinyvae"]
 
@@ -45,8 +45,8 @@ def test_non_admins_cannot_import_from_the_server_even_by_calling_the_handler(ms
     lora = shutil.copy(tiny.lora, import_root / "style.safetensors")
     with pytest.raises(gr.Error, match="not an administrator"):
         list(tab.import_server(str(lora), AUTO, "in place", "", "everyone", SimpleNamespace(username="alice")))
-    assert tab.on_open(SimpleNamespace(username="alice"))["visible"] is False
-    assert tab.on_open(ADMIN)["visible"] is True
+    assert tab.on_open(SimpleNamespace(username="alice"))[0]["visible"] is False
+    assert tab.on_open(ADMIN)[0]["visible"] is True
 
 
 def test_url_import_lines_and_bad_input(build_studio, tiny):
@@ -61,22 +61,24 @@ def test_url_import_lines_and_bad_input(build_studio, tiny):
             list(tab.import_urls("http://127.0.0.1:1/x.safetensors", "lora", "", "everyone", ADMIN))
 
 
-def test_select_rename_preview_and_delete(mstudio, tiny):
+def test_select_rename_preview_and_delete(mstudio, tiny, tmp_path, monkeypatch):
     from PIL import Image
+
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # handlers read files Gradio received, from its folder
 
     tab = _tab(mstudio)
     admin = mstudio.users.get_by_name("admin")
     record = mstudio.models.register_file(actor=admin, path=tiny.lora)
-    selected, name, description, visibility, image = tab.show(record.id, ADMIN)
+    selected, name, description, visibility, image, details = tab.show(record.id, ADMIN)
     assert (name, visibility, image) == ("style", "everyone", None)
     tab.save(record.id, "styles/ink", "an ink look", "private", ADMIN)
     assert mstudio.models.get(actor=admin, model_id=record.id).name == "styles/ink"
     with pytest.raises(gr.Error, match="contains"):
         tab.save(record.id, "bad:name", "", "private", ADMIN)
-    picture = mstudio.settings.data_dir / "preview.png"
+    picture = tmp_path / "preview.png"
     Image.new("RGB", (4, 4), "green").save(picture)
     tab.set_preview(record.id, str(picture), ADMIN)
-    assert tab.show(record.id, ADMIN)[-1].size == (4, 4)
+    assert tab.show(record.id, ADMIN)[4].size == (4, 4)
     alice = make_user(mstudio)
     assert alice is not None
     with pytest.raises(gr.Error):  # private now: alice cannot even see it

@@ -111,8 +111,11 @@ def test_private_models_are_invisible_to_other_users(mstudio, tiny):
     assert registry.find(actor=bob, type="lora", ref="style") is None
     with pytest.raises(NotFound):
         registry.get(actor=bob, model_id=private.id)
-    with pytest.raises(Conflict):  # same bytes as a private model of someone else
-        registry.register_file(actor=bob, path=tiny.lora)
+    # same bytes as a private model of someone else: bob gets a model of his own, as for any fresh import
+    bobs = registry.register_file(actor=bob, path=tiny.lora, visibility="private")
+    assert bobs.id != private.id and bobs.owner_id == bob.id
+    assert {m.id for m in registry.list_models(actor=bob)} == {shared.id, bobs.id}
+    assert {m.id for m in registry.list_models(actor=alice)} == {private.id, shared.id}
     with pytest.raises(PermissionDenied):
         registry.update(actor=bob, model_id=shared.id, name="mine-now")
     with pytest.raises(PermissionDenied):

@@ -1,4 +1,5 @@
-"""The model registry: one row per distinct model file (deduplicated by sha256)."""
+"""The model registry: one row per distinct model file (deduplicated by sha256 among the models an importer
+may see; users' private models holding the same bytes are separate rows sharing one stored file)."""
 
 from __future__ import annotations
 

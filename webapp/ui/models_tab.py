@@ -13,17 +13,19 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
-from webapp.records import ModelStatus, ModelType, Visibility
-from webapp.services.models.views import item_line
+from webapp.records import ModelRecord, ModelStatus, ModelType, Visibility
+from webapp.services.models.registry import MAX_PREVIEW_BYTES
+from webapp.services.models.views import item_line, model_details
 from webapp.services.models.wiring import ModelServices
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.files import read_upload
 
-HEADERS = ["Name", "Type", "Base", "Status", "Size", "AutoV2", "SHA256", "LoRA hash", "Owner", "Visibility",
-           "Source", "Created (UTC)", "ID"]
+HEADERS = ["Name", "Type", "Base", "Status", "Size", "Owner", "Visibility", "Source", "Created (UTC)"]
+"""Hashes, ids and paths are in the details panel of the selected model; name + type identify a row."""
+TYPE_BY_LABEL = {t.label: t for t in ModelType}
 ALL = "All"
 AUTO = "Auto-detect"
 TYPE_CHOICES = [(t.label, t.value) for t in ModelType]
@@ -65,7 +67,8 @@ class ModelsTab:
 
     # -- table -------------------------------------------------------------------------------------------
 
-    def _rows(self, request: gr.Request, type_: str, status: str, base: str, query: str) -> list[list[str]]:
+    def _rows(self, request: gr.Request, type_: str, status: str, base: str,
+              query: str) -> tuple[list[ModelRecord], list[list[str]]]:
         user = self.ctx.user(request)
         records = self.registry.list_models(
             actor=user, type=None if type_ in (ALL, "", None) else type_,
@@ -73,37 +76,42 @@ class ModelsTab:
             query=query or None, limit=1000,
         )
         owners = self.registry.owner_names(records)
-        return [[
+        return records, [[
             r.name, r.type.label, r.base or "", r.status.value + (f": {r.failure_reason}" if r.failure_reason else ""),
-            _size(r.size) if r.size else "", r.autov2 or "", r.sha256 or "", (r.lora_hash or "")[:12],
-            owners.get(r.owner_id, "server" if r.owner_id is None else "?"), r.visibility.value,
-            "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"), r.id,
+            _size(r.size) if r.size else "", owners.get(r.owner_id, "server" if r.owner_id is None else "?"),
+            r.visibility.value, "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"),
         ] for r in records]
 
     @ui_errors
     def refresh(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
-        rows = self._rows(request, type_, status, base, query)
+        records, rows = self._rows(request, type_, status, base, query)
         bases = [ALL, *self.registry.bases(actor=self.ctx.user(request))]
-        choices = [(f"{r[0]} ({r[1]})", r[-1]) for r in rows]
+        choices = [(f"{r.name} ({r.type.label})", r.id) for r in records]
         return rows, gr.update(choices=bases), gr.update(choices=choices)
 
     @ui_errors
     def rescan(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
-        self.ctx.user(request)
-        summary = self.registry.rescan_models_dir()
-        if summary.folder:
+        summary = self.registry.refresh(actor=self.ctx.user(request))
+        if summary is None:
+            gr.Info("The models folder was rescanned moments ago; this is the current list")
+        elif summary.folder:
             gr.Info(f"Models folder rescanned: {summary.line}")
         return self.refresh(type_, status, base, query, request)
 
     @ui_errors
     def on_select(self, evt: gr.SelectData, request: gr.Request) -> tuple:
+        """A row is a model by its name and type label (unique per type), resolved by the registry."""
         row = evt.row_value or []
-        return self.show(row[-1] if row else None, request)
+        model_type = TYPE_BY_LABEL.get(row[1]) if len(row) > 1 else None
+        if model_type is None:
+            return self.show(None, request)
+        record = self.registry.get_by_name(actor=self.ctx.user(request), type=model_type, name=str(row[0]))
+        return self.show(record.id, request)
 
     @ui_errors
     def show(self, model_id: str | None, request: gr.Request) -> tuple:
         if not model_id:
-            return None, "", "", Visibility.EVERYONE.value, None
+            return None, "", "", Visibility.EVERYONE.value, None, None
         user = self.ctx.user(request)
         record = self.registry.get(actor=user, model_id=model_id)
         preview = self.registry.preview(actor=user, model_id=model_id)
@@ -114,7 +122,8 @@ class ModelsTab:
             from PIL import Image
 
             image = Image.open(io.BytesIO(preview[0]))
-        return gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image
+        return (gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image,
+                model_details(record, actor=user))
 
     # -- actions on one model ------------------------------------------------------------------------------
 
@@ -134,7 +143,7 @@ class ModelsTab:
         record = self.registry.get(actor=user, model_id=model_id)
         self.registry.delete(actor=user, model_id=model_id)
         gr.Info(f"Deleted {record.type.label} {record.name}")
-        return None, "", "", Visibility.EVERYONE.value, None
+        return None, "", "", Visibility.EVERYONE.value, None, None
 
     @ui_errors
     def set_preview(self, model_id: str | None, image_path: str | None, request: gr.Request) -> None:
@@ -142,7 +151,7 @@ class ModelsTab:
             raise gr.Error("Choose a model in the table first")
         if not image_path:
             raise gr.Error("Drop an image on the preview first")
-        data = Path(image_path).read_bytes()
+        data = read_upload(image_path, max_bytes=MAX_PREVIEW_BYTES, what="preview image")
         self.registry.set_preview(actor=self.ctx.user(request), model_id=model_id, data=data)
         gr.Info("Preview image saved")
 
@@ -178,8 +187,14 @@ class ModelsTab:
         yield from self._follow(task.id, request)
 
     @ui_errors
-    def on_open(self, request: gr.Request) -> Any:
-        return gr.update(visible=self.ctx.user(request).is_admin)
+    def on_open(self, request: gr.Request) -> tuple:
+        """The "From server" tab and its import folders: administrators only (the service says which)."""
+        user = self.ctx.user(request)
+        if not user.is_admin:
+            return gr.update(visible=False), ""
+        roots = self.services.server.roots_for(user)
+        listed = "\n".join(f"- `{root}`" for root in roots) or "- (none configured: see `--import-root`)"
+        return gr.update(visible=True), f"Import folders on this server:\n\n{listed}"
 
     # -- layout --------------------------------------------------------------------------------------------
 
@@ -190,6 +205,7 @@ class ModelsTab:
                 with gr.Tab("From server", visible=False) as server_tab:
                     gr.Markdown("Files or folders on this server (one per line), under the configured import "
                                 "roots. A folder laid out like A1111's `models/` imports every model in it.")
+                    server_roots = gr.Markdown(elem_id="models-import-roots")
                     server_paths = gr.Textbox(label="Paths on the server", lines=3, elem_id="models-server-paths")
                     with gr.Row():
                         server_type = gr.Dropdown([AUTO, *TYPE_CHOICES], value=AUTO, label="Type")
@@ -232,17 +248,18 @@ class ModelsTab:
                 with gr.Column(scale=1):
                     preview = gr.Image(label="Preview image", type="filepath", sources=["upload"], height=220)
                     set_preview = gr.Button("Set preview image", size="sm")
+            details = gr.JSON(label="Details (hashes, file, origin)", elem_id="models-details")
 
         filters = [f_type, f_status, f_base, f_query]
         table_out = [table, f_base, selected]
-        detail_out = [selected, new_name, description, visibility, preview]
+        detail_out = [selected, new_name, description, visibility, preview, details]
         private = {"api_visibility": "private"}
         refresh.click(self.rescan, filters, table_out, **private)
         for control in (f_type, f_status, f_base):
             control.change(self.refresh, filters, table_out, **private)
         f_query.submit(self.refresh, filters, table_out, **private)
         tab.select(self.refresh, filters, table_out, **private)
-        tab.select(self.on_open, None, [server_tab], **private)
+        tab.select(self.on_open, None, [server_tab, server_roots], **private)
         uploader.change(self.refresh, filters, table_out, **private)
         table.select(self.on_select, None, detail_out, **private)
         selected.input(self.show, [selected], detail_out, **private)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import io
 import logging
-import os
 from typing import Any
 
 import gradio as gr
@@ -18,6 +17,7 @@ import gradio as gr
 from pipelines.infotext import parse, read_infotext, refiner_refs, request_fields
 from webapp.records import ModelType
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.files import read_upload
 from webapp.ui.generate_tab import GenerateTab, switch_tab_js
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,7 @@ class PngInfoTab:
         user = self.ctx.user(request)
         if not path:
             return "", "", None, None
-        if os.path.getsize(path) > MAX_IMAGE_BYTES:
-            raise gr.Error(f"The image is larger than {MAX_IMAGE_BYTES // 2**20} MB")
-        with open(path, "rb") as handle:
-            data = handle.read()
+        data = read_upload(path, max_bytes=MAX_IMAGE_BYTES, what="image")
         try:
             text = read_infotext(data)
             preview = _thumbnail(data)

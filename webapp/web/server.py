@@ -8,6 +8,8 @@ import gradio as gr
 from fastapi import APIRouter, FastAPI, Request
 
 from webapp.services.auth import AuthService
+from webapp.ui.files import guard_uploads
+from webapp.web.docs import install_docs
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.login import UI_PATH, build_login_router
@@ -25,7 +27,8 @@ def create_app(
     *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
     allowed_origins: Iterable[str] = (), forwarded_allow_ips: list[str] | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="the studio", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None)
+    install_docs(app)  # self-hosted Swagger UI (no CDN)
     install_error_handlers(app)
     app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
     for router in routers:
@@ -33,6 +36,7 @@ def create_app(
     gr.mount_gradio_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
     )
+    guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
     app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))
     app.add_middleware(ForwardedHeaders, trusted_hosts=forwarded_allow_ips or [])  # before the gate reads them
     return app

@@ -65,6 +65,9 @@ def file_details(record: ModelRecord) -> tuple[dict[str, Any], dict[str, Any]]:
     return details, header
 
 
-def model_path(record: ModelRecord) -> str:
-    """Where the file is, as far as a client can know: the server path for in-place models, else its name."""
-    return record.local_path or record.file_name or record.name
+def model_path(record: ModelRecord, actor: User) -> str:
+    """Where the file is, as far as the caller may know: the server path of an in-place model for
+    administrators, else its file name (A1111 clients match models by title, name or hash, not this path)."""
+    if actor.is_admin and record.local_path:
+        return record.local_path
+    return record.file_name or record.name

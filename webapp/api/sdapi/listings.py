@@ -16,24 +16,24 @@ from pipelines.types import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from webapp.api.deps import CurrentUser
 from webapp.api.sdapi.context import SdapiContext, file_details, model_path
 from webapp.api.sdapi.errors import A1111Route
-from webapp.records import ModelRecord, ModelType
+from webapp.records import ModelRecord, ModelType, User
 
 # Base families whose text encoders share embedding widths (an SD1 embedding fits every SD1 model).
 _FAMILIES = {"sd1": "sd1", "sd1-inpaint": "sd1", "sd2": "sd2", "sd2-inpaint": "sd2", "sdxl": "sdxl",
              "sdxl-inpaint": "sdxl", "sdxl-refiner": "sdxl-refiner"}
 
 
-def sd_model_item(record: ModelRecord) -> dict[str, Any]:
+def sd_model_item(record: ModelRecord, actor: User) -> dict[str, Any]:
     return {
         "title": record.title, "model_name": record.name.replace("/", "_"), "hash": record.autov2,
-        "sha256": record.sha256, "filename": model_path(record), "config": None,
+        "sha256": record.sha256, "filename": model_path(record, actor), "config": None,
     }
 
 
-def lora_item(record: ModelRecord) -> dict[str, Any]:
+def lora_item(record: ModelRecord, actor: User) -> dict[str, Any]:
     _details, header = file_details(record)
     alias = header.get("ss_output_name") or record.name
-    return {"name": record.name, "alias": alias, "path": model_path(record), "metadata": header}
+    return {"name": record.name, "alias": alias, "path": model_path(record, actor), "metadata": header}
 
 
 def embedding_item(record: ModelRecord, checkpoint: ModelRecord | None) -> dict[str, Any]:
@@ -52,19 +52,19 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.get("/sd-models")
     def sd_models(user: CurrentUser) -> list[dict[str, Any]]:
-        return [sd_model_item(r) for r in ctx.models(user, ModelType.CHECKPOINT)]
+        return [sd_model_item(r, user) for r in ctx.models(user, ModelType.CHECKPOINT)]
 
     @router.get("/sd-vae")
     def sd_vae(user: CurrentUser) -> list[dict[str, Any]]:
-        return [{"model_name": r.name, "filename": model_path(r)} for r in ctx.models(user, ModelType.VAE)]
+        return [{"model_name": r.name, "filename": model_path(r, user)} for r in ctx.models(user, ModelType.VAE)]
 
     @router.get("/loras")
     def loras(user: CurrentUser) -> list[dict[str, Any]]:
-        return [lora_item(r) for r in ctx.models(user, ModelType.LORA)]
+        return [lora_item(r, user) for r in ctx.models(user, ModelType.LORA)]
 
     @router.get("/hypernetworks")
     def hypernetworks(user: CurrentUser) -> list[dict[str, Any]]:
-        return [{"name": r.name, "path": model_path(r)} for r in ctx.models(user, ModelType.HYPERNETWORK)]
+        return [{"name": r.name, "path": model_path(r, user)} for r in ctx.models(user, ModelType.HYPERNETWORK)]
 
     @router.get("/embeddings")
     def embeddings(user: CurrentUser) -> dict[str, dict[str, Any]]:

@@ -79,9 +79,10 @@ def build_router(ctx: SdapiContext) -> APIRouter:
         return memory_report()
 
     def rescan(user: CurrentUser) -> None:
-        """The registry is live (uploads appear at once); a refresh re-reads the server's models folder."""
-        summary = ctx.registry.rescan_models_dir()
-        log.info("refresh by %s: %s", user.username, getattr(summary, "line", summary))
+        """The registry is live (uploads appear at once); a refresh re-reads the server's models folder
+        (non-administrators: rate limited server-wide, answered the same either way)."""
+        summary = ctx.registry.refresh(actor=user)
+        log.info("refresh by %s: %s", user.username, summary.line if summary else "skipped (one ran lately)")
         return None
 
     for path in ("/refresh-checkpoints", "/refresh-vae", "/refresh-loras", "/refresh-embeddings",

@@ -26,18 +26,25 @@ def _safe_database_url(url: str) -> str:
         return "(unparsable)"
 
 
-def cmd_flags(settings: Settings) -> dict[str, Any]:
+def cmd_flags(settings: Settings, *, admin: bool) -> dict[str, Any]:
     """The server's flags in A1111's ``cmd-flags`` spirit. Built from an allow-list, so no secret
-    (admin password, provider tokens, database password) can ever appear."""
-    return {
-        "listen": settings.listens_publicly, "server_name": settings.host, "port": settings.port,
+    (admin password, provider tokens, database password) can ever appear; server paths, the bind
+    address, the database URL and the store are shown to administrators only (others get A1111's
+    defaults for them: None), so every caller gets the same keys."""
+    flags: dict[str, Any] = {
+        "listen": settings.listens_publicly, "server_name": None, "port": settings.port,
         "api": True, "nowebui": False, "api_auth": None, "gradio_auth": None,
-        "data_dir": str(settings.data_dir), "models_dir": str(getattr(settings, "models_dir", None) or "") or None,
-        "database_url": _safe_database_url(settings.db_url),
-        "store": settings.store_url.split("?", 1)[0], "log_level": settings.log_level,
+        "data_dir": None, "models_dir": None, "database_url": None, "store": None, "log_level": settings.log_level,
         "cookie_secure": settings.cookie_secure, "session_ttl_hours": settings.session_ttl_hours,
         "skip_torch_cuda_test": True, "no_download_sd_model": True, "hide_ui_dir_config": True,
     }
+    if admin:
+        flags.update({
+            "server_name": settings.host, "data_dir": str(settings.data_dir),
+            "models_dir": str(settings.models_dir) if settings.models_dir else None,
+            "database_url": _safe_database_url(settings.db_url), "store": settings.store_url.split("?", 1)[0],
+        })
+    return flags
 
 
 def build_router(ctx: SdapiContext) -> APIRouter:
@@ -61,6 +68,6 @@ def build_router(ctx: SdapiContext) -> APIRouter:
 
     @router.get("/cmd-flags")
     def get_cmd_flags(user: CurrentUser) -> dict[str, Any]:
-        return cmd_flags(ctx.settings)
+        return cmd_flags(ctx.settings, admin=user.is_admin)
 
     return router

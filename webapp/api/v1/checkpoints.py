@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from webapp.api.deps import CurrentUser
 from webapp.api.v1.inferences import envelope
-from webapp.records import ModelRecord, ModelType
+from webapp.records import ModelRecord, ModelType, User
 from webapp.services.errors import InvalidInput, NotFound
 
 _BY_FOLDER = {t.a1111_folder.lower(): t for t in ModelType}
@@ -47,11 +47,13 @@ def parse_types(types: str | None) -> list[ModelType]:
     return found
 
 
-def checkpoint_item(record: ModelRecord) -> dict[str, Any]:
+def checkpoint_item(record: ModelRecord, actor: User) -> dict[str, Any]:
+    """ESD's item; the server path of an in-place model is for administrators only (like model_view)."""
     return {
         "id": record.id, "type": ModelType(record.type).a1111_folder, "status": str(record.status),
         "name": [record.file_name or record.name], "studio_name": record.name,
-        "s3Location": record.store_key or record.local_path, "created": record.created_at.isoformat(),
+        "s3Location": record.store_key or (record.local_path if actor.is_admin else None),
+        "created": record.created_at.isoformat(),
         "allowed_roles_or_users": ["*"] if str(record.visibility) == "everyone" else [],
         "params": {"sha256": record.sha256, "autov2": record.autov2, "base": record.base, "size": record.size,
                    "message": record.description, "failure_reason": record.failure_reason},
@@ -76,17 +78,17 @@ def build_router(registry: Any) -> APIRouter:
         total = len(records)
         chosen = records[(page - 1) * per_page: page * per_page]
         return envelope({"page": page, "per_page": per_page, "pages": max(1, math.ceil(total / per_page)),
-                         "total": total, "checkpoints": [checkpoint_item(r) for r in chosen]})
+                         "total": total, "checkpoints": [checkpoint_item(r, user) for r in chosen]})
 
     @router.get("/{checkpoint_id}")
     def get_checkpoint(user: CurrentUser, checkpoint_id: str) -> dict[str, Any]:
-        return envelope(checkpoint_item(registry.get(actor=user, model_id=checkpoint_id)))
+        return envelope(checkpoint_item(registry.get(actor=user, model_id=checkpoint_id), user))
 
     @router.put("/{checkpoint_id}")
     def rename_checkpoint(user: CurrentUser, checkpoint_id: str, body: CheckpointRename) -> dict[str, Any]:
         """ESD's rename (owners and administrators)."""
-        return envelope(checkpoint_item(registry.update(actor=user, model_id=checkpoint_id, name=body.name)),
-                        "checkpoint renamed")
+        record = registry.update(actor=user, model_id=checkpoint_id, name=body.name)
+        return envelope(checkpoint_item(record, user), "checkpoint renamed")
 
     @router.delete("")
     def delete_checkpoints(user: CurrentUser, body: CheckpointDelete = Body(...)) -> dict[str, Any]:  # noqa: B008

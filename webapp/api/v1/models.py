@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from webapp.api.deps import CurrentUser
 from webapp.records import ModelType, Visibility
 from webapp.services.errors import InvalidInput
-from webapp.services.models.views import model_view, task_view
+from webapp.services.models.views import model_view, scan_view, task_view
 from webapp.services.models.wiring import ModelServices
 
 MAX_PAGE = 500
@@ -68,8 +68,9 @@ def build_router(services: ModelServices) -> APIRouter:
 
     @router.post("/refresh")
     def refresh(user: CurrentUser) -> dict[str, Any]:
-        """Rescan the configured models dir (what A1111's refresh-checkpoints does)."""
-        return registry.rescan_models_dir().to_dict()
+        """Rescan the configured models dir (what A1111's refresh-checkpoints does); ``rescanned`` is false when
+        a non-administrator's refresh was skipped because one ran moments ago (see ``ModelRegistry.refresh``)."""
+        return scan_view(registry.refresh(actor=user), actor=user)
 
     @router.post("/import/server", status_code=status.HTTP_202_ACCEPTED)
     def import_server(user: CurrentUser, body: ServerImportRequest) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from sqlmodel import select
 from deploy.storage import BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility, utcnow
-from webapp.services.errors import Conflict, InvalidInput, ServiceError
+from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
 
 log = logging.getLogger(__name__)
@@ -236,14 +236,14 @@ class Importer:
         check_declared(inspection, request.declared_type, file_name)
         hashes = hash_file(path, progress=(lambda done, total: progress("hashing", done, total)) if progress else None)
         with self._sha_lock(hashes.sha256):
-            existing = self._existing(hashes.sha256)
+            existing = self._existing(hashes.sha256, request.owner)
             if existing is not None and existing.status != ModelStatus.FAILED:
                 return self._dedupe(existing, request)
             if existing is None and request.replace_id:
                 with self._db.read() as s:
                     existing = s.get(ModelRecord, request.replace_id)
             if existing is not None and request.owner is not None and not catalog.can_see(request.owner, existing):
-                raise Conflict("these exact bytes belong to another user's private model", field="file")
+                raise NotFound(f"no model with id {request.replace_id!r}", field="model_id")  # not theirs to replace
             workdir = Path(tempfile.mkdtemp(prefix="import-", dir=self._staging))
             try:
                 stored, stored_hashes = path, hashes
@@ -253,7 +253,7 @@ class Importer:
                     stored = _convert(path, inspection, workdir)
                     stored_hashes = hash_file(stored)
                     with self._sha_lock(stored_hashes.sha256):  # the converted bytes may be a model already
-                        same = self._existing(stored_hashes.sha256)
+                        same = self._existing(stored_hashes.sha256, request.owner)
                         if same is not None and same.status != ModelStatus.FAILED:
                             return self._dedupe(same, request)
                         return self._record(path, stored, inspection, hashes, stored_hashes, request,
@@ -262,18 +262,34 @@ class Importer:
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
 
-    def _existing(self, sha256: str) -> ModelRecord | None:
+    def _existing(self, sha256: str, owner: User | None) -> ModelRecord | None:
+        """The model already holding these bytes, among those `owner` may see (the server: all).
+
+        Another user's private model is never an answer, not even as a refusal: the import then goes on as a
+        fresh one (a model of the caller's own sharing the stored bytes), so nobody learns what others hold.
+        """
+        statement = select(ModelRecord).where(
+            or_(ModelRecord.sha256 == sha256, ModelRecord.source_sha256 == sha256),
+            ModelRecord.status != ModelStatus.INITIAL,
+        )
+        if owner is not None:
+            statement = catalog.visible_to(statement, owner)
         with self._db.read() as s:
-            return s.exec(select(ModelRecord).where(
-                or_(ModelRecord.sha256 == sha256, ModelRecord.source_sha256 == sha256),
-                ModelRecord.status != ModelStatus.INITIAL,
-            )).first()
+            return s.exec(statement).first()
+
+    def release_blob(self, key: str, sha256: str | None) -> None:
+        """Delete stored model bytes once no model refers to them (users' private copies share one key)."""
+        with self._sha_lock(sha256 or key):
+            self._release_unlocked(key)
+
+    def _release_unlocked(self, key: str) -> None:
+        with self._db.read() as s:
+            used = s.exec(select(ModelRecord.id).where(ModelRecord.store_key == key)).first()
+        if used is None:
+            self._store.delete(key)
 
     def _dedupe(self, existing: ModelRecord, request: ImportRequest) -> ImportOutcome:
-        """The same bytes are one model: hand back the existing one (if the caller may see it)."""
-        if request.owner is not None and not catalog.can_see(request.owner, existing):
-            raise Conflict("these exact bytes are already registered as another user's private model; ask its owner "
-                           "to share it (visibility 'everyone')", field="file")
+        """The same bytes are one model: hand back the existing one (`_existing` found it visible to the caller)."""
         if request.reserved_id and request.reserved_id != existing.id:
             self.discard_reserved(request.reserved_id)
         log.info("import of %s: same bytes as model %s (%s); not stored again",
@@ -301,10 +317,10 @@ class Importer:
                                      in_place)
         except BaseException:
             if key is not None and (target is None or target.store_key != key):
-                self._store.delete(key)
+                self._release_unlocked(key)  # under this sha's lock already
             raise
         if target is not None and target.store_key and target.store_key != key:
-            self._store.delete(target.store_key)  # the replaced bytes are no model any more
+            self._release_unlocked(target.store_key)  # the replaced bytes may be no model any more
         log.info("registered %s %r (%s, %s) from %s", record.type.value, record.name, record.base or "base unknown",
                  record.autov2, request.source)
         return ImportOutcome(record, created=target is None)

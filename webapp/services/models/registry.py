@@ -12,6 +12,8 @@ import io
 import json
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,16 @@ PREVIEW_FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "
 
 
 class ModelRegistry:
-    def __init__(self, db: Database, store: BlobStore, importer: Importer, scanner: ModelsDirScanner) -> None:
+    def __init__(self, db: Database, store: BlobStore, importer: Importer, scanner: ModelsDirScanner, *,
+                 refresh_interval: float = 60.0) -> None:
         self._db = db
         self._store = store
         self.importer = importer
         self.scanner = scanner
         self._in_use: InUseCheck | None = None
+        self._refresh_interval = refresh_interval
+        self._refresh_guard = threading.Lock()
+        self._last_user_refresh: float | None = None
 
     # -- hooks -------------------------------------------------------------------------------------------
 
@@ -90,6 +96,15 @@ class ModelRegistry:
             raise NotFound(f"no model with id {model_id!r}", field="model_id")
         return record
 
+    def get_by_name(self, *, actor: User, type: ModelType | str, name: str) -> ModelRecord:
+        """The model of `type` named exactly `name` (names are unique per type), any status."""
+        model_type = catalog.parse_type(type)
+        with self._db.read() as s:
+            record = s.exec(select(ModelRecord).where(ModelRecord.type == model_type, ModelRecord.name == name)).first()
+        if record is None or not catalog.can_see(actor, record):
+            raise NotFound(f"no {model_type.label} named {name!r}", field="name")
+        return record
+
     def find(self, *, actor: User, type: ModelType | str, ref: str) -> ModelRecord | None:
         """Resolve name / ``name [hash]`` / file name / AutoV2 / legacy / LoRA / full sha256 to an Active model."""
         model_type = catalog.parse_type(type)
@@ -125,7 +140,8 @@ class ModelRegistry:
         The caller vouches for `path` (HTTP/UI server imports check admin rights and import roots before
         calling). In place, the file stays where it is and is referenced by path (admins only: it is a
         server file); otherwise its bytes are copied into the asset store. Same bytes twice: the existing
-        model is returned.
+        model is returned if the caller may see it; another user's private model is never revealed (the
+        caller gets a model of their own sharing the stored bytes).
         """
         if in_place and actor is not None:
             require_admin(actor)
@@ -140,6 +156,23 @@ class ModelRegistry:
     def rescan_models_dir(self) -> ScanSummary:
         """Bring the registry in step with the configured models dir (new, changed, gone files)."""
         return self.scanner.rescan()
+
+    def refresh(self, *, actor: User) -> ScanSummary | None:
+        """A user's refresh (A1111 ``refresh-*``, /api/v1/models/refresh, the Models tab's button).
+
+        A rescan reads every new file of the models folder, so ordinary users may start one at most once per
+        ``refresh_interval`` seconds server-wide and never queue behind a running one: otherwise the answer is
+        None at once, and the lists stay as they are (A1111 clients call refresh routinely and expect 200).
+        Administrators always rescan.
+        """
+        if actor.is_admin:
+            return self.scanner.rescan()
+        with self._refresh_guard:
+            now = time.monotonic()
+            if self._last_user_refresh is not None and now - self._last_user_refresh < self._refresh_interval:
+                return None
+            self._last_user_refresh = now
+        return self.scanner.try_rescan()
 
     # -- changing -------------------------------------------------------------------------------------------
 
@@ -190,9 +223,10 @@ class ModelRegistry:
                 row.model_id, row.dismissed = None, True
                 s.add(row)
             s.delete(current)
-        for key in (record.store_key, record.preview_key):
-            if key:
-                self._store.delete(key)
+        if record.preview_key:
+            self._store.delete(record.preview_key)
+        if record.store_key:
+            self.importer.release_blob(record.store_key, record.sha256)
         log.info("model %s (%s %r) deleted by %s", record.id, record.type.value, record.name, actor.username)
 
     # -- previews -------------------------------------------------------------------------------------------

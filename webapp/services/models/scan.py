@@ -118,15 +118,27 @@ class ModelsDirScanner:
 
     def rescan(self) -> ScanSummary:
         with self._lock:  # two refreshes at once would hash the same new files twice
-            summary = ScanSummary(folder=str(self.models_dir) if self.models_dir else None)
-            if self.models_dir is not None:
-                if self.models_dir.is_dir():
-                    self._scan_folder(self.models_dir, summary)
-                else:
-                    log.warning("models dir %s does not exist (yet); nothing to scan", self.models_dir)
-            self._fail_missing_in_place(summary)
-            log.info("models dir rescan: %s", summary.line)
-            return summary
+            return self._rescan()
+
+    def try_rescan(self) -> ScanSummary | None:
+        """Rescan unless one is running already (None at once then: that one brings the news)."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            return self._rescan()
+        finally:
+            self._lock.release()
+
+    def _rescan(self) -> ScanSummary:
+        summary = ScanSummary(folder=str(self.models_dir) if self.models_dir else None)
+        if self.models_dir is not None:
+            if self.models_dir.is_dir():
+                self._scan_folder(self.models_dir, summary)
+            else:
+                log.warning("models dir %s does not exist (yet); nothing to scan", self.models_dir)
+        self._fail_missing_in_place(summary)
+        log.info("models dir rescan: %s", summary.line)
+        return summary
 
     def _scan_folder(self, folder: Path, summary: ScanSummary) -> None:
         with self._db.read() as s:

@@ -44,6 +44,11 @@ class ServerImports:
         self.roots = [Path(r).resolve() for r in roots]
         tasks.register(TaskKind.SERVER, self._run)
 
+    def roots_for(self, actor: User) -> list[Path]:
+        """The import roots, for the administrator about to import (server paths: admins only)."""
+        require_admin(actor)
+        return list(self.roots)
+
     def check_path(self, text: str) -> Path:
         """The path, absolute, if it exists under an import root once symlinks and '..' are resolved."""
         path = Path(text).expanduser()

@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from webapp.records import ImportTask, ModelRecord, UploadSession, User
+from webapp.services.models.scan import ScanSummary
 
 
 def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = None) -> dict[str, Any]:
@@ -33,6 +34,27 @@ def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = Non
         view["local_path"] = record.local_path
         view["store_key"] = record.store_key
         view["source_detail"] = record.source_detail
+    return view
+
+
+DETAIL_KEYS = ("id", "name", "title", "sha256", "autov2", "legacy_hash", "lora_hash", "source_sha256", "file_name",
+               "file_format", "size", "source", "source_detail", "in_place", "local_path", "store_key",
+               "created_at", "updated_at")
+
+
+def model_details(record: ModelRecord, *, actor: User) -> dict[str, Any]:
+    """The Models tab's details panel: identity, hashes and origin (paths as `model_view` allows), no metadata."""
+    view = model_view(record, actor=actor)
+    return {key: view[key] for key in DETAIL_KEYS if view.get(key) is not None}
+
+
+def scan_view(summary: ScanSummary | None, *, actor: User) -> dict[str, Any]:
+    """A refresh's answer; the folder and the paths of files that are not models: administrators only."""
+    if summary is None:
+        return {"rescanned": False}
+    view = {"rescanned": True, **summary.to_dict(), "not_models": len(summary.errors)}
+    if not actor.is_admin:
+        del view["folder"], view["errors"]
     return view
 
 

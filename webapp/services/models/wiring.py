@@ -64,7 +64,7 @@ def build_model_services(settings: Settings, db: Database, store: BlobStore) -> 
     importer = Importer(db, store, temp_root)
     scan_roots = [*settings.import_roots, *([settings.models_dir] if settings.models_dir else [])]
     scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the models dir is always readable
-    registry = ModelRegistry(db, store, importer, scanner)
+    registry = ModelRegistry(db, store, importer, scanner, refresh_interval=settings.refresh_min_interval_seconds)
     tasks = ImportTasks(db, importer, temp_root, settings.import_workers)
     tasks.register(TaskKind.SCAN, _scan_handler(registry))
     services = ModelServices(
