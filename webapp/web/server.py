@@ -10,7 +10,11 @@ from fastapi import APIRouter, FastAPI, Request
 from webapp.services.auth import AuthService
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
+from webapp.web.limits import BodySizeLimit
 from webapp.web.login import UI_PATH, build_login_router
+
+# Routes that take large bodies and bound them themselves (see webapp/web/limits.py).
+BODY_LIMIT_EXEMPT = (("PUT", "/api/v1/uploads/"), ("POST", UI_PATH.rstrip("/") + "/gradio_api/upload"))
 
 
 def gradio_user(request: Request) -> str | None:
@@ -21,6 +25,7 @@ def gradio_user(request: Request) -> str | None:
 
 def create_app(
     *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
+    max_body_bytes: int | None = None,
 ) -> FastAPI:
     app = FastAPI(title="the studio", version="0.1.0", docs_url="/docs", redoc_url=None)
     install_error_handlers(app)
@@ -31,4 +36,6 @@ def create_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
     )
     app.add_middleware(AuthGate, auth=auth)
+    if max_body_bytes is not None:  # outside the gate: an oversized body is refused before anything else
+        app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, exempt=BODY_LIMIT_EXEMPT)
     return app
