@@ -146,7 +146,8 @@ def build(settings: Settings) -> Studio:
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers,
-                     allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips)
+                     allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips,
+                     max_body_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(

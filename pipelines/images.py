@@ -1,24 +1,65 @@
-"""Image helpers with A1111 semantics: decoding request images and the img2img resize modes."""
+"""Image helpers with A1111 semantics: decoding request images and the img2img resize modes.
+
+Every image a client sends (init images, masks, png-info) is opened here, by ``open_image``: the header
+is read first and the pixel count checked against the caller's limit and PIL's decompression-bomb limit
+before a single pixel is decoded, so a few kilobytes declaring 30000x30000 pixels cost nothing.
+"""
 
 from __future__ import annotations
 
 import io
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from pipelines.types import InvalidRequestError
 
 LANCZOS = Image.Resampling.LANCZOS
+UNREADABLE = (OSError, ValueError, SyntaxError)
+"""What PIL raises for garbage and truncated data (UnidentifiedImageError is an OSError)."""
+
+
+@contextmanager
+def open_image(data: bytes, field_name: str, max_pixels: int | None = None) -> Iterator[Image.Image]:
+    """The image in ``data`` opened lazily (header only), refused with ``InvalidRequestError`` naming
+    ``field_name`` when it is unreadable, a decompression bomb, or larger than ``max_pixels``.
+
+    PIL's DecompressionBombWarning (over ``Image.MAX_IMAGE_PIXELS``) is treated as the error it warns of.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise InvalidRequestError(field_name, f"`{field_name}` must be encoded image bytes but is {type(data).__name__}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InvalidRequestError(field_name, f"`{field_name}` is too large to decode safely ({exc})") from None
+    except UNREADABLE as exc:
+        raise InvalidRequestError(field_name, f"`{field_name}` is not a readable image ({exc})") from None
+    with image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InvalidRequestError(field_name, f"`{field_name}` is {width}x{height} = {width * height:,} pixels, "
+                                                  f"more than the {max_pixels:,} pixels a job may use")
+        yield image
+
+
+def image_size(data: bytes, field_name: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """Width and height from the header alone (``open_image``'s checks included)."""
+    with open_image(data, field_name, max_pixels) as image:
+        return image.size
 
 
 def decode_image(data: bytes, field_name: str, mode: str = "RGB") -> Image.Image:
     """Encoded bytes → PIL image in ``mode`` (EXIF orientation applied, alpha flattened onto black)."""
-    try:
-        with Image.open(io.BytesIO(data)) as raw:
+    with open_image(data, field_name) as raw:
+        try:
             image = ImageOps.exif_transpose(raw)
             image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError(field_name, f"`{field_name}` is not a readable image ({exc})") from exc
+        except UNREADABLE as exc:
+            raise InvalidRequestError(field_name, f"`{field_name}` is not a readable image ({exc})") from None
     if mode == "L" and image.mode in ("RGBA", "LA", "PA"):
         # A1111 masks: white = repaint; a transparent PNG mask means its alpha.
         rgba = image.convert("RGBA")

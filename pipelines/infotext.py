@@ -20,7 +20,9 @@ logger = logging.getLogger(__name__)
 STUDIO_VERSION = "0.1.0"
 VERSION = f"studio {STUDIO_VERSION}"
 
-_PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# A1111's parameter pattern (modules/infotext_utils.py ``re_param_code``) with the key's length bounded:
+# unbounded, a long line without a colon backtracks quadratically (20,000 characters took 4 s).
+_PARAM_RE = re.compile(r'\s*(\w[\w \-/]{0,63}):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _SIZE_RE = re.compile(r"^(\d+)x(\d+)$")
 _USER_COMMENT = 0x9286
 _EXIF_IFD = 0x8769
@@ -231,11 +233,13 @@ def _decode_user_comment(raw: bytes | str) -> str:
     return raw.decode("utf-8", errors="replace").rstrip("\x00")
 
 
-def read_infotext(data: bytes) -> str | None:
-    """The infotext stored in an encoded image (PNG ``parameters`` chunk or EXIF UserComment), if any."""
-    from PIL import Image
+def read_infotext(data: bytes, field_name: str = "image") -> str | None:
+    """The infotext stored in an encoded image (PNG ``parameters`` chunk or EXIF UserComment), if any.
 
-    with Image.open(io.BytesIO(data)) as image:
+    Unreadable data and decompression bombs raise ``InvalidRequestError`` naming ``field_name``."""
+    from pipelines.images import open_image
+
+    with open_image(data, field_name) as image:
         text = image.info.get("parameters")
         if isinstance(text, str):
             return text

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import io
 import logging
 import math
 import re
@@ -197,6 +196,22 @@ class ResolvedModels:
         )
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much one request may ask for, so no single job can occupy a worker (or fill the disk) for hours.
+
+    The defaults fit real SDXL use: a batch of 8 at 2048x2048 (or 1024x1024 with a 2x hires fix), 100
+    images per job (A1111's largest batch count), prompts far longer than anyone writes by hand.
+    """
+
+    max_prompt_chars: int = 10_000
+    """Characters in each of prompt, negative_prompt, hr_prompt, hr_negative_prompt."""
+    max_job_pixels: int = 2048 * 2048 * 8
+    """width x height x batch_size of one pass (the hires-fix target counts too); each input image alone."""
+    max_job_images: int = 100
+    """n_iter x batch_size."""
+
+
 _IMAGE_FIELDS = ("init_images", "mask")
 
 
@@ -282,15 +297,23 @@ class GenerationRequest:
         return w // 8 * 8, h // 8 * 8
 
     # -- validation -----------------------------------------------------------------------------
-    def validate(self) -> None:
-        """Raise ``InvalidRequestError`` for the first invalid field (model-independent checks only)."""
+    def validate(self, limits: RequestLimits | None = None) -> None:
+        """Raise ``InvalidRequestError`` for the first invalid field (model-independent checks only).
+
+        ``limits`` are the server's request limits (checked where a job is submitted); without them only
+        the engine's own ranges apply, so a job accepted under an administrator's higher limits still runs.
+        """
         from pipelines import samplers  # local: samplers imports nothing heavy, but keeps types.py a leaf
 
         if self.mode not in MODES:
             _fail("mode", f"`mode` must be one of {', '.join(MODES)} but is {self.mode!r}")
         for name in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
-            if not isinstance(getattr(self, name), str):
-                _fail(name, f"`{name}` must be a string but is {type(getattr(self, name)).__name__}")
+            text = getattr(self, name)
+            if not isinstance(text, str):
+                _fail(name, f"`{name}` must be a string but is {type(text).__name__}")
+            if limits is not None and len(text) > limits.max_prompt_chars:
+                _fail(name, f"`{name}` is {len(text):,} characters long; at most {limits.max_prompt_chars:,} are "
+                            f"allowed")
         for name in ("width", "height"):
             _check_int(name, getattr(self, name), 64, 8192)
             if getattr(self, name) % 8:
@@ -312,16 +335,29 @@ class GenerationRequest:
             if value > 0 and value % 8:
                 _fail(name, f"`{name}` must be a multiple of 8 (or -1/0 to disable) but is {value}")
         samplers.resolve(self.sampler_name, self.scheduler, field_name="sampler_name")
+        if limits is not None:
+            self._check_size(limits)
         if self.mode == "txt2img":
-            self._validate_hires()
+            self._validate_hires(limits)
         else:
-            self._validate_images()
+            self._validate_images(limits)
         if self.refiner_switch_at is not None:
             _check_float("refiner_switch_at", self.refiner_switch_at, 0.0, 1.0)
             if not 0.0 < self.refiner_switch_at < 1.0:
                 _fail("refiner_switch_at", f"`refiner_switch_at` must be between 0 and 1 (exclusive) but is {self.refiner_switch_at}")
 
-    def _validate_hires(self) -> None:
+    def _check_size(self, limits: RequestLimits) -> None:
+        """Pixels of one pass (width x height x batch_size) and images (n_iter x batch_size) per job."""
+        pixels = self.width * self.height * self.batch_size
+        if pixels > limits.max_job_pixels:
+            _fail("batch_size" if self.batch_size > 1 else "width",
+                  f"`width` x `height` x `batch_size` = {self.width}x{self.height}x{self.batch_size} = {pixels:,} "
+                  f"pixels, more than the {limits.max_job_pixels:,} a job may use")
+        if self.total_images > limits.max_job_images:
+            _fail("n_iter", f"`n_iter` x `batch_size` = {self.n_iter}x{self.batch_size} = {self.total_images} images, "
+                            f"more than the {limits.max_job_images} a job may make")
+
+    def _validate_hires(self, limits: RequestLimits | None) -> None:
         from pipelines import samplers
 
         if self.init_images or self.mask is not None:
@@ -335,16 +371,23 @@ class GenerationRequest:
         for name in ("hr_resize_x", "hr_resize_y"):
             _check_int(name, getattr(self, name), 0, 8192)
         w, h = self.hr_target_size()
+        size_field = "hr_resize_x" if self.hr_resize_x or self.hr_resize_y else "hr_scale"
         if w < 64 or h < 64 or w > 8192 or h > 8192:
-            _fail("hr_scale", f"hires fix target size must be between 64 and 8192 px per side but is {w}x{h}")
+            _fail(size_field, f"hires fix target size must be between 64 and 8192 px per side but is {w}x{h}")
+        if limits is not None and w * h * self.batch_size > limits.max_job_pixels:
+            _fail(size_field, f"the hires fix makes {w}x{h}x{self.batch_size} = {w * h * self.batch_size:,} pixels, "
+                              f"more than the {limits.max_job_pixels:,} a job may use")
         if self.hr_sampler_name or self.hr_scheduler:
             samplers.resolve(self.hr_sampler_name or self.sampler_name, self.hr_scheduler or self.scheduler,
                              field_name="hr_sampler_name")
 
-    def _validate_images(self) -> None:
+    def _validate_images(self, limits: RequestLimits | None) -> None:
+        from pipelines.images import image_size  # local: images imports this module
+
+        max_pixels = limits.max_job_pixels if limits is not None else None
         if not self.init_images:
             _fail("init_images", f"`init_images` must hold at least one image for {self.mode}")
-        sizes = [_image_size(data, f"init_images[{i}]") for i, data in enumerate(self.init_images)]
+        sizes = [image_size(data, f"init_images[{i}]", max_pixels) for i, data in enumerate(self.init_images)]
         if len(self.init_images) > self.batch_size:
             _fail("init_images", f"`init_images` holds {len(self.init_images)} images but `batch_size` is {self.batch_size}")
         _check_int("resize_mode", self.resize_mode, 0, 3)
@@ -354,7 +397,7 @@ class GenerationRequest:
             return
         if self.mask is None:
             _fail("mask", "`mask` is required for inpaint")
-        mask_size = _image_size(self.mask, "mask")
+        mask_size = image_size(self.mask, "mask", max_pixels)
         if mask_size != sizes[0]:
             _fail("mask", f"`mask` size {mask_size[0]}x{mask_size[1]} does not match the init image size "
                           f"{sizes[0][0]}x{sizes[0][1]}")
@@ -406,18 +449,6 @@ def _check_float(name: str, value: Any, low: float, high: float) -> None:
         _fail(name, f"`{name}` must be a finite number but is {value}")
     if not low <= value <= high:
         _fail(name, f"`{name}` must be between {low:g} and {high:g} but is {value:g}")
-
-
-def _image_size(data: bytes, name: str) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
-
-    if not isinstance(data, bytes | bytearray):
-        _fail(name, f"`{name}` must be encoded image bytes but is {type(data).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError(name, f"`{name}` is not a readable image ({exc})") from exc
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from pipelines.types import RequestLimits
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="STUDIO_", env_file=None, extra="ignore")
@@ -101,6 +103,22 @@ class Settings(BaseSettings):
     (``pipelines.cache.auto_budget``)."""
     preview_every: int = Field(5, ge=0)
     """A live preview every N sampling steps (0: none)."""
+
+    # -- request limits (body size, prompt length, pixels and images per job) ------------------------------
+    max_body_mb: float = Field(64.0, gt=0)
+    """Largest HTTP request body; model-upload chunks (``max_upload_gb``) and Gradio's file upload route are
+    limited elsewhere. 64 MB carries an img2img request with several base64 images at 2048x2048."""
+    max_prompt_chars: int = Field(RequestLimits.max_prompt_chars, ge=1)
+    """Characters in each prompt, negative prompt and hires-fix prompt."""
+    max_job_pixels: int = Field(RequestLimits.max_job_pixels, ge=64 * 64)
+    """width x height x batch_size of a job (and of its hires-fix target); the limit of each input image too."""
+    max_job_images: int = Field(RequestLimits.max_job_images, ge=1)
+    """n_iter x batch_size of a job."""
+
+    @property
+    def request_limits(self) -> RequestLimits:
+        return RequestLimits(max_prompt_chars=self.max_prompt_chars, max_job_pixels=self.max_job_pixels,
+                             max_job_images=self.max_job_images)
 
     @field_validator("skeleton_dirs", mode="before")
     @classmethod
@@ -202,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forwarded-allow-ips",
                    help="comma-separated proxy addresses (IPs, CIDRs or *) whose X-Forwarded-* headers are trusted")
     p.add_argument("--allowed-origins", help="comma-separated extra origins (scheme://host[:port]) browsers may use")
+    p.add_argument("--max-body-mb", type=float, help="largest HTTP request body in MB (default 64)")
+    p.add_argument("--max-job-pixels", type=int, help="width x height x batch size of one job (default 2048*2048*8)")
     return p
 
 
@@ -213,7 +233,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
-                 "devices", "forwarded_allow_ips", "allowed_origins"):
+                 "devices", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -53,13 +53,16 @@ def test_checkpoint_by_every_alias_changes_only_that_users_view(fake_studio, sec
         c.post("/sdapi/v1/options", json={"sd_model_checkpoint": fake_studio.models.checkpoint.title}, auth=BOB)
 
 
-def test_unknown_checkpoint_answers_a1111_runtime_error(fake_studio):
-    response = fake_studio.client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope.safetensors"},
-                                       auth=ALICE)
-    assert response.status_code == 500
+def test_unknown_checkpoint_answers_404_naming_the_field_with_a1111s_message(fake_studio):
+    c = fake_studio.client
+    before = c.get("/sdapi/v1/options", auth=ALICE).json()["sd_model_checkpoint"]
+    response = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "nope.safetensors"}, auth=ALICE)
+    assert response.status_code == 404
     body = response.json()
-    assert body["error"] == "RuntimeError" and body["errors"] == "model 'nope.safetensors' not found"
+    assert {"error", "detail", "body", "errors"} <= set(body)
+    assert body["error"] == "NotFound" and body["errors"] == "model 'nope.safetensors' not found"
     assert body["field"] == "sd_model_checkpoint"
+    assert c.get("/sdapi/v1/options", auth=ALICE).json()["sd_model_checkpoint"] == before
 
 
 def test_whole_dict_posted_back_is_accepted_and_changes_nothing(fake_studio):

@@ -44,7 +44,7 @@ def test_private_models_of_others_are_not_listed(fake_studio):
         assert private.title in titles(ALICE) and private.title in titles(ADMIN)
         assert private.title not in titles(BOB)
         refused = fake_studio.client.post("/sdapi/v1/options", auth=BOB, json={"sd_model_checkpoint": private.title})
-        assert refused.status_code == 500 and refused.json()["error"] == "RuntimeError"
+        assert refused.status_code == 404 and refused.json()["field"] == "sd_model_checkpoint"
     finally:
         fake_studio.studio.models.delete(actor=alice, model_id=private.id)
 

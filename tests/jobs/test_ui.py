@@ -220,3 +220,15 @@ def test_progress_html_while_running():
     assert "Step 5/20 · pass 2/2 · 62% · ETA 1:15" in html and "width:62.5%" in html
     assert 'src="data:image/png;base64,' in html
     assert progress_html(None, note="x<y") == '<div class="studio-progress">x&lt;y</div>'
+
+
+def test_limits_and_bombs_are_gradio_errors_naming_the_problem(fake_studio, tabs, tmp_path):
+    from tests.fixtures.images import bomb_png
+
+    title = fake_studio.models.checkpoint.title
+    with pytest.raises(gr.Error, match="`prompt` is 10,001 characters long; at most 10,000"):
+        tabs.txt2img.submit(form_values(tabs.txt2img, checkpoint=title, prompt="x" * 10_001), req(fake_studio.admin))
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png(30000, 30000))
+    with pytest.raises(gr.Error, match="too large to decode safely"):
+        tabs.pnginfo.read(str(bomb), req(fake_studio.admin))

@@ -21,6 +21,7 @@ from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ServerOption, User, UserOption, utcnow
 from webapp.services.a1111_options import API_RESTRICTED, DEFAULTS, DERIVED, SAMPLES_FORMATS
 from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,7 @@ class OptionsService:
         """
         if not isinstance(values, Mapping):
             raise InvalidInput("the options body must be a JSON object", field="body")
+        check_text(values)
         skipped = sorted(k for k in values if k not in DEFAULTS or k in API_RESTRICTED or k in DERIVED)
         if skipped:
             log.debug("options POST by %s skipped keys: %s", actor.username, ", ".join(skipped[:20]))

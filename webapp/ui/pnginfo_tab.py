@@ -14,6 +14,7 @@ from typing import Any
 
 import gradio as gr
 
+from pipelines.images import open_image
 from pipelines.infotext import parse, read_infotext, refiner_refs, request_fields
 from webapp.records import ModelType
 from webapp.ui.context import UiContext, ui_errors
@@ -26,9 +27,7 @@ MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 def _thumbnail(data: bytes) -> str:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data, "image") as image:
         image = image.convert("RGB")
         image.thumbnail((384, 384))
         buf = io.BytesIO()

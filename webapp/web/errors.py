@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from webapp.services.errors import ServiceError, Throttled
+
+
+def field_of(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A validation error's location as the field name clients send (``request.prompt``), or ``body``."""
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+class EscapedJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a validation error echoes the client's input, which may hold a lone
+    surrogate that UTF-8 cannot encode (Starlette's JSONResponse would fail with a 500)."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def service_error_response(exc: ServiceError) -> JSONResponse:
@@ -20,3 +39,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
         return service_error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """FastAPI's own 422 (``detail`` lists the problems) plus ``field`` naming the first one."""
+        problems = jsonable_encoder(exc.errors())
+        body = {"detail": problems, "field": field_of(problems[0].get("loc", ())) if problems else "body"}
+        return EscapedJSONResponse(body, status_code=422)

@@ -23,6 +23,7 @@ from fastapi.routing import APIRoute
 from pipelines.errors import PipelineError
 from pipelines.types import InvalidRequestError
 from webapp.services.errors import ServiceError, Throttled
+from webapp.web.errors import field_of
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +46,11 @@ def a1111_body(error: str, detail: Any, errors: str, *, field: str | None = None
     return body
 
 
-def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
-
-
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     """422 naming the first bad field, in A1111's shape (``errors`` lists every problem)."""
     problems = exc.errors()
-    messages = [f"{_field_of(p.get('loc', ()))}: {p.get('msg', 'invalid')}" for p in problems]
-    field = _field_of(problems[0].get("loc", ())) if problems else "body"
+    messages = [f"{field_of(p.get('loc', ()))}: {p.get('msg', 'invalid')}" for p in problems]
+    field = field_of(problems[0].get("loc", ())) if problems else "body"
     detail = messages[0] if messages else "invalid request"
     return JSONResponse(a1111_body("RequestValidationError", detail, "; ".join(messages), field=field), 422)
 

@@ -40,6 +40,7 @@ from webapp.api.sdapi.errors import A1111Error, A1111Route
 from webapp.api.sdapi.schemas import GenerationBody, Img2ImgBody, Txt2ImgBody
 from webapp.records import Job, JobStatus, User
 from webapp.services.a1111_options import HONOURED
+from webapp.services.errors import InvalidInput
 from webapp.services.options import GenerationDefaults
 
 log = logging.getLogger(__name__)
@@ -74,12 +75,16 @@ def _warn_unsupported(body: GenerationBody, warnings: list[str]) -> None:
 
 
 def _check_alwayson(scripts: dict[str, Any]) -> None:
-    """Unknown titles are refused as A1111 does (422); known no-op titles must carry no enabled unit."""
+    """Unknown titles are refused as A1111 does (422); known no-op titles must carry no enabled unit, and
+    each value must have A1111's shape ``{"args": [...]}``."""
     for title, value in scripts.items():
         key = title.strip().lower()
         if key not in _NOOP_SCRIPTS:
             raise A1111Error(422, "HTTPException", f"always on script {title} not found", field="alwayson_scripts")
-        args = value.get("args", []) if isinstance(value, dict) else []
+        args = value.get("args", []) if isinstance(value, dict) else None
+        if not isinstance(args, list):
+            raise A1111Error(422, "HTTPException", f'always on script {title} must be {{"args": [...]}}',
+                             field="alwayson_scripts")
         enabled = [a for a in args if not isinstance(a, dict) or a.get("enabled", True)]
         if enabled:
             raise A1111Error(422, "HTTPException", f"always on script {title}: ControlNet is not available on this "
@@ -183,6 +188,10 @@ def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBod
     """Submit, wait, answer (blocking: called in a worker thread)."""
     if isinstance(body, Img2ImgBody) and not body.init_images:
         raise A1111Error(404, "HTTPException", "Init image not found", field="init_images")
+    # An infotext holds a prompt, a negative prompt and the parameters: three prompts' worth at most.
+    if body.infotext and len(body.infotext) > 3 * ctx.settings.max_prompt_chars:
+        raise InvalidInput(f"`infotext` is {len(body.infotext):,} characters long; at most "
+                           f"{3 * ctx.settings.max_prompt_chars:,} are allowed", field="infotext")
     defaults = ctx.options.generation_defaults(actor=user)
     request, warnings = build_job_request(body, defaults)
     job = ctx.jobs.submit(actor=user, mode=mode, request=request, task_id=body.force_task_id)

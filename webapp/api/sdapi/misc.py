@@ -7,7 +7,6 @@ torch is already loaded: importing torch to answer a status call would cost seco
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 from typing import Any
@@ -16,7 +15,8 @@ import psutil
 from fastapi import APIRouter
 
 from pipelines import infotext
-from pipelines.types import InvalidRequestError, decode_image_bytes
+from pipelines.images import open_image
+from pipelines.types import decode_image_bytes
 from webapp.api.deps import CurrentUser
 from webapp.api.sdapi.context import SdapiContext
 from webapp.api.sdapi.errors import A1111Error, A1111Route
@@ -26,15 +26,11 @@ log = logging.getLogger(__name__)
 
 
 def png_info(data: bytes) -> dict[str, Any]:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str | int | float)
-                     and k != "parameters"}
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidRequestError("image", f"`image` is not a readable image ({exc})") from None
-    text = infotext.read_infotext(data) or ""
+    """Unreadable images and decompression bombs raise ``InvalidRequestError`` naming ``image`` (422)."""
+    with open_image(data, "image") as image:
+        items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str | int | float)
+                 and k != "parameters"}
+    text = infotext.read_infotext(data, "image") or ""
     return {"info": text, "items": items, "parameters": infotext.parse(text) if text else {}}
 
 

@@ -2,7 +2,8 @@
 
 POST accepts any subset or the whole dict back (Open WebUI); unknown and API-restricted keys are
 skipped; a non-administrator's values apply to that user only. An unknown ``sd_model_checkpoint``
-answers like A1111: 500 ``RuntimeError`` "model 'X' not found".
+answers 404 naming the field with A1111's message "model 'X' not found" (A1111 itself answers 500, which
+tells a client nothing about whose mistake it was).
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from sqlalchemy.engine import make_url
 
 from webapp.api.deps import CurrentUser
 from webapp.api.sdapi.context import SdapiContext
-from webapp.api.sdapi.errors import A1111Error, A1111Route
-from webapp.services.errors import NotFound
+from webapp.api.sdapi.errors import A1111Route
 from webapp.settings import Settings
 
 
@@ -58,12 +58,7 @@ def build_router(ctx: SdapiContext) -> APIRouter:
     @router.post("/options")
     def set_options(user: CurrentUser, body: dict[str, Any] = Body(...)) -> None:  # noqa: B008
         """Any subset or the whole dict back; administrators set server defaults, others their own values."""
-        try:
-            ctx.options.set(actor=user, values=body)
-        except NotFound as exc:
-            if exc.field == "sd_model_checkpoint":
-                raise A1111Error(500, "RuntimeError", exc.message, field=exc.field) from None
-            raise
+        ctx.options.set(actor=user, values=body)
         return None
 
     @router.get("/cmd-flags")

@@ -19,9 +19,10 @@ from typing import Any, Protocol
 from deploy.backends.messages import VAE_AUTOMATIC, VAE_NONE, JobModels, ModelSpec
 from deploy.model_files import ModelFileRef
 from pipelines.prompts import parse_extra_networks, referenced_words
-from pipelines.types import GenerationRequest, InvalidRequestError
+from pipelines.types import GenerationRequest, InvalidRequestError, RequestLimits
 from webapp.records import JobMode, ModelRecord, ModelStatus, ModelType, User
 from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,12 @@ class PreparedJob:
 
 def _settings(request: Mapping[str, Any]) -> Mapping[str, Any]:
     value = request.get("override_settings")
-    return value if isinstance(value, Mapping) else {}
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"`override_settings` must be an object of option names and values but is "
+                           f"{type(value).__name__}", field="override_settings")
+    return value
 
 
 def derive_mode(mode: str, request: Mapping[str, Any]) -> JobMode:
@@ -81,10 +87,14 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def engine_request(mode: JobMode, request: Mapping[str, Any]) -> GenerationRequest:
-    """The validated engine request for an A1111-shaped dict (pure: no models, no database)."""
+def engine_request(mode: JobMode, request: Mapping[str, Any], limits: RequestLimits | None = None) -> GenerationRequest:
+    """The validated engine request for an A1111-shaped dict (pure: no models, no database).
+
+    ``limits`` are the server's request limits, checked when a job is submitted (not again when it runs).
+    """
     if not isinstance(request, Mapping):
         raise InvalidInput("the request must be a JSON object", field="request")
+    check_text(request)
     values: dict[str, Any] = {}
     for key, value in request.items():
         if key in _FIELDS and key != "mode" and value is not None:
@@ -105,7 +115,7 @@ def engine_request(mode: JobMode, request: Mapping[str, Any]) -> GenerationReque
         values.pop("refiner_switch_at", None)
     try:
         built = GenerationRequest.from_dict({**values, "mode": mode.value})
-        built.validate()
+        built.validate(limits)
     except InvalidRequestError as exc:
         if exc.field in _SAMPLER_FIELDS and "not found" in str(exc):
             raise NotFound(str(exc), field=exc.field) from None
@@ -118,13 +128,15 @@ def engine_request(mode: JobMode, request: Mapping[str, Any]) -> GenerationReque
 class RequestResolver:
     """Resolves a request's models for one user through the registry."""
 
-    def __init__(self, registry: Registry, default_checkpoint: DefaultCheckpoint | None = None) -> None:
+    def __init__(self, registry: Registry, default_checkpoint: DefaultCheckpoint | None = None,
+                 limits: RequestLimits | None = None) -> None:
         self.registry = registry
         self.default_checkpoint = default_checkpoint
+        self.limits = limits if limits is not None else RequestLimits()
 
     def prepare(self, *, actor: User, mode: str, request: Mapping[str, Any]) -> PreparedJob:
         job_mode = derive_mode(mode, request)
-        built = engine_request(job_mode, request)
+        built = engine_request(job_mode, request, self.limits)
         checkpoint = self._checkpoint(actor, request)
         vae = self._vae(actor, request)
         models = JobModels(

@@ -29,7 +29,9 @@ from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.queue import JobQueue, Recovery
+from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
+from webapp.services.text import check_text
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +162,7 @@ class JobService:
     def submit(self, *, actor: User, mode: str, request: dict, endpoint: str | None = None,
                task_id: str | None = None) -> Job:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
+        check_text({"endpoint": endpoint, "task_id": task_id})
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         if self._started and target.name not in self._dispatchers:
             # Recorded but not running here (added after this server started): a job sent there would
@@ -189,7 +192,8 @@ class JobService:
     # -- reads --------------------------------------------------------------------------------------------
     def _load(self, job_id: str) -> Job | None:
         with self._db.read() as s:
-            return s.get(Job, job_id)
+            job = s.get(Job, job_id)
+        return readable(job) if job is not None else None
 
     @staticmethod
     def _visible(actor: User, job: Job | None, job_id: str) -> Job:
@@ -205,7 +209,7 @@ class JobService:
         with self._db.read() as s:
             job = s.exec(select(Job).where(Job.task_id == task_id, Job.owner_id == actor.id)
                          .order_by(Job.created_at.desc())).first()  # type: ignore[attr-defined]
-        return self._visible(actor, job, task_id)
+        return self._visible(actor, readable(job) if job is not None else None, task_id)
 
     def list_jobs(self, *, actor: User, mode: str | Sequence[str] | None = None, status: str | None = None,
                   endpoint: str | None = None, checkpoint: str | None = None, since: datetime | None = None,
@@ -239,7 +243,7 @@ class JobService:
             statement = select(Job).where(*conditions).order_by(Job.created_at.desc(), Job.id).offset(offset)  # type: ignore[attr-defined]
             if limit is not None:
                 statement = statement.limit(limit)
-            jobs = list(s.exec(statement).all())
+            jobs = [readable(job) for job in s.exec(statement).all()]
         return jobs, total
 
     def checkpoints_used(self, *, actor: User, all_users: bool = False) -> list[str]:
@@ -299,10 +303,9 @@ class JobService:
         with self._db.read() as s:
             running = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
                              .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
-            if running is not None:
-                return running
-            return s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.QUEUED)
-                          .order_by(Job.created_at)).first()
+            job = running or s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.QUEUED)
+                                    .order_by(Job.created_at)).first()
+        return readable(job) if job is not None else None
 
     def progress(self, *, actor: User, job_id: str) -> ProgressSnapshot:
         return self._snapshot(self.get(actor=actor, job_id=job_id))

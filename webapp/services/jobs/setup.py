@@ -65,7 +65,7 @@ def build_job_service(*, settings: Settings, db: Database, store: BlobStore, reg
                      max_attempts=settings.job_max_attempts)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
-                         resolver=RequestResolver(registry))
+                         resolver=RequestResolver(registry, limits=settings.request_limits))
 
     def start_endpoint(config: BackendConfig, *, is_default: bool, keep: EndpointStatus | None = None) -> None:
         try:
