@@ -8,6 +8,7 @@ never 403 — so job ids reveal nothing.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import anyio
 from sqlalchemy import func
 from sqlmodel import select
 
@@ -75,6 +77,33 @@ def _parse_mode(value: JobMode | str | None) -> JobMode | None:
     except ValueError:
         raise InvalidInput(f"`mode` must be one of {', '.join(m.value for m in JobMode)}, not {value!r}",
                            field="mode") from None
+
+
+class _Follow:
+    """What ``wait`` and ``wait_async`` share: the deadline, the board version seen, when the row was read."""
+
+    def __init__(self, board: JobBoard, job_id: str, timeout: float | None) -> None:
+        self._board = board
+        self._job_id = job_id
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.version = board.version(job_id)  # before the first read, so no change slips between them
+        self._last_read = time.monotonic()
+
+    def remaining(self) -> float:
+        """How long the next sleep may last (<= 0: the timeout has passed)."""
+        if self._deadline is None:
+            return WAIT_RECHECK_SECONDS
+        return min(WAIT_RECHECK_SECONDS, self._deadline - time.monotonic())
+
+    def must_reload(self, changed: int) -> bool:
+        """After a sleep ending at board version ``changed``: must the row be read again? Not while the
+        board shows progress and the row was read lately."""
+        progressing = changed != self.version and self._board.live(self._job_id) is not None
+        self.version = changed
+        if progressing and time.monotonic() - self._last_read < WAIT_RECHECK_SECONDS:
+            return False
+        self._last_read = time.monotonic()
+        return True
 
 
 class JobService:
@@ -255,24 +284,24 @@ class JobService:
 
         Sleeps on the board's condition (woken by the dispatcher). While the board shows the job running
         (progress events) the row is not re-read; it is on other wake-ups (start, end) and every couple of
-        seconds, so many waiters cost the database almost nothing.
+        seconds, so many waiters cost the database almost nothing. Holds its thread: for worker threads
+        (the UI); HTTP handlers await ``wait_async``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        version = self.board.version(job_id)
+        follow = _Follow(self.board, job_id, timeout)
         job = self.get(actor=actor, job_id=job_id)
-        last_read = time.monotonic()
-        while not job.is_terminal:
-            remaining = WAIT_RECHECK_SECONDS if deadline is None else min(WAIT_RECHECK_SECONDS,
-                                                                          deadline - time.monotonic())
-            if remaining <= 0:
-                break
-            changed = self.board.wait(job_id, version, remaining)
-            progressing = changed != version and self.board.live(job_id) is not None
-            version = changed
-            if progressing and time.monotonic() - last_read < WAIT_RECHECK_SECONDS:
-                continue
-            job = self.get(actor=actor, job_id=job_id)
-            last_read = time.monotonic()
+        while not job.is_terminal and (remaining := follow.remaining()) > 0:
+            if follow.must_reload(self.board.wait(job_id, follow.version, remaining)):
+                job = self.get(actor=actor, job_id=job_id)
+        return job
+
+    async def wait_async(self, *, actor: User, job_id: str, timeout: float | None = None) -> Job:
+        """``wait`` for the event loop: the waiting costs no thread (rows are read on a worker thread)."""
+        read = functools.partial(self.get, actor=actor, job_id=job_id)
+        follow = _Follow(self.board, job_id, timeout)
+        job = await anyio.to_thread.run_sync(read)
+        while not job.is_terminal and (remaining := follow.remaining()) > 0:
+            if follow.must_reload(await self.board.wait_async(job_id, follow.version, remaining)):
+                job = await anyio.to_thread.run_sync(read)
         return job
 
     def image_count(self, job: Job) -> int:
