@@ -52,7 +52,7 @@ from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
-from webapp.web.server import create_app  # noqa: E402
+from webapp.web.server import UiUploads, create_app, use_gradio_temp_dir  # noqa: E402
 
 log = logging.getLogger("studio")
 
@@ -126,6 +126,7 @@ def build(settings: Settings) -> Studio:
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     sdapi_ctx = sdapi.SdapiContext(settings=settings, options=options, registry=model_services.registry, jobs=jobs)
 
+    use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
     ui_ctx = UiContext(users=users)
     txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img")
     img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img])
@@ -141,7 +142,9 @@ def build(settings: Settings) -> Studio:
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers)
+    ui_uploads = UiUploads(max_bytes=int(settings.ui_max_file_mb * 1024**2),
+                           max_age_seconds=settings.ui_temp_max_age_hours * 3600)
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads)
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     return Studio(

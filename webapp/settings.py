@@ -96,6 +96,16 @@ class Settings(BaseSettings):
     preview_every: int = Field(5, ge=0)
     """A live preview every N sampling steps (0: none)."""
 
+    # -- disk quota and UI uploads (issue 9: per-user quota, Gradio's upload route) --------------------
+    user_quota_gb: float = Field(50.0, ge=0)
+    """Disk each user may fill with job results (images and requests) and the model files they imported
+    (0: unlimited). Administrators are not limited."""
+    ui_max_file_mb: float = Field(64.0, gt=0)
+    """Largest file the web UI's upload route accepts (init images, PNG Info); model files use the
+    chunked upload and ``max_upload_gb``."""
+    ui_temp_max_age_hours: float = Field(24.0, gt=0)
+    """Files uploaded to the web UI (kept in ``<data_dir>/tmp/gradio``) are deleted after this long."""
+
     @field_validator("skeleton_dirs", mode="before")
     @classmethod
     def _split_skeleton_dirs(cls, value: Any) -> Any:
@@ -169,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import-workers", type=int, help="model imports running at once (default 2)")
     p.add_argument("--backend", help="backend kind of the local endpoint: local (default) or fake")
     p.add_argument("--devices", help="local devices: auto (default), cpu, or a list such as cuda:0,cuda:1")
+    p.add_argument("--user-quota-gb", type=float, help="disk each user may fill with results and models (default 50; "
+                   "0: unlimited)")
+    p.add_argument("--ui-max-file-mb", type=float, help="largest file the web UI accepts (default 64)")
     return p
 
 
@@ -180,7 +193,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
-                 "devices"):
+                 "devices", "user_quota_gb", "ui_max_file_mb"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
