@@ -1,9 +1,9 @@
 """JobService: the one way in for every generation (UI, /sdapi/v1, /api/v1), and the way to follow it.
 
 ``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
-the per-user cap and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
-only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound —
-never 403 — so job ids reveal nothing.
+the per-user cap and the disk quota (``webapp/services/quota.py``) and enqueues; the endpoint's
+dispatcher does the rest. Authorisation lives here: only the owner or an administrator sees, cancels
+or deletes a job, and anyone else gets NotFound — never 403 — so job ids reveal nothing.
 """
 
 from __future__ import annotations
@@ -18,20 +18,21 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import anyio
-from sqlalchemy import func
+from sqlalchemy import func, update
 from sqlmodel import select
 
 from deploy.backends.base import Backend
 from deploy.storage import BlobNotFound, BlobStore
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
-from webapp.records.jobs import ACTIVE_STATUSES
+from webapp.records.jobs import ACTIVE_STATUSES, TERMINAL_STATUSES
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.queue import JobQueue, Recovery
 from webapp.services.jobs.requests import RequestResolver
+from webapp.services.quota import DiskQuota
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,10 @@ class _Follow:
 
 class JobService:
     def __init__(self, *, db: Database, store: BlobStore, queue: JobQueue, board: JobBoard,
-                 endpoints: EndpointService, resolver: RequestResolver) -> None:
+                 endpoints: EndpointService, resolver: RequestResolver, quota: DiskQuota | None = None) -> None:
         self._db = db
         self._store = store
+        self._quota = quota
         self.queue = queue
         self.board = board
         self.endpoints = endpoints
@@ -133,10 +135,31 @@ class JobService:
         return recovery
 
     def _sweep(self) -> None:
-        try:
-            self.purge_orphan_images()
-        except Exception:  # noqa: BLE001 - a sweep failure must not take the server down; it runs again next start
-            log.exception("sweeping orphaned job images failed")
+        for sweep in (self.purge_orphan_images, self.measure_unmeasured_jobs):
+            try:
+                sweep()
+            except Exception:  # noqa: BLE001 - a sweep failure must not take the server down; it runs again next start
+                log.exception("%s failed", sweep.__name__)
+
+    def measure_unmeasured_jobs(self) -> int:
+        """Fill in ``stored_bytes`` of finished jobs recorded before sizes were kept (request length plus
+        the stored images' sizes), so the disk quota counts them too. Returns the jobs measured."""
+        measured = 0
+        while True:
+            with self._db.read() as s:
+                rows = s.exec(select(Job.id, Job.request_json, Job.image_keys_json).where(
+                    Job.stored_bytes.is_(None), Job.status.in_(TERMINAL_STATUSES)).limit(500)).all()  # type: ignore[union-attr,attr-defined]
+            if not rows:
+                break
+            for job_id, request_json, keys_json in rows:
+                blobs = (self._store.stat(key) for key in json.loads(keys_json or "[]"))
+                size = len(request_json.encode()) + sum(blob.size for blob in blobs if blob is not None)
+                with self._db.write() as s:
+                    s.exec(update(Job).where(Job.id == job_id).values(stored_bytes=size))  # type: ignore[call-overload]
+                measured += 1
+        if measured:
+            log.info("measured the disk use of %d job(s) recorded before sizes were kept", measured)
+        return measured
 
     def purge_orphan_images(self) -> int:
         """Delete stored images whose job row is gone — a user deleted with their jobs, or a crash between
@@ -202,9 +225,12 @@ class JobService:
             request_json = json.dumps(request)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the request is not JSON-serialisable: {exc}", field="request") from None
+        if self._quota is not None:
+            self._quota.check(actor)
         job = Job(
             owner_id=actor.id, owner_name=actor.username, mode=prepared.mode, endpoint=target.name, task_id=task_id,
-            request_json=request_json, models_json=json.dumps(prepared.models.to_dict()),
+            request_json=request_json, stored_bytes=len(request_json.encode()),
+            models_json=json.dumps(prepared.models.to_dict()),
             checkpoint=prepared.checkpoint.name, checkpoint_hash=prepared.checkpoint.autov2,
             job_count=prepared.request.n_iter,
         )
