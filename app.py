@@ -40,6 +40,7 @@ from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
+from webapp.services.quota import DiskQuota  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
 from webapp.services.tokens import TokenService  # noqa: E402
 from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
@@ -52,7 +53,7 @@ from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
-from webapp.web.server import create_app  # noqa: E402
+from webapp.web.server import UiUploads, create_app, use_gradio_temp_dir  # noqa: E402
 
 log = logging.getLogger("studio")
 
@@ -77,6 +78,7 @@ class Studio:
     model_services: ModelServices | None = None
     jobs: JobService | None = None
     options: OptionsService | None = None
+    quota: DiskQuota | None = None
 
     def close(self) -> None:
         if self.jobs is not None:
@@ -121,31 +123,35 @@ def build(settings: Settings) -> Studio:
         db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours), tokens=tokens,
     )
     auth.purge_expired()
-    model_services = build_model_services(settings, db, store)
+    quota = DiskQuota(db, limit_bytes=int(settings.user_quota_gb * 1024**3))
+    model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
     jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
-                             model_files=model_files)
+                             model_files=model_files, quota=quota)
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     sdapi_ctx = sdapi.SdapiContext(settings=settings, options=options, registry=model_services.registry, jobs=jobs)
 
+    use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
     ui_ctx = UiContext(users=users)
     txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img")
     img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img])
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, UsersTab(ui_ctx),
-                           AccountTab(ui_ctx, tokens=tokens, auth=auth)])
+                           AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
-        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens), users_api.build_router(users, auth),
+        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry),
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers,
+    ui_uploads = UiUploads(max_bytes=int(settings.ui_max_file_mb * 1024**2),
+                           max_age_seconds=settings.ui_temp_max_age_hours * 3600)
+    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads,
                      allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips,
                      max_body_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
@@ -153,7 +159,7 @@ def build(settings: Settings) -> Studio:
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options,
+        options=options, quota=quota,
     )
 
 

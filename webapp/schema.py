@@ -87,6 +87,12 @@ def _v6(conn: Connection) -> None:
     create_missing_indexes(conn)
 
 
+def _v7(conn: Connection) -> None:
+    # Disk quota: job sizes (NULL on older jobs until the start-up sweep measures them) and their index.
+    add_column(conn, "job", "stored_bytes", "BIGINT")
+    create_missing_indexes(conn)
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -95,6 +101,7 @@ MIGRATIONS: list[Migration] = [
     Migration(4, "jobs and endpoints", _v4),
     Migration(5, "API tokens and per-user options", _v5),
     Migration(6, "indexes that earlier in-place upgrades missed", _v6),
+    Migration(7, "disk quota: bytes stored per job", _v7),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -120,6 +120,16 @@ class Settings(BaseSettings):
         return RequestLimits(max_prompt_chars=self.max_prompt_chars, max_job_pixels=self.max_job_pixels,
                              max_job_images=self.max_job_images)
 
+    # -- disk quota and UI uploads (issue 9: per-user quota, Gradio's upload route) --------------------
+    user_quota_gb: float = Field(50.0, ge=0)
+    """Disk each user may fill with job results (images and requests) and the model files they imported
+    (0: unlimited). Administrators are not limited."""
+    ui_max_file_mb: float = Field(64.0, gt=0)
+    """Largest file the web UI's upload route accepts (init images, PNG Info); model files use the
+    chunked upload and ``max_upload_gb``."""
+    ui_temp_max_age_hours: float = Field(24.0, gt=0)
+    """Files uploaded to the web UI (kept in ``<data_dir>/tmp/gradio``) are deleted after this long."""
+
     @field_validator("skeleton_dirs", mode="before")
     @classmethod
     def _split_skeleton_dirs(cls, value: Any) -> Any:
@@ -222,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowed-origins", help="comma-separated extra origins (scheme://host[:port]) browsers may use")
     p.add_argument("--max-body-mb", type=float, help="largest HTTP request body in MB (default 64)")
     p.add_argument("--max-job-pixels", type=int, help="width x height x batch size of one job (default 2048*2048*8)")
+    p.add_argument("--user-quota-gb", type=float, help="disk each user may fill with results and models (default 50; "
+                   "0: unlimited)")
+    p.add_argument("--ui-max-file-mb", type=float, help="largest file the web UI accepts (default 64)")
     return p
 
 
@@ -233,7 +246,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
-                 "devices", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels"):
+                 "devices", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
+                 "user_quota_gb", "ui_max_file_mb"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -137,7 +137,7 @@ def account_tab(fake_studio):
     from webapp.ui.context import UiContext
 
     studio = fake_studio.studio
-    return AccountTab(UiContext(users=studio.users), tokens=studio.tokens, auth=studio.auth)
+    return AccountTab(UiContext(users=studio.users), tokens=studio.tokens, auth=studio.auth, quota=studio.quota)
 
 
 def _request(username: str, cookies: dict | None = None) -> gr.Request:

@@ -14,7 +14,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Column, Index, Text
+from sqlalchemy import BigInteger, Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import new_id, utcnow
@@ -58,6 +58,8 @@ class Job(SQLModel, table=True):
         Index("ix_job_owner_started", "owner_id", "started_at"),
         # history: an owner's jobs newest first
         Index("ix_job_owner_created", "owner_id", "created_at"),
+        # disk quota: an owner's total from the index alone (the rows hold large request texts)
+        Index("ix_job_owner_bytes", "owner_id", "stored_bytes"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -96,6 +98,9 @@ class Job(SQLModel, table=True):
     timings_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text))
     error_kind: str | None = Field(default=None, max_length=32)
+    stored_bytes: int | None = Field(default=None, sa_type=BigInteger)
+    """Disk the job takes: its request as stored plus its result images (the disk quota sums it). None on
+    jobs recorded before sizes were kept, until the start-up sweep measures them."""
 
     # -- decoded views ---------------------------------------------------------------------------
     @property

@@ -12,6 +12,7 @@ import html
 import gradio as gr
 
 from webapp.services.auth import AuthService
+from webapp.services.quota import DiskQuota, format_bytes
 from webapp.services.tokens import TokenService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.web.gate import SESSION_COOKIE
@@ -44,10 +45,11 @@ class AccountTab:
 
     admin_only = False
 
-    def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService) -> None:
+    def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService, quota: DiskQuota) -> None:
         self.ctx = ctx
         self.tokens = tokens
         self.auth = auth
+        self.quota = quota
 
     def _rows(self, request: gr.Request) -> tuple[list[list[str]], list[tuple[str, str]]]:
         tokens = self.tokens.list_tokens(actor=self.ctx.user(request))
@@ -61,7 +63,10 @@ class AccountTab:
         user = self.ctx.user(request)
         rows, choices = self._rows(request)
         badge = " (administrator)" if user.is_admin else ""
-        return f"Signed in as **{html.escape(user.username)}**{badge}", rows, gr.update(choices=choices, value=None)
+        disk = self.quota.usage(actor=user)
+        of = f" of {format_bytes(disk.limit)}" if disk.limit is not None else " (no limit)"
+        whoami = f"Signed in as **{html.escape(user.username)}**{badge} · Disk used: {format_bytes(disk.used)}{of}"
+        return whoami, rows, gr.update(choices=choices, value=None)
 
     @ui_errors
     def create(self, name: str, request: gr.Request) -> tuple:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 from fastapi import APIRouter, FastAPI, Request
@@ -27,10 +31,37 @@ def gradio_user(request: Request) -> str | None:
     return user.username if user is not None else None
 
 
+@dataclass(frozen=True)
+class UiUploads:
+    """Gradio's upload route: the largest file it takes and how old its kept files may get."""
+
+    max_bytes: int
+    max_age_seconds: float
+
+    @property
+    def delete_cache(self) -> tuple[float, float]:
+        """Gradio's ``(frequency, age)``: look at least hourly, and as often as the age itself when shorter."""
+        return min(self.max_age_seconds, 3600.0), self.max_age_seconds
+
+
+def use_gradio_temp_dir(folder: Path) -> Path:
+    """Make ``folder`` (under the data dir: one per instance) Gradio's cache, emptied first.
+
+    Gradio reads ``GRADIO_TEMP_DIR`` wherever it stores an upload or checks that a path is one, so it is
+    set for the process before the UI is built. Gradio's own cleaner knows only the files of this run;
+    whatever an earlier run left (a crash skips its shutdown clean-up) is removed here.
+    """
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
+
+
 def create_app(
     *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
     allowed_origins: Iterable[str] = (), forwarded_allow_ips: list[str] | None = None,
     max_body_bytes: int | None = None,
+    uploads: UiUploads | None = None,
 ) -> FastAPI:
     app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None)
     install_docs(app)  # self-hosted Swagger UI (no CDN)
@@ -38,8 +69,12 @@ def create_app(
     app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
     for router in routers:
         app.include_router(router)
+    if uploads is not None:
+        # Gradio's cleaner is a Blocks setting (``delete_cache``) that App.create_app reads when it is mounted.
+        ui.delete_cache = uploads.delete_cache
     gr.mount_gradio_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
+        max_file_size=uploads.max_bytes if uploads is not None else None,
     )
     guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
     app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import anyio
 
 from webapp.records import ModelRecord, ModelStatus, ModelType, User
 from webapp.services.options import OptionsService
 from webapp.settings import Settings
-
-# Blocking waits (an A1111 txt2img holds its request until the job is done) run in threads of their
-# own limiter so they never starve FastAPI's default pool, which serves every other sync route.
-WAIT_THREADS = 64
 
 
 @dataclass
@@ -27,16 +19,6 @@ class SdapiContext:
     options: OptionsService
     registry: Any
     jobs: Any
-    _limiters: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
-
-    @property
-    def wait_limiter(self) -> anyio.CapacityLimiter:
-        """The limiter of the running event loop (one per loop: a limiter's waiters belong to one loop)."""
-        loop = asyncio.get_running_loop()
-        limiter = self._limiters.get(loop)
-        if limiter is None:
-            limiter = self._limiters[loop] = anyio.CapacityLimiter(WAIT_THREADS)
-        return limiter
 
     def models(self, actor: User, model_type: ModelType) -> list[ModelRecord]:
         """Active models of one type the caller may use, by name (lists show only what really exists)."""

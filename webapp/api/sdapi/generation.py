@@ -3,7 +3,8 @@
 The request is checked and normalised here (A1111 types and defaults, the user's options, features
 the studio does not have named in warnings), then goes through ``JobService.submit`` like every UI
 job — same queue, same backends, same per-user limits — and the HTTP request waits for the job as
-A1111's does. The wait runs in a worker thread so the event loop keeps serving ``/progress``.
+A1111's does. The wait awaits the job board's events and holds no thread, so one client's many waiting
+requests cannot delay another's.
 
 Decisions where A1111 versions differ or the studio has no equivalent:
 
@@ -184,8 +185,8 @@ def _failure(job: Job) -> A1111Error:
     return A1111Error(500, "RuntimeError", message)
 
 
-def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBody) -> dict[str, Any]:
-    """Submit, wait, answer (blocking: called in a worker thread)."""
+def _submit(ctx: SdapiContext, user: User, mode: str, body: GenerationBody
+            ) -> tuple[Job, GenerationDefaults, dict[str, Any], list[str]]:
     if isinstance(body, Img2ImgBody) and not body.init_images:
         raise A1111Error(404, "HTTPException", "Init image not found", field="init_images")
     # An infotext holds a prompt, a negative prompt and the parameters: three prompts' worth at most.
@@ -197,7 +198,11 @@ def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBod
     job = ctx.jobs.submit(actor=user, mode=mode, request=request, task_id=body.force_task_id)
     if warnings:
         log.info("job %s of %s: %s", job.id, user.username, "; ".join(warnings))
-    job = ctx.jobs.wait(actor=user, job_id=job.id)
+    return job, defaults, request, warnings
+
+
+def _answer(ctx: SdapiContext, user: User, job: Job, body: GenerationBody, defaults: GenerationDefaults,
+            request: dict[str, Any], warnings: list[str]) -> dict[str, Any]:
     if job.status == JobStatus.FAILED:
         raise _failure(job)
     if job.status == JobStatus.CANCELLED:
@@ -213,19 +218,25 @@ def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBod
     return {"images": images, "parameters": parameters, "info": json.dumps(_info(job, body, warnings))}
 
 
+async def run_generation(ctx: SdapiContext, user: User, mode: str, body: GenerationBody) -> dict[str, Any]:
+    """Submit, wait, answer. Submitting and answering (database, image encoding) run on worker threads;
+    the wait between them awaits the job board and holds no thread, however many requests wait."""
+    job, defaults, request, warnings = await anyio.to_thread.run_sync(_submit, ctx, user, mode, body)
+    job = await ctx.jobs.wait_async(actor=user, job_id=job.id)
+    return await anyio.to_thread.run_sync(_answer, ctx, user, job, body, defaults, request, warnings)
+
+
 def build_router(ctx: SdapiContext) -> APIRouter:
     router = APIRouter(route_class=A1111Route)
 
     @router.post("/txt2img")
     async def txt2img(user: CurrentUser, body: Txt2ImgBody) -> dict[str, Any]:
         """A1111 txt2img: queued like every job, answered when it is done (``info`` is a JSON string)."""
-        return await anyio.to_thread.run_sync(run_generation, ctx, user, "txt2img", body,
-                                              limiter=ctx.wait_limiter)
+        return await run_generation(ctx, user, "txt2img", body)
 
     @router.post("/img2img")
     async def img2img(user: CurrentUser, body: Img2ImgBody) -> dict[str, Any]:
         """A1111 img2img; with a ``mask`` it is an inpaint job. Images as bare base64 or data URIs."""
-        return await anyio.to_thread.run_sync(run_generation, ctx, user, "img2img", body,
-                                              limiter=ctx.wait_limiter)
+        return await run_generation(ctx, user, "img2img", body)
 
     return router

@@ -1,4 +1,5 @@
-"""``/api/v1`` for the caller's own account: who am I, API tokens; and ``/api/v1/ping`` (ESD's health check)."""
+"""``/api/v1`` for the caller's own account: who am I, disk use, API tokens; and ``/api/v1/ping`` (ESD's
+health check)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pydantic import BaseModel, Field
 
 from webapp.api.deps import CurrentUser
 from webapp.records import ApiTokenPublic
+from webapp.services.quota import DiskQuota
 from webapp.services.tokens import TokenService
 
 
@@ -21,6 +23,11 @@ class Me(BaseModel):
     created_at: datetime
 
 
+class DiskUse(BaseModel):
+    used_bytes: int = Field(description="Job results (requests and images) and stored model files you imported")
+    limit_bytes: int | None = Field(description="Your disk quota; null: unlimited")
+
+
 class TokenCreate(BaseModel):
     name: str = Field(description="What the token is for, e.g. 'laptop scripts'")
 
@@ -29,7 +36,7 @@ class TokenCreated(ApiTokenPublic):
     token: str = Field(description="The token itself: shown only in this answer, never again")
 
 
-def build_router(tokens: TokenService) -> APIRouter:
+def build_router(tokens: TokenService, quota: DiskQuota) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["account"])
 
     @router.get("/ping")
@@ -41,6 +48,12 @@ def build_router(tokens: TokenService) -> APIRouter:
     def me(user: CurrentUser) -> Me:
         return Me(id=user.id, username=user.username, role=str(user.role), is_admin=user.is_admin,
                   created_at=user.created_at)
+
+    @router.get("/me/disk")
+    def disk(user: CurrentUser) -> DiskUse:
+        """What you store against your disk quota; over it, new jobs and model uploads get 413 (``quota``)."""
+        usage = quota.usage(actor=user)
+        return DiskUse(used_bytes=usage.used, limit_bytes=usage.limit)
 
     @router.get("/tokens")
     def list_tokens(user: CurrentUser, include_revoked: bool = True) -> list[ApiTokenPublic]:

@@ -1,6 +1,7 @@
 """``/api/v1/jobs``: create (returns the id at once), get, list with filters and paging, cancel, delete,
 images, and progress as a long-poll or a Server-Sent Events stream. Thin over ``JobService``: the same
-validation, authorisation (another user's job is a 404) and queue as the UI.
+validation, authorisation (another user's job is a 404) and queue as the UI. Long-polls and streams
+await the job board's events, holding no thread while they wait.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import anyio
 from fastapi import APIRouter, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
@@ -26,20 +26,6 @@ log = logging.getLogger(__name__)
 
 SSE_HEARTBEAT_SECONDS = 15.0
 MAX_LONG_POLL_SECONDS = 60.0
-WAIT_THREADS = 64
-_limiter: list[anyio.CapacityLimiter] = []
-
-
-def _wait_limiter() -> anyio.CapacityLimiter:
-    """Waiting clients hold threads of their own pool, never FastAPI's default one (created lazily: it
-    must belong to the server's event loop)."""
-    if not _limiter:
-        _limiter.append(anyio.CapacityLimiter(WAIT_THREADS))
-    return _limiter[0]
-
-
-async def _wait_for_change(jobs: JobService, job_id: str, version: int, timeout: float) -> int:
-    return await anyio.to_thread.run_sync(jobs.board.wait, job_id, version, timeout, limiter=_wait_limiter())
 
 
 class JobCreate(BaseModel):
@@ -199,7 +185,7 @@ def build_router(jobs: JobService) -> APIRouter:
         version = jobs.board.version(job_id)
         job = await run_in_threadpool(jobs.get, actor=user, job_id=job_id)
         if wait > 0 and not job.is_terminal:
-            await _wait_for_change(jobs, job_id, version, wait)
+            await jobs.board.wait_async(job_id, version, wait)
         snapshot = await run_in_threadpool(jobs.progress, actor=user, job_id=job_id)
         return progress_public(snapshot)
 
@@ -231,6 +217,6 @@ async def _events(jobs: JobService, user: User, job_id: str) -> AsyncIterator[st
             yield _sse("deleted", {"id": job_id})
             return
         yield _sse("progress", progress_public(snapshot).model_dump(mode="json"))
-        changed = await _wait_for_change(jobs, job_id, version, SSE_HEARTBEAT_SECONDS)
+        changed = await jobs.board.wait_async(job_id, version, SSE_HEARTBEAT_SECONDS)
         if changed == version:
             yield ": keep-alive\n\n"

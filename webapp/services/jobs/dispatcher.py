@@ -28,7 +28,7 @@ from deploy.backends.messages import (
     Started,
     Succeeded,
 )
-from deploy.storage import BlobStore
+from deploy.storage import BlobStore, StorageError
 from webapp.records import Job, JobMode, JobStatus
 from webapp.services.errors import ServiceError
 from webapp.services.jobs.board import JobBoard, LiveProgress
@@ -214,10 +214,13 @@ class Dispatcher:
                 self._finish(event.job_id, JobStatus.FAILED, error=f"storing the images failed: {exc}",
                              error_kind="internal")
                 return
+            result_bytes = sum(len(png) for png in event.images)
+        else:
+            result_bytes = self._stored_size(event.job_id, keys)
         recorded = self._finish(
             event.job_id, status, image_keys_json=keys, infotexts_json=list(event.infotexts),
             info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
-            **values)
+            result_bytes=result_bytes, **values)
         if not recorded:  # deleted or cancelled meanwhile: keep no orphan images
             self._delete_keys(keys)
 
@@ -253,6 +256,15 @@ class Dispatcher:
         self._last_write.pop(job_id, None)
         self.board.finish(job_id)
         self._wake.set()
+
+    def _stored_size(self, job_id: str, keys: list[str]) -> int:
+        """Bytes of images a worker stored itself (the disk quota counts them); 0 if the store cannot say."""
+        try:
+            return sum(blob.size for blob in map(self.store.stat, keys) if blob is not None)
+        except StorageError:
+            log.warning("job %s: the sizes of its images are unknown; the disk quota does not count them", job_id,
+                        exc_info=True)
+            return 0
 
     def _delete_keys(self, keys: list[str]) -> None:
         for key in keys:

@@ -122,15 +122,18 @@ class JobQueue:
                 cancel_requested=True))
             return result.rowcount == 1
 
-    def finish(self, job_id: str, status: JobStatus, **values: Any) -> bool:
-        """Move a running job to a terminal ``status`` with ``values``; False if it is not running any more."""
+    def finish(self, job_id: str, status: JobStatus, *, result_bytes: int = 0, **values: Any) -> bool:
+        """Move a running job to a terminal ``status`` with ``values``, adding ``result_bytes`` (its stored
+        images) to the bytes it takes; False if it is not running any more."""
         if not status.terminal:
             raise ValueError(f"{status} is not a terminal status")
         encoded = {k: (json.dumps(v) if k.endswith("_json") and not isinstance(v, str | None) else v)
                    for k, v in values.items()}
+        # a job queued before sizes were kept (NULL) starts from its request's length
+        stored = func.coalesce(Job.stored_bytes, func.length(Job.request_json)) + result_bytes
         with self.db.write() as s:
             result = s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(  # type: ignore[call-overload]
-                status=status, finished_at=utcnow(), eta_seconds=None, **encoded))
+                status=status, finished_at=utcnow(), eta_seconds=None, stored_bytes=stored, **encoded))
             return result.rowcount == 1
 
     def requeue(self, job_id: str, *, refund_attempt: bool, reason: str) -> JobStatus | None:

@@ -1,13 +1,14 @@
 """JobService: the one way in for every generation (UI, /sdapi/v1, /api/v1), and the way to follow it.
 
 ``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
-the per-user cap and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
-only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound —
-never 403 — so job ids reveal nothing.
+the per-user cap and the disk quota (``webapp/services/quota.py``) and enqueues; the endpoint's
+dispatcher does the rest. Authorisation lives here: only the owner or an administrator sees, cancels
+or deletes a job, and anyone else gets NotFound — never 403 — so job ids reveal nothing.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -16,14 +17,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func
+import anyio
+from sqlalchemy import func, update
 from sqlmodel import select
 
 from deploy.backends.base import Backend
 from deploy.storage import BlobNotFound, BlobStore
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
-from webapp.records.jobs import ACTIVE_STATUSES
+from webapp.records.jobs import ACTIVE_STATUSES, TERMINAL_STATUSES
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
@@ -31,6 +33,7 @@ from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.queue import JobQueue, Recovery
 from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
+from webapp.services.quota import DiskQuota
 from webapp.services.text import check_text
 
 log = logging.getLogger(__name__)
@@ -79,11 +82,39 @@ def _parse_mode(value: JobMode | str | None) -> JobMode | None:
                            field="mode") from None
 
 
+class _Follow:
+    """What ``wait`` and ``wait_async`` share: the deadline, the board version seen, when the row was read."""
+
+    def __init__(self, board: JobBoard, job_id: str, timeout: float | None) -> None:
+        self._board = board
+        self._job_id = job_id
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self.version = board.version(job_id)  # before the first read, so no change slips between them
+        self._last_read = time.monotonic()
+
+    def remaining(self) -> float:
+        """How long the next sleep may last (<= 0: the timeout has passed)."""
+        if self._deadline is None:
+            return WAIT_RECHECK_SECONDS
+        return min(WAIT_RECHECK_SECONDS, self._deadline - time.monotonic())
+
+    def must_reload(self, changed: int) -> bool:
+        """After a sleep ending at board version ``changed``: must the row be read again? Not while the
+        board shows progress and the row was read lately."""
+        progressing = changed != self.version and self._board.live(self._job_id) is not None
+        self.version = changed
+        if progressing and time.monotonic() - self._last_read < WAIT_RECHECK_SECONDS:
+            return False
+        self._last_read = time.monotonic()
+        return True
+
+
 class JobService:
     def __init__(self, *, db: Database, store: BlobStore, queue: JobQueue, board: JobBoard,
-                 endpoints: EndpointService, resolver: RequestResolver) -> None:
+                 endpoints: EndpointService, resolver: RequestResolver, quota: DiskQuota | None = None) -> None:
         self._db = db
         self._store = store
+        self._quota = quota
         self.queue = queue
         self.board = board
         self.endpoints = endpoints
@@ -106,10 +137,31 @@ class JobService:
         return recovery
 
     def _sweep(self) -> None:
-        try:
-            self.purge_orphan_images()
-        except Exception:  # noqa: BLE001 - a sweep failure must not take the server down; it runs again next start
-            log.exception("sweeping orphaned job images failed")
+        for sweep in (self.purge_orphan_images, self.measure_unmeasured_jobs):
+            try:
+                sweep()
+            except Exception:  # noqa: BLE001 - a sweep failure must not take the server down; it runs again next start
+                log.exception("%s failed", sweep.__name__)
+
+    def measure_unmeasured_jobs(self) -> int:
+        """Fill in ``stored_bytes`` of finished jobs recorded before sizes were kept (request length plus
+        the stored images' sizes), so the disk quota counts them too. Returns the jobs measured."""
+        measured = 0
+        while True:
+            with self._db.read() as s:
+                rows = s.exec(select(Job.id, Job.request_json, Job.image_keys_json).where(
+                    Job.stored_bytes.is_(None), Job.status.in_(TERMINAL_STATUSES)).limit(500)).all()  # type: ignore[union-attr,attr-defined]
+            if not rows:
+                break
+            for job_id, request_json, keys_json in rows:
+                blobs = (self._store.stat(key) for key in json.loads(keys_json or "[]"))
+                size = len(request_json.encode()) + sum(blob.size for blob in blobs if blob is not None)
+                with self._db.write() as s:
+                    s.exec(update(Job).where(Job.id == job_id).values(stored_bytes=size))  # type: ignore[call-overload]
+                measured += 1
+        if measured:
+            log.info("measured the disk use of %d job(s) recorded before sizes were kept", measured)
+        return measured
 
     def purge_orphan_images(self) -> int:
         """Delete stored images whose job row is gone — a user deleted with their jobs, or a crash between
@@ -176,9 +228,12 @@ class JobService:
             request_json = json.dumps(request)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"the request is not JSON-serialisable: {exc}", field="request") from None
+        if self._quota is not None:
+            self._quota.check(actor)
         job = Job(
             owner_id=actor.id, owner_name=actor.username, mode=prepared.mode, endpoint=target.name, task_id=task_id,
-            request_json=request_json, models_json=json.dumps(prepared.models.to_dict()),
+            request_json=request_json, stored_bytes=len(request_json.encode()),
+            models_json=json.dumps(prepared.models.to_dict()),
             checkpoint=prepared.checkpoint.name, checkpoint_hash=prepared.checkpoint.autov2,
             job_count=prepared.request.n_iter,
         )
@@ -259,24 +314,24 @@ class JobService:
 
         Sleeps on the board's condition (woken by the dispatcher). While the board shows the job running
         (progress events) the row is not re-read; it is on other wake-ups (start, end) and every couple of
-        seconds, so many waiters cost the database almost nothing.
+        seconds, so many waiters cost the database almost nothing. Holds its thread: for worker threads
+        (the UI); HTTP handlers await ``wait_async``.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        version = self.board.version(job_id)
+        follow = _Follow(self.board, job_id, timeout)
         job = self.get(actor=actor, job_id=job_id)
-        last_read = time.monotonic()
-        while not job.is_terminal:
-            remaining = WAIT_RECHECK_SECONDS if deadline is None else min(WAIT_RECHECK_SECONDS,
-                                                                          deadline - time.monotonic())
-            if remaining <= 0:
-                break
-            changed = self.board.wait(job_id, version, remaining)
-            progressing = changed != version and self.board.live(job_id) is not None
-            version = changed
-            if progressing and time.monotonic() - last_read < WAIT_RECHECK_SECONDS:
-                continue
-            job = self.get(actor=actor, job_id=job_id)
-            last_read = time.monotonic()
+        while not job.is_terminal and (remaining := follow.remaining()) > 0:
+            if follow.must_reload(self.board.wait(job_id, follow.version, remaining)):
+                job = self.get(actor=actor, job_id=job_id)
+        return job
+
+    async def wait_async(self, *, actor: User, job_id: str, timeout: float | None = None) -> Job:
+        """``wait`` for the event loop: the waiting costs no thread (rows are read on a worker thread)."""
+        read = functools.partial(self.get, actor=actor, job_id=job_id)
+        follow = _Follow(self.board, job_id, timeout)
+        job = await anyio.to_thread.run_sync(read)
+        while not job.is_terminal and (remaining := follow.remaining()) > 0:
+            if follow.must_reload(await self.board.wait_async(job_id, follow.version, remaining)):
+                job = await anyio.to_thread.run_sync(read)
         return job
 
     def image_count(self, job: Job) -> int:

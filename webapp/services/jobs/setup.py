@@ -28,6 +28,7 @@ from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import Registry, RequestResolver
 from webapp.services.jobs.service import JobService
+from webapp.services.quota import DiskQuota
 
 if TYPE_CHECKING:
     from deploy.model_files import ModelFiles
@@ -55,7 +56,7 @@ def _stored_endpoints(db: Database) -> list[Endpoint]:
 
 
 def build_job_service(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
-                      model_files: ModelFiles | None) -> JobService:
+                      model_files: ModelFiles | None, quota: DiskQuota | None = None) -> JobService:
     """Queue, board, endpoints, the local endpoint's backend and dispatcher, and the service over them.
 
     Not started: call ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
@@ -65,7 +66,7 @@ def build_job_service(*, settings: Settings, db: Database, store: BlobStore, reg
                      max_attempts=settings.job_max_attempts)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
-                         resolver=RequestResolver(registry, limits=settings.request_limits))
+                         resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
 
     def start_endpoint(config: BackendConfig, *, is_default: bool, keep: EndpointStatus | None = None) -> None:
         try:

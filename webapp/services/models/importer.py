@@ -34,6 +34,7 @@ from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility, utcnow
 from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
+from webapp.services.quota import DiskQuota
 
 log = logging.getLogger(__name__)
 
@@ -210,10 +211,11 @@ def store_key_for(model_type: ModelType, sha256: str, file_name: str, stored_for
 
 
 class Importer:
-    def __init__(self, db: Database, store: BlobStore, staging_dir: Path) -> None:
+    def __init__(self, db: Database, store: BlobStore, staging_dir: Path, quota: DiskQuota | None = None) -> None:
         self._db = db
         self._store = store
         self._staging = staging_dir
+        self._quota = quota
         self._sha_locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -307,6 +309,8 @@ class Importer:
         if not in_place:
             key = store_key_for(inspection.type, stored_hashes.sha256, file_name, stored_format)
             size = stored.stat().st_size
+            if self._quota is not None and request.owner is not None and target is None:
+                self._quota.check(request.owner, adding=size, what=file_name)
             try:
                 with stored.open("rb") as handle:
                     self._store.put(key, _CountingReader(handle, size, progress), expected_sha256=stored_hashes.sha256)

@@ -45,6 +45,7 @@ from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceErro
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
 from webapp.services.models.tasks import ImportTasks, TaskContext
+from webapp.services.quota import DiskQuota
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ def _clean_file_name(file_name: str) -> str:
 
 
 class Uploads:
-    def __init__(self, db: Database, importer: Importer, tasks: ImportTasks, upload_dir: Path, max_bytes: int) -> None:
+    def __init__(self, db: Database, importer: Importer, tasks: ImportTasks, upload_dir: Path, max_bytes: int,
+                 quota: DiskQuota | None = None) -> None:
         self._db = db
+        self._quota = quota
         self._importer = importer
         self._tasks = tasks
         self.upload_dir = upload_dir
@@ -120,6 +123,8 @@ class Uploads:
         if size > self.max_bytes:
             raise InvalidInput(f"{file_name} is {size} bytes; uploads are limited to {self.max_bytes} bytes",
                                field="size")
+        if self._quota is not None:
+            self._quota.check(actor, adding=size, what=file_name)
         if sha256 is not None and not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256.lower())):
             raise InvalidInput("`sha256` must be 64 hex digits", field="sha256")
         text, metadata = catalog.parse_description(description)

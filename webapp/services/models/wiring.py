@@ -21,6 +21,7 @@ from webapp.services.models.server_import import ServerImports
 from webapp.services.models.tasks import ImportTasks, TaskContext
 from webapp.services.models.uploads import Uploads
 from webapp.services.models.url_import import UrlImports
+from webapp.services.quota import DiskQuota
 from webapp.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,13 @@ def _scan_handler(registry: ModelRegistry):  # noqa: ANN202 - a task handler
     return run
 
 
-def build_model_services(settings: Settings, db: Database, store: BlobStore) -> ModelServices:
+def build_model_services(settings: Settings, db: Database, store: BlobStore,
+                         quota: DiskQuota | None = None) -> ModelServices:
     assert settings.model_cache_dir is not None  # filled by Settings
     temp_root = settings.data_dir / "tmp" / "imports"
     temp_root.mkdir(parents=True, exist_ok=True)
     max_bytes = int(settings.max_upload_gb * GB)
-    importer = Importer(db, store, temp_root)
+    importer = Importer(db, store, temp_root, quota)
     scan_roots = [*settings.import_roots, *([settings.models_dir] if settings.models_dir else [])]
     scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the models dir is always readable
     registry = ModelRegistry(db, store, importer, scanner, refresh_interval=settings.refresh_min_interval_seconds)
@@ -72,7 +74,7 @@ def build_model_services(settings: Settings, db: Database, store: BlobStore) -> 
         server=ServerImports(importer, tasks, settings.import_roots),
         urls=UrlImports(importer, tasks, allow=settings.url_import_allow, max_bytes=max_bytes,
                         civitai_token=settings.civitai_token, hf_token=settings.hf_token),
-        uploads=Uploads(db, importer, tasks, settings.data_dir / "uploads", max_bytes),
+        uploads=Uploads(db, importer, tasks, settings.data_dir / "uploads", max_bytes, quota),
     )
     tasks.recover()
     services.uploads.cleanup()
