@@ -18,6 +18,7 @@ from typing import Any
 import gradio as gr
 from gradio.context import get_blocks_context
 
+from webapp.services.errors import ServiceError
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.generate_form import (
@@ -99,7 +100,10 @@ class GenerateTab:
         """Queue the job; the follower (chained on success) streams it."""
         user = self.ctx.user(request)
         mode, a1111, endpoint = self.form.to_request(values)
-        job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
+        try:
+            job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
+        except ServiceError as exc:
+            raise self.form.labelled(exc) from None
         snapshot = self.jobs.snapshot_of(job)
         return job.id, progress_html(snapshot), "", "", gr.update(choices=[], value=None)
 
