@@ -29,6 +29,10 @@ _WIDGET_OF = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_a
               "mask_blur_x": "mask_blur", "mask_blur_y": "mask_blur", "init_images": "image",
               "init_images[0]": "image"}
 """Request fields whose widget has another name."""
+_PASTED = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height", "seed",
+           "clip_skip", "denoising_strength", "enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps",
+           "hr_resize_x", "hr_resize_y", "refiner_switch_at")
+"""Request fields an infotext fills into the form (PNG Info → txt2img, Send to img2img)."""
 CLOUD_LABEL = "Generate on Cloud"
 LOCAL_LABEL = "Generate"
 
@@ -281,14 +285,14 @@ class GenerationForm:
                             refiner: str | None = None) -> dict[Any, Any]:
         """Widget updates for request fields parsed from an infotext (only what it states)."""
         c = self.c
-        out: dict[Any, Any] = {}
-        for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
-                     "height", "seed", "clip_skip", "denoising_strength", "enable_hr", "hr_upscaler", "hr_scale",
-                     "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "refiner_switch_at"):
-            if name in fields and name in c:
-                out[c[name]] = fields[name]
+        out: dict[Any, Any] = {c[name]: fields[name] for name in _PASTED if name in fields and name in c}
         if checkpoint:
             out[c["checkpoint"]] = checkpoint
         if refiner and "refiner_checkpoint" in c:
             out[c["refiner_checkpoint"]] = refiner
         return out
+
+    @property
+    def field_widgets(self) -> list[Any]:
+        """Every widget `updates_from_fields` may fill (the outputs of the events that use it)."""
+        return [self.c[name] for name in (*_PASTED, "checkpoint", "refiner_checkpoint") if name in self.c]
