@@ -92,6 +92,7 @@ class GenerateTab:
         return gr.update(value=CLOUD_LABEL if remote else LOCAL_LABEL)
 
     @staticmethod
+    @ui_errors
     def insert_network(prompt: str, choice: str | None) -> str:
         if not choice:
             raise gr.Error("Choose a LoRA, embedding or hypernetwork to insert")
