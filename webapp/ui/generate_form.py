@@ -48,7 +48,7 @@ class UserChoices:
 
 def choices_for(user: User, registry: Any, endpoints: list[Endpoint]) -> UserChoices:
     def names(model_type: ModelType) -> list[ModelRecord]:
-        return sorted(registry.list_models(actor=user, type=model_type), key=lambda r: r.name.lower())
+        return sorted(registry.list_models(actor=user, type=model_type, registering=True), key=lambda r: r.name.lower())
 
     networks = [f"{label}: {r.name}" for label, t in NETWORK_PREFIX.items() for r in names(t)]
     return UserChoices(

@@ -20,7 +20,7 @@ from deploy.backends.messages import VAE_AUTOMATIC, VAE_NONE, JobModels, ModelSp
 from deploy.model_files import ModelFileRef
 from pipelines.prompts import parse_extra_networks, referenced_words
 from pipelines.types import GenerationRequest, InvalidRequestError
-from webapp.records import JobMode, ModelRecord, ModelStatus, ModelType, User
+from webapp.records import JobMode, ModelRecord, ModelType, User
 from webapp.services.errors import InvalidInput, NotFound
 
 log = logging.getLogger(__name__)
@@ -146,10 +146,8 @@ class RequestResolver:
                          file=self.registry.file_ref(record), lora_hash=record.lora_hash)
 
     def _find(self, actor: User, model_type: ModelType, ref: str) -> ModelRecord | None:
-        record = self.registry.find(actor=actor, type=model_type, ref=ref)
-        if record is not None and ModelStatus(record.status) is not ModelStatus.ACTIVE:
-            return None
-        return record
+        # Active, or still registering (no hash yet): `_spec` refuses the latter with the reason
+        return self.registry.find(actor=actor, type=model_type, ref=ref)
 
     def _checkpoint(self, actor: User, request: Mapping[str, Any]) -> ModelRecord:
         ref = _settings(request).get("sd_model_checkpoint") or request.get("sd_model_checkpoint") \
