@@ -36,16 +36,12 @@ class UiContext:
         return user
 
 
-def _expected(fn: Callable[..., Any], args: tuple, kwargs: dict, exc: Exception) -> gr.Error:
+def _expected(fn: Callable[..., Any], args: tuple, kwargs: dict, exc: ServiceError | gr.Error) -> gr.Error:
     """One log line for an expected error (bad input, refused action) and the popup without Gradio's
     console traceback; unexpected exceptions are not handled here and keep theirs."""
     request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
     user = getattr(request, "username", None) or "-"
-    if isinstance(exc, gr.Error):
-        error = exc
-    else:
-        assert isinstance(exc, ServiceError)
-        error = gr.Error(exc.message)
+    error = exc if isinstance(exc, gr.Error) else gr.Error(exc.message)
     log.info("ui %s by %s: %s", fn.__qualname__, user, error.message)
     error.print_exception = False
     return error
