@@ -141,7 +141,8 @@ class RequestResolver:
     # -- models --------------------------------------------------------------------------------------
     def _spec(self, record: ModelRecord) -> ModelSpec:
         if not record.sha256:
-            raise InvalidInput(f"model {record.name!r} has no hash yet (still importing?)", field="model")
+            raise InvalidInput(f"model {record.name!r} has no hash yet: its file is still being registered (hashed); "
+                               "try again when it is listed with a hash", field="model")
         return ModelSpec(kind=_KIND[ModelType(record.type)], name=record.name, sha256=record.sha256,
                          file=self.registry.file_ref(record), lora_hash=record.lora_hash)
 
