@@ -38,7 +38,8 @@ class Settings(BaseSettings):
 
     # -- models (registry, imports, cache) ----------------------------------------------------------
     models_dir: Path | None = None
-    """An A1111 ``models/`` folder registered in place at start and rescanned on refresh."""
+    """An A1111 install registered in place at start and rescanned on refresh: its webui root (``models/``
+    and ``embeddings/`` inside) or its ``models/`` folder (the root's ``embeddings/`` is found too)."""
     import_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Server folders admins may import from; default ``<data_dir>/imports`` and the models dir.
     Environment: paths separated by ``:`` (or a JSON list)."""
@@ -164,7 +165,7 @@ class Settings(BaseSettings):
         if self.models_dir is not None:
             self.models_dir = self.models_dir.expanduser().resolve()
         if not self.import_roots:
-            self.import_roots = [self.data_dir / "imports", *([self.models_dir] if self.models_dir else [])]
+            self.import_roots = [self.data_dir / "imports", *self.install_folders()]
         self.import_roots = [Path(root).expanduser().resolve() for root in self.import_roots]
         if self.model_cache_dir is None:
             self.model_cache_dir = self.data_dir / "cache" / "models"
@@ -194,6 +195,17 @@ class Settings(BaseSettings):
             normalized.append(origin)
         return normalized
 
+    def install_folders(self) -> list[Path]:
+        """The models dir, and the install's embeddings folder when it lies outside (``--models-dir`` named
+        the webui's ``models/``)."""
+        if self.models_dir is None:
+            return []
+        from webapp.services.models.scan import find_install  # the A1111 layout lives with the scan
+
+        embeddings = find_install(self.models_dir).embeddings
+        outside = embeddings is not None and not embeddings.is_relative_to(self.models_dir)
+        return [self.models_dir, *([embeddings] if outside else [])]
+
     @property
     def listens_publicly(self) -> bool:
         return self.host not in ("127.0.0.1", "localhost", "::1")
@@ -218,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database-url", help="SQLAlchemy database URL (default SQLite in the data dir)")
     p.add_argument("--store", help="asset store: a directory or s3://bucket/prefix")
     p.add_argument("--log-level", help="logging level (default INFO)")
-    p.add_argument("--models-dir", type=Path, help="an A1111 models/ folder to register in place and rescan on refresh")
+    p.add_argument("--models-dir", type=Path,
+                   help="an A1111 install (its webui root or models/ folder) to register in place and rescan on refresh")
     p.add_argument("--import-root", dest="import_roots", type=Path, action="append",
                    help="a server folder admins may import models from (repeatable)")
     p.add_argument("--model-cache-dir", type=Path, help="local cache for models materialised from the asset store")

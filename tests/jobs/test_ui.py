@@ -147,7 +147,7 @@ def test_another_user_cannot_reach_a_job_through_the_ui(fake_studio, tabs):
             call()
     selected, *_ = tabs.txt2img.history.refresh(True, True, "Any", "Any", "Any", "Any", "", "", None, req(bob))
     assert selected["choices"] == []
-    image = tabs.img2img.receive(job_id, 0, req(alice))
+    image = tabs.img2img.receive(job_id, 0, req(alice))[tabs.img2img.form.c["image"]]
     assert image.size == (64, 64)
 
 

@@ -136,3 +136,12 @@ def user_client(studio: Any, name: str = "alice") -> Any:
 
 def store_keys(studio: Any) -> list[str]:
     return [blob.key for blob in studio.store.list("models/")]
+
+
+def copy_layout(root: Path, layout: dict[str, Path]) -> Path:
+    """Copy each source file to its relative path under `root` (folders made as needed)."""
+    for relative, source in layout.items():
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.models.conftest import admin_of, make_user, store_keys, wait_task
+from tests.models.conftest import admin_of, copy_layout, make_user, store_keys, wait_task
 from webapp.records import ModelStatus, ModelType
 from webapp.services.errors import InvalidInput, PermissionDenied
 
@@ -25,10 +25,7 @@ def _a1111_folder(root: Path, tiny) -> Path:
         "hypernetworks/tinyhyper.pt": tiny.hypernetwork,
         "VAE/tinyvae.safetensors": tiny.vae,
     }
-    for relative, source in layout.items():
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
+    copy_layout(root, layout)
     (root / "Lora" / "other.preview.png").write_bytes(b"not a model")  # A1111 keeps previews beside models
     (root / "ControlNet").mkdir()
     return root

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from webapp.services.errors import ServiceError
 from webapp.services.users import UserService
 
 F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,21 +36,32 @@ class UiContext:
         return user
 
 
+def _expected(fn: Callable[..., Any], args: tuple, kwargs: dict, exc: ServiceError | gr.Error) -> gr.Error:
+    """One log line for an expected error (bad input, refused action) and the popup without Gradio's
+    console traceback; unexpected exceptions are not handled here and keep theirs."""
+    request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+    user = getattr(request, "username", None) or "-"
+    error = exc if isinstance(exc, gr.Error) else gr.Error(exc.message)
+    log.info("ui %s by %s: %s", fn.__qualname__, user, error.message)
+    error.print_exception = False
+    return error
+
+
 def ui_errors(fn: F) -> F:
-    """Turn service errors into ``gr.Error`` popups naming the problem."""
+    """Turn service errors into ``gr.Error`` popups naming the problem, each logged as one line."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
             try:
                 yield from fn(*args, **kwargs)
-            except ServiceError as exc:
-                raise gr.Error(exc.message) from exc
+            except (ServiceError, gr.Error) as exc:
+                raise _expected(fn, args, kwargs, exc) from None
         return gen_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except ServiceError as exc:
-            raise gr.Error(exc.message) from exc
+        except (ServiceError, gr.Error) as exc:
+            raise _expected(fn, args, kwargs, exc) from None
     return wrapper  # type: ignore[return-value]

@@ -18,12 +18,21 @@ import gradio as gr
 from pipelines.samplers import list_samplers, list_schedulers
 from pipelines.types import HR_UPSCALERS
 from webapp.records import Endpoint, ModelRecord, ModelType, User
+from webapp.services.errors import ServiceError
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
 INPAINT_AREAS = ["Whole picture", "Only masked"]
 MASK_MODES = ["Inpaint masked", "Inpaint not masked"]
 NETWORK_PREFIX = {"LoRA": ModelType.LORA, "Embedding": ModelType.EMBEDDING, "Hypernetwork": ModelType.HYPERNETWORK}
+_WIDGET_OF = {"sd_model_checkpoint": "checkpoint", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip",
+              "mask_blur_x": "mask_blur", "mask_blur_y": "mask_blur", "init_images": "image",
+              "init_images[0]": "image"}
+"""Request fields whose widget has another name."""
+_PASTED = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width", "height", "seed",
+           "clip_skip", "denoising_strength", "enable_hr", "hr_upscaler", "hr_scale", "hr_second_pass_steps",
+           "hr_resize_x", "hr_resize_y", "refiner_switch_at")
+"""Request fields an infotext fills into the form (PNG Info → txt2img, Send to img2img)."""
 CLOUD_LABEL = "Generate on Cloud"
 LOCAL_LABEL = "Generate"
 
@@ -39,7 +48,7 @@ class UserChoices:
 
 def choices_for(user: User, registry: Any, endpoints: list[Endpoint]) -> UserChoices:
     def names(model_type: ModelType) -> list[ModelRecord]:
-        return sorted(registry.list_models(actor=user, type=model_type), key=lambda r: r.name.lower())
+        return sorted(registry.list_models(actor=user, type=model_type, registering=True), key=lambda r: r.name.lower())
 
     networks = [f"{label}: {r.name}" for label, t in NETWORK_PREFIX.items() for r in names(t)]
     return UserChoices(
@@ -73,6 +82,13 @@ def _index(value: Any, options: list[str]) -> int:
     if isinstance(value, str):
         return options.index(value) if value in options else 0
     return int(value or 0)
+
+
+def _number(value: float, *, step: float, label: str, **kwargs: Any) -> gr.Number:
+    """A number box without bounds: Gradio's Slider/Number clamp (browser) or refuse without naming the
+    field (server) when given ``minimum``/``maximum``, so the range is left to the shared validation
+    (``pipelines.types``), which names the field and the accepted range as the API does."""
+    return gr.Number(value=value, step=step, label=label, **kwargs)
 
 
 def _png_b64(image: Any) -> str:
@@ -141,8 +157,8 @@ class GenerationForm:
             c["resize_mode"] = gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index")
         with gr.Accordion("Inpaint", open=False):
             with gr.Row():
-                c["mask_blur"] = gr.Slider(0, 64, value=4, step=1, label="Mask blur")
-                c["inpaint_full_res_padding"] = gr.Slider(0, 256, value=32, step=4, label="Only masked padding (px)")
+                c["mask_blur"] = _number(4, step=1, label="Mask blur")
+                c["inpaint_full_res_padding"] = _number(32, step=4, label="Only masked padding (px)")
             c["inpainting_fill"] = gr.Radio(MASKED_CONTENT, value="original", type="index", label="Masked content")
             with gr.Row():
                 c["inpaint_full_res"] = gr.Radio(INPAINT_AREAS, value=INPAINT_AREAS[0], type="index",
@@ -156,21 +172,21 @@ class GenerationForm:
                                             label="Sampling method", elem_id=f"{m}-sampler")
             c["scheduler"] = gr.Dropdown([s["label"] for s in list_schedulers()], value="Automatic",
                                          label="Schedule type", elem_id=f"{m}-scheduler")
-            c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id=f"{m}-steps")
+            c["steps"] = _number(20, step=1, label="Sampling steps", elem_id=f"{m}-steps")
         with gr.Row():
-            c["width"] = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id=f"{m}-width")
-            c["height"] = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id=f"{m}-height")
+            c["width"] = _number(512, step=8, label="Width", elem_id=f"{m}-width")
+            c["height"] = _number(512, step=8, label="Height", elem_id=f"{m}-height")
         with gr.Row():
-            c["n_iter"] = gr.Slider(1, 100, value=1, step=1, label="Batch count")
-            c["batch_size"] = gr.Slider(1, 8, value=1, step=1, label="Batch size")
-            c["cfg_scale"] = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale", elem_id=f"{m}-cfg")
+            c["n_iter"] = _number(1, step=1, label="Batch count")
+            c["batch_size"] = _number(1, step=1, label="Batch size")
+            c["cfg_scale"] = _number(7, step=0.5, label="CFG scale", elem_id=f"{m}-cfg")
         with gr.Row():
             c["seed"] = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{m}-seed", scale=3)
             self.random_seed = gr.Button("Random", scale=0, min_width=80, elem_id=f"{m}-random-seed")
             self.reuse_seed = gr.Button("Reuse last", scale=0, min_width=80, elem_id=f"{m}-reuse-seed")
-            c["clip_skip"] = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=3)
+            c["clip_skip"] = _number(1, step=1, label="Clip skip", scale=3)
         if m == "img2img":
-            c["denoising_strength"] = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength",
+            c["denoising_strength"] = _number(0.75, step=0.01, label="Denoising strength",
                                                 elem_id=f"{m}-denoising")
 
     def build_hires(self) -> None:
@@ -179,18 +195,18 @@ class GenerationForm:
             c["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False, elem_id="txt2img-enable-hr")
             with gr.Row():
                 c["hr_upscaler"] = gr.Dropdown(list(HR_UPSCALERS), value="Latent", label="Upscaler")
-                c["hr_scale"] = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
-                c["hr_second_pass_steps"] = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: same)")
+                c["hr_scale"] = _number(2, step=0.05, label="Upscale by")
+                c["hr_second_pass_steps"] = _number(0, step=1, label="Hires steps (0: same)")
             with gr.Row():
-                c["hr_resize_x"] = gr.Slider(0, 2048, value=0, step=8, label="Resize width to (0: by scale)")
-                c["hr_resize_y"] = gr.Slider(0, 2048, value=0, step=8, label="Resize height to (0: by scale)")
-                c["denoising_strength"] = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength")
+                c["hr_resize_x"] = _number(0, step=8, label="Resize width to (0: by scale)")
+                c["hr_resize_y"] = _number(0, step=8, label="Resize height to (0: by scale)")
+                c["denoising_strength"] = _number(0.7, step=0.01, label="Denoising strength")
 
     def build_refiner(self) -> None:
         c = self.c
         with gr.Accordion("Refiner (SDXL)", open=False), gr.Row():
             c["refiner_checkpoint"] = gr.Dropdown(["None"], value="None", label="Refiner checkpoint")
-            c["refiner_switch_at"] = gr.Slider(0.01, 0.99, value=0.8, step=0.01, label="Switch at")
+            c["refiner_switch_at"] = _number(0.8, step=0.01, label="Switch at")
 
     def build(self) -> None:
         self.build_models_row()
@@ -212,55 +228,71 @@ class GenerationForm:
         v = {name: values.get(component) for name, component in self.c.items()}
         if not v.get("checkpoint"):
             raise gr.Error("Choose a checkpoint (register one in the Models tab first)")
+
+        def number(name: str) -> Any:
+            """The value as typed; its range and type are checked by the shared validation."""
+            if v[name] is None:
+                raise gr.Error(f"{self.c[name].label}: enter a number")
+            return v[name]
+
         request: dict[str, Any] = {
             "prompt": v["prompt"] or "", "negative_prompt": v["negative_prompt"] or "",
-            "sampler_name": v["sampler_name"], "scheduler": v["scheduler"], "steps": int(v["steps"]),
-            "cfg_scale": float(v["cfg_scale"]), "width": int(v["width"]), "height": int(v["height"]),
-            "seed": int(v["seed"]) if v["seed"] is not None else -1, "n_iter": int(v["n_iter"]),
-            "batch_size": int(v["batch_size"]),
+            "sampler_name": v["sampler_name"], "scheduler": v["scheduler"], "steps": number("steps"),
+            "cfg_scale": number("cfg_scale"), "width": number("width"), "height": number("height"),
+            "seed": v["seed"] if v["seed"] is not None else -1, "n_iter": number("n_iter"),
+            "batch_size": number("batch_size"),
             "override_settings": {"sd_model_checkpoint": v["checkpoint"], "sd_vae": v["vae"] or "Automatic",
-                                  "CLIP_stop_at_last_layers": int(v["clip_skip"])},
+                                  "CLIP_stop_at_last_layers": number("clip_skip")},
         }
         if v.get("refiner_checkpoint") and v["refiner_checkpoint"] != "None":
             request["refiner_checkpoint"] = v["refiner_checkpoint"]
-            request["refiner_switch_at"] = float(v["refiner_switch_at"])
+            request["refiner_switch_at"] = number("refiner_switch_at")
         mode = self.mode
         if self.mode == "txt2img":
             if v["enable_hr"]:
-                request.update(enable_hr=True, hr_upscaler=v["hr_upscaler"], hr_scale=float(v["hr_scale"]),
-                               hr_second_pass_steps=int(v["hr_second_pass_steps"]),
-                               hr_resize_x=int(v["hr_resize_x"]), hr_resize_y=int(v["hr_resize_y"]),
-                               denoising_strength=float(v["denoising_strength"]))
+                request.update(enable_hr=True, hr_upscaler=v["hr_upscaler"], hr_scale=number("hr_scale"),
+                               hr_second_pass_steps=number("hr_second_pass_steps"),
+                               hr_resize_x=number("hr_resize_x"), hr_resize_y=number("hr_resize_y"),
+                               denoising_strength=number("denoising_strength"))
         else:
             init, mask = editor_images(v["image"])
             if init is None:
                 raise gr.Error("Add an image to start from (drop one on the image box)")
-            request.update(init_images=[_png_b64(init)], denoising_strength=float(v["denoising_strength"]),
+            request.update(init_images=[_png_b64(init)], denoising_strength=number("denoising_strength"),
                            resize_mode=_index(v["resize_mode"], RESIZE_MODES))
             if v["img_mode"] == "inpaint":
                 if mask is None:
                     raise gr.Error("Inpaint mode: paint the area to repaint on the image first")
                 mode = "inpaint"
-                request.update(mask=_png_b64(mask), mask_blur=int(v["mask_blur"]),
+                request.update(mask=_png_b64(mask), mask_blur=number("mask_blur"),
                                inpainting_fill=_index(v["inpainting_fill"], MASKED_CONTENT),
                                inpaint_full_res=bool(_index(v["inpaint_full_res"], INPAINT_AREAS)),
-                               inpaint_full_res_padding=int(v["inpaint_full_res_padding"]),
+                               inpaint_full_res_padding=number("inpaint_full_res_padding"),
                                inpainting_mask_invert=_index(v["inpainting_mask_invert"], MASK_MODES))
         return mode, request, v.get("endpoint") or None
+
+    def labelled(self, exc: ServiceError) -> ServiceError:
+        """`exc` with the message led by the label of the widget its field comes from (users see labels)."""
+        name = _WIDGET_OF.get(exc.field or "", exc.field)
+        component = self.c.get(name) if name else None
+        label = getattr(component, "label", None)
+        if not label or exc.message.startswith(label):
+            return exc
+        return type(exc)(f"{label}: {exc.message}", field=exc.field)
 
     # -- filling it from an infotext (PNG Info → txt2img) ------------------------------------------------
     def updates_from_fields(self, fields: dict[str, Any], checkpoint: str | None,
                             refiner: str | None = None) -> dict[Any, Any]:
         """Widget updates for request fields parsed from an infotext (only what it states)."""
         c = self.c
-        out: dict[Any, Any] = {}
-        for name in ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale", "width",
-                     "height", "seed", "clip_skip", "denoising_strength", "enable_hr", "hr_upscaler", "hr_scale",
-                     "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "refiner_switch_at"):
-            if name in fields and name in c:
-                out[c[name]] = fields[name]
+        out: dict[Any, Any] = {c[name]: fields[name] for name in _PASTED if name in fields and name in c}
         if checkpoint:
             out[c["checkpoint"]] = checkpoint
         if refiner and "refiner_checkpoint" in c:
             out[c["refiner_checkpoint"]] = refiner
         return out
+
+    @property
+    def field_widgets(self) -> list[Any]:
+        """Every widget `updates_from_fields` may fill (the outputs of the events that use it)."""
+        return [self.c[name] for name in (*_PASTED, "checkpoint", "refiner_checkpoint") if name in self.c]

@@ -18,6 +18,9 @@ from typing import Any
 import gradio as gr
 from gradio.context import get_blocks_context
 
+from pipelines.infotext import parse, request_fields
+from webapp.records import JobMode, ModelType
+from webapp.services.errors import ServiceError
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.generate_form import (
@@ -89,6 +92,7 @@ class GenerateTab:
         return gr.update(value=CLOUD_LABEL if remote else LOCAL_LABEL)
 
     @staticmethod
+    @ui_errors
     def insert_network(prompt: str, choice: str | None) -> str:
         if not choice:
             raise gr.Error("Choose a LoRA, embedding or hypernetwork to insert")
@@ -99,7 +103,10 @@ class GenerateTab:
         """Queue the job; the follower (chained on success) streams it."""
         user = self.ctx.user(request)
         mode, a1111, endpoint = self.form.to_request(values)
-        job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
+        try:
+            job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
+        except ServiceError as exc:
+            raise self.form.labelled(exc) from None
         snapshot = self.jobs.snapshot_of(job)
         return job.id, progress_html(snapshot), "", "", gr.update(choices=[], value=None)
 
@@ -138,16 +145,28 @@ class GenerateTab:
         return gr.update()
 
     @ui_errors
-    def receive(self, job_id: str | None, index: int | None, request: gr.Request) -> Any:
-        """"Send to img2img": the chosen result becomes this tab's input image (read through the service,
-        so only the job's owner or an administrator can send it)."""
+    def receive(self, job_id: str | None, index: int | None, request: gr.Request) -> dict[Any, Any]:
+        """"Send to img2img": the chosen result becomes this tab's input image and, as in A1111, its
+        generation parameters (read from that image's infotext) fill the form. Read through the service,
+        so only the job's owner or an administrator can send it."""
         from PIL import Image
 
         if not job_id:
             raise gr.Error("There is no image to send yet")
-        data = self.jobs.image(actor=self.ctx.user(request), job_id=job_id, index=int(index or 0))
+        user, position = self.ctx.user(request), int(index or 0)
+        job = self.jobs.get(actor=user, job_id=job_id)
+        data = self.jobs.image(actor=user, job_id=job_id, index=position)
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
+            updates: dict[Any, Any] = {self.form.c["image"]: image.convert("RGB")}
+        infotexts = job.infotexts
+        if infotexts:
+            fields = request_fields(parse(infotexts[min(position, len(infotexts) - 1)]))
+            if job.mode == JobMode.TXT2IMG:
+                fields.pop("denoising_strength", None)  # the hires pass's, not an img2img strength
+            ref = job.checkpoint_hash or job.checkpoint
+            checkpoint = self.registry.find(actor=user, type=ModelType.CHECKPOINT, ref=ref) if ref else None
+            updates.update(self.form.updates_from_fields(fields, checkpoint.title if checkpoint else None))
+        return updates
 
     # -- widgets -------------------------------------------------------------------------------------------
     def build(self) -> gr.Tab:
@@ -200,10 +219,10 @@ class GenerateTab:
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], **private)
 
         if self.mode == "img2img":
-            image = c["image"]
+            receive_outputs = [c["image"], *self.form.field_widgets]
             for source in (*self.senders, self):
                 for button, job_state, index in ((source.send, source.job_id, source.index),
                                                  (source.history.send_button, source.history.selected,
                                                   source.history.index)):
-                    button.click(self.receive, [job_state, index], [image], **private).success(
+                    button.click(self.receive, [job_state, index], receive_outputs, **private).success(
                         None, js=switch_tab_js("img2img"), **private)

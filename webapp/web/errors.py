@@ -1,8 +1,9 @@
-"""Translate service errors into JSON responses at the HTTP edge."""
+"""Translate service errors into JSON responses at the HTTP edge (one log line each, no traceback)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -11,6 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from webapp.services.errors import ServiceError, Throttled
+from webapp.web.gate import scope_user
+
+log = logging.getLogger(__name__)
+
+
+def log_refusal(request: Request, status: int, message: str) -> None:
+    """One line for an expected error (bad input, refused action): route, user, status and message."""
+    user = getattr(scope_user(request.scope), "username", None) or "-"
+    log.info("api %s %s by %s: %d %s", request.method, request.url.path, user, status, message)
 
 
 def field_of(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -37,7 +47,8 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
-    async def _service_error(_request: Request, exc: ServiceError) -> JSONResponse:
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        log_refusal(request, exc.status, exc.message)
         return service_error_response(exc)
 
     @app.exception_handler(RequestValidationError)

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from webapp.records import ModelRecord, ModelStatus, ModelType, User
+from webapp.records import ModelRecord, ModelType, User
 from webapp.services.options import OptionsService
 from webapp.settings import Settings
 
@@ -21,9 +21,10 @@ class SdapiContext:
     jobs: Any
 
     def models(self, actor: User, model_type: ModelType) -> list[ModelRecord]:
-        """Active models of one type the caller may use, by name (lists show only what really exists)."""
-        records = self.registry.list_models(actor=actor, type=model_type)
-        return sorted((r for r in records if r.status == ModelStatus.ACTIVE), key=lambda r: r.name.lower())
+        """Models of one type the caller may use, by name (lists show only what really exists): Active ones
+        and, as A1111 lists files before hashing them, models-dir files whose hash is still being computed."""
+        records = self.registry.list_models(actor=actor, type=model_type, registering=True)
+        return sorted(records, key=lambda r: r.name.lower())
 
 
 def record_metadata(record: ModelRecord) -> dict[str, Any]:

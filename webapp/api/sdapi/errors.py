@@ -10,6 +10,7 @@ shape so a client can tell which input was wrong.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ from fastapi.routing import APIRoute
 from pipelines.errors import PipelineError
 from pipelines.types import InvalidRequestError
 from webapp.services.errors import ServiceError, Throttled
-from webapp.web.errors import field_of
+from webapp.web.errors import field_of, log_refusal
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,12 @@ class A1111Route(APIRoute):
             try:
                 return await handler(request)
             except RequestValidationError as exc:
-                return validation_response(exc)
+                response = validation_response(exc)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the client in A1111's shape
-                return error_response(exc)
+                response = error_response(exc)
+            if response.status_code < 500:  # expected (bad input, refused): one line; bugs were logged above
+                log_refusal(request, response.status_code, json.loads(response.body).get("detail"))
+            return response
 
         return a1111_handler
 

@@ -16,7 +16,7 @@ from pipelines.types import IMAGE_UPSCALERS, LATENT_UPSCALERS
 from webapp.api.deps import CurrentUser
 from webapp.api.sdapi.context import SdapiContext, file_details, model_path
 from webapp.api.sdapi.errors import A1111Route
-from webapp.records import ModelRecord, ModelType, User
+from webapp.records import ModelRecord, ModelStatus, ModelType, User
 
 # Base families whose text encoders share embedding widths (an SD1 embedding fits every SD1 model).
 _FAMILIES = {"sd1": "sd1", "sd1-inpaint": "sd1", "sd2": "sd2", "sd2-inpaint": "sd2", "sdxl": "sdxl",
@@ -74,7 +74,8 @@ def build_router(ctx: SdapiContext) -> APIRouter:
         loaded: dict[str, Any] = {}
         skipped: dict[str, Any] = {}
         for record in ctx.models(user, ModelType.EMBEDDING):
-            fits = family is None or record.base is None or _FAMILIES.get(record.base) == family
+            usable = record.status == ModelStatus.ACTIVE  # not while its file is still being hashed
+            fits = usable and (family is None or record.base is None or _FAMILIES.get(record.base) == family)
             (loaded if fits else skipped)[record.name] = embedding_item(record, checkpoint)
         return {"loaded": loaded, "skipped": skipped}
 

@@ -20,7 +20,7 @@ from deploy.backends.messages import VAE_AUTOMATIC, VAE_NONE, JobModels, ModelSp
 from deploy.model_files import ModelFileRef
 from pipelines.prompts import parse_extra_networks, referenced_words
 from pipelines.types import GenerationRequest, InvalidRequestError, RequestLimits
-from webapp.records import JobMode, ModelRecord, ModelStatus, ModelType, User
+from webapp.records import JobMode, ModelRecord, ModelType, User
 from webapp.services.errors import InvalidInput, NotFound
 from webapp.services.text import check_text
 
@@ -153,15 +153,14 @@ class RequestResolver:
     # -- models --------------------------------------------------------------------------------------
     def _spec(self, record: ModelRecord) -> ModelSpec:
         if not record.sha256:
-            raise InvalidInput(f"model {record.name!r} has no hash yet (still importing?)", field="model")
+            raise InvalidInput(f"model {record.name!r} has no hash yet: its file is still being registered (hashed); "
+                               "try again when it is listed with a hash", field="model")
         return ModelSpec(kind=_KIND[ModelType(record.type)], name=record.name, sha256=record.sha256,
                          file=self.registry.file_ref(record), lora_hash=record.lora_hash)
 
     def _find(self, actor: User, model_type: ModelType, ref: str) -> ModelRecord | None:
-        record = self.registry.find(actor=actor, type=model_type, ref=ref)
-        if record is not None and ModelStatus(record.status) is not ModelStatus.ACTIVE:
-            return None
-        return record
+        # Active, or still registering (no hash yet): `_spec` refuses the latter with the reason
+        return self.registry.find(actor=actor, type=model_type, ref=ref)
 
     def _checkpoint(self, actor: User, request: Mapping[str, Any]) -> ModelRecord:
         ref = _settings(request).get("sd_model_checkpoint") or request.get("sd_model_checkpoint") \

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import PurePosixPath
 from typing import Any
 
-from sqlalchemy import func, or_
+from sqlalchemy import and_, func, or_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
@@ -27,6 +27,10 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _HEX = re.compile(r"[0-9a-f]+")
 _TITLE = re.compile(r"^(?P<name>.*?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]$")
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+
+REGISTERING = and_(ModelRecord.status == ModelStatus.INITIAL, col(ModelRecord.local_path).is_not(None))
+"""A file in place on this server whose hash is still being computed (the models-dir scan lists names first):
+listed, as A1111 lists models before it hashes them, but not usable by a job until its hash is known."""
 
 
 # -- authorisation -------------------------------------------------------------------------------------
@@ -100,7 +104,8 @@ def unique_name(session: Session, model_type: ModelType, wanted: str, sha256: st
 # -- lookups ---------------------------------------------------------------------------------------------
 
 def find_record(session: Session, actor: User, model_type: ModelType, ref: str) -> ModelRecord | None:
-    """Resolve any A1111-style reference to one Active model of `model_type` that `actor` may see.
+    """Resolve any A1111-style reference to one Active (or still registering) model of `model_type` that
+    `actor` may see; a registering one has no hash yet, so jobs refuse it with that reason.
 
     Order: exact name, ``name [hash]`` title, full sha256, short hashes (AutoV2 / legacy / LoRA / TI),
     file name with extension, bare file stem. The first rule that matches wins; ties go to the oldest.
@@ -109,7 +114,7 @@ def find_record(session: Session, actor: User, model_type: ModelType, ref: str) 
     if not ref:
         return None
     base = visible_to(select(ModelRecord), actor).where(
-        ModelRecord.type == model_type, ModelRecord.status == ModelStatus.ACTIVE,
+        ModelRecord.type == model_type, or_(ModelRecord.status == ModelStatus.ACTIVE, REGISTERING),
     ).order_by(col(ModelRecord.created_at), col(ModelRecord.id))
 
     def first(*conditions: Any) -> ModelRecord | None:
@@ -169,14 +174,16 @@ def _short_hashes(record: ModelRecord) -> set[str]:
 
 def filtered(
     actor: User, *, type: ModelType | str | None = None, status: ModelStatus | str | None = None,
-    base: str | None = None, query: str | None = None,
+    base: str | None = None, query: str | None = None, registering: bool = False,
 ) -> SelectOfScalar:
-    """The list query behind the table, the API and the dropdowns (validated filters, visibility applied)."""
+    """The list query behind the table, the API and the dropdowns (validated filters, visibility applied);
+    `registering` adds the models still hashing to a `status` filter."""
     statement = visible_to(select(ModelRecord), actor)
     if type:
         statement = statement.where(ModelRecord.type == parse_type(type, field="type"))
     if status:
-        statement = statement.where(ModelRecord.status == parse_status(status))
+        wanted = ModelRecord.status == parse_status(status)
+        statement = statement.where(or_(wanted, REGISTERING) if registering else wanted)
     if base:
         statement = statement.where(ModelRecord.base == base)
     if query and query.strip():

@@ -394,8 +394,10 @@ class Importer:
     # -- Initial rows --------------------------------------------------------------------------------------
 
     def reserve(self, *, owner: User | None, model_type: ModelType, file_name: str, name: str | None,
-                source: str, source_detail: str | None, visibility: Visibility, description: str | None) -> ModelRecord:
-        """An ``Initial`` row shown in the table while the bytes arrive; holds the name."""
+                source: str, source_detail: str | None, visibility: Visibility, description: str | None,
+                local_path: str | None = None) -> ModelRecord:
+        """An ``Initial`` row shown in the table while the bytes arrive (or, in place at `local_path`, while
+        the file is hashed); holds the name."""
         with self._db.write() as s:
             if name:
                 wanted = catalog.check_name(name)
@@ -407,7 +409,7 @@ class Importer:
             record = ModelRecord(
                 name=wanted, type=model_type, status=ModelStatus.INITIAL, file_name=file_name, source=source,
                 source_detail=source_detail, owner_id=owner.id if owner else None, visibility=visibility,
-                description=description,
+                description=description, local_path=local_path,
             )
             s.add(record)
             s.flush()

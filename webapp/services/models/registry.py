@@ -62,13 +62,15 @@ class ModelRegistry:
     def list_models(
         self, *, actor: User, type: ModelType | str | None = None, status: ModelStatus | str | None = ModelStatus.ACTIVE,
         base: str | None = None, query: str | None = None, limit: int | None = None, offset: int = 0,
+        registering: bool = False,
     ) -> list[ModelRecord]:
-        """Models `actor` may see, by type then name; ``status=None`` lists every status."""
+        """Models `actor` may see, by type then name; ``status=None`` lists every status. `registering` adds
+        the models-dir files still being hashed (what A1111 clients and the dropdowns list at start)."""
         if offset < 0:
             raise InvalidInput("`offset` must be >= 0", field="offset")
         if limit is not None and limit < 1:
             raise InvalidInput("`limit` must be >= 1", field="limit")
-        statement = catalog.filtered(actor, type=type, status=status, base=base, query=query)
+        statement = catalog.filtered(actor, type=type, status=status, base=base, query=query, registering=registering)
         statement = statement.order_by(col(ModelRecord.type), func.lower(ModelRecord.name)).offset(offset)
         if limit is not None:
             statement = statement.limit(limit)

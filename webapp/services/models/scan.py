@@ -1,9 +1,14 @@
 """A1111's ``models/`` folder layout, and the rescan that keeps the registry in step with it.
 
-A1111 keeps each kind of model in its own subfolder (``Stable-diffusion``, ``Lora``, ``embeddings``,
-``VAE``, ``ControlNet``, ``hypernetworks``), files directly inside or in nested folders, and shows
-each by its path relative to that subfolder without the extension (``styles/ink``). The studio reads
-the same layout so an existing A1111 install is usable as it is, registered in place.
+A1111 keeps each kind of model in its own subfolder of ``models/`` (``Stable-diffusion``, ``Lora``,
+``VAE``, ``ControlNet``, ``hypernetworks``) and textual inversions in ``embeddings/`` beside it, in the
+webui root; files lie directly inside or in nested folders, and each shows by its path relative to its
+type folder without the extension (``styles/ink``). The studio reads the same layout so an existing
+A1111 install is usable as it is, registered in place, whether the admin names its root or ``models/``.
+
+Names first, hashes after: hashing a folder of checkpoints takes minutes, and A1111 lists its models
+as soon as it starts, so ``register_names`` gives every new file an ``Initial`` row in place (listed,
+no hash yet) before ``rescan`` hashes them one by one; jobs refuse such a model until its hash is known.
 
 Rescan policy (idempotent): new files are registered; files whose size and mtime are unchanged are
 not re-read; a changed file is re-checked and its model takes the new bytes (same id and name); a
@@ -25,7 +30,7 @@ from pathlib import Path
 from sqlmodel import select
 
 from webapp.db import Database
-from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, utcnow
+from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, Visibility, utcnow
 from webapp.services.errors import ServiceError
 from webapp.services.models.catalog import MODEL_EXTENSIONS, derive_name
 from webapp.services.models.importer import Importer, ImportRequest
@@ -50,6 +55,34 @@ class FoundFile:
         return derive_name(self.relative)
 
 
+@dataclass(frozen=True)
+class A1111Install:
+    """Where an install keeps its models: ``models`` (the type folders) and the root's ``embeddings``."""
+
+    models: Path
+    embeddings: Path | None = None
+
+    @property
+    def folders(self) -> list[Path]:
+        return [self.models, *([self.embeddings] if self.embeddings is not None else [])]
+
+
+def find_install(path: Path) -> A1111Install:
+    """`path` as users name an A1111 install: its webui root (``models/`` inside) or that ``models/`` folder.
+
+    The root's ``embeddings/`` is where A1111 keeps textual inversions (``--embeddings-dir``'s default).
+    Any other folder is taken as a models folder of its own.
+    """
+    if (path / "models").is_dir():
+        root, models = path, path / "models"
+    elif path.name.lower() == "models":
+        root, models = path.parent, path
+    else:
+        return A1111Install(path)
+    embeddings = root / "embeddings"
+    return A1111Install(models, embeddings if embeddings.is_dir() else None)
+
+
 def is_a1111_folder(directory: Path) -> bool:
     """True when `directory` has at least one of A1111's model subfolders."""
     try:
@@ -58,19 +91,30 @@ def is_a1111_folder(directory: Path) -> bool:
         return False
 
 
+def _walk(model_type: ModelType, folder: Path) -> Iterator[FoundFile]:
+    for directory, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for filename in sorted(filenames):
+            if filename.startswith(".") or not filename.lower().endswith(MODEL_EXTENSIONS):
+                continue
+            path = Path(directory) / filename
+            yield FoundFile(model_type, path, path.relative_to(folder).as_posix())
+
+
 def iter_model_files(root: Path) -> Iterator[FoundFile]:
     """Every model file under `root`'s A1111 subfolders, in a stable order (hidden entries skipped)."""
     for child in sorted(root.iterdir(), key=lambda p: p.name):
         model_type = A1111_FOLDERS.get(child.name.lower())
-        if model_type is None or not child.is_dir():
-            continue
-        for directory, dirnames, filenames in os.walk(child, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for filename in sorted(filenames):
-                if filename.startswith(".") or not filename.lower().endswith(MODEL_EXTENSIONS):
-                    continue
-                path = Path(directory) / filename
-                yield FoundFile(model_type, path, path.relative_to(child).as_posix())
+        if model_type is not None and child.is_dir():
+            yield from _walk(model_type, child)
+
+
+def iter_install_files(install: A1111Install) -> Iterator[FoundFile]:
+    """The models folder's files, then the root's embeddings."""
+    if install.models.is_dir():
+        yield from iter_model_files(install.models)
+    if install.embeddings is not None and install.embeddings.is_dir():
+        yield from _walk(ModelType.EMBEDDING, install.embeddings)
 
 
 def within_roots(path: Path, roots: Sequence[Path]) -> bool:
@@ -106,6 +150,10 @@ class ScanSummary:
         return ", ".join(parts)
 
 
+Pending = tuple[FoundFile, os.stat_result, ScannedFile | None]
+"""A file the scan must (re-)register, its stat and its scan row (None when new)."""
+
+
 class ModelsDirScanner:
     """Keeps the registry in step with the configured models dir (see module docstring for the policy)."""
 
@@ -115,6 +163,24 @@ class ModelsDirScanner:
         self.models_dir = models_dir
         self._roots = list(roots)
         self._lock = threading.Lock()
+
+    def _install(self) -> A1111Install | None:
+        """Found again at every scan: the folders may appear after the server started."""
+        if self.models_dir is None:
+            return None
+        if not self.models_dir.is_dir():
+            log.warning("models dir %s does not exist (yet); nothing to scan", self.models_dir)
+            return None
+        return find_install(self.models_dir)
+
+    def register_names(self) -> list[str]:
+        """List every new file at once (an ``Initial`` row in place, no hash yet); `rescan` hashes them."""
+        with self._lock:
+            install = self._install()
+            if install is None:
+                return []
+            pending, _seen, _known = self._walk(install, ScanSummary())
+            return self._list_names(install, pending)
 
     def rescan(self) -> ScanSummary:
         with self._lock:  # two refreshes at once would hash the same new files twice
@@ -131,20 +197,26 @@ class ModelsDirScanner:
 
     def _rescan(self) -> ScanSummary:
         summary = ScanSummary(folder=str(self.models_dir) if self.models_dir else None)
-        if self.models_dir is not None:
-            if self.models_dir.is_dir():
-                self._scan_folder(self.models_dir, summary)
-            else:
-                log.warning("models dir %s does not exist (yet); nothing to scan", self.models_dir)
+        install = self._install()
+        if install is not None:
+            pending, seen, known = self._walk(install, summary)
+            self._list_names(install, pending)
+            for found, stat, row in pending:
+                self._register(install, found, stat, row, summary)
+            for path, row in known.items():
+                if path not in seen and any(Path(path).is_relative_to(f) for f in install.folders):
+                    self._forget(row, summary)
         self._fail_missing_in_place(summary)
         log.info("models dir rescan: %s", summary.line)
         return summary
 
-    def _scan_folder(self, folder: Path, summary: ScanSummary) -> None:
+    def _walk(self, install: A1111Install, summary: ScanSummary) -> tuple[list[Pending], set[str], dict]:
+        """(files to register, every path seen, the scan rows known before)."""
         with self._db.read() as s:
             known = {row.path: row for row in s.exec(select(ScannedFile))}
         seen: set[str] = set()
-        for found in iter_model_files(folder):
+        pending: list[Pending] = []
+        for found in iter_install_files(install):
             key = str(found.path)
             seen.add(key)
             try:
@@ -159,10 +231,26 @@ class ModelsDirScanner:
                 if row.error:
                     summary.errors[key] = row.error
                 continue
-            self._register(found, stat, row, summary)
-        for path, row in known.items():
-            if path not in seen and Path(path).is_relative_to(folder):
-                self._forget(row, summary)
+            pending.append((found, stat, row))
+        return pending, seen, known
+
+    def _list_names(self, install: A1111Install, pending: list[Pending]) -> list[str]:
+        """An ``Initial`` row, in place, for each pending file no model holds yet (the hash comes later)."""
+        names = []
+        for found, _stat, _row in pending:
+            if self._in_place_model(str(found.path)) is not None or not self._readable(install, found.path):
+                continue
+            record = self._importer.reserve(
+                owner=None, model_type=found.type, file_name=found.relative, name=None, source="scan",
+                source_detail=str(found.path), visibility=Visibility.EVERYONE, description=None,
+                local_path=str(found.path.resolve()))
+            names.append(record.name)
+        if names:
+            log.info("models dir: %d new file(s) listed, hashing follows", len(names))
+        return names
+
+    def _readable(self, install: A1111Install, path: Path) -> bool:
+        return within_roots(path, [*self._roots, *install.folders])
 
     def _active(self, model_id: str | None) -> bool:
         if model_id is None:
@@ -171,22 +259,23 @@ class ModelsDirScanner:
             record = s.get(ModelRecord, model_id)
             return record is not None and record.status == ModelStatus.ACTIVE
 
-    def _register(self, found: FoundFile, stat: os.stat_result, row: ScannedFile | None, summary: ScanSummary) -> None:
+    def _register(self, install: A1111Install, found: FoundFile, stat: os.stat_result, row: ScannedFile | None,
+                  summary: ScanSummary) -> None:
         key = str(found.path)
         previous = self._in_place_model(key)
+        listed = previous.id if previous is not None and previous.status == ModelStatus.INITIAL else None
+        if listed is not None:
+            previous = None  # the row `_list_names` made: filled in by the import, not replaced
         error, model_id = None, None
-        if not within_roots(found.path, self._roots):
-            error = f"{found.relative} resolves to {found.path.resolve()}, outside the import roots"
-        else:
-            request = ImportRequest(
-                owner=None, declared_type=found.type, file_name=found.relative, in_place=True, source="scan",
-                source_detail=key, replace_id=previous.id if previous is not None else None,
-            )
-            try:
-                outcome = self._importer.import_file(found.path, request)
-            except ServiceError as exc:
-                error = exc.message
+        try:
+            if not self._readable(install, found.path):
+                error = f"{found.relative} resolves to {found.path.resolve()}, outside the import roots"
             else:
+                request = ImportRequest(
+                    owner=None, declared_type=found.type, file_name=found.relative, in_place=True, source="scan",
+                    source_detail=key, replace_id=previous.id if previous is not None else None, reserved_id=listed,
+                )
+                outcome = self._importer.import_file(found.path, request)
                 model_id = outcome.record.id
                 if previous is not None and previous.id == model_id:
                     target = summary.reactivated if previous.status == ModelStatus.FAILED else summary.updated
@@ -195,6 +284,10 @@ class ModelsDirScanner:
                     summary.added.append(outcome.record.name)
                 else:
                     summary.unchanged += 1  # the same bytes were already a model (e.g. uploaded earlier)
+        except ServiceError as exc:
+            error = exc.message
+        finally:
+            self._importer.discard_reserved(listed)  # a no-op once filled in: only a failed file's row goes
         if error:
             summary.errors[key] = error
             log.warning("models dir: %s", error)

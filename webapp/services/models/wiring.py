@@ -2,8 +2,8 @@
 
 Start-up order matters: tasks interrupted by the last stop are failed (and cleaned up) first, then
 uploads drop stale sessions and orphaned ``Initial`` rows, then queued tasks resume, and finally the
-models dir is rescanned — in the background, so the server answers at once even when a new folder
-holds hundreds of gigabytes to hash.
+models dir's new files are listed (names only) and rescanned — hashing in the background, so the server
+answers at once, listing every model, even when a new folder holds hundreds of gigabytes to hash.
 """
 
 from __future__ import annotations
@@ -38,9 +38,14 @@ class ModelServices:
     uploads: Uploads
 
     def start_scan(self, actor: User | None = None) -> ImportTask | None:
-        """Rescan the models dir in the background (start-up); None when no models dir is configured."""
+        """List the models dir's new files now, hash them in the background (start-up); None without one.
+
+        Listing is a directory walk, done before the server answers, so a client connecting right after
+        start sees every model (without a hash yet) rather than empty lists while hashing runs.
+        """
         if self.registry.scanner.models_dir is None:
             return None
+        self.registry.scanner.register_names()
         folder = str(self.registry.scanner.models_dir)
         return self.tasks.submit(kind=TaskKind.SCAN, owner=actor, params={"folder": folder},
                                  items=[{"source": folder}])
@@ -64,8 +69,8 @@ def build_model_services(settings: Settings, db: Database, store: BlobStore,
     temp_root.mkdir(parents=True, exist_ok=True)
     max_bytes = int(settings.max_upload_gb * GB)
     importer = Importer(db, store, temp_root, quota)
-    scan_roots = [*settings.import_roots, *([settings.models_dir] if settings.models_dir else [])]
-    scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the models dir is always readable
+    scan_roots = [*settings.import_roots, *settings.install_folders()]
+    scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the install is always readable
     registry = ModelRegistry(db, store, importer, scanner, refresh_interval=settings.refresh_min_interval_seconds)
     tasks = ImportTasks(db, importer, temp_root, settings.import_workers)
     tasks.register(TaskKind.SCAN, _scan_handler(registry))

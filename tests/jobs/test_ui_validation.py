@@ -1,0 +1,71 @@
+"""The generate form over Gradio's HTTP queue: out-of-range numbers reach the shared validation, which
+names the field, instead of being clamped or refused with Gradio's anonymous bounds message."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import gradio as gr
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import ADMIN_PASSWORD, login
+
+
+def _blocks(studio: Any) -> gr.Blocks:
+    return next(r.app.get_blocks() for r in studio.app.routes if getattr(r, "path", "") == "/ui")
+
+
+def _event(blocks: gr.Blocks, name: str, elem_id: str) -> tuple[int, Any]:
+    """The event bound to handler `name` whose inputs hold the component with `elem_id`."""
+    for index, dep in blocks.fns.items():
+        if getattr(dep.fn, "__name__", "") == name and any(c.elem_id == elem_id for c in dep.inputs):
+            return index, dep
+    raise AssertionError(f"no Gradio event {name} reading #{elem_id}")
+
+
+def _call(client: TestClient, session: str, fn_index: int, data: list) -> dict:
+    joined = client.post("/ui/gradio_api/queue/join", json={
+        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
+    assert joined.status_code == 200, joined.text
+    with client.stream("GET", f"/ui/gradio_api/queue/data?session_hash={session}") as stream:
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    raise AssertionError("the event never completed")
+
+
+def _submit(studio: Any, by_label: dict[str, Any], session: str) -> dict:
+    """Fill the per-user choices (as the page does on load), then press Generate with `by_label` values."""
+    blocks = _blocks(studio)
+    load_index, load = _event(blocks, "load_choices", "txt2img-checkpoint")
+    submit_index, submit = _event(blocks, "submit", "txt2img-width")
+    with TestClient(studio.app, follow_redirects=False) as client:
+        login(client, "admin", ADMIN_PASSWORD)
+        loaded = _call(client, session, load_index, [None] * len(load.inputs))
+        assert loaded["success"], loaded
+        checkpoint = loaded["output"]["data"][0]["value"]
+        values = {"Stable Diffusion checkpoint": checkpoint, "Endpoint": "local", **by_label}
+        data = [values.get(c.label, c.value) for c in submit.inputs]
+        return _call(client, session, submit_index, data)
+
+
+@pytest.mark.parametrize(("label", "value", "field"), [
+    ("Width", -100, "width"), ("Sampling steps", 100000, "steps"), ("CFG scale", 500, "cfg_scale"),
+])
+def test_out_of_range_numbers_are_refused_naming_the_field(fake_studio, label, value, field):
+    done = _submit(fake_studio, {label: value}, session=f"range-{field}")
+    assert done["success"] is False
+    text = json.dumps(done["output"])
+    assert label in text and str(value) in text and f"`{field}`" in text, text
+    assert fake_studio.jobs.list_jobs(actor=fake_studio.admin, all_users=True, limit=None)[0] == []
+
+
+def test_in_range_numbers_still_generate(fake_studio):
+    done = _submit(fake_studio, {"Width": 64, "Height": 64, "Sampling steps": 3, "Prompt": "a fox"}, session="ok")
+    assert done["success"] is True, done
+    jobs = fake_studio.jobs.list_jobs(actor=fake_studio.admin, all_users=True, limit=None)[0]
+    assert [(j.request["width"], j.request["steps"]) for j in jobs] == [(64, 3)]
