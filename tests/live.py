@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import httpx
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` in a thread of its own, with the caller's context variables.
+
+    Playwright's sync API (the session-wide browser fixture) leaves an event loop running in the main
+    thread once a browser test has run, and ``asyncio.run`` refuses to start beside it.
+    """
+    context = contextvars.copy_context()
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(context.run, asyncio.run, coro).result()
 
 
 def free_port() -> int:

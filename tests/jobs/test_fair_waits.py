@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import ADMIN_PASSWORD
 from tests.fixtures.studio_models import ModelStudio, build_model_studio
 from tests.jobs.conftest import add_user, empty_queue, txt2img
-from tests.live import serve
+from tests.live import run_async, serve
 from webapp.records import JobStatus
 
 FLOOD = 70
@@ -98,7 +98,7 @@ def test_one_users_long_polls_do_not_delay_another_users_poll(live):
             assert answer.status_code == 200
             return baseline, flooded, still_open
 
-    baseline, flooded, still_open = asyncio.run(scenario())
+    baseline, flooded, still_open = run_async(scenario())
     assert still_open == FLOOD, "Alice's waits were all still open when Bob was answered"
     assert flooded < baseline + 2.0, f"Bob's 1 s poll took {flooded:.1f} s under the flood (alone: {baseline:.1f} s)"
     for job in (long, held, mine):
@@ -133,7 +133,7 @@ def test_one_users_blocking_txt2img_requests_do_not_delay_another_users(live):
             assert answer.status_code == 200, answer.text
             return baseline, flooded, still_open
 
-    baseline, flooded, still_open = asyncio.run(scenario())
+    baseline, flooded, still_open = run_async(scenario())
     assert still_open == FLOOD, "Alice's requests were all still waiting when Bob was answered"
     assert flooded < baseline + 5.0, (f"Bob's txt2img took {flooded:.1f} s once a slot was free under the flood "
                                       f"(alone: {baseline:.1f} s)")
@@ -152,7 +152,7 @@ def test_board_async_wait_wakes_on_a_change_from_another_thread_and_honours_its_
         timed_out, same = await _timed(board.wait_async("job", version, 0.3))
         return woken, version, timed_out, same
 
-    woken, version, timed_out, same = asyncio.run(scenario())
+    woken, version, timed_out, same = run_async(scenario())
     assert version == board.version("job") > 0 and woken < 5.0, "woken by the writer's thread, not the timeout"
     assert same == version and 0.25 <= timed_out < 5.0
     assert not board._async_waiters, "finished waits leave nothing registered"

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from gradio.utils import get_upload_folder
 
 from tests.conftest import login
+from tests.live import run_async
 from webapp.records import ModelType, Visibility
 from webapp.ui.context import UiContext
 from webapp.ui.models_tab import ALL, ModelsTab
@@ -131,7 +132,6 @@ def test_handlers_called_directly_refuse_paths_outside_the_upload_folder(studio,
 def test_every_file_input_of_the_ui_refuses_a_server_path(studio, tmp_path):
     """Gradio's own step before any handler (preprocess moves input files to its cache) refuses the path,
     for every file-taking component: PNG Info's file, the model preview, img2img's image editor."""
-    import asyncio
 
     from gradio import processing_utils
     from gradio.context import LocalContext
@@ -147,7 +147,7 @@ def test_every_file_input_of_the_ui_refuses_a_server_path(studio, tmp_path):
     try:
         for block in inputs:
             with pytest.raises(InvalidPathError):
-                asyncio.run(processing_utils.async_move_files_to_cache(
+                run_async(processing_utils.async_move_files_to_cache(
                     shapes.get(type(block), payload), block, check_in_upload_folder=True))
     finally:
         LocalContext.blocks.reset(token)
