@@ -222,7 +222,8 @@ def test_progress_html_while_running():
     assert progress_html(None, note="x<y") == '<div class="studio-progress">x&lt;y</div>'
 
 
-def test_limits_and_bombs_are_gradio_errors_naming_the_problem(fake_studio, tabs, tmp_path):
+def test_limits_and_bombs_are_gradio_errors_naming_the_problem(fake_studio, tabs, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # handlers read files Gradio received, from its folder
     from tests.fixtures.images import bomb_png
 
     title = fake_studio.models.checkpoint.title

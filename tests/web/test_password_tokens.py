@@ -80,7 +80,7 @@ def test_own_change_revokes_tokens_keeps_this_session_and_ends_the_others(studio
 
 def test_ui_handlers_take_the_checkbox(studio, alice):
     ctx = UiContext(users=studio.users)
-    account = AccountTab(ctx, tokens=studio.tokens, auth=studio.auth)
+    account = AccountTab(ctx, tokens=studio.tokens, auth=studio.auth, quota=studio.quota)
     kept = _token(studio, alice)
     account.change_password(ALICE_PASSWORD, "alice-new-pass-1", "alice-new-pass-1", _request("alice"), False)
     assert studio.auth.user_for_api_token(kept) is not None
