@@ -190,6 +190,27 @@ def test_a_weight_file_that_does_not_load_is_named(annotators):
         annotators.run("pidinet", squares())
 
 
+class _Touch:
+    """Unpickling this would create a file: a stand-in for a weight file that runs code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_weight_file_that_would_run_code_is_refused_unrun(annotators):
+    import torch
+
+    annotators.annotators_dir.mkdir()
+    marker = annotators.annotators_dir / "ran"
+    torch.save({"state_dict": {"x": _Touch(marker)}}, annotators.annotators_dir / "table5_pidinet.pth")
+    with pytest.raises(pp.BrokenAnnotator, match="table5_pidinet.pth"):
+        annotators.run("pidinet", squares())
+    assert not marker.exists()
+
+
 def test_module_level_run_uses_the_given_folder(tmp_path):
     with pytest.raises(pp.MissingAnnotator, match=str(tmp_path)):
         pp.run("mlsd", squares(), annotators_dir=tmp_path)
