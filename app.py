@@ -93,6 +93,8 @@ def build(settings: Settings) -> Studio:
     default_imports = settings.data_dir / "imports"
     if default_imports in settings.import_roots:  # where admins put files for Models › From server
         default_imports.mkdir(exist_ok=True)
+    if settings.annotators_dir is not None:  # where admins put ControlNet preprocessor weights
+        settings.annotators_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.db_url)
     schema.upgrade(db)
     is_s3 = settings.store_url.startswith("s3://")

@@ -195,6 +195,16 @@ class Settings(BaseSettings):
             normalized.append(origin)
         return normalized
 
+    # -- ControlNet ---------------------------------------------------------------------------------------------
+    annotators_dir: Path | None = None
+    """ControlNet preprocessor weights (file names as in lllyasviel/Annotators), dropped in by an admin and read
+    only from here, never downloaded; default ``<data_dir>/annotators``, created at start."""
+
+    @model_validator(mode="after")
+    def _default_annotators_dir(self) -> Settings:
+        self.annotators_dir = (self.annotators_dir or self.data_dir / "annotators").expanduser().resolve()
+        return self
+
     def install_folders(self) -> list[Path]:
         """The models dir, and the install's embeddings folder when it lies outside (``--models-dir`` named
         the webui's ``models/``)."""
@@ -248,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user-quota-gb", type=float, help="disk each user may fill with results and models (default 50; "
                    "0: unlimited)")
     p.add_argument("--ui-max-file-mb", type=float, help="largest file the web UI accepts (default 64)")
+    p.add_argument("--annotators-dir", type=Path,
+                   help="folder of ControlNet preprocessor weights, never downloaded (default <data-dir>/annotators)")
     return p
 
 
@@ -260,7 +272,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
                  "devices", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
-                 "user_quota_gb", "ui_max_file_mb"):
+                 "user_quota_gb", "ui_max_file_mb",
+                 "annotators_dir"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

@@ -21,6 +21,7 @@ def test_first_start_shows_the_password_once_and_names_the_account_tab(tmp_path,
     assert "created user 'admin' with password: " in err
     assert "change it in the Account tab" in err and "Users tab" not in err
     assert served[0]["proxy_headers"] is False and served[0]["forwarded_allow_ips"] == ["10.0.0.1"]
+    assert (tmp_path / "data" / "annotators").is_dir()  # ready for ControlNet preprocessor weights
 
     assert app.main(["--data-dir", data, "--backend", "fake"]) == 0  # second start: nothing shown
     assert "password" not in capsys.readouterr().err

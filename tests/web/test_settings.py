@@ -30,6 +30,14 @@ def test_flags_override_environment(tmp_path, monkeypatch):
     assert s.port == 9100 and s.host == "0.0.0.0" and s.data_dir == tmp_path / "cli"
 
 
+def test_annotators_dir_defaults_under_the_data_dir_and_flag_beats_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings_from_args([]).annotators_dir == tmp_path / "data" / "annotators"
+    monkeypatch.setenv("STUDIO_ANNOTATORS_DIR", "env-annotators")
+    assert settings_from_args([]).annotators_dir == tmp_path / "env-annotators"
+    assert settings_from_args(["--annotators-dir", str(tmp_path / "cli")]).annotators_dir == tmp_path / "cli"
+
+
 def test_invalid_port_is_refused():
     with pytest.raises(ValueError, match="port"):
         Settings(port=70000)
