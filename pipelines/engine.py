@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 
 import torch
@@ -29,9 +30,10 @@ from pipelines.networks.lora import LoraManager, is_sdxl
 from pipelines.networks.session import NetworkSession, lora_hashes, ti_hashes
 from pipelines.networks.textual_inversion import EmbeddingCache
 from pipelines.networks.vae import VaeCache, VaeLoader
+from pipelines.passes import ControlSource, InitImage, InpaintMask, PassSpec, Task, pipeline_class_name
 from pipelines.prompts import ExtraNetworks, join_and, parse_extra_networks, prompt_schedule
 from pipelines.results import JobFacts, parameters
-from pipelines.sampling import CondSchedule, EventSink, PassSpec, expand_for_batch, placement, run_pass
+from pipelines.sampling import CondSchedule, EventSink, expand_for_batch, placement, run_pass
 from pipelines.seeds import make_noise, plan_seeds
 from pipelines.types import (
     BatchSkipped,
@@ -50,14 +52,6 @@ logger = logging.getLogger(__name__)
 
 class PipelineProvider(Protocol):
     def get(self, path, sha256: str | None = None) -> Any: ...
-
-
-_CLASSES = {
-    # (sdxl, mode) -> diffusers class name
-    (False, "txt2img"): "StableDiffusionPipeline", (False, "img2img"): "StableDiffusionImg2ImgPipeline",
-    (False, "inpaint"): "StableDiffusionInpaintPipeline", (True, "txt2img"): "StableDiffusionXLPipeline",
-    (True, "img2img"): "StableDiffusionXLImg2ImgPipeline", (True, "inpaint"): "StableDiffusionXLInpaintPipeline",
-}
 
 
 class Engine:
@@ -86,15 +80,17 @@ class Engine:
     def generate(self, request: GenerationRequest, models: ResolvedModels, *,
                  on_event: Callable[[Progress], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
-                 should_skip: Callable[[], bool] | None = None) -> GenerationResult:
+                 should_skip: Callable[[], bool] | None = None,
+                 controls: Sequence[ControlSource] = ()) -> GenerationResult:
         """Run one job. Raises ``InvalidRequestError``/``PipelineError`` for bad input, ``Cancelled`` when
         ``should_cancel()`` turns True (checked every step; ``partial`` holds the batches already done),
         ``OutOfMemoryError`` after freeing memory. ``should_skip()`` turning True drops the current batch
-        and goes on with the next (A1111's skip); it must reset itself once it has answered True."""
+        and goes on with the next (A1111's skip); it must reset itself once it has answered True. ``controls``
+        are asked for their input to every pass (``ControlSource.for_pass``)."""
         request.validate()
         with self._lock:
             try:
-                return _Job(self, request, models, on_event, should_cancel, should_skip).run()
+                return _Job(self, request, models, on_event, should_cancel, should_skip, controls).run()
             except torch.cuda.OutOfMemoryError as exc:
                 self.vaes.clear()  # reloadable; the pipelines themselves belong to the provider
                 self.hypernetworks.clear()
@@ -107,14 +103,13 @@ class Engine:
                     f"or the resolution") from exc
 
     # -- pipelines ----------------------------------------------------------------------------------
-    def derived(self, base, mode: str):
-        """The pipeline for ``mode`` sharing ``base``'s modules (cached per base pipeline)."""
+    def derived(self, base, task: Task, variant: str | None = None):
+        """The pipeline for ``task`` (with controls of ``variant``) sharing ``base``'s modules (cached per base)."""
         import diffusers
 
-        sdxl = is_sdxl(base)
         if base.unet.config.in_channels == 9:
-            mode = "inpaint"  # inpainting checkpoints run every mode through the inpaint pipeline
-        cls = getattr(diffusers, _CLASSES[(sdxl, mode)])
+            task = "inpaint"  # inpainting checkpoints run every task through the inpaint pipeline
+        cls = getattr(diffusers, pipeline_class_name(is_sdxl(base), task, variant))
         cache = self._derived.setdefault(base, {})
         if cls not in cache:
             cache[cls] = cls.from_pipe(base)
@@ -134,13 +129,14 @@ class _Job:
     """One ``generate`` call: state shared by its passes."""
 
     def __init__(self, engine: Engine, request: GenerationRequest, models: ResolvedModels,
-                 on_event, should_cancel, should_skip=None) -> None:
+                 on_event, should_cancel, should_skip=None, controls: Sequence[ControlSource] = ()) -> None:
         self.e = engine
         self.r = request
         self.models = models
         self.on_event = on_event
         self.should_cancel = should_cancel
         self.should_skip = should_skip
+        self.controls = tuple(controls)
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
         self._cond_cache: dict[tuple[int, str], Conditioning] = {}
@@ -306,8 +302,8 @@ class _Job:
             pipes += list(self.e._derived.get(self.refiner, {}).values())
         return pipes
 
-    def _pipe(self, base, mode: str):
-        pipe = self.e.derived(base, mode)
+    def _pipe(self, base, task: Task, variant: str | None = None):
+        pipe = self.e.derived(base, task, variant)
         pipe.vae = self.vae
         return pipe
 
@@ -357,12 +353,12 @@ class _Job:
         if r.mode != "txt2img" and r.denoising_strength == 0:
             return self._unchanged(inputs, batch)
         if r.mode == "txt2img":
-            spec = PassSpec(kind="txt2img", output_type="latent" if latent_next else "pil", **common)
+            spec = PassSpec(output_type="latent" if latent_next else "pil", **common)
             if nine:  # A1111: inpainting models do txt2img on a blank, fully masked image
-                spec.kind, spec.image, spec.mask = "inpaint", [Image.new("RGB", (w, h), (127, 127, 127))] * batch, \
-                    self._white_mask(w, h)
+                spec = replace(spec, init=InitImage([Image.new("RGB", (w, h), (127, 127, 127))] * batch),
+                               mask=InpaintMask(self._white_mask(w, h)))
             if self.refiner is not None:
-                spec.denoising_end = r.refiner_switch_at
+                spec = replace(spec, denoising_end=r.refiner_switch_at)
             out = self._run(self.base, spec, self.sampler, seeds)
             if self.refiner is not None:
                 out = self._refine(out, seeds, gens)
@@ -371,24 +367,24 @@ class _Job:
             return out
         if r.mode == "img2img":
             images = expand_for_batch(inputs["images"], batch)
-            spec = PassSpec(kind="img2img", strength=r.denoising_strength, **common)
             if r.resize_mode == 3 and not nine:
                 pipe = self._pipe(self.base, "img2img")
                 lat = torch.cat([self._encode_images(pipe, [img.resize((img.width // f * f, img.height // f * f))])
                                  for img in images])
-                spec.image = hires.upscale_latents(lat, w, h, "Latent", f)
+                init = hires.upscale_latents(lat, w, h, "Latent", f)
             else:
                 mode = 0 if r.resize_mode == 3 else r.resize_mode
                 from pipelines.images import resize_image
 
-                spec.image = [resize_image(mode, img, w, h) for img in images]
-            if nine:
-                spec.kind, spec.mask = "inpaint", self._white_mask(w, h)
+                init = [resize_image(mode, img, w, h) for img in images]
+            spec = PassSpec(init=InitImage(init, r.denoising_strength),
+                            mask=InpaintMask(self._white_mask(w, h)) if nine else None, **common)
             return self._run(self.base, spec, self.sampler, seeds)
         job: inpaint.InpaintJob = inputs["inpaint"]
         lat_mask = inpaint.latent_mask(job.mask, w // f, h // f)
-        spec = PassSpec(kind="inpaint", strength=r.denoising_strength, image=job.images[:batch], mask=job.mask,
-                        latent_fill=inpaint.latent_fill(r.inpainting_fill, lat_mask, noise), **common)
+        spec = PassSpec(init=InitImage(job.images[:batch], r.denoising_strength),
+                        mask=InpaintMask(job.mask, latent_fill=inpaint.latent_fill(r.inpainting_fill, lat_mask, noise)),
+                        **common)
         out = self._run(self.base, spec, self.sampler, seeds)
         return [inpaint.finish(job, img, i) for i, img in enumerate(out)]
 
@@ -404,7 +400,11 @@ class _Job:
         return [inpaint.finish(job, img, i) for i, img in enumerate(job.images[:batch])]
 
     def _run(self, base, spec: PassSpec, sampler, seeds):
-        pipe = self._pipe(base, spec.kind)
+        """Run one pass with the job's controls for it (each control decides whether and how it joins)."""
+        target = spec.target
+        controls = tuple(c for c in (source.for_pass(target) for source in self.controls) if c is not None)
+        spec = replace(spec, controls=controls)
+        pipe = self._pipe(base, spec.task, spec.variant)
         return run_pass(pipe, spec, self._scheduler(base, sampler, seeds), self.sink)
 
     def _refine(self, latents: torch.Tensor, seeds, gens):
@@ -414,9 +414,9 @@ class _Job:
             k: v for k, v in self.embeddings_available.items() if set(v.vectors) >= {"clip_g"}})
         conds = self._conds(encoder, self.refiner, self.prompt, self.negative, r.steps)
         latent_next = self.hr_sampler is not None and hires.is_latent(r.effective_hr_upscaler)
-        spec = PassSpec(kind="img2img", steps=r.steps, cfg_scale=r.cfg_scale, conds=conds, noise=latents.cpu().float(),
-                        generators=gens, width=r.width, height=r.height, phase="refiner", image=latents,
-                        strength=1.0, denoising_start=r.refiner_switch_at, eta=r.eta,
+        spec = PassSpec(steps=r.steps, cfg_scale=r.cfg_scale, conds=conds, noise=latents.cpu().float(),
+                        generators=gens, width=r.width, height=r.height, phase="refiner",
+                        init=InitImage(latents, 1.0, denoising_start=r.refiner_switch_at), eta=r.eta,
                         output_type="latent" if latent_next else "pil")
         return self._run(self.refiner, spec, self.sampler, seeds)
 
@@ -435,15 +435,16 @@ class _Job:
         n_sched, wanted = hires.second_pass_steps(r)
         noise, gens = make_noise((4, th // f, tw // f), seeds, subseeds, r.subseed_strength, self.plan.resize_from, f)
         conds = self._conds(self.encoder, self.base, self.hr_prompt, self.hr_negative, wanted, self.hr_nets)
-        spec = PassSpec(kind="img2img", steps=n_sched, cfg_scale=r.cfg_scale, conds=conds, noise=noise,
-                        generators=gens, width=tw, height=th, phase="hires", image=image,
-                        strength=r.denoising_strength, eta=r.eta)
+        spec = PassSpec(steps=n_sched, cfg_scale=r.cfg_scale, conds=conds, noise=noise,
+                        generators=gens, width=tw, height=th, phase="hires",
+                        init=InitImage(image, r.denoising_strength), eta=r.eta)
         if self.base.unet.config.in_channels == 9:
-            spec.kind, spec.mask = "inpaint", self._white_mask(tw, th)
+            masked_latents = None
             if latent:  # A1111 conditions inpainting models on a blank image when fully masked
                 pipe = self._pipe(self.base, "inpaint")
                 gray = Image.new("RGB", (tw, th), (127, 127, 127))
-                spec.masked_image_latents = self._encode_images(pipe, [gray]).repeat(len(seeds), 1, 1, 1)
+                masked_latents = self._encode_images(pipe, [gray]).repeat(len(seeds), 1, 1, 1)
+            spec = replace(spec, mask=InpaintMask(self._white_mask(tw, th), masked_image_latents=masked_latents))
         return self._run(self.base, spec, self.hr_sampler, seeds)
 
     def _decode(self, latents: torch.Tensor) -> list[Image.Image]:
