@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipelines.conditioning import Conditioning
+from pipelines.passes import PassSpec
 from pipelines.previews import preview_png
 from pipelines.types import BatchSkipped, Cancelled, Progress
 
@@ -67,31 +68,6 @@ class EventSink:
             raise BatchSkipped("batch skipped")
 
 
-@dataclass
-class PassSpec:
-    """Everything one pipeline call needs besides the pipeline."""
-
-    kind: str  # "txt2img" | "img2img" | "inpaint"
-    steps: int
-    cfg_scale: float
-    conds: CondSchedule
-    noise: torch.Tensor  # [B, 4, h, w] CPU float32
-    generators: list[torch.Generator]
-    width: int
-    height: int
-    phase: str = "base"
-    image: Any = None  # list of PIL images or a latent tensor
-    mask: Any = None
-    strength: float = 1.0
-    masked_image_latents: torch.Tensor | None = None
-    latent_fill: Callable[[torch.Tensor], torch.Tensor] | None = None
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-    eta: float | None = None
-    output_type: str = "pil"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class _NoiseOverride:
     """Replaces ``scheduler.add_noise`` for one call: our noise, optional latent fill of the original."""
 
@@ -126,8 +102,10 @@ def run_pass(pipe, spec: PassSpec, scheduler, sink: EventSink) -> Any:
     batch = spec.noise.shape[0]
     sdxl = hasattr(pipe, "text_encoder_2")
     device, unet_dtype = placement(pipe.unet)
-    if spec.kind != "txt2img":
-        scheduler.add_noise = _NoiseOverride(scheduler.add_noise, spec.noise, spec.latent_fill)
+    init, mask = spec.init, spec.mask
+    if init is not None:
+        fill = mask.latent_fill if mask is not None else None
+        scheduler.add_noise = _NoiseOverride(scheduler.add_noise, spec.noise, fill)
     pipe.scheduler = scheduler
 
     pos = CondSchedule.at(spec.conds.positive, 1)
@@ -146,27 +124,28 @@ def run_pass(pipe, spec: PassSpec, scheduler, sink: EventSink) -> Any:
         kwargs["negative_pooled_prompt_embeds"] = neg_p
     if spec.eta is not None:
         kwargs["eta"] = spec.eta
-    if spec.kind == "txt2img":
+    if init is None:
         kwargs.update(height=spec.height, width=spec.width,
                       latents=spec.noise.to(device=device, dtype=unet_dtype))
     else:
         steps = spec.steps
-        if spec.denoising_start is None:
+        if init.denoising_start is None:
             # A1111 always runs at least one step of img2img; diffusers runs int(steps * strength).
-            while int(steps * spec.strength) < 1:
+            while int(steps * init.strength) < 1:
                 steps += 1
-        kwargs.update(image=spec.image, strength=spec.strength, num_inference_steps=steps)
-    if spec.kind == "inpaint":
-        kwargs.update(mask_image=spec.mask, height=spec.height, width=spec.width)
-        if spec.strength >= 1.0:
+        kwargs.update(image=init.image, strength=init.strength, num_inference_steps=steps)
+        if init.denoising_start is not None:
+            kwargs["denoising_start"] = init.denoising_start
+    if mask is not None:
+        kwargs.update(mask_image=mask.mask, height=spec.height, width=spec.width)
+        if init.strength >= 1.0:
             kwargs["latents"] = spec.noise.to(device=device, dtype=unet_dtype)
-        if spec.masked_image_latents is not None:
-            kwargs["masked_image_latents"] = spec.masked_image_latents
-    if spec.denoising_start is not None:
-        kwargs["denoising_start"] = spec.denoising_start
+        if mask.masked_image_latents is not None:
+            kwargs["masked_image_latents"] = mask.masked_image_latents
     if spec.denoising_end is not None:
         kwargs["denoising_end"] = spec.denoising_end
-    kwargs.update(spec.extra)
+    if spec.controls:
+        kwargs.update(type(spec.controls[0]).pipeline_kwargs(spec.controls, spec.task))
     sink.check_cancel()
     output = pipe(**kwargs)
     return output.images
