@@ -6,6 +6,7 @@ from typing import Any
 
 import gradio as gr
 import pytest
+from starlette.requests import Request
 
 from tests.jobs.conftest import add_user
 from webapp.records import EndpointStatus
@@ -120,7 +121,9 @@ def test_history_lists_selects_reproduces_and_deletes(fake_studio, tabs):
     assert len(titles) == 1 and titles[0].endswith(f"-txt2img-succeeded-{job_id}") and summary == "1 of 1 job"
     images, infotext, details, index, _curl = h.select(job_id, req(admin))
     assert f"/files/jobs/{job_id}/0.png" in images and "Steps: 3" in infotext and job_id in details
-    curl = h.api(job_id, gr.Request(username="admin", headers={"host": "studio.example:7860"}))["value"]
+    browser = Request({"type": "http", "scheme": "http", "method": "POST", "path": "/ui/gradio_api/queue/join",
+                       "query_string": b"", "headers": [(b"host", b"studio.example:7860")]})
+    curl = h.api(job_id, gr.Request(username="admin", request=browser))["value"]
     job = fake_studio.jobs.get(actor=admin, job_id=job_id)
     assert "curl -sS -X POST 'http://studio.example:7860/sdapi/v1/txt2img' -u 'USER:PASSWORD'" in curl
     assert f'"seed": {job.info["seed"]}' in curl, "the random seed is pinned to the one used"

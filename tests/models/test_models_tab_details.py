@@ -73,3 +73,22 @@ def test_refresh_button_of_a_non_admin_rescans_at_most_once_per_interval(build_s
     assert [r[0] for r in rows] == ["first"], "a second rescan within the interval was skipped"
     rows, *_ = tab.rescan(ALL, ALL, ALL, "", ADMIN)
     assert [r[0] for r in rows] == ["first", "second"]
+
+
+def test_a_stored_preview_that_is_a_decompression_bomb_is_not_decoded(build_studio, tiny):
+    """Previews stored before uploads were checked header-first are opened the same way when shown."""
+    import io
+
+    from tests.fixtures.images import bomb_png
+    from webapp.records import ModelRecord
+
+    studio = build_studio()
+    admin = studio.users.get_by_name("admin")
+    record = studio.models.register_file(actor=admin, path=tiny.lora)
+    studio.store.put("previews/models/old.png", io.BytesIO(bomb_png(30_000, 30_000)), content_type="image/png")
+    with studio.db.write() as s:
+        row = s.get(ModelRecord, record.id)
+        row.preview_key = "previews/models/old.png"
+        s.add(row)
+    _id, name, _description, _visibility, image, details = _tab(studio).show(record.id, ADMIN)
+    assert image is None and name == record.name and details["id"] == record.id

@@ -207,3 +207,16 @@ def test_delete_names_the_real_job_using_the_model(build_studio, tiny):
     studio.jobs.wait(actor=admin, job_id=job.id, timeout=30)
     studio.models.delete(actor=admin, model_id=lora.id)
     assert studio.models.find(actor=admin, type="lora", ref="style") is None
+
+
+@pytest.mark.parametrize("side", [10_000, 30_000])  # over PIL's warning limit, and over its error limit
+def test_preview_decompression_bomb_is_refused_naming_the_field(mstudio, tiny, side):
+    from tests.fixtures.images import bomb_png
+
+    registry, admin = mstudio.models, admin_of(mstudio)
+    record = registry.register_file(actor=admin, path=tiny.lora)
+    with pytest.raises(InvalidInput) as caught:
+        registry.set_preview(actor=admin, model_id=record.id, data=bomb_png(side, side))
+    assert caught.value.field == "image" and "too large to decode safely" in caught.value.message
+    assert registry.get(actor=admin, model_id=record.id).preview_key is None
+    assert list(mstudio.store.list("previews/")) == []

@@ -56,6 +56,7 @@ def ui_errors(fn: F) -> F:
                 yield from fn(*args, **kwargs)
             except (ServiceError, gr.Error) as exc:
                 raise _expected(fn, args, kwargs, exc) from None
+        gen_wrapper.__ui_errors__ = True  # type: ignore[attr-defined]
         return gen_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
@@ -64,4 +65,10 @@ def ui_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (ServiceError, gr.Error) as exc:
             raise _expected(fn, args, kwargs, exc) from None
+    wrapper.__ui_errors__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+def is_ui_errors_wrapped(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` (a function or bound method) was decorated with ``ui_errors``."""
+    return bool(getattr(fn, "__ui_errors__", False))

@@ -203,8 +203,8 @@ class GenerateTab:
             trigger(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
         c["endpoint"].input(self.endpoint_changed, [c["endpoint"]], [self.generate], **private)
         self.form.insert.click(self.insert_network, [c["prompt"], self.form.network], [c["prompt"]], **private)
-        self.form.random_seed.click(lambda: -1, None, [c["seed"]], **private)
-        self.form.reuse_seed.click(lambda seed: seed, [self.last_seed], [c["seed"]], **private)
+        self.form.random_seed.click(ui_errors(lambda: -1), None, [c["seed"]], **private)
+        self.form.reuse_seed.click(ui_errors(lambda seed: seed), [self.last_seed], [c["seed"]], **private)
 
         submitted = self.generate.click(
             self.submit, self.form.inputs, [self.job_id, self.progress, self.results, self.infotext, self.index],

@@ -39,11 +39,15 @@ def parse_day(text: str | None, field: str, *, end: bool = False) -> datetime | 
 
 
 def base_url(request: gr.Request | None) -> str:
-    """The address the browser used (for curl), honouring a reverse proxy's forwarded headers."""
-    headers = getattr(request, "headers", None) or {}
-    host = headers.get("x-forwarded-host") or headers.get("host") or "127.0.0.1:7860"
-    scheme = headers.get("x-forwarded-proto") or "http"
-    return f"{scheme}://{host}"
+    """The address the browser used (for curl): the request's own scheme and host.
+
+    A reverse proxy's ``X-Forwarded-Proto/-Host`` are already applied to the request by
+    ``webapp.web.proxy.ForwardedHeaders``, and only when the peer is in ``forwarded_allow_ips``.
+    """
+    url = getattr(request, "url", None) if request is not None else None
+    if url is None or not url.netloc:
+        return "http://127.0.0.1:7860"
+    return f"{url.scheme}://{url.netloc}"
 
 
 class HistoryPanel:

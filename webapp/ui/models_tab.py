@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import gradio as gr
 
+from pipelines.images import open_image
+from pipelines.types import InvalidRequestError
 from webapp.records import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.services.models.registry import MAX_PREVIEW_BYTES
 from webapp.services.models.views import item_line, model_details
 from webapp.services.models.wiring import ModelServices
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.files import read_upload
+
+log = logging.getLogger(__name__)
 
 HEADERS = ["Name", "Type", "Base", "Status", "Size", "Owner", "Visibility", "Source", "Created (UTC)"]
 """Hashes, ids and paths are in the details panel of the selected model; name + type identify a row."""
@@ -117,11 +122,12 @@ class ModelsTab:
         preview = self.registry.preview(actor=user, model_id=model_id)
         image = None
         if preview is not None:
-            import io
-
-            from PIL import Image
-
-            image = Image.open(io.BytesIO(preview[0]))
+            try:
+                with open_image(preview[0], "preview") as stored:  # header-first: a stored bomb is not decoded
+                    image = stored.copy()
+            except (InvalidRequestError, OSError) as exc:
+                log.warning("model %s: stored preview not shown: %s", record.id, exc)
+                gr.Warning(f"The stored preview image was not shown: {exc}")
         return (gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image,
                 model_details(record, actor=user))
 

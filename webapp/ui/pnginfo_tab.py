@@ -72,6 +72,7 @@ class PngInfoTab:
                 return record.title
         return None
 
+    @ui_errors
     def send(self, state: dict[str, Any] | None) -> dict[Any, Any]:
         if not state:
             raise gr.Error("Drop an image with generation parameters first")

@@ -8,7 +8,7 @@ from typing import Protocol
 
 import gradio as gr
 
-from webapp.ui.context import UiContext
+from webapp.ui.context import UiContext, ui_errors
 
 # Logout is a POST to our own route (not Gradio's), then back to the login page.
 LOGOUT_JS = """() => { fetch('/logout', {method: 'POST', credentials: 'same-origin'})
@@ -33,6 +33,7 @@ def build_ui(ctx: UiContext, tabs: Sequence[Tab]) -> gr.Blocks:
             built = [(tab, tab.build()) for tab in tabs]
         admin_tabs = [widget for tab, widget in built if tab.admin_only]
 
+        @ui_errors
         def on_load(request: gr.Request) -> list:
             user = ctx.user(request)
             badge = " · administrator" if user.is_admin else ""

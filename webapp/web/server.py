@@ -16,6 +16,7 @@ from webapp.ui.files import guard_uploads
 from webapp.web.docs import install_docs
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
+from webapp.web.headers import SecurityHeaders
 from webapp.web.limits import BodySizeLimit
 from webapp.web.login import UI_PATH, build_login_router
 from webapp.web.origin import OriginPolicy
@@ -81,4 +82,5 @@ def create_app(
     app.add_middleware(ForwardedHeaders, trusted_hosts=forwarded_allow_ips or [])  # before the gate reads them
     if max_body_bytes is not None:  # outside the gate: an oversized body is refused before anything else
         app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, exempt=BODY_LIMIT_EXEMPT)
+    app.add_middleware(SecurityHeaders)  # outermost: refusals carry the headers too
     return app

@@ -23,6 +23,8 @@ from sqlmodel import col, select
 
 from deploy.model_files import ModelFileRef
 from deploy.storage import BlobStore
+from pipelines.images import open_image
+from pipelines.types import InvalidRequestError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, User, Visibility, utcnow
 from webapp.services.errors import Conflict, InvalidInput, NotFound
@@ -278,18 +280,19 @@ class ModelRegistry:
 
 
 def _check_image(data: bytes) -> tuple[str, str]:
-    from PIL import Image, UnidentifiedImageError
-
+    """Header-first (``open_image``: bombs and garbage refused before decoding), then PIL's ``verify``."""
     if not data:
         raise InvalidInput("the preview image is empty", field="image")
     if len(data) > MAX_PREVIEW_BYTES:
         raise InvalidInput(f"the preview image is {len(data)} bytes; at most {MAX_PREVIEW_BYTES} are allowed",
                            field="image")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
+        with open_image(data, "image") as image:
             fmt = image.format
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            image.verify()
+    except InvalidRequestError as exc:
+        raise InvalidInput(str(exc), field="image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"the preview is not a readable image ({exc})", field="image") from None
     if fmt not in PREVIEW_FORMATS:
         raise InvalidInput(f"preview images must be PNG, JPEG, WebP or GIF, not {fmt}", field="image")
