@@ -24,7 +24,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -112,6 +112,14 @@ class ControlNetInfo:
                 and self.config["layers_per_block"] == unet_config.get("layers_per_block"))
         if not fits:
             raise BaseMismatch.for_unit(unit, name, self.base, checkpoint_base)
+
+
+def own_tensors(keys: Iterable[str]) -> list[str]:
+    """The tensors that are the ControlNet: original v1.0 releases carry a whole SD model beside
+    `control_model.*`, which the loader never reads and an import need not store."""
+    keys = list(keys)
+    prefixed = [k for k in keys if k.startswith(_LDM_PREFIX)]
+    return prefixed or keys
 
 
 def _indices(keys: list[str], pattern: str) -> list[int]:
