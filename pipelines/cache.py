@@ -241,10 +241,10 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
     def evict(self, path: Path | str, sha256: str | None = None) -> bool:
-        """Drop one model; True if it was cached."""
+        """Drop one model (a checkpoint or a ControlNet); True if it was cached."""
         key = self.key_for(Path(path), sha256)
         with self._lock:
-            entry = self._entries.pop(key, None)
+            entry = self._entries.pop(key, None) or self._entries.pop("controlnet:" + key, None)
             if entry is not None:
                 self._evictions += 1
         if entry is None:

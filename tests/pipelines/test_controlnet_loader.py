@@ -121,6 +121,7 @@ def test_cache_shares_loaded_controlnets(tiny_cns, tmp_path: Path):
     assert cache.controlnet(path, sha256="a" * 64) is first
     assert cache.stats().misses == 1 and cache.stats().used_bytes > 0
     assert [e.key for e in cache.stats().entries] == ["controlnet:sha256:" + "a" * 64]
+    assert cache.evict(path, sha256="a" * 64) and len(cache) == 0
 
 
 def test_controlnet_changes_the_image_and_scale_zero_is_plain_txt2img(files, tiny_cns, tmp_path: Path):
