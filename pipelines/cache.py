@@ -91,12 +91,14 @@ class _Pending:
 
 
 def module_bytes(pipe: Any) -> int:
-    """Bytes of all parameters and buffers of the pipeline's torch modules (shared tensors counted once)."""
+    """Bytes of all parameters and buffers of a pipeline's torch modules, or of one module (a ControlNet);
+    shared tensors counted once."""
     import torch
 
     seen: set[int] = set()
     total = 0
-    for component in pipe.components.values():
+    components = [pipe] if isinstance(pipe, torch.nn.Module) else pipe.components.values()
+    for component in components:
         if not isinstance(component, torch.nn.Module):
             continue
         for tensor in [*component.parameters(), *component.buffers()]:
@@ -131,11 +133,13 @@ class PipelineCache:
     def __init__(
         self, *, budget_bytes: int, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
         skeleton_dirs: Iterable[Path | str] = (), loader: Loader | None = None,
+        controlnet_loader: Loader | None = None,
     ) -> None:
         if budget_bytes <= 0:
             raise PipelineError(f"budget_bytes must be positive, got {budget_bytes}")
         import torch
 
+        from pipelines.controlnet.loader import load_controlnet
         from pipelines.loader import load_checkpoint
 
         self.budget_bytes = int(budget_bytes)
@@ -143,6 +147,7 @@ class PipelineCache:
         self.dtype = dtype or torch.float32
         self.skeleton_dirs = tuple(skeleton_dirs)
         self._loader = loader or load_checkpoint
+        self._controlnet_loader = controlnet_loader or load_controlnet
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._pending: dict[str, _Pending] = {}
@@ -159,7 +164,18 @@ class PipelineCache:
     def get(self, path: Path | str, sha256: str | None = None) -> Any:
         """The loaded pipeline for `path`, loading it (and evicting others) if needed."""
         path = Path(path)
-        key = self.key_for(path, sha256)
+        return self._get(path, self.key_for(path, sha256), lambda: self._loader(
+            path, device=self.device, dtype=self.dtype, skeleton_dirs=self.skeleton_dirs))
+
+    def controlnet(self, path: Path | str, sha256: str | None = None) -> Any:
+        """The loaded `ControlNetModel` for `path` on this cache's device and dtype.
+
+        ControlNets share the budget and the LRU order with checkpoints: one memory, one policy."""
+        path = Path(path)
+        return self._get(path, "controlnet:" + self.key_for(path, sha256), lambda: self._controlnet_loader(
+            path, device=self.device, dtype=self.dtype))
+
+    def _get(self, path: Path, key: str, load: Callable[[], Any]) -> Any:
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -180,7 +196,7 @@ class PipelineCache:
             return pending.pipe
         try:
             self._evict_until(self.budget_bytes - estimate_bytes(path, self.dtype))
-            pipe = self._loader(path, device=self.device, dtype=self.dtype, skeleton_dirs=self.skeleton_dirs)
+            pipe = load()
             size = module_bytes(pipe)
             with self._lock:
                 self._entries[key] = _Entry(pipe, path, size)
@@ -225,10 +241,10 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
     def evict(self, path: Path | str, sha256: str | None = None) -> bool:
-        """Drop one model; True if it was cached."""
+        """Drop one model (a checkpoint or a ControlNet); True if it was cached."""
         key = self.key_for(Path(path), sha256)
         with self._lock:
-            entry = self._entries.pop(key, None)
+            entry = self._entries.pop(key, None) or self._entries.pop("controlnet:" + key, None)
             if entry is not None:
                 self._evictions += 1
         if entry is None:

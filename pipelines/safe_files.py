@@ -22,7 +22,7 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -318,17 +318,24 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors_of(load_pickle(path), source=path.name)
 
 
-def convert_to_safetensors(src: Path, dst: Path, *, metadata: Mapping[str, str] | None = None) -> Path:
+def convert_to_safetensors(
+    src: Path, dst: Path, *, metadata: Mapping[str, str] | None = None,
+    keep: Callable[[Iterable[str]], Iterable[str]] | None = None,
+) -> Path:
     """Rewrite a pickled checkpoint as safetensors, atomically (temp file in dst's folder, then rename).
 
     Tensors that share storage (tied weights) are cloned, since safetensors stores each tensor once.
-    Non-tensor entries (global_step, callbacks) are dropped.
+    Non-tensor entries (global_step, callbacks) are dropped, and so are tensors whose names `keep`
+    (given all names) does not return.
     """
     import torch
     from safetensors.torch import save_file
 
     src, dst = Path(src), Path(dst)
     tensors = load_state_dict(src)
+    if keep is not None:
+        kept = set(keep(list(tensors)))
+        tensors = {k: v for k, v in tensors.items() if k in kept}
     seen: set[tuple[int, int]] = set()
     for key, value in tensors.items():
         if value.is_sparse or value.layout != torch.strided:

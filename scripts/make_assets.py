@@ -9,6 +9,9 @@ checkpoint ships in the repository. Sources:
   (sgm yaml: model_channels 384, channel_mult [1, 2, 4, 4], num_head_channels 64, transformer depth
   4, context 1280, adm_in_channels 2560). Each skeleton is written from a meta-device pipeline by
   `pipelines.skeletons.write_skeleton`, the same writer tests use for tiny skeletons.
+* ControlNet configs (one `config.json` per family): lllyasviel/control_v11p_sd15_* (the SD1.5 UNet's
+  encoder half plus a 16-32-96-256 hint encoder) and diffusers/controlnet-canny-sdxl-1.0 (the SDXL
+  UNet's encoder half, text_time embedding). Written from meta-device `ControlNetModel`s.
 
 Usage: python scripts/make_assets.py [--wheel PATH | --bpe PATH] [--out assets/skeletons]
 """
@@ -173,6 +176,31 @@ def build_meta_pipeline(family: str, vocab_dir: Path):
 
 FAMILIES = ("sd15", "sd15-inpaint", "sdxl-base", "sdxl-inpaint", "sdxl-refiner")
 
+_CONTROLNET_COMMON = {"conditioning_channels": 3, "conditioning_embedding_out_channels": [16, 32, 96, 256],
+                      "controlnet_conditioning_channel_order": "rgb", "global_pool_conditions": False}
+
+
+def controlnet_configs() -> dict[str, dict]:
+    """ControlNet configs by skeleton name: the matching UNet's encoder settings plus the hint encoder."""
+    unet_only = ("out_channels", "up_block_types", "sample_size")
+
+    def encoder_half(unet: dict) -> dict:
+        return {k: v for k, v in unet.items() if k not in unet_only}
+
+    return {"controlnet-sd15": encoder_half(_sd15_unet(4)) | _CONTROLNET_COMMON,
+            "controlnet-sdxl": encoder_half(_sdxl_unet(4)) | _CONTROLNET_COMMON}
+
+
+def write_controlnet_configs(out: Path) -> None:
+    import diffusers
+    from accelerate import init_empty_weights
+
+    for name, config in controlnet_configs().items():
+        with init_empty_weights():
+            model = diffusers.ControlNetModel(**config)
+        model.save_config(out / name)
+        logger.info("wrote ControlNet config %s", name)
+
 
 def make_assets(out: Path, bpe_gz: bytes) -> None:
     from transformers import CLIPTokenizer
@@ -189,6 +217,7 @@ def make_assets(out: Path, bpe_gz: bytes) -> None:
         pipe = build_meta_pipeline("sdxl" if family == "sdxl-base" else family, vocab_dir)
         write_skeleton(pipe, out, family, vocabulary="clip", overwrite=True)
         logger.info("wrote skeleton %s", family)
+    write_controlnet_configs(out)
 
 
 def main() -> None:

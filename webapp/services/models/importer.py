@@ -176,6 +176,10 @@ def _convert(src: Path, inspection: Inspection, workdir: Path) -> Path:
     try:
         if inspection.type is ModelType.EMBEDDING:
             _convert_embedding(src, target)
+        elif inspection.type is ModelType.CONTROLNET:
+            from pipelines.controlnet.loader import own_tensors
+
+            safe_files.convert_to_safetensors(src, target, keep=own_tensors)
         else:
             safe_files.convert_to_safetensors(src, target)
     except PipelineError as exc:
