@@ -6,11 +6,10 @@ curl URL follows the same rule by reading the request's own scheme and host.
 
 from __future__ import annotations
 
-import asyncio
-
 import gradio as gr
 from starlette.requests import Request
 
+from tests.live import run_async
 from webapp.ui.history import base_url
 from webapp.web.proxy import ForwardedHeaders
 
@@ -26,7 +25,7 @@ def _resolved(peer: str, trusted: list[str]) -> gr.Request:
     scope = {"type": "http", "scheme": "http", "method": "POST", "path": "/ui/gradio_api/queue/join",
              "raw_path": b"/ui/gradio_api/queue/join", "query_string": b"", "root_path": "",
              "headers": list(HEADERS), "client": (peer, 50000), "server": ("studio.lan", 7860)}
-    asyncio.run(ForwardedHeaders(app, trusted_hosts=trusted)(scope, None, None))
+    run_async(ForwardedHeaders(app, trusted_hosts=trusted)(scope, None, None))
     return gr.Request(request=seen[0])
 
 
