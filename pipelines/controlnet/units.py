@@ -214,12 +214,11 @@ def find_script(alwayson_scripts: Mapping[str, Any]) -> tuple[str, Any] | None:
     return None
 
 
-def parse_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = None
-                ) -> tuple[list[ControlUnit], list[str]]:
-    """The enabled units of ``alwayson_scripts`` in order, and warnings for what is accepted but ignored.
-
-    Raises ``InvalidRequestError`` naming the first bad field.
-    """
+def parse_indexed_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = None
+                        ) -> tuple[list[tuple[int, ControlUnit]], list[str]]:
+    """The enabled units of ``alwayson_scripts`` in order with their ``args`` index (for messages naming the
+    unit), and warnings for what is accepted but ignored. Raises ``InvalidRequestError`` naming the first bad
+    field."""
     found = find_script(alwayson_scripts)
     if found is None:
         return [], []
@@ -228,7 +227,7 @@ def parse_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = No
     if not isinstance(args, list):
         raise InvalidRequestError(FIELD_PREFIX, f'`alwayson_scripts.controlnet` must be {{"args": [...]}} but is '
                                                 f"{type(value).__name__}")
-    units: list[ControlUnit] = []
+    units: list[tuple[int, ControlUnit]] = []
     warnings: list[str] = []
     for index, raw in enumerate(args):
         if not isinstance(raw, Mapping):
@@ -236,8 +235,15 @@ def parse_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = No
                                                                    f"with unit fields but is {type(raw).__name__}")
         if not _flag(index, "enabled", raw.get("enabled", True)):
             continue
-        units.append(parse_unit(index, raw, warnings, max_pixels))
+        units.append((index, parse_unit(index, raw, warnings, max_pixels)))
     return units, warnings
+
+
+def parse_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = None
+                ) -> tuple[list[ControlUnit], list[str]]:
+    """The enabled units of ``alwayson_scripts`` in order, and warnings for what is accepted but ignored."""
+    units, warnings = parse_indexed_units(alwayson_scripts, max_pixels)
+    return [unit for _, unit in units], warnings
 
 
 def units_to_json(units: Sequence[ControlUnit]) -> list[dict[str, Any]]:
