@@ -271,14 +271,14 @@ class RequestResolver:
             names = sorted(controlnet_title(r) for r in listed)
             raise InvalidInput(f"ControlNet model {unit.model!r} not found; choose one of: "
                            f"{', '.join(names) if names else '(none registered)'}", field=field)
-        unit_base, checkpoint_base = _family(record.base), _family(checkpoint.base)
+        unit_base, checkpoint_base = base_family(record.base), base_family(checkpoint.base)
         if unit_base and checkpoint_base and unit_base != checkpoint_base:
             raise InvalidInput(f"ControlNet unit {index} ({record.name}) is {unit_base} but the checkpoint is "
                                f"{checkpoint_base}", field=field)
         return self._spec(record)
 
 
-def _family(base: str | None) -> str | None:
+def base_family(base: str | None) -> str | None:
     """sd1-inpaint and sd1 take the same ControlNets; so do sdxl and sdxl-inpaint."""
     if not base:
         return None
