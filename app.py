@@ -50,6 +50,7 @@ from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
+from webapp.ui.controlnet_ui import ControlNetPanel  # noqa: E402
 from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
 from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
@@ -145,8 +146,15 @@ def build(settings: Settings) -> Studio:
 
     use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
     ui_ctx = UiContext(users=users)
-    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img")
-    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img])
+    def controlnet_panel(mode: str) -> ControlNetPanel:
+        return ControlNetPanel(ui_ctx, controlnet, model_services.registry, mode=mode,
+                               unit_count=settings.controlnet_unit_count,
+                               max_image_bytes=int(settings.ui_max_file_mb * 1024**2))
+
+    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img",
+                          controlnet=controlnet_panel("txt2img"))
+    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img],
+                          controlnet=controlnet_panel("img2img"))
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, UsersTab(ui_ctx),

@@ -75,6 +75,11 @@ class ControlNetService:
         """The extension's ``name [hash8]`` names."""
         return [controlnet_title(r) for r in self.models(actor=actor, base=base)]
 
+    def find_title(self, *, actor: User, ref: str) -> str | None:
+        """The ``name [hash8]`` of the ControlNet model ``ref`` (name, title or hash) names for ``actor``."""
+        record = self.registry.find(actor=actor, type=ModelType.CONTROLNET, ref=ref)
+        return controlnet_title(record) if record is not None else None
+
     # -- preprocessing ------------------------------------------------------------------------------------
     def detect(self, *, actor: User, module: str, images: Sequence[Any], masks: Sequence[Any] = (),
                processor_res: float = -1, threshold_a: float = -1, threshold_b: float = -1,
