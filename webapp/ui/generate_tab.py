@@ -13,16 +13,20 @@ import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.context import get_blocks_context
 
+from pipelines.images import decode_image
 from pipelines.infotext import parse, request_fields
+from pipelines.types import InvalidRequestError
 from webapp.records import JobMode, ModelType
 from webapp.services.errors import ServiceError
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.files import MAX_IMAGE_BYTES, read_upload
 from webapp.ui.generate_form import (
     CLOUD_LABEL,
     LOCAL_LABEL,
@@ -145,6 +149,18 @@ class GenerateTab:
         return gr.update()
 
     @ui_errors
+    def load_image(self, path: str | None, request: gr.Request) -> Any:
+        """img2img's "Upload image": any file; one that is not an image is named with the reason."""
+        self.ctx.user(request)
+        if not path:
+            return gr.update()
+        data = read_upload(path, max_bytes=MAX_IMAGE_BYTES, what="image")
+        try:
+            return decode_image(data, "image")  # header-first: garbage and decompression bombs refused
+        except InvalidRequestError as exc:
+            raise gr.Error(f"{Path(path).name} is not an image ({exc})") from None
+
+    @ui_errors
     def receive(self, job_id: str | None, index: int | None, request: gr.Request) -> dict[Any, Any]:
         """"Send to img2img": the chosen result becomes this tab's input image and, as in A1111, its
         generation parameters (read from that image's infotext) fill the form. Read through the service,
@@ -219,6 +235,7 @@ class GenerateTab:
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], **private)
 
         if self.mode == "img2img":
+            self.form.upload.upload(self.load_image, [self.form.upload], [c["image"]], **private)
             receive_outputs = [c["image"], *self.form.field_widgets]
             for source in (*self.senders, self):
                 for button, job_state, index in ((source.send, source.job_id, source.index),
