@@ -51,6 +51,27 @@ def switch_tab_js(label: str) -> str:
             f".find(b => b.textContent.trim() === '{label}'); if (tab) tab.click(); }}")
 
 
+def forward_non_images_js(editor_id: str, upload_id: str) -> str:
+    """Page script: a non-image file dropped on the editor (whose canvas would drop it silently) goes to
+    the Upload image button instead, so the server names the file and the reason in a popup."""
+    return f"""() => {{
+  document.addEventListener('drop', (event) => {{
+    const file = event.dataTransfer?.files?.[0];
+    if (!file || file.type.startsWith('image/') || !event.target.closest?.('#{editor_id}')) return;
+    const button = document.getElementById('{upload_id}');  // Gradio puts its file input right beside it
+    const input = [button?.previousElementSibling, button?.nextElementSibling]
+      .find((el) => el?.matches('input[type=file]'));
+    if (!input) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const forwarded = new DataTransfer();
+    forwarded.items.add(file);
+    input.files = forwarded.files;
+    input.dispatchEvent(new Event('change', {{bubbles: true}}));
+  }}, true);
+}}"""
+
+
 class GenerateTab:
     """``mode`` is "txt2img" or "img2img"; ``senders`` are tabs whose "Send to img2img" land here."""
 
@@ -236,6 +257,8 @@ class GenerateTab:
 
         if self.mode == "img2img":
             self.form.upload.upload(self.load_image, [self.form.upload], [c["image"]], **private)
+            get_blocks_context().root_block.load(None, js=forward_non_images_js(f"{self.mode}-image",
+                                                                               f"{self.mode}-upload-image"))
             receive_outputs = [c["image"], *self.form.field_widgets]
             for source in (*self.senders, self):
                 for button, job_state, index in ((source.send, source.job_id, source.index),
