@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 import pytest
+from gradio.utils import get_upload_folder
 from starlette.requests import Request
 
 from tests.jobs.conftest import add_user
@@ -225,14 +228,14 @@ def test_progress_html_while_running():
     assert progress_html(None, note="x<y") == '<div class="studio-progress">x&lt;y</div>'
 
 
-def test_limits_and_bombs_are_gradio_errors_naming_the_problem(fake_studio, tabs, tmp_path, monkeypatch):
-    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # handlers read files Gradio received, from its folder
+def test_limits_and_bombs_are_gradio_errors_naming_the_problem(fake_studio, tabs):
     from tests.fixtures.images import bomb_png
 
     title = fake_studio.models.checkpoint.title
     with pytest.raises(gr.Error, match="`prompt` is 10,001 characters long; at most 10,000"):
         tabs.txt2img.submit(form_values(tabs.txt2img, checkpoint=title, prompt="x" * 10_001), req(fake_studio.admin))
-    bomb = tmp_path / "bomb.png"
+    bomb = Path(get_upload_folder()) / f"test-{uuid.uuid4().hex}" / "bomb.png"  # handlers read uploads only
+    bomb.parent.mkdir(parents=True)
     bomb.write_bytes(bomb_png(30000, 30000))
     with pytest.raises(gr.Error, match="too large to decode safely"):
         tabs.pnginfo.read(str(bomb), req(fake_studio.admin))

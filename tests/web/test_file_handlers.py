@@ -141,8 +141,8 @@ def test_every_file_input_of_the_ui_refuses_a_server_path(studio, tmp_path):
     payload = _file_data(_png_with_infotext(tmp_path / f"any-{uuid.uuid4().hex}.png"))
     shapes = {gr.ImageEditor: {"background": payload, "layers": [], "composite": payload}}
     inputs = {block for dep in blocks.fns.values() for block in dep.inputs
-              if isinstance(block, gr.File | gr.Image | gr.ImageEditor)}
-    assert {type(block) for block in inputs} == {gr.File, gr.Image, gr.ImageEditor}
+              if isinstance(block, gr.File | gr.Image | gr.ImageEditor | gr.UploadButton)}
+    assert {type(block) for block in inputs} == {gr.File, gr.Image, gr.ImageEditor, gr.UploadButton}
     token = LocalContext.blocks.set(blocks)  # what Gradio sets while it processes an event
     try:
         for block in inputs:

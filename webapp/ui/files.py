@@ -16,6 +16,9 @@ from pathlib import Path
 import gradio as gr
 from gradio.utils import get_upload_folder
 
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+"""The largest image file a UI handler reads (PNG Info, img2img's Upload image)."""
+
 
 def guard_uploads(blocks: gr.Blocks) -> None:
     """Make Gradio refuse, before copying, any input file that is not in its upload folder.

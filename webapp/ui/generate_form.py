@@ -152,6 +152,9 @@ class GenerationForm:
             label="Image (in inpaint mode, paint the area to repaint)", type="pil", sources=("upload", "clipboard"),
             brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), layers=False, elem_id=f"{m}-image",
             height=420)
+        # The editor ignores a dropped non-image in the browser; this button reaches the server, which says why.
+        self.upload = gr.UploadButton("Upload image (any file; says why one cannot be used)", file_count="single",
+                                      type="filepath", size="sm", elem_id=f"{m}-upload-image")
         with gr.Row():
             c["img_mode"] = gr.Radio(["img2img", "inpaint"], value="img2img", label="Mode", elem_id=f"{m}-mode")
             c["resize_mode"] = gr.Radio(RESIZE_MODES, value=RESIZE_MODES[0], label="Resize mode", type="index")

@@ -13,17 +13,21 @@ import io
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from gradio.context import get_blocks_context
 
+from pipelines.images import decode_image
 from pipelines.infotext import parse, request_fields
+from pipelines.types import InvalidRequestError
 from webapp.records import JobMode, ModelType
 from webapp.services.errors import ServiceError
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.controlnet_ui import ControlNetPanel
+from webapp.ui.files import MAX_IMAGE_BYTES, read_upload
 from webapp.ui.generate_form import (
     CLOUD_LABEL,
     LOCAL_LABEL,
@@ -46,6 +50,27 @@ MIN_UPDATE_SECONDS = 0.25
 def switch_tab_js(label: str) -> str:
     return ("() => { const tab = [...document.querySelectorAll('#studio-tabs button[role=\"tab\"]')]"
             f".find(b => b.textContent.trim() === '{label}'); if (tab) tab.click(); }}")
+
+
+def forward_non_images_js(editor_id: str, upload_id: str) -> str:
+    """Page script: a non-image file dropped on the editor (whose canvas would drop it silently) goes to
+    the Upload image button instead, so the server names the file and the reason in a popup."""
+    return f"""() => {{
+  document.addEventListener('drop', (event) => {{
+    const file = event.dataTransfer?.files?.[0];
+    if (!file || file.type.startsWith('image/') || !event.target.closest?.('#{editor_id}')) return;
+    const button = document.getElementById('{upload_id}');  // Gradio puts its file input right beside it
+    const input = [button?.previousElementSibling, button?.nextElementSibling]
+      .find((el) => el?.matches('input[type=file]'));
+    if (!input) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const forwarded = new DataTransfer();
+    forwarded.items.add(file);
+    input.files = forwarded.files;
+    input.dispatchEvent(new Event('change', {{bubbles: true}}));
+  }}, true);
+}}"""
 
 
 class GenerateTab:
@@ -149,6 +174,18 @@ class GenerateTab:
         return gr.update()
 
     @ui_errors
+    def load_image(self, path: str | None, request: gr.Request) -> Any:
+        """img2img's "Upload image": any file; one that is not an image is named with the reason."""
+        self.ctx.user(request)
+        if not path:
+            return gr.update()
+        data = read_upload(path, max_bytes=MAX_IMAGE_BYTES, what="image")
+        try:
+            return decode_image(data, "image")  # header-first: garbage and decompression bombs refused
+        except InvalidRequestError as exc:
+            raise gr.Error(f"{Path(path).name} is not an image ({exc})") from None
+
+    @ui_errors
     def receive(self, job_id: str | None, index: int | None, request: gr.Request) -> dict[Any, Any]:
         """"Send to img2img": the chosen result becomes this tab's input image and, as in A1111, its
         generation parameters (read from that image's infotext) fill the form. Read through the service,
@@ -227,6 +264,9 @@ class GenerateTab:
         self.cancel_button.click(self.cancel, [self.job_id], [self.progress], **private)
 
         if self.mode == "img2img":
+            self.form.upload.upload(self.load_image, [self.form.upload], [c["image"]], **private)
+            get_blocks_context().root_block.load(None, js=forward_non_images_js(f"{self.mode}-image",
+                                                                               f"{self.mode}-upload-image"))
             receive_outputs = [c["image"], *self.form.field_widgets]
             for source in (*self.senders, self):
                 for button, job_state, index in ((source.send, source.job_id, source.index),

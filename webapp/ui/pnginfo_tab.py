@@ -18,12 +18,10 @@ from pipelines.images import open_image
 from pipelines.infotext import parse, read_infotext, refiner_refs, request_fields
 from webapp.records import ModelType
 from webapp.ui.context import UiContext, ui_errors
-from webapp.ui.files import read_upload
+from webapp.ui.files import MAX_IMAGE_BYTES, read_upload
 from webapp.ui.generate_tab import GenerateTab, switch_tab_js
 
 log = logging.getLogger(__name__)
-
-MAX_IMAGE_BYTES = 64 * 1024 * 1024
 
 
 def _thumbnail(data: bytes) -> str:
