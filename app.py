@@ -21,8 +21,10 @@ from pydantic import ValidationError  # noqa: E402
 
 from deploy.model_files import ModelFiles  # noqa: E402
 from deploy.storage import BlobStore, open_store  # noqa: E402
+from pipelines.controlnet.preprocessors import Annotators  # noqa: E402
 from webapp import schema  # noqa: E402
 from webapp.api import sdapi  # noqa: E402
+from webapp.api.sdapi import controlnet as controlnet_api  # noqa: E402
 from webapp.api.v1 import account as account_api  # noqa: E402
 from webapp.api.v1 import checkpoints as checkpoints_api  # noqa: E402
 from webapp.api.v1 import endpoints as endpoints_api  # noqa: E402
@@ -34,6 +36,7 @@ from webapp.api.v1 import uploads as uploads_api  # noqa: E402
 from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
+from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.jobs import JobService, build_job_service  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
@@ -47,6 +50,7 @@ from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
+from webapp.ui.controlnet_ui import ControlNetPanel  # noqa: E402
 from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
 from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
@@ -79,6 +83,7 @@ class Studio:
     jobs: JobService | None = None
     options: OptionsService | None = None
     quota: DiskQuota | None = None
+    controlnet: ControlNetService | None = None
 
     def close(self) -> None:
         if self.jobs is not None:
@@ -133,12 +138,23 @@ def build(settings: Settings) -> Studio:
                              model_files=model_files, quota=quota)
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
+    controlnet = ControlNetService(
+        model_services.registry, Annotators(settings.annotators_dir or settings.data_dir / "annotators", device="cpu"),
+        max_pixels=settings.max_job_pixels, max_images=settings.controlnet_detect_max_images,
+        concurrency=settings.controlnet_detect_concurrency)
     sdapi_ctx = sdapi.SdapiContext(settings=settings, options=options, registry=model_services.registry, jobs=jobs)
 
     use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
     ui_ctx = UiContext(users=users)
-    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img")
-    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img])
+    def controlnet_panel(mode: str) -> ControlNetPanel:
+        return ControlNetPanel(ui_ctx, controlnet, model_services.registry, mode=mode,
+                               unit_count=settings.controlnet_unit_count,
+                               max_image_bytes=int(settings.ui_max_file_mb * 1024**2))
+
+    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img",
+                          controlnet=controlnet_panel("txt2img"))
+    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img],
+                          controlnet=controlnet_panel("img2img"))
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, UsersTab(ui_ctx),
@@ -148,6 +164,7 @@ def build(settings: Settings) -> Studio:
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry),
+        controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
                 tasks_api.build_router(model_services.tasks)]
@@ -161,7 +178,7 @@ def build(settings: Settings) -> Studio:
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options, quota=quota,
+        options=options, quota=quota, controlnet=controlnet,
     )
 
 

@@ -199,6 +199,12 @@ class Settings(BaseSettings):
     annotators_dir: Path | None = None
     """ControlNet preprocessor weights (file names as in lllyasviel/Annotators), dropped in by an admin and read
     only from here, never downloaded; default ``<data_dir>/annotators``, created at start."""
+    controlnet_unit_count: int = Field(3, ge=1, le=10)
+    """ControlNet units in the txt2img/img2img accordion (and ``/controlnet/settings``)."""
+    controlnet_detect_max_images: int = Field(4, ge=1, le=64)
+    """Images one ``/controlnet/detect`` call may preprocess."""
+    controlnet_detect_concurrency: int = Field(1, ge=1, le=16)
+    """Preprocessor runs (Preview, ``/controlnet/detect``) at once on this server; more wait, then get 429."""
 
     @model_validator(mode="after")
     def _default_annotators_dir(self) -> Settings:
@@ -260,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ui-max-file-mb", type=float, help="largest file the web UI accepts (default 64)")
     p.add_argument("--annotators-dir", type=Path,
                    help="folder of ControlNet preprocessor weights, never downloaded (default <data-dir>/annotators)")
+    p.add_argument("--controlnet-unit-count", type=int, help="ControlNet units in the generate tabs (default 3)")
     return p
 
 
@@ -273,7 +280,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
                  "devices", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
                  "user_quota_gb", "ui_max_file_mb",
-                 "annotators_dir"):
+                 "annotators_dir", "controlnet_unit_count"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

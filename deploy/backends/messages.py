@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -78,13 +78,15 @@ class JobModels:
     loras: Mapping[str, ModelSpec] = field(default_factory=dict)
     embeddings: Mapping[str, ModelSpec] = field(default_factory=dict)
     hypernetworks: Mapping[str, ModelSpec] = field(default_factory=dict)
+    controlnets: Sequence[ModelSpec] = ()
+    """One per enabled ControlNet unit, in unit order."""
 
     def all_specs(self) -> list[ModelSpec]:
         specs = [self.checkpoint]
         specs += [m for m in (self.vae, self.companion_vae, self.refiner) if isinstance(m, ModelSpec)]
         for group in (self.loras, self.embeddings, self.hypernetworks):
             specs += list(group.values())
-        return specs
+        return specs + list(self.controlnets)
 
     def to_dict(self) -> dict[str, Any]:
         def group(g: Mapping[str, ModelSpec]) -> dict[str, Any]:
@@ -97,6 +99,7 @@ class JobModels:
             "refiner": self.refiner.to_dict() if self.refiner else None,
             "loras": group(self.loras), "embeddings": group(self.embeddings),
             "hypernetworks": group(self.hypernetworks),
+            "controlnets": [spec.to_dict() for spec in self.controlnets],
         }
 
     @classmethod
@@ -112,6 +115,7 @@ class JobModels:
             refiner=ModelSpec.from_dict(data["refiner"]) if data.get("refiner") else None,
             loras=group(data.get("loras")), embeddings=group(data.get("embeddings")),
             hypernetworks=group(data.get("hypernetworks")),
+            controlnets=tuple(ModelSpec.from_dict(spec) for spec in data.get("controlnets") or ()),
         )
 
 

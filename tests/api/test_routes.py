@@ -151,7 +151,11 @@ def test_error_shapes_and_statuses(fake_studio):
     assert script.status_code == 422 and script.json()["detail"] == "always on script ADetailer not found"
     unit = c.post("/sdapi/v1/txt2img", auth=ALICE,
                   json={**txt, "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}})
-    assert unit.status_code == 422 and unit.json()["field"] == "alwayson_scripts"
+    assert unit.status_code == 422 and unit.json()["field"] == "alwayson_scripts.controlnet.args[0].model"
+    assert set(unit.json()) >= A1111_ERROR_KEYS and "not found" in unit.json()["detail"]
+    bad = c.post("/sdapi/v1/txt2img", auth=ALICE,
+                 json={**txt, "alwayson_scripts": {"controlNET": {"args": [{"module": "canny", "weight": 9}]}}})
+    assert bad.status_code == 422 and bad.json()["field"] == "alwayson_scripts.controlnet.args[0].weight"
     missing = c.post("/sdapi/v1/img2img", auth=ALICE, json=txt)
     assert missing.status_code == 404 and missing.json()["detail"] == "Init image not found"
     for response in (sampler, model, typed, script, missing):

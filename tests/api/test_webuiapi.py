@@ -134,3 +134,14 @@ def test_returned_images_follow_samples_format(api):
     finally:
         api.set_options({"samples_format": "png"})
     assert api.txt2img(prompt="a lake", seed=5, **SMALL).image.format == "PNG"
+
+
+def test_controlnet_units_are_validated_and_named(api):
+    unit = webuiapi.ControlNetUnit(image=Image.new("RGB", (16, 16)), module="canny", model="no_such_controlnet")
+    with pytest.raises(RuntimeError) as unknown:
+        api.txt2img(prompt="x", controlnet_units=[unit], **SMALL)
+    assert unknown.value.args[0] == 422 and "args[0].model" in str(unknown.value.args)
+    bad = webuiapi.ControlNetUnit(image=Image.new("RGB", (16, 16)), module="canny", weight=7)
+    with pytest.raises(RuntimeError) as weight:
+        api.txt2img(prompt="x", controlnet_units=[bad], **SMALL)
+    assert weight.value.args[0] == 422 and "args[0].weight" in str(weight.value.args)

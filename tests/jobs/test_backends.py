@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import sys
@@ -71,6 +72,20 @@ def test_job_spec_round_trips_through_json():
     assert again == spec
     assert again.models.loras["detail"].file.local_path == "/models/detail.safetensors"
     assert [m.name for m in again.models.all_specs()] == ["tiny", "detail"]
+
+
+def test_controlnet_models_round_trip_in_unit_order():
+    def controlnet(name: str, sha: str) -> ModelSpec:
+        return ModelSpec(kind="controlnet", name=name, sha256=sha,
+                         file=ModelFileRef(sha256=sha, store_key=f"models/controlnet/{name}", local_path=None, size=3))
+
+    base = _spec()
+    spec = dataclasses.replace(base, models=dataclasses.replace(
+        base.models, controlnets=(controlnet("pose", "11" * 32), controlnet("canny", "22" * 32))))
+    again = JobSpec.from_json(spec.to_json())
+    assert again == spec
+    assert [m.name for m in again.models.controlnets] == ["pose", "canny"]
+    assert [m.name for m in again.models.all_specs()][-2:] == ["pose", "canny"]
 
 
 def test_bad_messages_are_refused_with_a_reason():

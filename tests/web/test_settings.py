@@ -38,6 +38,18 @@ def test_annotators_dir_defaults_under_the_data_dir_and_flag_beats_env(tmp_path,
     assert settings_from_args(["--annotators-dir", str(tmp_path / "cli")]).annotators_dir == tmp_path / "cli"
 
 
+def test_controlnet_unit_count_default_env_flag_and_bounds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings_from_args([]).controlnet_unit_count == 3
+    monkeypatch.setenv("STUDIO_CONTROLNET_UNIT_COUNT", "5")
+    assert settings_from_args([]).controlnet_unit_count == 5
+    assert settings_from_args(["--controlnet-unit-count", "2"]).controlnet_unit_count == 2
+    with pytest.raises(ValueError, match="controlnet_unit_count"):
+        Settings(controlnet_unit_count=0)
+    with pytest.raises(ValueError, match="controlnet_detect_max_images"):
+        Settings(controlnet_detect_max_images=0)
+
+
 def test_invalid_port_is_refused():
     with pytest.raises(ValueError, match="port"):
         Settings(port=70000)

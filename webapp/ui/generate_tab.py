@@ -23,6 +23,7 @@ from webapp.records import JobMode, ModelType
 from webapp.services.errors import ServiceError
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.controlnet_ui import ControlNetPanel
 from webapp.ui.generate_form import (
     CLOUD_LABEL,
     LOCAL_LABEL,
@@ -53,7 +54,7 @@ class GenerateTab:
     admin_only = False
 
     def __init__(self, ctx: UiContext, *, jobs: JobService, registry: Any, mode: str,
-                 senders: Sequence[GenerateTab] = ()) -> None:
+                 senders: Sequence[GenerateTab] = (), controlnet: ControlNetPanel | None = None) -> None:
         if mode not in ("txt2img", "img2img"):
             raise ValueError(f"mode must be txt2img or img2img, not {mode!r}")
         self.ctx = ctx
@@ -62,6 +63,7 @@ class GenerateTab:
         self.mode = mode
         self.senders = list(senders)
         self.form = GenerationForm(mode)
+        self.controlnet = controlnet
         self.history = HistoryPanel(ctx, jobs, mode, ("txt2img",) if mode == "txt2img" else ("img2img", "inpaint"))
 
     # -- handlers ------------------------------------------------------------------------------------------
@@ -103,6 +105,8 @@ class GenerateTab:
         """Queue the job; the follower (chained on success) streams it."""
         user = self.ctx.user(request)
         mode, a1111, endpoint = self.form.to_request(values)
+        if self.controlnet is not None:
+            a1111["alwayson_scripts"] = {"controlnet": {"args": self.controlnet.to_args(values)}}
         try:
             job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
         except ServiceError as exc:
@@ -177,6 +181,8 @@ class GenerateTab:
             with gr.Row():
                 with gr.Column(scale=3):
                     self.form.build()
+                    if self.controlnet is not None:
+                        self.controlnet.build()
                 with gr.Column(scale=2):
                     with gr.Row():
                         self.generate = gr.Button(LOCAL_LABEL, variant="primary", elem_id=f"{m}-generate", scale=3)
@@ -201,13 +207,15 @@ class GenerateTab:
         for trigger in (root.load, tab.select, self.form.refresh.click):
             trigger(self.load_choices, choice_inputs, choice_outputs, **private)
             trigger(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
+        if self.controlnet is not None:
+            self.controlnet.wire(c["checkpoint"], [root.load, tab.select, self.form.refresh.click])
         c["endpoint"].input(self.endpoint_changed, [c["endpoint"]], [self.generate], **private)
         self.form.insert.click(self.insert_network, [c["prompt"], self.form.network], [c["prompt"]], **private)
         self.form.random_seed.click(ui_errors(lambda: -1), None, [c["seed"]], **private)
         self.form.reuse_seed.click(ui_errors(lambda seed: seed), [self.last_seed], [c["seed"]], **private)
 
         submitted = self.generate.click(
-            self.submit, self.form.inputs, [self.job_id, self.progress, self.results, self.infotext, self.index],
+            self.submit, self.form.inputs | (self.controlnet.inputs if self.controlnet else set()), [self.job_id, self.progress, self.results, self.infotext, self.index],
             trigger_mode="multiple", **private)
         submitted.success(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
         followed = submitted.success(

@@ -62,7 +62,10 @@ class PngInfoTab:
         fields = request_fields(parsed)
         checkpoint = self._checkpoint_title(user, [parsed.get("Model hash"), parsed.get("Model")])
         refiner = self._checkpoint_title(user, refiner_refs(parsed)) if "refiner_switch_at" in fields else None
-        return preview, text, parsed, {"fields": fields, "checkpoint": checkpoint, "refiner": refiner}
+        panel = self.target.controlnet
+        controlnet = panel.restore(user, parsed) if panel is not None else []
+        return preview, text, parsed, {"fields": fields, "checkpoint": checkpoint, "refiner": refiner,
+                                       "controlnet": controlnet}
 
     def _checkpoint_title(self, user: Any, refs: list[Any]) -> str | None:
         """The title of the first checkpoint the caller may use that ``refs`` (hash, name) name."""
@@ -76,7 +79,10 @@ class PngInfoTab:
     def send(self, state: dict[str, Any] | None) -> dict[Any, Any]:
         if not state:
             raise gr.Error("Drop an image with generation parameters first")
-        return self.target.form.updates_from_fields(state["fields"], state.get("checkpoint"), state.get("refiner"))
+        updates = self.target.form.updates_from_fields(state["fields"], state.get("checkpoint"), state.get("refiner"))
+        if self.target.controlnet is not None:
+            updates.update(self.target.controlnet.updates(state.get("controlnet") or []))
+        return updates
 
     def build(self) -> gr.Tab:
         with gr.Tab("PNG Info", id="pnginfo", elem_id="tab-pnginfo") as tab:
@@ -92,6 +98,7 @@ class PngInfoTab:
                     send = gr.Button("Send to txt2img", variant="primary", elem_id="pnginfo-send")
         private = {"api_visibility": "private"}
         upload.change(self.read, [upload], [preview, text, table, state], **private)
-        send.click(self.send, [state], list(self.target.form.c.values()), **private).success(
+        panel = self.target.controlnet.widgets if self.target.controlnet is not None else []
+        send.click(self.send, [state], [*self.target.form.c.values(), *panel], **private).success(
             None, js=switch_tab_js("txt2img"), **private)
         return tab

@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 _EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
 _FIELD_IN_MESSAGE = re.compile(r"`(\w+)`")
-# alwayson_scripts titles accepted with nothing to do (webuiapi sends {"ControlNet": {"args": []}}).
-_NOOP_SCRIPTS = {"controlnet"}
+# alwayson_scripts titles the studio knows; their units are parsed in the shared request path (jobs/requests.py).
+_KNOWN_SCRIPTS = {"controlnet"}
 # Fields A1111 has and the studio does not act on, with the value that means "not used".
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "restore_faces": (None, False), "tiling": (None, False), "script_name": (None, ""),
@@ -76,20 +76,16 @@ def _warn_unsupported(body: GenerationBody, warnings: list[str]) -> None:
 
 
 def _check_alwayson(scripts: dict[str, Any]) -> None:
-    """Unknown titles are refused as A1111 does (422); known no-op titles must carry no enabled unit, and
-    each value must have A1111's shape ``{"args": [...]}``."""
+    """Unknown titles are refused as A1111 does (422); each value must have A1111's shape ``{"args": [...]}``.
+    The units themselves are validated with the rest of the request, as for the UI and /api/v1."""
     for title, value in scripts.items():
         key = title.strip().lower()
-        if key not in _NOOP_SCRIPTS:
+        if key not in _KNOWN_SCRIPTS:
             raise A1111Error(422, "HTTPException", f"always on script {title} not found", field="alwayson_scripts")
         args = value.get("args", []) if isinstance(value, dict) else None
         if not isinstance(args, list):
             raise A1111Error(422, "HTTPException", f'always on script {title} must be {{"args": [...]}}',
                              field="alwayson_scripts")
-        enabled = [a for a in args if not isinstance(a, dict) or a.get("enabled", True)]
-        if enabled:
-            raise A1111Error(422, "HTTPException", f"always on script {title}: ControlNet is not available on this "
-                             "server; send no enabled units", field="alwayson_scripts")
 
 
 def _apply_infotext(body: GenerationBody, request: dict[str, Any]) -> None:
@@ -134,7 +130,7 @@ def build_job_request(body: GenerationBody, defaults: GenerationDefaults) -> tup
         for key in ("prompt", "negative_prompt", "hr_prompt", "hr_negative_prompt"):
             if isinstance(request.get(key), str):
                 request[key] = _EXTRA_NETWORK_RE.sub("", request[key])
-    for key in ("alwayson_scripts", "script_args", "comments", "infotext", "force_task_id", "send_images",
+    for key in ("script_args", "comments", "infotext", "force_task_id", "send_images",
                 "save_images", "do_not_save_samples", "do_not_save_grid"):
         request.pop(key, None)
     return request, warnings

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from deploy.backends.messages import VAE_AUTOMATIC, VAE_NONE, JobModels, ModelSpec
 from deploy.model_files import ModelFileRef
+from pipelines.controlnet.units import FIELD_PREFIX, ControlUnit, parse_indexed_units
 from pipelines.prompts import parse_extra_networks, referenced_words
 from pipelines.types import GenerationRequest, InvalidRequestError, RequestLimits
 from webapp.records import JobMode, ModelRecord, ModelType, User
@@ -34,7 +35,8 @@ _IMG_ONLY = ("init_images", "mask", "resize_mode", "mask_blur", "mask_blur_x", "
 _TXT_ONLY = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x", "hr_resize_y",
              "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 _KIND = {ModelType.CHECKPOINT: "checkpoint", ModelType.VAE: "vae", ModelType.LORA: "lora",
-         ModelType.EMBEDDING: "embedding", ModelType.HYPERNETWORK: "hypernetwork"}
+         ModelType.EMBEDDING: "embedding", ModelType.HYPERNETWORK: "hypernetwork", ModelType.CONTROLNET: "controlnet"}
+CONTROLNET_NOT_APPLIED = "ControlNet units are parsed but this server's engine does not apply them yet"
 
 
 class Registry(Protocol):
@@ -56,6 +58,9 @@ class PreparedJob:
     request: GenerationRequest
     models: JobModels
     checkpoint: ModelRecord
+    controlnet_units: tuple[ControlUnit, ...] = ()
+    """The enabled units, in the order of ``models.controlnets``."""
+    warnings: tuple[str, ...] = ()
 
 
 def _settings(request: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -139,6 +144,8 @@ class RequestResolver:
         built = engine_request(job_mode, request, self.limits)
         checkpoint = self._checkpoint(actor, request)
         vae = self._vae(actor, request)
+        units, warnings = self._units(request)
+        controlnets = tuple(self._controlnet(actor, index, unit, checkpoint) for index, unit in units)
         models = JobModels(
             checkpoint=self._spec(checkpoint),
             vae=vae,
@@ -147,8 +154,12 @@ class RequestResolver:
             loras=self._tagged(actor, ModelType.LORA, built, "loras"),
             hypernetworks=self._tagged(actor, ModelType.HYPERNETWORK, built, "hypernets"),
             embeddings=self._embeddings(actor, built),
+            controlnets=controlnets,
         )
-        return PreparedJob(mode=job_mode, request=built, models=models, checkpoint=checkpoint)
+        if units:  # the one line the engine's ControlNet support removes
+            raise InvalidInput(CONTROLNET_NOT_APPLIED, field="alwayson_scripts.controlnet")
+        return PreparedJob(mode=job_mode, request=built, models=models, checkpoint=checkpoint,
+                           controlnet_units=tuple(unit for _, unit in units), warnings=tuple(warnings))
 
     # -- models --------------------------------------------------------------------------------------
     def _spec(self, record: ModelRecord) -> ModelSpec:
@@ -236,3 +247,44 @@ class RequestResolver:
             return {}
         records = {r.name: r for r in self.registry.list_models(actor=actor, type=ModelType.EMBEDDING)}
         return {name: self._spec(records[name]) for name in referenced_words(text, list(records))}
+
+    # -- ControlNet ----------------------------------------------------------------------------------
+    def _units(self, request: Mapping[str, Any]) -> tuple[list[tuple[int, ControlUnit]], list[str]]:
+        """The enabled ControlNet units with their ``args`` index (messages name the unit by it)."""
+        scripts = request.get("alwayson_scripts") or {}
+        if not isinstance(scripts, Mapping):
+            raise InvalidInput("`alwayson_scripts` must be an object of script titles", field="alwayson_scripts")
+        try:
+            return parse_indexed_units(scripts, self.limits.max_job_pixels)
+        except InvalidRequestError as exc:
+            raise InvalidInput(str(exc), field=exc.field) from None
+
+    def _controlnet(self, actor: User, index: int, unit: ControlUnit, checkpoint: ModelRecord) -> ModelSpec:
+        """The unit's model as ``actor`` sees it, refused when its base differs from the checkpoint's."""
+        field = f"{FIELD_PREFIX}[{index}].model"
+        record = self._find(actor, ModelType.CONTROLNET, unit.model) if unit.has_model else None
+        if record is None:
+            listed = self.registry.list_models(actor=actor, type=ModelType.CONTROLNET)
+            wanted = unit.model.lower()  # the extension's names are matched case-insensitively
+            record = next((r for r in listed if wanted in (r.name.lower(), controlnet_title(r).lower())), None)
+        if record is None:
+            names = sorted(controlnet_title(r) for r in listed)
+            raise InvalidInput(f"ControlNet model {unit.model!r} not found; choose one of: "
+                           f"{', '.join(names) if names else '(none registered)'}", field=field)
+        unit_base, checkpoint_base = base_family(record.base), base_family(checkpoint.base)
+        if unit_base and checkpoint_base and unit_base != checkpoint_base:
+            raise InvalidInput(f"ControlNet unit {index} ({record.name}) is {unit_base} but the checkpoint is "
+                               f"{checkpoint_base}", field=field)
+        return self._spec(record)
+
+
+def base_family(base: str | None) -> str | None:
+    """sd1-inpaint and sd1 take the same ControlNets; so do sdxl and sdxl-inpaint."""
+    if not base:
+        return None
+    return base.lower().replace("_inpaint", "").replace("-inpaint", "")
+
+
+def controlnet_title(record: ModelRecord) -> str:
+    """The extension's model name: ``basename [first 8 hex of sha256]``."""
+    return f"{record.name} [{record.sha256[:8]}]" if record.sha256 else record.name
