@@ -15,7 +15,7 @@ import base64
 import dataclasses
 import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,6 +245,3 @@ def parse_units(alwayson_scripts: Mapping[str, Any], max_pixels: int | None = No
     units, warnings = parse_indexed_units(alwayson_scripts, max_pixels)
     return [unit for _, unit in units], warnings
 
-
-def units_to_json(units: Sequence[ControlUnit]) -> list[dict[str, Any]]:
-    return [unit.to_dict() for unit in units]

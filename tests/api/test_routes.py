@@ -152,7 +152,7 @@ def test_error_shapes_and_statuses(fake_studio):
     unit = c.post("/sdapi/v1/txt2img", auth=ALICE,
                   json={**txt, "alwayson_scripts": {"ControlNet": {"args": [{"enabled": True, "module": "canny"}]}}})
     assert unit.status_code == 422 and unit.json()["field"] == "alwayson_scripts.controlnet.args[0].model"
-    assert set(unit.json()) >= A1111_ERROR_KEYS and "not found" in unit.json()["detail"]
+    assert set(unit.json()) >= A1111_ERROR_KEYS and "names no model" in unit.json()["detail"]
     bad = c.post("/sdapi/v1/txt2img", auth=ALICE,
                  json={**txt, "alwayson_scripts": {"controlNET": {"args": [{"module": "canny", "weight": 9}]}}})
     assert bad.status_code == 422 and bad.json()["field"] == "alwayson_scripts.controlnet.args[0].weight"

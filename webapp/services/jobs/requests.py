@@ -259,15 +259,17 @@ class RequestResolver:
     def _controlnet(self, actor: User, index: int, unit: ControlUnit, checkpoint: ModelRecord) -> ModelSpec:
         """The unit's model as ``actor`` sees it, refused when its base differs from the checkpoint's."""
         field = f"{FIELD_PREFIX}[{index}].model"
-        record = self._find(actor, ModelType.CONTROLNET, unit.model) if unit.has_model else None
-        if record is None:
-            listed = self.registry.list_models(actor=actor, type=ModelType.CONTROLNET)
-            wanted = unit.model.lower()  # the extension's names are matched case-insensitively
+        listed = self.registry.list_models(actor=actor, type=ModelType.CONTROLNET)
+        names = ", ".join(sorted(controlnet_title(r) for r in listed)) or "(none registered)"
+        if not unit.has_model:
+            raise InvalidInput(f"ControlNet unit {index} is enabled but names no model; choose one of: {names}",
+                               field=field)
+        record = self._find(actor, ModelType.CONTROLNET, unit.model)
+        if record is None:  # the extension's names are matched case-insensitively
+            wanted = unit.model.lower()
             record = next((r for r in listed if wanted in (r.name.lower(), controlnet_title(r).lower())), None)
         if record is None:
-            names = sorted(controlnet_title(r) for r in listed)
-            raise InvalidInput(f"ControlNet model {unit.model!r} not found; choose one of: "
-                           f"{', '.join(names) if names else '(none registered)'}", field=field)
+            raise InvalidInput(f"ControlNet model {unit.model!r} not found; choose one of: {names}", field=field)
         unit_base, checkpoint_base = base_family(record.base), base_family(checkpoint.base)
         if unit_base and checkpoint_base and unit_base != checkpoint_base:
             raise InvalidInput(f"ControlNet unit {index} ({record.name}) is {unit_base} but the checkpoint is "
