@@ -344,6 +344,10 @@ class Job:
         target = spec.target
         controls = tuple(c for c in (source.for_pass(target) for source in self.controls) if c is not None)
         spec = replace(spec, controls=controls)
+        if controls and spec.mask is not None and spec.init.is_latent:
+            # diffusers' ControlNet inpaint pipelines take the init as pixels (and no masked-image latents)
+            spec = replace(spec, init=replace(spec.init, image=self._decode(spec.init.image)),
+                           mask=replace(spec.mask, masked_image_latents=None))
         return self.engine.sample(model, spec, sampler, seeds, self.sink, self.vae)
 
     @staticmethod

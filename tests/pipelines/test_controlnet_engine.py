@@ -128,6 +128,14 @@ def test_img2img_and_inpaint_with_a_unit(eng, annotators, mode):
     assert diff(plain.images[0], with_unit.images[0]) > 0
 
 
+@pytest.mark.parametrize("hires", [False, True])
+def test_an_inpainting_checkpoint_runs_a_unit_also_in_a_latent_hires_pass(eng, annotators, hires):
+    kw = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "denoising_strength": 0.6} if hires else {}
+    plain, _ = run(eng, annotators, kind="sd15_inpaint", **kw)
+    on, _ = run(eng, annotators, [unit()], kind="sd15_inpaint", **kw)
+    assert diff(plain.images[0], on.images[0]) > 0
+
+
 def test_a_unit_without_image_uses_the_init_image(eng, annotators):
     init = png(HINT)
     own, _ = run(eng, annotators, [unit()], mode="img2img", init_images=(init,), denoising_strength=0.8)
