@@ -13,7 +13,7 @@ import gc
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -24,7 +24,7 @@ from pipelines.networks.hypernetwork import HypernetworkCache
 from pipelines.networks.lora import LoraManager, is_sdxl
 from pipelines.networks.textual_inversion import EmbeddingCache
 from pipelines.networks.vae import VaeCache, VaeLoader
-from pipelines.passes import ControlSource, PassSpec, Task, pipeline_class_name
+from pipelines.passes import ControlSource, PassSpec, Task, pipeline_class_name, pipeline_part_names
 from pipelines.sampling import EventSink, run_pass
 from pipelines.types import GenerationRequest, GenerationResult, OutOfMemoryError, Progress, ResolvedModels
 
@@ -62,17 +62,19 @@ class Engine:
                  on_event: Callable[[Progress], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  should_skip: Callable[[], bool] | None = None,
-                 controls: Sequence[ControlSource] = ()) -> GenerationResult:
+                 controls: Sequence[ControlSource] = (),
+                 infotext_params: Mapping[str, str] | None = None) -> GenerationResult:
         """Run one job. Raises ``InvalidRequestError``/``PipelineError`` for bad input, ``Cancelled`` when
         ``should_cancel()`` turns True (checked every step; ``partial`` holds the batches already done),
         ``OutOfMemoryError`` after freeing memory. ``should_skip()`` turning True drops the current batch
         and goes on with the next (A1111's skip); it must reset itself once it has answered True. ``controls``
-        are asked for their input to every pass (``ControlSource.for_pass``)."""
+        are asked for their input to every pass (``ControlSource.for_pass``); ``infotext_params`` are written
+        into every image's infotext (what the caller's controls were, e.g. ``ControlNet 0``)."""
         request.validate()
         with self._lock:
             try:
                 return Job(self, request, models, on_event=on_event, should_cancel=should_cancel,
-                           should_skip=should_skip, controls=controls).run()
+                           should_skip=should_skip, controls=controls, infotext_params=infotext_params).run()
             except torch.cuda.OutOfMemoryError as exc:
                 self.vaes.clear()  # reloadable; the pipelines themselves belong to the provider
                 self.hypernetworks.clear()
@@ -85,8 +87,9 @@ class Engine:
                     f"or the resolution") from exc
 
     # -- pipelines ----------------------------------------------------------------------------------
-    def derived(self, base, task: Task, variant: str | None = None):
-        """The pipeline for ``task`` (with controls of ``variant``) sharing ``base``'s modules (cached per base)."""
+    def derived(self, base, task: Task, variant: str | None = None, parts: dict[str, Any] | None = None):
+        """The pipeline for ``task`` (with controls of ``variant``) sharing ``base``'s modules (cached per base);
+        ``parts`` are the components the controls bring (a ControlNet pipeline cannot be built without them)."""
         import diffusers
 
         if base.unet.config.in_channels == 9:
@@ -94,7 +97,7 @@ class Engine:
         cls = getattr(diffusers, pipeline_class_name(is_sdxl(base), task, variant))
         cache = self._derived.setdefault(base, {})
         if cls not in cache:
-            cache[cls] = cls.from_pipe(base)
+            cache[cls] = cls.from_pipe(base, **(parts or {}))
             cache[cls].set_progress_bar_config(disable=True)
         return cache[cls]
 
@@ -102,16 +105,26 @@ class Engine:
         """Every pipeline derived from ``base`` so far (a job restores their VAE)."""
         return list(self._derived.get(base, {}).values())
 
-    def pipeline(self, base, task: Task, vae, variant: str | None = None):
-        """The derived pipeline for ``task`` with the job's ``vae`` in place."""
-        pipe = self.derived(base, task, variant)
+    def pipeline(self, base, task: Task, vae, variant: str | None = None, parts: dict[str, Any] | None = None):
+        """The derived pipeline for ``task`` with the job's ``vae`` and the pass's ``parts`` in place (the job
+        restores both when it ends: ``restore``)."""
+        pipe = self.derived(base, task, variant, parts)
         pipe.vae = vae
+        for name, part in (parts or {}).items():
+            setattr(pipe, name, part)
         return pipe
+
+    @staticmethod
+    def restore(pipe, vae) -> None:
+        """Put ``pipe``'s own ``vae`` back and drop the per-pass parts a job put on it."""
+        pipe.vae = vae
+        for name in pipeline_part_names(pipe):
+            setattr(pipe, name, None)
 
     def sample(self, base, spec: PassSpec, sampler: samplers.ResolvedSampler, seeds: list[int], sink: EventSink,
                vae) -> Any:
         """Run one pass on the pipeline derived from ``base`` for its task and controls, with a fresh scheduler."""
-        pipe = self.pipeline(base, spec.task, vae, spec.variant)
+        pipe = self.pipeline(base, spec.task, vae, spec.variant, spec.parts)
         scheduler = samplers.build_scheduler(sampler, self.scheduler_config(base), seeds=seeds)
         return run_pass(pipe, spec, scheduler, sink)
 

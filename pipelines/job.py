@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -83,7 +83,8 @@ class Job:
                  on_event: Callable[[Progress], None] | None = None,
                  should_cancel: Callable[[], bool] | None = None,
                  should_skip: Callable[[], bool] | None = None,
-                 controls: Sequence[ControlSource] = ()) -> None:
+                 controls: Sequence[ControlSource] = (),
+                 infotext_params: Mapping[str, str] | None = None) -> None:
         self.engine = engine
         self.request = request
         self.models = models
@@ -91,6 +92,7 @@ class Job:
         self.should_cancel = should_cancel
         self.should_skip = should_skip
         self.controls = tuple(controls)
+        self.infotext_params = dict(infotext_params or {})
         self.warnings: list[str] = []
         self.timings: dict[str, float] = {}
         self.used_embeddings: set[str] = set()
@@ -172,7 +174,7 @@ class Job:
             # 8. Leave the provider's pipelines as they were
             self.session.close()
             for pipe in self._job_pipes():
-                pipe.vae = self._own_vae(pipe)
+                self.engine.restore(pipe, self._own_vae(pipe))
         self.session.finish_warnings()
 
         # 9. Build the result (the images finished before a cancel are its partial result)
@@ -342,6 +344,10 @@ class Job:
         target = spec.target
         controls = tuple(c for c in (source.for_pass(target) for source in self.controls) if c is not None)
         spec = replace(spec, controls=controls)
+        if controls and spec.mask is not None and spec.init.is_latent:
+            # diffusers' ControlNet inpaint pipelines take the init as pixels (and no masked-image latents)
+            spec = replace(spec, init=replace(spec.init, image=self._decode(spec.init.image)),
+                           mask=replace(spec.mask, masked_image_latents=None))
         return self.engine.sample(model, spec, sampler, seeds, self.sink, self.vae)
 
     @staticmethod
@@ -404,7 +410,7 @@ class Job:
             sampler=self.sampler, hr_sampler=self.hr_sampler, checkpoint=self.models.checkpoint, vae=self.vae_ref,
             refiner=self.models.refiner if self.refiner is not None else None,
             lora_hashes=lora_hashes(self.session.applied_loras), ti_hashes=ti_hashes(used_tis),
-            hires_size=r.hr_target_size() if self.hr_sampler else None,
+            hires_size=r.hr_target_size() if self.hr_sampler else None, extra=self.infotext_params,
         )
         infotexts, encoded = [], []
         image_seeds = [self.plan.seeds[i] for i in self.image_indices]

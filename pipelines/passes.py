@@ -43,12 +43,26 @@ _PIPELINE_CLASSES: dict[tuple[bool, Task, str | None], str] = {
 }
 
 
-def register_pipeline_classes(variant: str, classes: Mapping[tuple[bool, Task], str]) -> None:
-    """Name the diffusers classes that accept controls of ``variant``: ``{(sdxl, task): class name}``."""
+# class name -> the components a job puts on that pipeline for a pass (cleared when the job ends)
+_PIPELINE_PARTS: dict[str, tuple[str, ...]] = {}
+
+
+def register_pipeline_classes(variant: str, classes: Mapping[tuple[bool, Task], str],
+                              parts: Sequence[str] = ()) -> None:
+    """Name the diffusers classes that accept controls of ``variant``: ``{(sdxl, task): class name}``.
+
+    ``parts`` names the pipeline components the controls bring per pass (``ControlInput.pipeline_parts``,
+    e.g. ``controlnet``); the engine sets them for the pass and clears them when the job ends."""
     for (sdxl, task), name in classes.items():
         if task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)} but is {task!r}")
         _PIPELINE_CLASSES[(sdxl, task, variant)] = name
+        _PIPELINE_PARTS[name] = tuple(parts)
+
+
+def pipeline_part_names(pipe: Any) -> tuple[str, ...]:
+    """The per-pass components of ``pipe``'s class (empty for the pipelines without controls)."""
+    return _PIPELINE_PARTS.get(type(pipe).__name__, ())
 
 
 def pipeline_class_name(sdxl: bool, task: Task, variant: str | None = None) -> str:
@@ -107,6 +121,11 @@ class ControlInput(ABC):
     def pipeline_kwargs(cls, inputs: Sequence[ControlInput], task: Task) -> dict[str, Any]:
         """Keyword arguments for a ``task`` pipeline call carrying ``inputs``."""
 
+    @classmethod
+    def pipeline_parts(cls, inputs: Sequence[ControlInput]) -> dict[str, Any]:
+        """Pipeline components the pass needs for ``inputs`` (e.g. its ControlNet modules); none by default."""
+        return {}
+
 
 class ControlSource(Protocol):
     """A per-job control (e.g. a ControlNet unit as requested): its input for a pass, or None to sit it out."""
@@ -148,6 +167,10 @@ class PassSpec:
     @property
     def variant(self) -> str | None:
         return type(self.controls[0]).variant if self.controls else None
+
+    @property
+    def parts(self) -> dict[str, Any]:
+        return type(self.controls[0]).pipeline_parts(self.controls) if self.controls else {}
 
     @property
     def target(self) -> PassTarget:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines import infotext
@@ -22,6 +23,8 @@ class JobFacts:
     lora_hashes: str | None
     ti_hashes: str | None
     hires_size: tuple[int, int] | None
+    extra: Mapping[str, str] = field(default_factory=dict)
+    """Pairs the caller adds for what it applied (e.g. the ``ControlNet N`` entries), before Version."""
 
 
 def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: int) -> dict[str, Any]:
@@ -81,5 +84,6 @@ def parameters(request: GenerationRequest, facts: JobFacts, seed: int, subseed: 
         p["Masked content"] = infotext.MASKED_CONTENT[request.inpainting_fill]
     p["Lora hashes"] = facts.lora_hashes
     p["TI hashes"] = facts.ti_hashes
+    p.update(facts.extra)
     p["Version"] = infotext.VERSION
     return p

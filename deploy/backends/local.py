@@ -11,6 +11,7 @@ the disk cache cannot evict them mid-load).
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import os
 import re
@@ -83,6 +84,7 @@ class _DeviceRuntime:
 
     def __init__(self, device: str, auto: bool, backend: LocalBackend) -> None:
         from pipelines.cache import PipelineCache, auto_budget
+        from pipelines.controlnet.preprocessors import Annotators
         from pipelines.devices import choose_device
         from pipelines.engine import Engine
         from pipelines.errors import PipelineError
@@ -105,6 +107,7 @@ class _DeviceRuntime:
                                    skeleton_dirs=backend.skeleton_dirs)
         self.engine = Engine(self.cache, device=choice.device, dtype=choice.dtype,
                              preview_every=backend.preview_every)
+        self.annotators = Annotators(backend.annotators_dir, choice.device) if backend.annotators_dir else None
         log.info("local worker ready on %s (%s); pipeline cache budget %.1f GiB", choice.device, choice.reason,
                  budget / 1024**3)
 
@@ -114,7 +117,8 @@ class LocalBackend(ThreadedBackend):
 
     def __init__(self, name: str, *, model_files: ModelFiles | None, devices: str | Sequence[str] | None = "auto",
                  skeleton_dirs: Sequence[str | Path] = (), cache_gb: float | None = None, preview_every: int = 5,
-                 dtype: str | None = None, cpu_threads: int | None = None) -> None:
+                 dtype: str | None = None, cpu_threads: int | None = None,
+                 annotators_dir: str | Path | None = None) -> None:
         super().__init__(name)
         self.model_files = model_files
         self._explicit = parse_devices(devices)
@@ -126,6 +130,7 @@ class LocalBackend(ThreadedBackend):
         self.preview_every = max(0, int(preview_every))
         self.dtype = dtype
         self.cpu_threads = cpu_threads
+        self.annotators_dir = Path(annotators_dir) if annotators_dir else None  # ControlNet preprocessor weights
         self._runtimes: dict[str, _DeviceRuntime] = {}
 
     def is_configured(self) -> bool:
@@ -150,11 +155,14 @@ class LocalBackend(ThreadedBackend):
         for label, runtime in list(self._runtimes.items()):
             runtime.engine.vaes.clear()
             runtime.engine.hypernetworks.clear()
+            if runtime.annotators is not None:
+                runtime.annotators.unload()
             runtime.cache.unload_all()
             log.info("local worker %s: loaded models released", label)
 
     # -- one job ---------------------------------------------------------------------------------------
     def run_job(self, worker: Worker, spec: JobSpec) -> Event:
+        from pipelines.controlnet.preprocessors import BrokenAnnotator, MissingAnnotator
         from pipelines.errors import PipelineError
         from pipelines.types import Cancelled as EngineCancelled
         from pipelines.types import GenerationRequest, InvalidRequestError, OutOfMemoryError
@@ -172,9 +180,11 @@ class LocalBackend(ThreadedBackend):
                     self.emit(progress_event(spec.job_id, p.step, p.total, p.job_no, p.job_count, clock, preview,
                                              p.phase))
 
+                controls, warnings = self._controls(runtime, spec, request, models, stack)
                 result = runtime.engine.generate(request, models, on_event=on_event,
                                                  should_cancel=self.cancel_check(spec.job_id),
-                                                 should_skip=self.skip_check(spec.job_id))
+                                                 should_skip=self.skip_check(spec.job_id), controls=controls,
+                                                 infotext_params=_controlnet_params(spec))
         except EngineCancelled as exc:
             if self.stopping:
                 return self.stopped_event(spec.job_id)
@@ -191,7 +201,33 @@ class LocalBackend(ThreadedBackend):
             return Failed(job_id=spec.job_id, message=str(exc), kind="bad_request")
         except ModelFileError as exc:
             return Failed(job_id=spec.job_id, message=f"model file unavailable: {exc}", kind="internal")
-        return Succeeded(job_id=spec.job_id, **_outputs(result))
+        except (MissingAnnotator, BrokenAnnotator) as exc:  # the admin's annotators folder, not the request
+            return Failed(job_id=spec.job_id, message=str(exc), kind="internal")
+        return Succeeded(job_id=spec.job_id, **_outputs(result, controls, warnings))
+
+    def _controls(self, runtime: _DeviceRuntime, spec: JobSpec, request: Any, models: Any,
+                  stack: ExitStack) -> tuple[list[Any], list[str]]:
+        """The job's ControlNet sources: files pinned, each checked to fit the checkpoint, loaded via the cache."""
+        from pipelines.controlnet.apply import build_sources
+        from pipelines.controlnet.units import ControlUnit
+        from pipelines.errors import PipelineError
+        from pipelines.types import ModelRef
+
+        if not spec.controlnet_units:
+            return [], []
+        if runtime.annotators is None:
+            raise PipelineError("ControlNet units need an annotators folder; this backend has none configured")
+        assert self.model_files is not None
+        refs = []
+        for unit_spec in spec.models.controlnets:
+            path = stack.enter_context(self.model_files.pinned(unit_spec.file))[0]
+            refs.append(ModelRef(name=unit_spec.name, path=path, sha256=unit_spec.sha256, kind=unit_spec.kind))
+        units = [ControlUnit.from_dict(u) for u in spec.controlnet_units]
+        base = runtime.cache.get(models.checkpoint.path, models.checkpoint.sha256)
+        warnings: list[str] = []
+        sources = build_sources(units, refs, request, base.unet.config, runtime.cache.controlnet, runtime.annotators,
+                                warnings)
+        return sources, warnings
 
     def _resolve(self, models: JobModels, stack: ExitStack) -> Any:
         """Materialise every file the job may use (pinned until the job ends) as a ``ResolvedModels``."""
@@ -217,15 +253,37 @@ class LocalBackend(ThreadedBackend):
         )
 
 
-def _outputs(result: Any) -> dict[str, Any]:
-    """The image fields of ``Succeeded``/``Cancelled`` from an engine ``GenerationResult``."""
-    return {"images": tuple(result.images), "infotexts": tuple(result.infotexts), "seeds": tuple(result.seeds),
-            "warnings": tuple(result.warnings), "timings": dict(result.timings), "info": result.a1111_info()}
+def _outputs(result: Any, controls: Sequence[Any] = (), warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """The image fields of ``Succeeded``/``Cancelled`` from an engine ``GenerationResult``.
+
+    The detected maps of the ControlNet units that ask for them (``save_detected_map``) follow the generated
+    images, as the extension appends them: ``images`` holds both, while ``infotexts``, ``seeds`` and
+    ``info`` (its ``all_seeds``, ``infotexts``, ``batch_size``) describe the generated ones only, so the
+    images past ``len(infotexts)`` are the maps (History and PNG Info give them no seed or infotext)."""
+    maps = tuple(_png(c.detected_map) for c in controls if c.unit.save_detected_map and c.detected_map is not None)
+    return {"images": tuple(result.images) + maps, "infotexts": tuple(result.infotexts),
+            "seeds": tuple(result.seeds), "warnings": tuple(dict.fromkeys((*result.warnings, *warnings))),
+            "timings": dict(result.timings), "info": result.a1111_info()}
+
+
+def _png(image: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _controlnet_params(spec: JobSpec) -> dict[str, str]:
+    """The ``ControlNet N`` infotext entries (the extension's format), models named ``name [hash8]``."""
+    from pipelines.controlnet.infotext import controlnet_params
+    from pipelines.controlnet.units import ControlUnit
+
+    units = [ControlUnit.from_dict(u) for u in spec.controlnet_units]
+    return controlnet_params(units, [f"{m.name} [{m.sha256[:8]}]" for m in spec.models.controlnets])
 
 
 def create(config: BackendConfig) -> LocalBackend:
     o = dict(config.options)
-    allowed = {"devices", "skeleton_dirs", "cache_gb", "preview_every", "dtype", "cpu_threads"}
+    allowed = {"devices", "skeleton_dirs", "cache_gb", "preview_every", "dtype", "cpu_threads", "annotators_dir"}
     unknown = sorted(set(o) - allowed)
     if unknown:
         raise ValueError(f"unknown local backend option(s) {unknown}; known: {sorted(allowed)}")

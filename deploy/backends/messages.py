@@ -128,16 +128,21 @@ class JobSpec:
     request: Mapping[str, Any]
     models: JobModels
     attempt: int = 1
+    controlnet_units: Sequence[Mapping[str, Any]] = ()
+    """The enabled ControlNet units (``ControlUnit.to_dict()``: JSON-safe, images as base64), in the order of
+    ``models.controlnets``."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"job_id": self.job_id, "mode": self.mode, "request": dict(self.request),
-                "models": self.models.to_dict(), "attempt": self.attempt}
+                "models": self.models.to_dict(), "attempt": self.attempt,
+                "controlnet_units": [dict(u) for u in self.controlnet_units]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
         try:
             return cls(job_id=data["job_id"], mode=data["mode"], request=dict(data["request"]),
-                       models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)))
+                       models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)),
+                       controlnet_units=tuple(dict(u) for u in data.get("controlnet_units") or ()))
         except (KeyError, TypeError) as exc:
             raise MessageError(f"not a job spec: {exc}") from exc
 

@@ -145,3 +145,28 @@ def test_controlnet_units_are_validated_and_named(api):
     with pytest.raises(RuntimeError) as weight:
         api.txt2img(prompt="x", controlnet_units=[bad], **SMALL)
     assert weight.value.args[0] == 422 and "args[0].weight" in str(weight.value.args)
+
+
+def test_txt2img_with_a_canny_unit_returns_the_image_its_detected_map_and_infotext(api, real_studio, tmp_path):
+    from tests.tiny import controlnets
+    from tests.tiny.fixtures import tiny_files
+
+    model = controlnets.tiny_controlnet(tiny_files().pipeline("sd15").unet)
+    path = controlnets.write_ldm(tmp_path / "tinycanny.safetensors", model)
+    record = real_studio.registry.register_file(actor=real_studio.admin, path=path, declared_type="controlnet",
+                                                name="tinycanny")
+    hint = Image.new("RGB", (64, 64))
+    hint.paste((255, 255, 255), (16, 16, 48, 48))
+    title = f"tinycanny [{record.sha256[:8]}]"
+    unit = webuiapi.ControlNetUnit(image=hint, module="canny", model=title, threshold_a=100, threshold_b=200)
+    # webuiapi keeps the units of an earlier call in its mutable default alwayson_scripts: pass a fresh one
+    plain = api.txt2img(prompt="a cat", seed=5, alwayson_scripts={}, **SMALL)
+    result = api.txt2img(prompt="a cat", seed=5, controlnet_units=[unit], alwayson_scripts={}, **SMALL)
+    assert len(result.images) == 2, "the generated image, then the detected map"
+    assert _pixels(result.images[0]) != _pixels(plain.image)
+    edges = result.images[1].convert("L")
+    assert edges.size == (64, 64) and edges.getextrema()[1] > 0, "edges were found"
+    assert edges.getpixel((32, 32)) == 0 and edges.getpixel((2, 2)) == 0, "the map is the edges, not the square"
+    assert result.info["all_seeds"] == [5] and len(result.info["infotexts"]) == 1
+    assert f'ControlNet 0: "Module: canny, Model: {title}, Weight: 1.0, ' in result.info["infotexts"][0]
+    assert "Threshold A: 100.0, Threshold B: 200.0" in result.info["infotexts"][0]

@@ -1,5 +1,5 @@
 """ControlNet units in the shared request path: parsed, their models resolved as the submitting user and checked
-against the checkpoint's base, then (until the engine applies them) refused with one clear message."""
+against the checkpoint's base, and carried (units and model files, in unit order) to the backend."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from deploy.model_files import ModelFileRef
 from tests.fixtures.images import png_b64
 from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility
 from webapp.services.errors import InvalidInput
-from webapp.services.jobs.requests import CONTROLNET_NOT_APPLIED, RequestResolver
+from webapp.services.jobs.requests import RequestResolver
 
 ALICE, BOB = User(id=1, username="alice"), User(id=2, username="bob")
 
@@ -68,10 +68,16 @@ def test_no_enabled_units_submit_as_before():
     assert prepared.models.controlnets == () and prepared.controlnet_units == ()
 
 
-def test_well_formed_units_resolve_then_are_refused_until_the_engine_applies_them():
-    error = _refused(_request({"module": "canny", "model": "CONTROL_CANNY", "image": png_b64(8, 8)},
-                              {"module": "none", "model": f"control_canny [{'c1' * 4}]"}))
-    assert str(error) == CONTROLNET_NOT_APPLIED and error.field == "alwayson_scripts.controlnet"
+def _prepared(request: dict[str, Any], actor: User = ALICE):
+    return RequestResolver(REGISTRY).prepare(actor=actor, mode="txt2img", request=request)
+
+
+def test_well_formed_units_resolve_to_their_models_in_unit_order():
+    prepared = _prepared(_request({"module": "canny", "model": "CONTROL_CANNY", "image": png_b64(8, 8)},
+                                  {"enabled": False, "model": "nothing"},
+                                  {"module": "none", "model": f"control_canny [{'c1' * 4}]", "weight": 0.5}))
+    assert [spec.name for spec in prepared.models.controlnets] == ["control_canny", "control_canny"]
+    assert [(u.module, u.weight) for u in prepared.controlnet_units] == [("canny", 1.0), ("none", 0.5)]
 
 
 def test_a_malformed_unit_is_refused_naming_its_field():
@@ -88,8 +94,8 @@ def test_unknown_missing_or_private_models_are_refused_naming_the_unit(model):
 
 
 def test_the_owner_may_use_a_private_model():
-    error = _refused(_request({"module": "canny", "model": "bobs_secret"}), actor=BOB)
-    assert str(error) == CONTROLNET_NOT_APPLIED
+    prepared = _prepared(_request({"module": "canny", "model": "bobs_secret"}), actor=BOB)
+    assert [spec.name for spec in prepared.models.controlnets] == ["bobs_secret"]
 
 
 def test_a_unit_of_another_base_is_refused_naming_the_unit():

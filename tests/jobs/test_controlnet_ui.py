@@ -12,7 +12,6 @@ from PIL import Image
 
 from pipelines.infotext import encode_image
 from webapp.records import ModelRecord, ModelStatus, ModelType
-from webapp.services.jobs.requests import CONTROLNET_NOT_APPLIED
 from webapp.ui.context import UiContext
 from webapp.ui.controlnet_ui import ControlNetPanel
 from webapp.ui.generate_tab import GenerateTab
@@ -100,8 +99,9 @@ def test_the_form_builds_the_units_into_the_request(fake_studio, tabs, tmp_path,
     assert [a["enabled"] for a in args] == [True, False]
     assert args[0]["module"] == "canny" and args[0]["weight"] == 0.6 and args[0]["image"]
     assert "image" not in args[1]
-    with pytest.raises(gr.Error, match=CONTROLNET_NOT_APPLIED):
-        tabs.txt2img.submit(values, req(fake_studio.admin))
+    job_id = tabs.txt2img.submit(values, req(fake_studio.admin))[0]
+    sent = fake_studio.jobs.get(actor=fake_studio.admin, job_id=job_id).request["alwayson_scripts"]["controlnet"]
+    assert sent["args"][0]["weight"] == 0.6
     values[tabs.txt2img.controlnet.units[0]["weight"]] = 5
     with pytest.raises(gr.Error, match=r"args\[0\]\.weight"):
         tabs.txt2img.submit(values, req(fake_studio.admin))

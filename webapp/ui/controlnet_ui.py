@@ -36,7 +36,7 @@ def _slider_updates(module: str | None) -> list[Any]:
     for position in range(3):
         detail = sliders[position] if position < len(sliders) else None
         if detail is None:
-            out.append(gr.update(visible=False, value=-1))
+            out.append(gr.update(visible=False, minimum=-1, value=-1))  # -1: the module's default
         else:
             out.append(gr.update(visible=True, label=detail["name"], minimum=detail.get("min", 0),
                                  maximum=detail.get("max", 2048), value=detail.get("value", -1)))
@@ -163,8 +163,8 @@ class ControlNetPanel:
         with gr.Row():
             u["processor_res"] = gr.Slider(64, 2048, value=512, step=1, label="Preprocessor resolution",
                                            visible=False)
-            u["threshold_a"] = gr.Slider(0, 256, value=-1, step=0.01, label="Threshold A", visible=False)
-            u["threshold_b"] = gr.Slider(0, 256, value=-1, step=0.01, label="Threshold B", visible=False)
+            u["threshold_a"] = gr.Slider(-1, 256, value=-1, step=0.01, label="Threshold A", visible=False)
+            u["threshold_b"] = gr.Slider(-1, 256, value=-1, step=0.01, label="Threshold B", visible=False)
         u["control_mode"] = gr.Radio([m.value for m in ControlMode], value=ControlMode.BALANCED.value,
                                      label="Control mode")
         u["resize_mode"] = gr.Radio([m.value for m in ResizeMode], value=ResizeMode.CROP_AND_RESIZE.value,

@@ -29,6 +29,8 @@ from deploy.backends.messages import (
     Succeeded,
 )
 from deploy.storage import BlobStore, StorageError
+from pipelines.controlnet.units import parse_indexed_units
+from pipelines.types import InvalidRequestError
 from webapp.records import Job, JobMode, JobStatus
 from webapp.services.errors import ServiceError
 from webapp.services.jobs.board import JobBoard, LiveProgress
@@ -131,10 +133,13 @@ class Dispatcher:
 
     def _dispatch(self, job: Job) -> None:
         try:
-            request = engine_request(JobMode(job.mode), job.request)
+            raw = job.request
+            request = engine_request(JobMode(job.mode), raw)
+            units, _ = parse_indexed_units(raw.get("alwayson_scripts") or {})
             spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request.to_dict(),
-                           models=JobModels.from_dict(job.models), attempt=job.attempts)
-        except (ServiceError, KeyError, ValueError) as exc:
+                           models=JobModels.from_dict(job.models), attempt=job.attempts,
+                           controlnet_units=tuple(unit.to_dict() for _, unit in units))
+        except (ServiceError, KeyError, ValueError, InvalidRequestError) as exc:
             message = exc.message if isinstance(exc, ServiceError) else f"the stored job cannot be run: {exc}"
             self.queue.finish(job.id, JobStatus.FAILED, error=message, error_kind="bad_request")
             self.board.finish(job.id)

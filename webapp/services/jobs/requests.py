@@ -36,7 +36,6 @@ _TXT_ONLY = ("enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr
              "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt")
 _KIND = {ModelType.CHECKPOINT: "checkpoint", ModelType.VAE: "vae", ModelType.LORA: "lora",
          ModelType.EMBEDDING: "embedding", ModelType.HYPERNETWORK: "hypernetwork", ModelType.CONTROLNET: "controlnet"}
-CONTROLNET_NOT_APPLIED = "ControlNet units are parsed but this server's engine does not apply them yet"
 
 
 class Registry(Protocol):
@@ -156,8 +155,6 @@ class RequestResolver:
             embeddings=self._embeddings(actor, built),
             controlnets=controlnets,
         )
-        if units:  # the one line the engine's ControlNet support removes
-            raise InvalidInput(CONTROLNET_NOT_APPLIED, field="alwayson_scripts.controlnet")
         return PreparedJob(mode=job_mode, request=built, models=models, checkpoint=checkpoint,
                            controlnet_units=tuple(unit for _, unit in units), warnings=tuple(warnings))
 

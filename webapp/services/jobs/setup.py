@@ -44,7 +44,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if settings.backend == "local":
         options = {"devices": settings.devices, "skeleton_dirs": [str(d) for d in settings.skeleton_dirs],
-                   "cache_gb": settings.pipeline_cache_gb, "preview_every": settings.preview_every}
+                   "cache_gb": settings.pipeline_cache_gb, "preview_every": settings.preview_every,
+                   "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None}
     options.update(settings.backend_options)
     return options
 
