@@ -80,6 +80,7 @@ def test_generate_see_history_and_reproduce_with_curl(browser, server, model_stu
     first_command = curl.split("\n\n# Or queue it")[0].replace("USER:PASSWORD", f"alice:{PASSWORD}")
     out = subprocess.run(["bash", "-c", first_command], capture_output=True, text=True, timeout=300, check=True)
     answer = json.loads(out.stdout)
+    assert "images" in answer, answer
     reproduced = base64.b64decode(answer["images"][0])
     assert json.loads(answer["info"])["seed"] == 1234
     assert _pixels(reproduced) == _pixels(shown.body()), "the curl call reproduces the job's image"

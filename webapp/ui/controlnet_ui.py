@@ -29,6 +29,7 @@ _SETTINGS = ("weight", "guidance_start", "guidance_end", "processor_res", "thres
              "control_mode", "resize_mode", "pixel_perfect", "hr_option")
 
 
+@ui_errors
 def _slider_updates(module: str | None) -> list[Any]:
     """Labels, ranges and defaults of the three sliders for ``module`` (hidden where it has none)."""
     sliders = preprocessors.module_detail().get(module or "none", {}).get("sliders", [])

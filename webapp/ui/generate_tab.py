@@ -130,8 +130,9 @@ class GenerateTab:
         """Queue the job; the follower (chained on success) streams it."""
         user = self.ctx.user(request)
         mode, a1111, endpoint = self.form.to_request(values)
-        if self.controlnet is not None:
-            a1111["alwayson_scripts"] = {"controlnet": {"args": self.controlnet.to_args(values)}}
+        units = self.controlnet.to_args(values) if self.controlnet is not None else []
+        if any(unit["enabled"] for unit in units):  # none enabled: the request (and its curl) stays plain
+            a1111["alwayson_scripts"] = {"controlnet": {"args": units}}
         try:
             job = self.jobs.submit(actor=user, mode=mode, request=a1111, endpoint=endpoint)
         except ServiceError as exc:
