@@ -22,3 +22,10 @@ def signed_in_page(browser: Any, base: str, username: str, password: str) -> tup
     page = context.new_page()
     sign_in(page, base, username, password)
     return context, page
+
+
+def set_number(page: Any, selector: str, value: int) -> None:
+    """Type ``value`` into the number box of the form field ``selector`` and commit it."""
+    field = page.locator(f"{selector} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from tests.browser.session import signed_in_page
+from tests.browser.session import set_number, signed_in_page
 from tests.fixtures.studio_models import model_studio, tiny_model_files  # noqa: F401 - fixtures
 from tests.live import serve
 
@@ -29,12 +29,6 @@ def server(model_studio, tmp_path):  # noqa: F811
         yield base
 
 
-def _set_number(page, selector: str, value: int) -> None:
-    field = page.locator(f"{selector} input[type=number]")
-    field.fill(str(value))
-    field.press("Enter")
-
-
 def test_one_unit_from_the_accordion_gives_the_image_and_its_map(browser, server, tmp_path):
     hint = tmp_path / "hint.png"
     image = Image.new("RGB", (64, 64))
@@ -44,9 +38,9 @@ def test_one_unit_from_the_accordion_gives_the_image_and_its_map(browser, server
     page.wait_for_function("() => document.querySelector('#txt2img-checkpoint input')?.value.includes('tiny-sd15')",
                            timeout=60_000)
     page.locator("#txt2img-prompt textarea").fill("a lighthouse")
-    _set_number(page, "#txt2img-steps", 3)
-    _set_number(page, "#txt2img-width", 64)
-    _set_number(page, "#txt2img-height", 64)
+    set_number(page, "#txt2img-steps", 3)
+    set_number(page, "#txt2img-width", 64)
+    set_number(page, "#txt2img-height", 64)
 
     page.click("#txt2img-controlnet button, #txt2img-controlnet .label-wrap")
     page.locator("#txt2img-cn0-enable input").check()

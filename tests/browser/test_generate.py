@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.browser.session import signed_in_page
+from tests.browser.session import set_number, signed_in_page
 from tests.fixtures.studio_models import model_studio, tiny_model_files  # noqa: F401 - fixtures
 from tests.live import serve
 
@@ -24,12 +24,6 @@ def server(model_studio):  # noqa: F811
     model_studio.users.create_user(actor=model_studio.admin, username="alice", password=PASSWORD)
     with serve(model_studio.app) as base:
         yield base
-
-
-def _set_number(page, selector: str, value: int) -> None:
-    field = page.locator(f"{selector} input[type=number]")
-    field.fill(str(value))
-    field.press("Enter")
 
 
 def _pixels(png: bytes) -> bytes:
@@ -47,9 +41,9 @@ def test_generate_see_history_and_reproduce_with_curl(browser, server, model_stu
                            timeout=60_000)
     assert "tiny-sd15" in checkpoint.input_value()
     page.locator("#txt2img-prompt textarea").fill("a lighthouse at dusk")
-    _set_number(page, "#txt2img-steps", 6)
-    _set_number(page, "#txt2img-width", 64)
-    _set_number(page, "#txt2img-height", 64)
+    set_number(page, "#txt2img-steps", 6)
+    set_number(page, "#txt2img-width", 64)
+    set_number(page, "#txt2img-height", 64)
     page.locator("#txt2img-seed input").fill("1234")
     page.click("#txt2img-generate")
 
