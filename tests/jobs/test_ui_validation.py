@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
+from tests.fixtures.gradio_queue import queue_call
 
 
 def _blocks(studio: Any) -> gr.Blocks:
@@ -25,17 +26,6 @@ def _event(blocks: gr.Blocks, name: str, elem_id: str) -> tuple[int, Any]:
     raise AssertionError(f"no Gradio event {name} reading #{elem_id}")
 
 
-def _call(client: TestClient, session: str, fn_index: int, data: list) -> dict:
-    joined = client.post("/ui/gradio_api/queue/join", json={
-        "data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None})
-    assert joined.status_code == 200, joined.text
-    with client.stream("GET", f"/ui/gradio_api/queue/data?session_hash={session}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                message = json.loads(line[5:])
-                if message.get("msg") == "process_completed":
-                    return message
-    raise AssertionError("the event never completed")
 
 
 def _submit(studio: Any, by_label: dict[str, Any], session: str) -> dict:
@@ -45,12 +35,12 @@ def _submit(studio: Any, by_label: dict[str, Any], session: str) -> dict:
     submit_index, submit = _event(blocks, "submit", "txt2img-width")
     with TestClient(studio.app, follow_redirects=False) as client:
         login(client, "admin", ADMIN_PASSWORD)
-        loaded = _call(client, session, load_index, [None] * len(load.inputs))
+        loaded = queue_call(client, load_index, [None] * len(load.inputs), session)
         assert loaded["success"], loaded
         checkpoint = loaded["output"]["data"][0]["value"]
         values = {"Stable Diffusion checkpoint": checkpoint, "Endpoint": "local", **by_label}
         data = [values.get(c.label, c.value) for c in submit.inputs]
-        return _call(client, session, submit_index, data)
+        return queue_call(client, submit_index, data, session)
 
 
 @pytest.mark.parametrize(("label", "value", "field"), [

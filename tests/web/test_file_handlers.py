@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from gradio.utils import get_upload_folder
 
 from tests.conftest import login
+from tests.fixtures.gradio_queue import queue_call
 from tests.live import run_async
 from webapp.records import ModelType, Visibility
 from webapp.ui.context import UiContext
@@ -54,20 +55,6 @@ def _fn_index(blocks: gr.Blocks, qualname: str) -> int:
     raise AssertionError(f"no Gradio event bound to {qualname}")
 
 
-def _queue_call(client: TestClient, fn_index: int, data: list, session: str = "files") -> dict:
-    """The final message of a Gradio event called over HTTP the way the browser does."""
-    joined = client.post(
-        "/ui/gradio_api/queue/join",
-        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
-    )
-    assert joined.status_code == 200, joined.text
-    with client.stream("GET", f"/ui/gradio_api/queue/data?session_hash={session}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                msg = json.loads(line[5:])
-                if msg.get("msg") == "process_completed":
-                    return msg
-    raise AssertionError("the event never completed")
 
 
 def _file_data(path: Path) -> dict:
@@ -81,7 +68,7 @@ def test_png_info_over_http_refuses_a_server_path(studio, alice, tmp_path, shape
     value = _file_data(secret) if shape == "filedata" else str(secret)
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "alice", "alice-password")
-        done = _queue_call(c, read, [value])
+        done = queue_call(c, read, [value], session="files")
     assert done["success"] is False, done
     assert SECRET_PROMPT not in json.dumps(done)
     cached = [p for p in Path(get_upload_folder()).rglob(secret.name)]
@@ -96,7 +83,7 @@ def test_png_info_over_http_reads_an_uploaded_file(studio, alice, tmp_path):
         with source.open("rb") as handle:
             uploaded = c.post("/ui/gradio_api/upload", files={"files": ("mine.png", handle, "image/png")})
         assert uploaded.status_code == 200, uploaded.text
-        done = _queue_call(c, read, [_file_data(Path(uploaded.json()[0]))])
+        done = queue_call(c, read, [_file_data(Path(uploaded.json()[0]))], session="files")
     assert done["success"] is True, done
     assert SECRET_PROMPT in json.dumps(done["output"]["data"])
 
@@ -110,9 +97,9 @@ def test_model_preview_over_http_refuses_a_server_path(studio, alice, tmp_path):
     blocks = _blocks(studio)
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "alice", "alice-password")
-        listed = _queue_call(c, _fn_index(blocks, "ModelsTab.refresh"), [ALL, ALL, ALL, ""])
+        listed = queue_call(c, _fn_index(blocks, "ModelsTab.refresh"), [ALL, ALL, ALL, ""], session="files")
         assert listed["success"] is True, listed  # the session's model dropdown now offers alice's model
-        done = _queue_call(c, _fn_index(blocks, "ModelsTab.set_preview"), [record.id, _file_data(secret)])
+        done = queue_call(c, _fn_index(blocks, "ModelsTab.set_preview"), [record.id, _file_data(secret)], session="files")
     assert done["success"] is False, done
     assert studio.models.preview(actor=alice, model_id=record.id) is None
 

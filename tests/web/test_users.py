@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
+from tests.fixtures.gradio_queue import queue_messages
 from webapp.records import Role
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.ui.context import UiContext
@@ -91,23 +92,6 @@ def test_non_admin_calling_the_ui_handlers_directly_gets_an_error(studio, alice)
     assert [r[0] for r in rows] == ["admin", "alice"]
 
 
-def _queue_call(client: TestClient, fn_index: int, data: list) -> list[dict]:
-    """Call a Gradio event over HTTP the way the browser does (queue/join then the SSE stream)."""
-    session = "s" + str(fn_index)
-    joined = client.post(
-        "/ui/gradio_api/queue/join",
-        json={"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None, "trigger_id": None},
-    )
-    assert joined.status_code == 200, joined.text
-    messages = []
-    with client.stream("GET", f"/ui/gradio_api/queue/data?session_hash={session}") as stream:
-        for line in stream.iter_lines():
-            if line.startswith("data:"):
-                msg = json.loads(line[5:])
-                messages.append(msg)
-                if msg.get("msg") == "process_completed":
-                    break
-    return messages
 
 
 def _fn_index(blocks: gr.Blocks, name: str) -> int:
@@ -123,7 +107,7 @@ def test_non_admin_over_gradio_http_is_refused(studio, alice):
     create = _fn_index(blocks, "create")
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "alice", "alice-password")
-        messages = _queue_call(c, create, ["mallory", "mallory-pass", "admin"])
+        messages = queue_messages(c, create, ["mallory", "mallory-pass", "admin"], session=f"s{create}")
     done = messages[-1]
     assert done["msg"] == "process_completed" and done["success"] is False
     assert "not an administrator" in json.dumps(done)
@@ -131,6 +115,6 @@ def test_non_admin_over_gradio_http_is_refused(studio, alice):
 
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "admin", ADMIN_PASSWORD)
-        messages = _queue_call(c, create, ["carol", "carol-password", "user"])
+        messages = queue_messages(c, create, ["carol", "carol-password", "user"], session=f"s{create}")
     assert messages[-1]["success"] is True
     assert studio.users.get_by_name("carol") is not None
