@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
-from tests.web.test_users import _fn_index, _queue_call
+from tests.fixtures.gradio_queue import queue_call
+from tests.web.test_users import _fn_index
 
 SHORT_PASSWORD = "short"
 
@@ -33,7 +34,7 @@ def test_a_ui_validation_error_is_one_line_without_traceback(studio, caplog, cap
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "admin", ADMIN_PASSWORD)
         capfd.readouterr()
-        done = _queue_call(c, create, ["bob", SHORT_PASSWORD, "user"])[-1]
+        done = queue_call(c, create, ["bob", SHORT_PASSWORD, "user"], session=f"s{create}")
     assert done["success"] is False and "password" in str(done["output"])
     (line,) = _lines(caplog, "password")
     assert line.levelno == logging.INFO and "create" in line.getMessage() and "admin" in line.getMessage()
