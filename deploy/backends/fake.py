@@ -164,9 +164,6 @@ class FakeBackend(ThreadedBackend):
 
 
 def create(config: BackendConfig) -> FakeBackend:
-    o = dict(config.options)
-    allowed = {"slots", "step_delay", "steps", "preview_every", "fail_prompts", "remote"}
-    unknown = sorted(set(o) - allowed)
-    if unknown:
-        raise ValueError(f"unknown fake backend option(s) {unknown}; known: {sorted(allowed)}")
-    return FakeBackend(config.name, **o)
+    from deploy.backends.options import parse_options, plain_options
+
+    return FakeBackend(config.name, **plain_options(parse_options("fake", config.options)))

@@ -282,9 +282,7 @@ def _controlnet_params(spec: JobSpec) -> dict[str, str]:
 
 
 def create(config: BackendConfig) -> LocalBackend:
-    o = dict(config.options)
-    allowed = {"devices", "skeleton_dirs", "cache_gb", "preview_every", "dtype", "cpu_threads", "annotators_dir"}
-    unknown = sorted(set(o) - allowed)
-    if unknown:
-        raise ValueError(f"unknown local backend option(s) {unknown}; known: {sorted(allowed)}")
-    return LocalBackend(config.name, model_files=config.model_files, **o)
+    from deploy.backends.options import parse_options, plain_options
+
+    options = plain_options(parse_options("local", config.options))
+    return LocalBackend(config.name, model_files=config.model_files, **options)

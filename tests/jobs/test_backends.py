@@ -110,7 +110,7 @@ def test_registry_builds_by_kind_and_names_the_choices():
     assert isinstance(backend, Backend) and backend.kind == "fake" and backend.capabilities().slots == 2
     with pytest.raises(BackendError, match="unknown backend kind 'sagemaker-x'.*fake"):
         registry.create_backend(registry.BackendConfig(name="e", kind="sagemaker-x"))
-    with pytest.raises(ValueError, match="unknown fake backend option"):
+    with pytest.raises(ValueError, match="fake option `slot`: Extra inputs"):
         registry.create_backend(registry.BackendConfig(name="e", kind="fake", options={"slot": 2}))
     with pytest.raises(BackendError, match="already registered"):
         registry.register_backend("fake", lambda config: None)
