@@ -32,6 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 class PipelineProvider(Protocol):
+    """Loads base pipelines by file (``PipelineCache``); one that also has ``unload_all()`` is emptied by
+    ``Engine.release_memory``."""
+
     def get(self, path, sha256: str | None = None) -> Any: ...
 
 
@@ -85,6 +88,18 @@ class Engine:
                     f"out of GPU memory generating {request.batch_size} image(s) at {request.width}x{request.height}"
                     f"{' with hires fix' if request.enable_hr else ''}; memory was freed — lower the batch size "
                     f"or the resolution") from exc
+
+    def release_memory(self) -> None:
+        """Drop every loaded model this engine and its provider hold (A1111's unload-checkpoint, idle unload);
+        they load again at the next job that needs them. A running job keeps what it already uses."""
+        self.vaes.clear()
+        self.hypernetworks.clear()
+        unload = getattr(self.provider, "unload_all", None)
+        if callable(unload):
+            unload()
+        gc.collect()
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- pipelines ----------------------------------------------------------------------------------
     def derived(self, base, task: Task, variant: str | None = None, parts: dict[str, Any] | None = None):

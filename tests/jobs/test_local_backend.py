@@ -165,7 +165,7 @@ def test_unload_releases_every_loaded_model(studio):
     from webapp.services.errors import PermissionDenied
 
     assert _run(studio, seed=5).status == JobStatus.SUCCEEDED
-    runtime = next(iter(studio.jobs.backend("local")._runtimes.values()))
+    runtime = next(iter(studio.jobs.backend("local").runners.values())).runtime
     assert len(runtime.cache) == 1
     alice = studio.users.create_user(actor=studio.admin, username="unload-alice", password="alice-password-9")
     with pytest.raises(PermissionDenied):
