@@ -93,6 +93,12 @@ class Backend(ABC):
         needs them. Running jobs keep what they use until they end. Default: nothing is held here."""
         return None
 
+    def health(self) -> tuple[bool, str | None]:
+        """``(True, None)`` when jobs can run now; ``(False, reason)`` when the backend is degraded (a remote
+        worker unreachable or slow): its endpoint shows Degraded with the reason and its jobs wait.
+        Cheap: answers from what the backend last observed, never a blocking network call."""
+        return True, None
+
     def skip(self, job_id: str) -> bool:
         """A1111's skip: drop the running job's current batch and go on with its next one (``n_iter``).
         Returns False when this backend does not hold the job or cannot skip (the default)."""
