@@ -38,7 +38,7 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
-from webapp.services.jobs import JobService, build_job_service  # noqa: E402
+from webapp.services.jobs import Fleet, JobService, build_jobs  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
@@ -84,6 +84,7 @@ class Studio:
     options: OptionsService | None = None
     quota: DiskQuota | None = None
     controlnet: ControlNetService | None = None
+    fleet: Fleet | None = None
 
     def close(self) -> None:
         if self.jobs is not None:
@@ -134,8 +135,9 @@ def build(settings: Settings) -> Studio:
     model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
-    jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
-                             model_files=model_files, quota=quota)
+    built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
+                            model_files=model_files, quota=quota)
+    jobs, fleet = built_jobs.service, built_jobs.fleet
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
@@ -178,7 +180,7 @@ def build(settings: Settings) -> Studio:
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options, quota=quota, controlnet=controlnet,
+        options=options, quota=quota, controlnet=controlnet, fleet=fleet,
     )
 
 

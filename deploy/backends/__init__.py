@@ -23,7 +23,7 @@ Add a backend (e.g. a self-hosted HTTP worker):
 2. ``create(config: BackendConfig) -> Backend`` in that module and one line in ``registry._FACTORIES``
    (or ``register_backend(kind, factory)``).
 3. An endpoint row with that ``kind`` and its options as ``config`` (``EndpointService.ensure``): at start
-   ``build_job_service`` builds the backend through the registry and gives it a ``Dispatcher``
+   the ``Fleet`` (webapp) builds the backend through the registry and gives it a ``Dispatcher``
    (a kind that cannot be built leaves the endpoint ``Failed`` with the reason). Services and UI need no
    change. Test it like the fake (tests/jobs/test_backends.py, tests/jobs/test_endpoints.py).
 """

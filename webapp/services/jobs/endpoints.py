@@ -82,13 +82,15 @@ class EndpointService:
 
     # -- writes (start-up and administrators) -----------------------------------------------------------------
     def ensure(self, *, name: str, kind: str, remote: bool, capabilities: Mapping[str, Any],
-               config: Mapping[str, Any], is_default: bool, status: EndpointStatus, error: str | None = None) -> Endpoint:
-        """Create or refresh an endpoint record from configuration (used at start for ``local``)."""
+               config: Mapping[str, Any] | None, is_default: bool, status: EndpointStatus,
+               error: str | None = None) -> Endpoint:
+        """Create or refresh an endpoint record from configuration (``config`` None: keep the stored one)."""
         with self._db.write() as s:
             endpoint = s.get(Endpoint, name) or Endpoint(name=name, kind=kind)
             endpoint.kind, endpoint.remote, endpoint.status, endpoint.error = kind, remote, status, error
             endpoint.capabilities_json = json.dumps(dict(capabilities))
-            endpoint.config_json = json.dumps(dict(config), default=str)
+            if config is not None:
+                endpoint.config_json = json.dumps(dict(config), default=str)
             endpoint.updated_at = utcnow()
             if is_default:
                 for other in s.exec(select(Endpoint).where(Endpoint.is_default, Endpoint.name != name)).all():

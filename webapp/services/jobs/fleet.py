@@ -1,0 +1,98 @@
+"""The endpoints running in this process: a backend and a dispatcher per endpoint row, while the server runs.
+
+``JobService`` only queues and follows jobs; the fleet decides which endpoints have a running dispatcher.
+It builds each backend through the registry from its row (kind + options), attaches a ``Dispatcher`` to the
+service and detaches it again, so administrators can add and remove endpoints without a restart. A backend
+that cannot be built leaves its endpoint ``Failed`` with the reason instead of stopping the server: the UI
+and the queue stay up and say why jobs cannot run there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING, Any
+
+from sqlmodel import select
+
+from deploy.backends.base import BackendError
+from deploy.backends.registry import BackendConfig, create_backend
+from deploy.storage import BlobStore
+from webapp.db import Database
+from webapp.records import Endpoint, EndpointStatus
+from webapp.services.jobs.board import JobBoard
+from webapp.services.jobs.dispatcher import Dispatcher
+from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.queue import JobQueue
+from webapp.services.jobs.service import JobService
+
+if TYPE_CHECKING:
+    from deploy.model_files import ModelFiles
+
+log = logging.getLogger(__name__)
+
+LOCAL_ENDPOINT = "local"
+"""The endpoint written from the settings at every start (the default; it cannot be deleted)."""
+
+
+class Fleet:
+    def __init__(self, *, db: Database, service: JobService, endpoints: EndpointService, queue: JobQueue,
+                 store: BlobStore, board: JobBoard, model_files: ModelFiles | None) -> None:
+        self._db = db
+        self._service = service
+        self._endpoints = endpoints
+        self._queue = queue
+        self._store = store
+        self._board = board
+        self._model_files = model_files
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def start_endpoint(self, name: str, kind: str, options: dict[str, Any], *, is_default: bool = False,
+                       keep: EndpointStatus | None = None, record_config: bool = True) -> EndpointStatus:
+        """Build ``name``'s backend and attach its dispatcher; the row says ``InService`` (or ``keep``) or
+        ``Failed`` with the reason. ``record_config`` False leaves the stored options as they are (they may
+        hold secrets only the row's encrypted column may keep)."""
+        config = BackendConfig(name=name, kind=kind, options=options, model_files=self._model_files)
+        recorded = options if record_config else None
+        try:
+            backend = create_backend(config)
+        except (BackendError, ValueError, TypeError) as exc:
+            log.error("the %s endpoint cannot run jobs: %s", name, exc)
+            self._endpoints.ensure(name=name, kind=kind, remote=False, capabilities={}, config=recorded,
+                                   is_default=is_default, status=EndpointStatus.FAILED, error=str(exc))
+            return EndpointStatus.FAILED
+        caps = backend.capabilities()
+        configured = backend.is_configured()
+        status = (keep or EndpointStatus.IN_SERVICE) if configured else EndpointStatus.FAILED
+        self._endpoints.ensure(
+            name=name, kind=backend.kind, remote=caps.remote, capabilities=caps.to_dict(), config=recorded,
+            is_default=is_default, status=status, error=None if configured else f"the {backend.kind} backend is not configured")
+        if configured:
+            self._service.attach(Dispatcher(endpoint=name, backend=backend, queue=self._queue, store=self._store,
+                                            board=self._board))
+        return status
+
+    def stop_endpoint(self, name: str, timeout: float = 10.0) -> bool:
+        """Detach ``name``'s dispatcher (no new jobs are accepted for it) and stop it: running jobs go back to
+        the queue without being charged an attempt. False when nothing ran here."""
+        dispatcher = self._service.detach(name)
+        if dispatcher is None:
+            return False
+        dispatcher.stop(timeout)
+        return True
+
+    def restore(self) -> None:
+        """At start: every endpoint other than ``local`` recorded by earlier runs, rebuilt from its row."""
+        with self._db.read() as s:
+            rows = list(s.exec(select(Endpoint).where(Endpoint.name != LOCAL_ENDPOINT).order_by(Endpoint.name)).all())
+        for row in rows:
+            try:
+                options = json.loads(row.config_json or "{}")
+            except ValueError:
+                options = None
+            if not isinstance(options, dict):
+                self._endpoints.set_status(row.name, EndpointStatus.FAILED, "its stored configuration is not a JSON object")
+                continue
+            # An administrator's Stopped survives a restart; anything else is re-checked now.
+            keep = EndpointStatus.STOPPED if row.status == EndpointStatus.STOPPED else None
+            self.start_endpoint(row.name, row.kind, options, is_default=row.is_default, keep=keep)
