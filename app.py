@@ -87,6 +87,8 @@ class Studio:
     fleet: Fleet | None = None
 
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.jobs is not None:
             self.jobs.stop()
         if self.model_services is not None:
@@ -177,6 +179,7 @@ def build(settings: Settings) -> Studio:
                      max_body_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
+    fleet.start(settings.endpoint_health_seconds)
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,

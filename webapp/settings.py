@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     (``pipelines.cache.auto_budget``)."""
     preview_every: int = Field(5, ge=0)
     """A live preview every N sampling steps (0: none)."""
+    endpoint_health_seconds: float = Field(5.0, ge=0)
+    """How often running endpoints' backends are asked whether they are healthy (an unhealthy one is shown
+    ``Degraded`` and its queued jobs wait); 0: never."""
 
     # -- request limits (body size, prompt length, pixels and images per job) ------------------------------
     max_body_mb: float = Field(64.0, gt=0)

@@ -146,6 +146,8 @@ class EndpointStatus(StrEnum):
 
     CREATING = "Creating"
     IN_SERVICE = "InService"
+    DEGRADED = "Degraded"
+    """Running here but its backend reports a problem (a worker unreachable): its queued jobs wait."""
     UPDATING = "Updating"
     DELETING = "Deleting"
     FAILED = "Failed"

@@ -55,11 +55,15 @@ class EndpointService:
         return list(self._rows())
 
     def get(self, *, actor: User, name: str) -> Endpoint:  # noqa: ARG002
-        endpoint = next((e for e in self._rows() if e.name == name), None)
+        endpoint = self.find(name)
         if endpoint is None:
             raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
                            field="endpoint")
         return endpoint
+
+    def find(self, name: str) -> Endpoint | None:
+        """The endpoint named ``name`` or None (for the server's own bookkeeping; users go through ``get``)."""
+        return next((e for e in self._rows() if e.name == name), None)
 
     def names(self) -> list[str]:
         return sorted(e.name for e in self._rows())
@@ -69,13 +73,14 @@ class EndpointService:
         return rows[0].name if rows else None
 
     def resolve(self, *, actor: User, name: str | None) -> Endpoint:
-        """The endpoint a new job goes to: the named one, or the default; it must be in service."""
+        """The endpoint a new job goes to: the named one, or the default; it must be in service (a
+        ``Degraded`` one accepts jobs too: they wait until it is healthy again)."""
         if not name:
             name = self.default_name()
             if name is None:
                 raise Conflict("no endpoint is configured to run jobs", field="endpoint")
         endpoint = self.get(actor=actor, name=name)
-        if endpoint.status != EndpointStatus.IN_SERVICE:
+        if endpoint.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
             detail = f": {endpoint.error}" if endpoint.error else ""
             raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")
         return endpoint

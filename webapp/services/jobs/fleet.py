@@ -5,12 +5,17 @@ It builds each backend through the registry from its row (kind + options), attac
 service and detaches it again, so administrators can add and remove endpoints without a restart. A backend
 that cannot be built leaves its endpoint ``Failed`` with the reason instead of stopping the server: the UI
 and the queue stay up and say why jobs cannot run there.
+
+A daemon thread asks every running backend ``health()`` every few seconds: an unhealthy one turns its
+endpoint ``Degraded`` with the reason and its dispatcher claims nothing new (queued jobs wait, new submits
+are still accepted), and it is ``InService`` again once healthy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
@@ -45,6 +50,8 @@ class Fleet:
         self._store = store
         self._board = board
         self._model_files = model_files
+        self._stop_polling = threading.Event()
+        self._poller: threading.Thread | None = None
 
     # -- building ---------------------------------------------------------------------------------------------
     def start_endpoint(self, name: str, kind: str, options: dict[str, Any], *, is_default: bool = False,
@@ -96,3 +103,54 @@ class Fleet:
             # An administrator's Stopped survives a restart; anything else is re-checked now.
             keep = EndpointStatus.STOPPED if row.status == EndpointStatus.STOPPED else None
             self.start_endpoint(row.name, row.kind, options, is_default=row.is_default, keep=keep)
+
+    # -- health -------------------------------------------------------------------------------------------------
+    def start(self, health_seconds: float) -> None:
+        """Poll the running backends' health every ``health_seconds`` (0: never) until ``stop``."""
+        if health_seconds <= 0 or self._poller is not None:
+            return
+        self._stop_polling.clear()
+
+        def loop() -> None:
+            while not self._stop_polling.wait(health_seconds):
+                try:
+                    self.poll_health()
+                except Exception:  # noqa: BLE001 - a database hiccup must not end the polling
+                    log.exception("endpoint health polling failed; polling again in %s s", health_seconds)
+
+        self._poller = threading.Thread(target=loop, name="endpoint-health", daemon=True)
+        self._poller.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop_polling.set()
+        if self._poller is not None:
+            self._poller.join(timeout)
+            self._poller = None
+
+    def poll_health(self) -> None:
+        """Ask every running backend once; hold or resume its dispatcher and record Degraded / InService."""
+        for name, dispatcher in self._service.dispatchers().items():
+            healthy, reason = _health(dispatcher)
+            if healthy:
+                if dispatcher.held:
+                    dispatcher.resume()
+            else:
+                dispatcher.hold()
+            row = self._endpoints.find(name)
+            if row is None or row.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
+                continue  # Creating, Stopped by an administrator, Deleting: their own state wins
+            if not healthy and (row.status != EndpointStatus.DEGRADED or row.error != reason):
+                if row.status != EndpointStatus.DEGRADED:
+                    log.warning("endpoint %s is degraded: %s; its queued jobs wait", name, reason)
+                self._endpoints.set_status(name, EndpointStatus.DEGRADED, reason)
+            elif healthy and row.status == EndpointStatus.DEGRADED:
+                log.info("endpoint %s is healthy again", name)
+                self._endpoints.set_status(name, EndpointStatus.IN_SERVICE)
+
+
+def _health(dispatcher: Dispatcher) -> tuple[bool, str]:
+    try:
+        healthy, reason = dispatcher.backend.health()
+    except Exception as exc:  # noqa: BLE001 - a failing probe is itself the answer: unhealthy, saying why
+        return False, f"its health check failed: {exc}"
+    return bool(healthy), reason or ("" if healthy else "its backend reports that it cannot run jobs")
