@@ -38,7 +38,7 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
-from webapp.services.jobs import Fleet, JobService, build_jobs  # noqa: E402
+from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
@@ -85,6 +85,7 @@ class Studio:
     quota: DiskQuota | None = None
     controlnet: ControlNetService | None = None
     fleet: Fleet | None = None
+    endpoint_admin: EndpointAdmin | None = None
 
     def close(self) -> None:
         if self.fleet is not None:
@@ -139,7 +140,7 @@ def build(settings: Settings) -> Studio:
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
                             model_files=model_files, quota=quota)
-    jobs, fleet = built_jobs.service, built_jobs.fleet
+    jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
@@ -184,6 +185,7 @@ def build(settings: Settings) -> Studio:
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
+        endpoint_admin=endpoint_admin,
     )
 
 

@@ -17,12 +17,7 @@ def flaky(fake_studio) -> Iterator[str]:
     fleet = fake_studio.studio.fleet
     assert fleet.start_endpoint("flaky", "fake", {"step_delay": 0.001}) == EndpointStatus.IN_SERVICE
     yield "flaky"
-    fleet.stop_endpoint("flaky")
-    with fake_studio.studio.db.write() as s:
-        row = s.get(Endpoint, "flaky")
-        if row is not None:
-            s.delete(row)
-    fake_studio.studio.jobs.endpoints.set_status("flaky", EndpointStatus.FAILED)  # drops the cached list
+    fake_studio.studio.endpoint_admin.delete(actor=fake_studio.admin, name="flaky")
 
 
 def _status(studio, name: str) -> Endpoint:

@@ -61,6 +61,10 @@ class EndpointService:
                            field="endpoint")
         return endpoint
 
+    def stored(self) -> list[Endpoint]:
+        """Every endpoint (for the server's own bookkeeping; users go through ``list_endpoints``)."""
+        return list(self._rows())
+
     def find(self, name: str) -> Endpoint | None:
         """The endpoint named ``name`` or None (for the server's own bookkeeping; users go through ``get``)."""
         return next((e for e in self._rows() if e.name == name), None)
@@ -105,6 +109,21 @@ class EndpointService:
             s.add(endpoint)
         self._invalidate()
         return endpoint
+
+    def add(self, endpoint: Endpoint) -> None:
+        """Record a new endpoint; ``Conflict`` naming ``name`` when one by that name exists."""
+        with self._db.write() as s:
+            if s.get(Endpoint, endpoint.name) is not None:
+                raise Conflict(f"an endpoint named {endpoint.name!r} already exists", field="name")
+            s.add(endpoint)
+        self._invalidate()
+
+    def remove(self, name: str) -> None:
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name)
+            if endpoint is not None:
+                s.delete(endpoint)
+        self._invalidate()
 
     def set_status(self, name: str, status: EndpointStatus, error: str | None = None) -> None:
         with self._db.write() as s:

@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
 
 from deploy.backends.base import BackendError
+from deploy.backends.options import secret_fields
 from deploy.backends.registry import BackendConfig, create_backend
 from deploy.storage import BlobStore
 from webapp.db import Database
@@ -30,6 +32,7 @@ from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.service import JobService
+from webapp.services.secrets import SecretBox, SecretsError
 
 if TYPE_CHECKING:
     from deploy.model_files import ModelFiles
@@ -42,7 +45,10 @@ LOCAL_ENDPOINT = "local"
 
 class Fleet:
     def __init__(self, *, db: Database, service: JobService, endpoints: EndpointService, queue: JobQueue,
-                 store: BlobStore, board: JobBoard, model_files: ModelFiles | None) -> None:
+                 store: BlobStore, board: JobBoard, model_files: ModelFiles | None, secrets: SecretBox,
+                 kind_defaults: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        """``kind_defaults``: options a kind's endpoints get unless their own say otherwise (a deployed
+        ``local`` endpoint finds the server's config skeletons and annotators)."""
         self._db = db
         self._service = service
         self._endpoints = endpoints
@@ -50,17 +56,21 @@ class Fleet:
         self._store = store
         self._board = board
         self._model_files = model_files
+        self._secrets = secrets
+        self._kind_defaults = {kind: dict(values) for kind, values in (kind_defaults or {}).items()}
         self._stop_polling = threading.Event()
         self._poller: threading.Thread | None = None
 
     # -- building ---------------------------------------------------------------------------------------------
-    def start_endpoint(self, name: str, kind: str, options: dict[str, Any], *, is_default: bool = False,
-                       keep: EndpointStatus | None = None, record_config: bool = True) -> EndpointStatus:
-        """Build ``name``'s backend and attach its dispatcher; the row says ``InService`` (or ``keep``) or
-        ``Failed`` with the reason. ``record_config`` False leaves the stored options as they are (they may
-        hold secrets only the row's encrypted column may keep)."""
-        config = BackendConfig(name=name, kind=kind, options=options, model_files=self._model_files)
-        recorded = options if record_config else None
+    def start_endpoint(self, name: str, kind: str, options: Mapping[str, Any], *, is_default: bool = False,
+                       keep: EndpointStatus | None = None) -> EndpointStatus:
+        """Build ``name``'s backend from ``options`` (secrets included) and attach its dispatcher; the row says
+        ``InService`` (or ``keep``) or ``Failed`` with the reason. The row records the options without their
+        secret fields (those live only in its encrypted column)."""
+        hidden = secret_fields(kind)
+        recorded = {key: value for key, value in options.items() if key not in hidden}
+        config = BackendConfig(name=name, kind=kind, options={**self._kind_defaults.get(kind, {}), **options},
+                               model_files=self._model_files)
         try:
             backend = create_backend(config)
         except (BackendError, ValueError, TypeError) as exc:
@@ -72,8 +82,8 @@ class Fleet:
         configured = backend.is_configured()
         status = (keep or EndpointStatus.IN_SERVICE) if configured else EndpointStatus.FAILED
         self._endpoints.ensure(
-            name=name, kind=backend.kind, remote=caps.remote, capabilities=caps.to_dict(), config=recorded,
-            is_default=is_default, status=status, error=None if configured else f"the {backend.kind} backend is not configured")
+            name=name, kind=kind, remote=caps.remote, capabilities=caps.to_dict(), config=recorded,
+            is_default=is_default, status=status, error=None if configured else f"the {kind} backend is not configured")
         if configured:
             self._service.attach(Dispatcher(endpoint=name, backend=backend, queue=self._queue, store=self._store,
                                             board=self._board))
@@ -89,9 +99,12 @@ class Fleet:
         return True
 
     def restore(self) -> None:
-        """At start: every endpoint other than ``local`` recorded by earlier runs, rebuilt from its row."""
+        """At start: every endpoint other than ``local`` recorded by earlier runs, rebuilt from its row with its
+        secrets decrypted (one being deleted when the server stopped is left to ``EndpointAdmin.resume``)."""
         with self._db.read() as s:
-            rows = list(s.exec(select(Endpoint).where(Endpoint.name != LOCAL_ENDPOINT).order_by(Endpoint.name)).all())
+            rows = list(s.exec(select(Endpoint).where(Endpoint.name != LOCAL_ENDPOINT,
+                                                      Endpoint.status != EndpointStatus.DELETING)
+                               .order_by(Endpoint.name)).all())
         for row in rows:
             try:
                 options = json.loads(row.config_json or "{}")
@@ -99,6 +112,12 @@ class Fleet:
                 options = None
             if not isinstance(options, dict):
                 self._endpoints.set_status(row.name, EndpointStatus.FAILED, "its stored configuration is not a JSON object")
+                continue
+            try:
+                options.update(self._secrets.open(row.secrets_token) if row.secrets_token else {})
+            except SecretsError as exc:
+                log.error("the %s endpoint cannot run jobs: %s", row.name, exc)
+                self._endpoints.set_status(row.name, EndpointStatus.FAILED, str(exc))
                 continue
             # An administrator's Stopped survives a restart; anything else is re-checked now.
             keep = EndpointStatus.STOPPED if row.status == EndpointStatus.STOPPED else None

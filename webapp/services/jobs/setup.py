@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING, Any
 from deploy.storage import BlobStore
 from webapp.db import Database
 from webapp.services.jobs.board import JobBoard
+from webapp.services.jobs.endpoint_admin import EndpointAdmin
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import Registry, RequestResolver
 from webapp.services.jobs.service import JobService
 from webapp.services.quota import DiskQuota
+from webapp.services.secrets import KEY_FILE, SecretBox
 
 if TYPE_CHECKING:
     from deploy.model_files import ModelFiles
@@ -39,12 +41,21 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
+def local_defaults(settings: Settings) -> dict[str, Any]:
+    """Options every ``local``-kind endpoint gets unless its own say otherwise: this server's config skeletons,
+    annotators and preview rate (the devices and cache are each endpoint's own)."""
+    return {"skeleton_dirs": [str(d) for d in settings.skeleton_dirs], "preview_every": settings.preview_every,
+            "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None}
+
+
 @dataclass(frozen=True)
 class Jobs:
-    """What ``build_jobs`` made: the service every job goes through and the fleet running its endpoints."""
+    """What ``build_jobs`` made: the service every job goes through, the fleet running its endpoints and the
+    administrators' deploy/delete service."""
 
     service: JobService
     fleet: Fleet
+    admin: EndpointAdmin
 
 
 def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
@@ -60,11 +71,15 @@ def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: 
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
                          resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
+    secrets = SecretBox(settings.data_dir / KEY_FILE)
     fleet = Fleet(db=db, service=service, endpoints=endpoints, queue=queue, store=store, board=board,
-                  model_files=model_files)
+                  model_files=model_files, secrets=secrets, kind_defaults={"local": local_defaults(settings)})
+    admin = EndpointAdmin(endpoints=endpoints, fleet=fleet, jobs=service, queue=queue, secrets=secrets,
+                          configured_backend=settings.backend)
     fleet.start_endpoint(LOCAL_ENDPOINT, settings.backend, backend_options(settings), is_default=True)
     fleet.restore()
+    admin.resume()
     set_check = getattr(registry, "set_in_use_check", None)
     if callable(set_check):
         set_check(service.model_in_use)
-    return Jobs(service=service, fleet=fleet)
+    return Jobs(service=service, fleet=fleet, admin=admin)
