@@ -167,7 +167,7 @@ def build(settings: Settings) -> Studio:
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
-        endpoints_api.build_router(jobs.endpoints), inferences_api.build_router(jobs),
+        endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry),
         controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]

@@ -131,14 +131,24 @@ class EndpointAdmin:
     def delete(self, *, actor: User, name: str) -> int:
         """Remove ``name``: its running jobs are requeued (no attempt charged) and every job queued for it moves
         to the default endpoint. Returns how many jobs moved."""
+        return self.delete_many(actor=actor, names=[name])
+
+    def delete_many(self, *, actor: User, names: list[str]) -> int:
+        """Remove every endpoint in ``names`` (ESD deletes a list); all are checked before any goes."""
         require_admin(actor)
-        endpoint = self._endpoints.get(actor=actor, name=name)
-        if endpoint.name == LOCAL_ENDPOINT or endpoint.is_default:
-            raise Conflict(f"endpoint {name!r} is the default, configured by the server's settings; it cannot be "
-                           "deleted", field="name")
-        moved = self._remove(name)
-        log.info("endpoint %s deleted by %s; %d queued job(s) moved to the default endpoint", name, actor.username,
-                 moved)
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InvalidInput("name at least one endpoint to delete", field="name")
+        for name in names:
+            endpoint = self._endpoints.get(actor=actor, name=name)
+            if endpoint.name == LOCAL_ENDPOINT or endpoint.is_default:
+                raise Conflict(f"endpoint {name!r} is the default, configured by the server's settings; it cannot be "
+                               "deleted", field="name")
+        moved = 0
+        for name in dict.fromkeys(names):
+            moved_here = self._remove(name)
+            log.info("endpoint %s deleted by %s; %d queued job(s) moved to the default endpoint", name,
+                     actor.username, moved_here)
+            moved += moved_here
         return moved
 
     def _remove(self, name: str) -> int:
