@@ -167,6 +167,8 @@ def test_every_field_type_gets_its_widget_and_values_come_back_typed():
 
     assert read_value(fields["count"], 3.0) == (True, 3)
     assert read_value(fields["ratio"], None) == (False, None)
+    assert isinstance(widgets["ratio"], gr.Textbox)  # an optional number: an empty box means the default
+    assert read_value(fields["ratio"], "") == (False, None) and read_value(fields["ratio"], " 0.5") == (True, 0.5)
     assert read_value(fields["subnets"], "a\n b \n\n") == (True, ["a", "b"])
     assert read_value(fields["tags"], '{"team": "art"}') == (True, {"team": "art"})
     assert read_value(fields["endpoint"], "  ") == (False, None)
@@ -174,3 +176,6 @@ def test_every_field_type_gets_its_widget_and_values_come_back_typed():
     with pytest.raises(InvalidInput) as caught:
         read_value(fields["tags"], "{")
     assert caught.value.field == "options.tags"
+    with pytest.raises(InvalidInput) as caught:
+        read_value(fields["ratio"], "half")
+    assert caught.value.field == "options.ratio"

@@ -78,6 +78,9 @@ def build_widget(field: OptionField, elem_id: str) -> gr.components.Component:
     default = field.default
     if field.widget == "bool":
         return gr.Checkbox(label=label, info=info, value=bool(default), elem_id=elem_id)
+    if field.widget in ("int", "float") and default is None:
+        # A number box cannot stay empty (the browser sends 0), and here empty must mean "the default".
+        return gr.Textbox(label=label, info=(info + "; " if info else "") + "empty: the default", elem_id=elem_id)
     if field.widget in ("int", "float"):
         return gr.Number(label=label, info=info, value=default, precision=0 if field.widget == "int" else None,
                          elem_id=elem_id)
@@ -102,6 +105,13 @@ def read_value(field: OptionField, raw: Any) -> tuple[bool, Any]:
         return True, bool(raw)
     if raw is None or (isinstance(raw, str) and raw.strip() == "" and field.widget != "secret") or raw == "":
         return False, None
+    if field.widget in ("int", "float") and isinstance(raw, str):
+        try:
+            number = float(raw.strip())
+        except ValueError:
+            raise InvalidInput(f"`{field.name}` must be a number, not {raw.strip()!r}",
+                               field=f"options.{field.name}") from None
+        raw = number
     if field.widget == "int" and isinstance(raw, float) and raw.is_integer():
         return True, int(raw)
     if field.widget == "list":
