@@ -75,3 +75,20 @@ def test_the_health_thread_polls_on_its_own(fake_studio, flaky):
     finally:
         studio.fleet.stop()
         studio.fleet.start(studio.settings.endpoint_health_seconds)
+
+
+def test_a_backend_that_crashes_while_being_built_leaves_its_endpoint_failed_with_the_reason(fake_studio, monkeypatch):
+    from deploy.backends import registry
+
+    def explode(config):
+        raise RuntimeError("the driver is missing")
+
+    monkeypatch.setitem(registry._FACTORIES, "explodes", explode)
+    studio = fake_studio.studio
+    try:
+        assert studio.fleet.start_endpoint("crater", "explodes", {}) == EndpointStatus.FAILED
+        row = _status(studio, "crater")
+        assert row.status == EndpointStatus.FAILED and row.error == "the driver is missing"
+        assert "crater" not in studio.jobs.dispatchers()
+    finally:
+        studio.endpoint_admin.delete(actor=fake_studio.admin, name="crater")

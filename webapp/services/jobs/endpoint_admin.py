@@ -109,8 +109,9 @@ class EndpointAdmin:
         hidden = {key: str(options.pop(key)) for key in secret_fields(kind) if options.get(key) is not None}
         token = self._secrets.seal(hidden) if hidden else None
         self._endpoints.add(Endpoint(
-            name=name, kind=kind, status=EndpointStatus.CREATING, config_json=json.dumps(options, default=str), secrets_token=token,
-            min_instances=low, max_instances=high, autoscale=request.autoscale, owner_id=actor.id))
+            name=name, kind=kind, status=EndpointStatus.CREATING, config_json=json.dumps(options, default=str),
+            secrets_token=token, min_instances=low, max_instances=high, autoscale=request.autoscale,
+            owner_id=actor.id))
         status = self._fleet.start_endpoint(name, kind, {**options, **hidden})
         log.info("endpoint %s (%s) deployed by %s: %s", name, kind, actor.username, status)
         return self._endpoints.get(actor=actor, name=name)

@@ -71,22 +71,28 @@ class Fleet:
         recorded = {key: value for key, value in options.items() if key not in hidden}
         config = BackendConfig(name=name, kind=kind, options={**self._kind_defaults.get(kind, {}), **options},
                                model_files=self._model_files)
-        try:
-            backend = create_backend(config)
-        except (BackendError, ValueError, TypeError) as exc:
-            log.error("the %s endpoint cannot run jobs: %s", name, exc)
+
+        def failed(exc: Exception) -> EndpointStatus:
             self._endpoints.ensure(name=name, kind=kind, remote=False, capabilities={}, config=recorded,
                                    is_default=is_default, status=EndpointStatus.FAILED, error=str(exc))
             return EndpointStatus.FAILED
-        caps = backend.capabilities()
-        configured = backend.is_configured()
+
+        try:
+            backend = create_backend(config)
+            caps, configured = backend.capabilities(), backend.is_configured()
+            if configured:  # running before the row says so: a submit never finds it InService but not running
+                self._service.attach(Dispatcher(endpoint=name, backend=backend, queue=self._queue,
+                                                store=self._store, board=self._board))
+        except (BackendError, ValueError, TypeError) as exc:
+            log.error("the %s endpoint cannot run jobs: %s", name, exc)
+            return failed(exc)
+        except Exception as exc:  # noqa: BLE001 - becomes the endpoint's reason; traceback logged
+            log.exception("the %s endpoint cannot run jobs", name)
+            return failed(exc)
         status = (keep or EndpointStatus.IN_SERVICE) if configured else EndpointStatus.FAILED
         self._endpoints.ensure(
             name=name, kind=kind, remote=caps.remote, capabilities=caps.to_dict(), config=recorded,
             is_default=is_default, status=status, error=None if configured else f"the {kind} backend is not configured")
-        if configured:
-            self._service.attach(Dispatcher(endpoint=name, backend=backend, queue=self._queue, store=self._store,
-                                            board=self._board))
         return status
 
     def stop_endpoint(self, name: str, timeout: float = 10.0) -> bool:

@@ -132,9 +132,9 @@ class JobService:
         with self._wiring:
             if dispatcher.endpoint in self._dispatchers:
                 raise ValueError(f"endpoint {dispatcher.endpoint!r} already has a dispatcher")
-            self._dispatchers[dispatcher.endpoint] = dispatcher
             if self._started:
-                dispatcher.start()
+                dispatcher.start()  # first: one that fails to start is not kept
+            self._dispatchers[dispatcher.endpoint] = dispatcher
 
     def detach(self, endpoint: str) -> Dispatcher | None:
         """Stop sending new jobs to ``endpoint`` here; the caller stops the returned dispatcher."""
