@@ -240,3 +240,27 @@ def test_secrets_are_encrypted_at_rest_and_rebuilt_after_a_restart(tmp_path, tin
         broken = replaced.studio.jobs.endpoints.get(actor=replaced.admin, name="vaulted")
         assert broken.status == EndpointStatus.FAILED and "cannot be decrypted" in broken.error
         assert RECEIVED == [SECRET, SECRET]
+
+
+def test_endpoints_recorded_before_version_8_read_with_one_instance_and_no_secrets(tmp_path):
+    from sqlalchemy import text
+
+    from webapp import schema
+    from webapp.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'v7.db'}")
+    try:
+        schema.upgrade(db, target=7)
+        with db.write() as s:  # the endpoint table as version 7 made it (today's v4 creates the newer one)
+            for column in ("min_instances", "max_instances", "autoscale", "secrets_token"):
+                s.connection().execute(text(f'ALTER TABLE endpoint DROP COLUMN "{column}"'))
+            s.connection().execute(text(
+                "INSERT INTO endpoint (name, kind, status, remote, is_default, config_json, capabilities_json, "
+                "created_at, updated_at) VALUES ('older', 'fake', 'IN_SERVICE', 0, 0, '{}', '{}', "
+                "'2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
+        assert schema.upgrade(db) >= 8
+        with db.read() as s:
+            row = s.get(Endpoint, "older")
+            assert (row.min_instances, row.max_instances, row.autoscale, row.secrets_token) == (1, 1, False, None)
+    finally:
+        db.dispose()
