@@ -38,7 +38,7 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
-from webapp.services.jobs import JobService, build_job_service  # noqa: E402
+from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
@@ -51,6 +51,7 @@ from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
 from webapp.ui.controlnet_ui import ControlNetPanel  # noqa: E402
+from webapp.ui.endpoints_tab import EndpointsTab  # noqa: E402
 from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
 from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
@@ -84,8 +85,12 @@ class Studio:
     options: OptionsService | None = None
     quota: DiskQuota | None = None
     controlnet: ControlNetService | None = None
+    fleet: Fleet | None = None
+    endpoint_admin: EndpointAdmin | None = None
 
     def close(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
         if self.jobs is not None:
             self.jobs.stop()
         if self.model_services is not None:
@@ -134,8 +139,9 @@ def build(settings: Settings) -> Studio:
     model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
-    jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
-                             model_files=model_files, quota=quota)
+    built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
+                            model_files=model_files, quota=quota)
+    jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
@@ -157,12 +163,13 @@ def build(settings: Settings) -> Studio:
                           controlnet=controlnet_panel("img2img"))
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, UsersTab(ui_ctx),
+    endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, endpoints_tab, UsersTab(ui_ctx),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
-        endpoints_api.build_router(jobs.endpoints), inferences_api.build_router(jobs),
+        endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry),
         controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]
@@ -175,10 +182,12 @@ def build(settings: Settings) -> Studio:
                      max_body_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
+    fleet.start(settings.endpoint_health_seconds)
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options, quota=quota, controlnet=controlnet,
+        options=options, quota=quota, controlnet=controlnet, fleet=fleet,
+        endpoint_admin=endpoint_admin,
     )
 
 

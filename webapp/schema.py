@@ -93,6 +93,14 @@ def _v7(conn: Connection) -> None:
     create_missing_indexes(conn)
 
 
+def _v8(conn: Connection) -> None:
+    # Endpoints deployed by administrators: instance bounds, autoscaling, encrypted secret options.
+    add_column(conn, "endpoint", "min_instances", "INTEGER", "1")
+    add_column(conn, "endpoint", "max_instances", "INTEGER", "1")
+    add_column(conn, "endpoint", "autoscale", "BOOLEAN", "FALSE")
+    add_column(conn, "endpoint", "secrets_token", "TEXT")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -102,6 +110,7 @@ MIGRATIONS: list[Migration] = [
     Migration(5, "API tokens and per-user options", _v5),
     Migration(6, "indexes that earlier in-place upgrades missed", _v6),
     Migration(7, "disk quota: bytes stored per job", _v7),
+    Migration(8, "endpoints: instance bounds, autoscaling, encrypted secrets", _v8),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -94,6 +94,11 @@ def register_options(kind: str, model: type[BackendOptions]) -> None:
     _MODELS[kind] = model
 
 
+def option_kinds() -> list[str]:
+    """The kinds that declared an options model (what the Endpoints form and API can configure)."""
+    return sorted(_MODELS)
+
+
 def options_model(kind: str) -> type[BackendOptions] | None:
     return _MODELS.get(kind)
 

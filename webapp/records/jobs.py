@@ -146,6 +146,8 @@ class EndpointStatus(StrEnum):
 
     CREATING = "Creating"
     IN_SERVICE = "InService"
+    DEGRADED = "Degraded"
+    """Running here but its backend reports a problem (a worker unreachable): its queued jobs wait."""
     UPDATING = "Updating"
     DELETING = "Deleting"
     FAILED = "Failed"
@@ -169,6 +171,13 @@ class Endpoint(SQLModel, table=True):
     owner_id: int | None = Field(default=None, foreign_key="user.id", ondelete="SET NULL")
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
+    min_instances: int = 1
+    max_instances: int = 1
+    autoscale: bool = False
+    """Instance bounds and autoscaling as deployed (SageMaker scales within them; one-box kinds record them)."""
+    secrets_token: str | None = Field(default=None, sa_column=Column(Text))
+    """The options' secret fields as one Fernet token (webapp/services/secrets.py); ``config_json`` holds the
+    rest. Decrypted only to build the backend; never shown."""
 
     @property
     def config(self) -> dict[str, Any]:

@@ -5,12 +5,14 @@ Every generation — UI, /sdapi/v1, /api/v1 — is ``JobService.submit``; nothin
 
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
+from webapp.services.jobs.endpoint_admin import Deployment, EndpointAdmin
 from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.fleet import Fleet
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.service import JobService, ProgressSnapshot
-from webapp.services.jobs.setup import LOCAL_ENDPOINT, build_job_service
+from webapp.services.jobs.setup import LOCAL_ENDPOINT, Jobs, build_jobs
 
 __all__ = [
-    "LOCAL_ENDPOINT", "Dispatcher", "EndpointService", "JobBoard", "JobQueue", "JobService", "ProgressSnapshot",
-    "build_job_service",
+    "LOCAL_ENDPOINT", "Deployment", "Dispatcher", "EndpointAdmin", "EndpointService", "Fleet", "JobBoard",
+    "JobQueue", "JobService", "Jobs", "ProgressSnapshot", "build_jobs",
 ]

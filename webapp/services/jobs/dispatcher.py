@@ -63,6 +63,7 @@ class Dispatcher:
         self._cancel_pending: set[str] = set()
         self._last_write: dict[str, float] = {}
         self._stopping = False
+        self._held = False
         self._claimer: threading.Thread | None = None
         self._recorder: threading.Thread | None = None
 
@@ -95,6 +96,18 @@ class Dispatcher:
     def wake(self) -> None:
         self._wake.set()
 
+    def hold(self) -> None:
+        """Claim nothing new (the backend is unhealthy): queued jobs wait, running ones go on."""
+        self._held = True
+
+    def resume(self) -> None:
+        self._held = False
+        self._wake.set()
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
     def _receive(self, event: Event) -> None:
         """The backend's sink (its threads): queue the event for recording. A terminal event means a
         slot is free now, so the claim loop starts the next job while this one's images are stored."""
@@ -121,7 +134,7 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                while not self._stopping and self.backend.free_slots() > 0:
+                while not self._stopping and not self._held and self.backend.free_slots() > 0:
                     job = self.queue.claim(self.endpoint)
                     if job is None:
                         break

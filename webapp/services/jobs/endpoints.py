@@ -55,11 +55,19 @@ class EndpointService:
         return list(self._rows())
 
     def get(self, *, actor: User, name: str) -> Endpoint:  # noqa: ARG002
-        endpoint = next((e for e in self._rows() if e.name == name), None)
+        endpoint = self.find(name)
         if endpoint is None:
             raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
                            field="endpoint")
         return endpoint
+
+    def stored(self) -> list[Endpoint]:
+        """Every endpoint (for the server's own bookkeeping; users go through ``list_endpoints``)."""
+        return list(self._rows())
+
+    def find(self, name: str) -> Endpoint | None:
+        """The endpoint named ``name`` or None (for the server's own bookkeeping; users go through ``get``)."""
+        return next((e for e in self._rows() if e.name == name), None)
 
     def names(self) -> list[str]:
         return sorted(e.name for e in self._rows())
@@ -69,26 +77,29 @@ class EndpointService:
         return rows[0].name if rows else None
 
     def resolve(self, *, actor: User, name: str | None) -> Endpoint:
-        """The endpoint a new job goes to: the named one, or the default; it must be in service."""
+        """The endpoint a new job goes to: the named one, or the default; it must be in service (a
+        ``Degraded`` one accepts jobs too: they wait until it is healthy again)."""
         if not name:
             name = self.default_name()
             if name is None:
                 raise Conflict("no endpoint is configured to run jobs", field="endpoint")
         endpoint = self.get(actor=actor, name=name)
-        if endpoint.status != EndpointStatus.IN_SERVICE:
+        if endpoint.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
             detail = f": {endpoint.error}" if endpoint.error else ""
             raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")
         return endpoint
 
     # -- writes (start-up and administrators) -----------------------------------------------------------------
     def ensure(self, *, name: str, kind: str, remote: bool, capabilities: Mapping[str, Any],
-               config: Mapping[str, Any], is_default: bool, status: EndpointStatus, error: str | None = None) -> Endpoint:
-        """Create or refresh an endpoint record from configuration (used at start for ``local``)."""
+               config: Mapping[str, Any] | None, is_default: bool, status: EndpointStatus,
+               error: str | None = None) -> Endpoint:
+        """Create or refresh an endpoint record from configuration (``config`` None: keep the stored one)."""
         with self._db.write() as s:
             endpoint = s.get(Endpoint, name) or Endpoint(name=name, kind=kind)
             endpoint.kind, endpoint.remote, endpoint.status, endpoint.error = kind, remote, status, error
             endpoint.capabilities_json = json.dumps(dict(capabilities))
-            endpoint.config_json = json.dumps(dict(config), default=str)
+            if config is not None:
+                endpoint.config_json = json.dumps(dict(config), default=str)
             endpoint.updated_at = utcnow()
             if is_default:
                 for other in s.exec(select(Endpoint).where(Endpoint.is_default, Endpoint.name != name)).all():
@@ -98,6 +109,21 @@ class EndpointService:
             s.add(endpoint)
         self._invalidate()
         return endpoint
+
+    def add(self, endpoint: Endpoint) -> None:
+        """Record a new endpoint; ``Conflict`` naming ``name`` when one by that name exists."""
+        with self._db.write() as s:
+            if s.get(Endpoint, endpoint.name) is not None:
+                raise Conflict(f"an endpoint named {endpoint.name!r} already exists", field="name")
+            s.add(endpoint)
+        self._invalidate()
+
+    def remove(self, name: str) -> None:
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name)
+            if endpoint is not None:
+                s.delete(endpoint)
+        self._invalidate()
 
     def set_status(self, name: str, status: EndpointStatus, error: str | None = None) -> None:
         with self._db.write() as s:

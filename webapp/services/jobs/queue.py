@@ -178,6 +178,17 @@ class JobQueue:
                         len(requeued), len(failed), len(cancelled))
         return Recovery(tuple(requeued), tuple(failed), tuple(cancelled))
 
+    def move_queued(self, source: str, target: str) -> list[str]:
+        """Send every job queued for endpoint ``source`` to ``target`` instead (``source`` is going away);
+        returns their ids. They keep their place: the claim order is by owner and age, not endpoint."""
+        with self.db.write() as s:
+            ids = list(s.exec(select(Job.id).where(Job.status == QUEUED, Job.endpoint == source)).all())
+            if ids:
+                s.exec(update(Job).where(Job.id.in_(ids), Job.status == QUEUED).values(endpoint=target))  # type: ignore[call-overload,attr-defined]
+        for job_id in ids:
+            log.info("job %s moved from endpoint %s to %s: %s is being deleted", job_id, source, target, source)
+        return ids
+
     def record_progress(self, job_id: str, values: Mapping[str, Any]) -> None:
         """Persist progress now and then (the board holds the live value)."""
         with self.db.write() as s:

@@ -120,19 +120,40 @@ class JobService:
         self.endpoints = endpoints
         self.resolver = resolver
         self._dispatchers: dict[str, Dispatcher] = {}
+        self._wiring = threading.RLock()
+        """Held while dispatchers come and go, and by ``submit`` from its running-here check to the enqueue,
+        so no job is queued for an endpoint whose dispatcher was just detached (deleted)."""
         self._started = False
 
     # -- wiring -----------------------------------------------------------------------------------------
     def attach(self, dispatcher: Dispatcher) -> None:
-        self._dispatchers[dispatcher.endpoint] = dispatcher
+        """Run ``dispatcher``'s endpoint here; started at once when the service already runs (an endpoint
+        deployed while the server is up)."""
+        with self._wiring:
+            if dispatcher.endpoint in self._dispatchers:
+                raise ValueError(f"endpoint {dispatcher.endpoint!r} already has a dispatcher")
+            if self._started:
+                dispatcher.start()  # first: one that fails to start is not kept
+            self._dispatchers[dispatcher.endpoint] = dispatcher
+
+    def detach(self, endpoint: str) -> Dispatcher | None:
+        """Stop sending new jobs to ``endpoint`` here; the caller stops the returned dispatcher."""
+        with self._wiring:
+            return self._dispatchers.pop(endpoint, None)
+
+    def dispatchers(self) -> dict[str, Dispatcher]:
+        """The endpoints running here and their dispatchers (a copy)."""
+        with self._wiring:
+            return dict(self._dispatchers)
 
     def start(self) -> Recovery:
         """Recover jobs a crash left running, then start every dispatcher (and sweep orphaned images
         in the background)."""
         recovery = self.queue.recover()
-        for dispatcher in self._dispatchers.values():
-            dispatcher.start()
-        self._started = True
+        with self._wiring:
+            for dispatcher in self._dispatchers.values():
+                dispatcher.start()
+            self._started = True
         threading.Thread(target=self._sweep, name="jobs-orphan-sweep", daemon=True).start()
         return recovery
 
@@ -188,7 +209,7 @@ class JobService:
         return deleted
 
     def stop(self, timeout: float = 10.0) -> None:
-        for dispatcher in self._dispatchers.values():
+        for dispatcher in self.dispatchers().values():
             dispatcher.stop(timeout)
 
     def backend(self, endpoint: str) -> Backend | None:
@@ -216,11 +237,7 @@ class JobService:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
         check_text({"endpoint": endpoint, "task_id": task_id})
         target = self.endpoints.resolve(actor=actor, name=endpoint)
-        if self._started and target.name not in self._dispatchers:
-            # Recorded but not running here (added after this server started): a job sent there would
-            # wait forever, so say so now.
-            raise Conflict(f"endpoint {target.name!r} has no backend running on this server; restart the server to "
-                           f"start it", field="endpoint")
+        self._check_running_here(target.name)
         prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)
         if task_id is not None and (not isinstance(task_id, str) or len(task_id) > 128):
             raise InvalidInput("`task_id` must be a string of at most 128 characters", field="task_id")
@@ -237,12 +254,21 @@ class JobService:
             checkpoint=prepared.checkpoint.name, checkpoint_hash=prepared.checkpoint.autov2,
             job_count=prepared.request.n_iter,
         )
-        self.queue.enqueue(job)
+        with self._wiring:
+            self._check_running_here(target.name)  # again: it may have been deleted meanwhile
+            self.queue.enqueue(job)
         log.info("job %s (%s) queued by %s on %s", job.id, job.mode, actor.username, target.name)
         dispatcher = self._dispatchers.get(target.name)
         if dispatcher is not None:
             dispatcher.wake()
         return job
+
+    def _check_running_here(self, endpoint: str) -> None:
+        if self._started and endpoint not in self._dispatchers:
+            # Recorded but not running here (added by another process, or being deleted): a job sent there
+            # would wait forever, so say so now.
+            raise Conflict(f"endpoint {endpoint!r} has no backend running on this server (it is being deleted, or "
+                           f"another process recorded it: restart the server to start it)", field="endpoint")
 
     # -- reads --------------------------------------------------------------------------------------------
     def _load(self, job_id: str) -> Job | None:
@@ -424,7 +450,7 @@ class JobService:
         if not actor.is_admin:
             raise PermissionDenied("only administrators can unload the models of the server's backends")
         names = []
-        for name, dispatcher in self._dispatchers.items():
+        for name, dispatcher in self.dispatchers().items():
             dispatcher.backend.release_memory()
             names.append(name)
         log.info("%s released the loaded models of %s", actor.username, ", ".join(names) or "no endpoint")

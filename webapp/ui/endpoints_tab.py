@@ -1,0 +1,140 @@
+"""Endpoints tab: everyone sees where jobs can run; administrators deploy and delete endpoints.
+
+The list shows each endpoint's kind, status (Creating / InService / Degraded / Failed / Deleting), whether
+jobs leave the server, its slots and instance bounds, when it last changed and why it is not in service.
+The Deploy form has one group of option widgets per kind, built from that kind's options model
+(``webapp/ui/options_form.py``), shown for the chosen kind only. Hiding the admin part is cosmetic: the
+handlers go through ``EndpointAdmin``, which refuses anyone but an administrator.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from deploy.backends.options import options_model
+from webapp.records import Endpoint
+from webapp.services.jobs import Deployment, EndpointAdmin, EndpointService
+from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.options_form import OptionField, build_widget, describe, read_value
+
+HEADERS = ["Name", "Kind", "Status", "Remote", "Slots", "Instances", "Updated (UTC)", "Error"]
+CONFIRM_LABEL = "Yes, delete it (running jobs go back to the queue; queued ones move to the default endpoint)"
+
+
+def _row(endpoint: Endpoint) -> list[Any]:
+    instances = f"{endpoint.min_instances}–{endpoint.max_instances}" + (" autoscale" if endpoint.autoscale else "")
+    return [endpoint.name + (" (default)" if endpoint.is_default else ""), endpoint.kind, str(endpoint.status),
+            "yes" if endpoint.remote else "no", endpoint.capabilities.get("slots", ""), instances,
+            endpoint.updated_at.strftime("%Y-%m-%d %H:%M:%S"), endpoint.error or ""]
+
+
+class EndpointsTab:
+    """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
+
+    admin_only = False
+
+    def __init__(self, ctx: UiContext, *, endpoints: EndpointService, admin: EndpointAdmin) -> None:
+        self.ctx = ctx
+        self.endpoints = endpoints
+        self.admin = admin
+        self.kinds = [k for k in admin.kinds() if options_model(k) is not None]
+        self.fields: dict[str, list[OptionField]] = {k: describe(options_model(k)) for k in self.kinds}  # type: ignore[arg-type]
+        self.widgets: dict[str, dict[str, gr.components.Component]] = {}
+        self.groups: dict[str, gr.Group] = {}
+
+    # -- handlers ------------------------------------------------------------------------------------------
+    @ui_errors
+    def refresh(self, request: gr.Request) -> tuple:
+        """The list, the Delete choices and, for administrators, the Deploy/Delete forms."""
+        user = self.ctx.user(request)
+        rows = self.endpoints.list_endpoints(actor=user)
+        deletable = [e.name for e in rows if not e.is_default]
+        return ([_row(e) for e in rows], gr.update(choices=deletable, value=None),
+                gr.update(visible=user.is_admin))
+
+    @ui_errors
+    def kind_changed(self, kind: str | None) -> list:
+        return [gr.update(visible=name == kind) for name in self.groups]
+
+    @ui_errors
+    def deploy(self, values: dict[Any, Any], request: gr.Request) -> tuple:
+        """Values keyed by widget (Gradio passes a dict when inputs are a set); only the chosen kind's options
+        are read."""
+        kind = values.get(self.kind) or ""
+        options: dict[str, Any] = {}
+        for field in self.fields.get(kind, []):
+            given, value = read_value(field, values.get(self.widgets[kind][field.name]))
+            if given:
+                options[field.name] = value
+        request_ = Deployment(kind=kind, options=options, name=(values.get(self.name) or "").strip() or None,
+                              min_instances=_whole(values.get(self.min_instances)),
+                              max_instances=_whole(values.get(self.max_instances)),
+                              autoscale=bool(values.get(self.autoscale)))
+        endpoint = self.admin.deploy(actor=self.ctx.user(request), request=request_)
+        if endpoint.error:
+            gr.Warning(f"Endpoint {endpoint.name} is {endpoint.status}: {endpoint.error}")
+        else:
+            gr.Info(f"Endpoint {endpoint.name} is {endpoint.status}")
+        return (*self.refresh(request), "")
+
+    @ui_errors
+    def delete(self, name: str | None, confirmed: bool, request: gr.Request) -> tuple:
+        if not name:
+            raise gr.Error("Choose the endpoint to delete")
+        if not confirmed:
+            raise gr.Error(f"Tick the box to confirm deleting {name}")
+        moved = self.admin.delete(actor=self.ctx.user(request), name=name)
+        gr.Info(f"Deleted endpoint {name}; {moved} queued job(s) moved to the default endpoint")
+        return (*self.refresh(request), False)
+
+    # -- layout -----------------------------------------------------------------------------------------------
+    def build(self) -> gr.Tab:
+        with gr.Tab("Endpoints", id="endpoints") as tab:
+            self.table = gr.Dataframe(headers=HEADERS, interactive=False, label="Endpoints", elem_id="endpoints-table")
+            refresh = gr.Button("Refresh", size="sm", elem_id="endpoints-refresh")
+            with gr.Column(visible=False, elem_id="endpoints-admin") as self.admin_area, gr.Row():
+                with gr.Column(scale=2):
+                    self._build_deploy()
+                with gr.Column(scale=1):
+                    gr.Markdown("### Delete")
+                    self.delete_name = gr.Dropdown(label="Endpoint", choices=[], elem_id="endpoint-delete-name")
+                    self.confirm = gr.Checkbox(label=CONFIRM_LABEL, value=False, elem_id="endpoint-delete-confirm")
+                    delete = gr.Button("Delete endpoint", variant="stop", elem_id="endpoint-delete")
+        private = {"api_visibility": "private"}
+        listing = [self.table, self.delete_name, self.admin_area]
+        for trigger in (tab.select, refresh.click):
+            trigger(self.refresh, None, listing, **private)
+        self.kind.change(self.kind_changed, [self.kind], list(self.groups.values()), **private)
+        inputs = {self.kind, self.name, self.min_instances, self.max_instances, self.autoscale}
+        inputs |= {w for widgets in self.widgets.values() for w in widgets.values()}
+        self.deploy_button.click(self.deploy, inputs, [*listing, self.name], **private)
+        delete.click(self.delete, [self.delete_name, self.confirm], [*listing, self.confirm], **private)
+        return tab
+
+    def _build_deploy(self) -> None:
+        gr.Markdown("### Deploy")
+        first = "http" if "http" in self.kinds else (self.kinds[0] if self.kinds else None)
+        with gr.Row():
+            self.name = gr.Textbox(label="Name", placeholder="empty: studio-<kind>-<id>", elem_id="endpoint-name")
+            self.kind = gr.Dropdown(label="Kind", choices=self.kinds, value=first, elem_id="endpoint-kind")
+        for kind in self.kinds:
+            with gr.Group(visible=kind == first) as group:
+                self.widgets[kind] = {f.name: build_widget(f, f"endpoint-{kind}-{f.name}".replace("_", "-"))
+                                      for f in self.fields[kind]}
+            self.groups[kind] = group
+        with gr.Row():
+            self.min_instances = gr.Number(label="Min instances", value=1, precision=0, minimum=0,
+                                           elem_id="endpoint-min")
+            self.max_instances = gr.Number(label="Max instances", value=1, precision=0, minimum=0,
+                                           elem_id="endpoint-max")
+            self.autoscale = gr.Checkbox(label="Autoscale", value=False, elem_id="endpoint-autoscale")
+        self.deploy_button = gr.Button("Deploy endpoint", variant="primary", elem_id="endpoint-deploy")
+
+
+def _whole(value: Any) -> Any:
+    """A Number widget's value as an int when it is whole (the service names anything else)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return 1 if value is None else value
