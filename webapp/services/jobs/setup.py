@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from sqlmodel import select
@@ -25,6 +26,7 @@ from webapp.records import Endpoint, EndpointStatus
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.observers import JobObserver
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import Registry, RequestResolver
 from webapp.services.jobs.service import JobService
@@ -57,14 +59,16 @@ def _stored_endpoints(db: Database) -> list[Endpoint]:
 
 
 def build_job_service(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
-                      model_files: ModelFiles | None, quota: DiskQuota | None = None) -> JobService:
+                      model_files: ModelFiles | None, quota: DiskQuota | None = None,
+                      observers: Sequence[JobObserver] = ()) -> JobService:
     """Queue, board, endpoints, the local endpoint's backend and dispatcher, and the service over them.
 
-    Not started: call ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
+    ``observers`` hear of every job's changes (metrics, the idle watcher). Not started: call
+    ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
     """
     board = JobBoard()
     queue = JobQueue(db, max_queued_per_user=settings.max_queued_jobs_per_user,
-                     max_attempts=settings.job_max_attempts)
+                     max_attempts=settings.job_max_attempts, observers=observers)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
                          resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
