@@ -38,6 +38,7 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
+from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import JobService, build_job_service  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
@@ -84,8 +85,11 @@ class Studio:
     options: OptionsService | None = None
     quota: DiskQuota | None = None
     controlnet: ControlNetService | None = None
+    idle: IdleWatcher | None = None
 
     def close(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
         if self.jobs is not None:
             self.jobs.stop()
         if self.model_services is not None:
@@ -134,8 +138,12 @@ def build(settings: Settings) -> Studio:
     model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
+    activity = ActivityClock()
     jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
-                             model_files=model_files, quota=quota)
+                             model_files=model_files, quota=quota, observers=(activity,))
+    idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
+                       shutdown_after_seconds=settings.idle_shutdown_minutes * 60,
+                       shutdown_command=settings.idle_shutdown_command)
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
@@ -175,10 +183,11 @@ def build(settings: Settings) -> Studio:
                      max_body_bytes=int(settings.max_body_mb * 2**20))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
+    idle.start()
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options, quota=quota, controlnet=controlnet,
+        options=options, quota=quota, controlnet=controlnet, idle=idle,
     )
 
 
