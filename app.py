@@ -40,6 +40,7 @@ from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import JobService, build_job_service  # noqa: E402
+from webapp.services.metrics import JobMetrics  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
@@ -58,6 +59,7 @@ from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
+from webapp.web.metrics import MetricsAccess  # noqa: E402
 from webapp.web.server import UiUploads, create_app, use_gradio_temp_dir  # noqa: E402
 
 log = logging.getLogger("studio")
@@ -85,6 +87,7 @@ class Studio:
     options: OptionsService | None = None
     quota: DiskQuota | None = None
     controlnet: ControlNetService | None = None
+    metrics: JobMetrics | None = None
     idle: IdleWatcher | None = None
 
     def close(self) -> None:
@@ -138,9 +141,10 @@ def build(settings: Settings) -> Studio:
     model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
+    metrics = JobMetrics(db)
     activity = ActivityClock()
     jobs = build_job_service(settings=settings, db=db, store=store, registry=model_services.registry,
-                             model_files=model_files, quota=quota, observers=(activity,))
+                             model_files=model_files, quota=quota, observers=(metrics, activity))
     idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
                        shutdown_after_seconds=settings.idle_shutdown_minutes * 60,
                        shutdown_command=settings.idle_shutdown_command)
@@ -180,14 +184,15 @@ def build(settings: Settings) -> Studio:
                            max_age_seconds=settings.ui_temp_max_age_hours * 3600)
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads,
                      allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips,
-                     max_body_bytes=int(settings.max_body_mb * 2**20))
+                     max_body_bytes=int(settings.max_body_mb * 2**20),
+                     metrics=MetricsAccess(render=metrics.render, token=settings.metrics_token))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     idle.start()
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
-        options=options, quota=quota, controlnet=controlnet, idle=idle,
+        options=options, quota=quota, controlnet=controlnet, metrics=metrics, idle=idle,
     )
 
 
