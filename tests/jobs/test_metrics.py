@@ -119,7 +119,9 @@ def test_administrators_and_the_token_read_metrics_others_do_not(studio, client)
     assert client.get("/metrics", headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
     admin = client.get("/metrics", auth=("admin", ADMIN_PASSWORD))
     assert admin.status_code == 200 and "studio_jobs_queued" in admin.text
-    assert client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    scraped = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert scraped.status_code == 200 and "studio_jobs_queued" in scraped.text
+    assert scraped.headers["x-content-type-options"] == "nosniff", "the token's answer passes the security headers"
 
 
 def test_an_admin_session_reads_metrics_and_the_token_opens_nothing_else(studio):
