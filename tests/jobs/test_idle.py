@@ -173,3 +173,14 @@ def test_the_studio_starts_and_stops_its_watcher(fake_studio):
 def _touch(marker: Path) -> list[str]:
     """A shutdown command that appends one ``x`` to ``marker`` (so a second run shows)."""
     return [sys.executable, "-c", "import sys; open(sys.argv[1], 'a').write('x')", str(marker)]
+
+
+def test_a_backend_that_cannot_release_is_logged_and_left_out(fake_studio, monkeypatch, caplog):
+    def broken() -> None:
+        raise RuntimeError("worker out of reach")
+
+    for dispatcher in fake_studio.jobs._dispatchers.values():
+        monkeypatch.setattr(dispatcher.backend, "release_memory", broken)
+    with caplog.at_level(logging.ERROR, logger="webapp.services.jobs.service"):
+        assert fake_studio.jobs.release_all_memory(reason="idle") == []
+    assert any("could not release" in r.message for r in caplog.records)

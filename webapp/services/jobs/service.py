@@ -426,10 +426,15 @@ class JobService:
         return self.release_all_memory(reason=f"asked by {actor.username}")
 
     def release_all_memory(self, *, reason: str) -> list[str]:
-        """``release_memory`` for the server itself (the idle watcher): no actor, the reason is logged."""
+        """``release_memory`` for the server itself (the idle watcher): no actor, the reason is logged. A backend
+        that fails (a remote worker out of reach) is logged and left out; the others are still asked."""
         names = []
         for name, dispatcher in self._dispatchers.items():
-            dispatcher.backend.release_memory()
+            try:
+                dispatcher.backend.release_memory()
+            except Exception:  # noqa: BLE001 - one endpoint's failure must not keep the others' memory held
+                log.exception("endpoint %s could not release its loaded models", name)
+                continue
             names.append(name)
         log.info("released the loaded models of %s (%s)", ", ".join(names) or "no endpoint", reason)
         return names
