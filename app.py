@@ -38,7 +38,9 @@ from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
+from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
+from webapp.services.metrics import JobMetrics  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
 from webapp.services.options import OptionsService  # noqa: E402
@@ -58,6 +60,7 @@ from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
+from webapp.web.metrics import MetricsAccess  # noqa: E402
 from webapp.web.server import UiUploads, create_app, use_gradio_temp_dir  # noqa: E402
 
 log = logging.getLogger("studio")
@@ -87,8 +90,12 @@ class Studio:
     controlnet: ControlNetService | None = None
     fleet: Fleet | None = None
     endpoint_admin: EndpointAdmin | None = None
+    metrics: JobMetrics | None = None
+    idle: IdleWatcher | None = None
 
     def close(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
         if self.fleet is not None:
             self.fleet.stop()
         if self.jobs is not None:
@@ -139,9 +146,14 @@ def build(settings: Settings) -> Studio:
     model_services = build_model_services(settings, db, store, quota)
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
+    metrics = JobMetrics(db)
+    activity = ActivityClock()
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
-                            model_files=model_files, quota=quota)
+                            model_files=model_files, quota=quota, observers=(metrics, activity))
     jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
+    idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
+                       shutdown_after_seconds=settings.idle_shutdown_minutes * 60,
+                       shutdown_command=settings.idle_shutdown_command)
     options = OptionsService(db, model_services.registry)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
@@ -179,15 +191,17 @@ def build(settings: Settings) -> Studio:
                            max_age_seconds=settings.ui_temp_max_age_hours * 3600)
     app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads,
                      allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips,
-                     max_body_bytes=int(settings.max_body_mb * 2**20))
+                     max_body_bytes=int(settings.max_body_mb * 2**20),
+                     metrics=MetricsAccess(render=metrics.render, token=settings.metrics_token))
     app.add_middleware(sdapi.ProcessTimeMiddleware)  # outermost: the gate's answers carry it too
     jobs.start()  # restart recovery first, then the dispatchers claim
     fleet.start(settings.endpoint_health_seconds)
+    idle.start()
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
-        endpoint_admin=endpoint_admin,
+        endpoint_admin=endpoint_admin, metrics=metrics, idle=idle,
     )
 
 

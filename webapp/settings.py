@@ -7,6 +7,9 @@ environment behind its back.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,6 +17,14 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from pipelines.types import RequestLimits
+
+
+def _listed(value: Any, split: Callable[[str], list[str]]) -> Any:
+    """A list setting given as text (environment, flag): a JSON list, else ``split`` of the text."""
+    if isinstance(value, str):
+        text = value.strip()
+        return json.loads(text) if text.startswith("[") else split(text)
+    return value
 
 
 class Settings(BaseSettings):
@@ -60,26 +71,12 @@ class Settings(BaseSettings):
     @field_validator("import_roots", mode="before")
     @classmethod
     def _split_roots(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part for part in text.split(":") if part.strip()]
-        return value
+        return _listed(value, lambda text: [part for part in text.split(":") if part.strip()])
 
     @field_validator("url_import_allow", "allowed_origins", "forwarded_allow_ips", mode="before")
     @classmethod
     def _split_allow(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part.strip() for part in text.split(",") if part.strip()]
-        return value
+        return _listed(value, lambda text: [part.strip() for part in text.split(",") if part.strip()])
 
     # -- exposure (what ordinary users may trigger and read) ----------------------------------------------
     refresh_min_interval_seconds: float = Field(60.0, ge=0)
@@ -134,17 +131,45 @@ class Settings(BaseSettings):
     ui_temp_max_age_hours: float = Field(24.0, gt=0)
     """Files uploaded to the web UI (kept in ``<data_dir>/tmp/gradio``) are deleted after this long."""
 
+    # -- idle hooks and monitoring (issue 11: VM image and cost) -------------------------------------------
+    idle_unload_minutes: float = Field(30.0, ge=0)
+    """After this long with no job queued, started or finished, every endpoint backend releases its loaded
+    models (once per idle period; the next job loads them again). 0: never."""
+    idle_shutdown_minutes: float = Field(0.0, ge=0)
+    """After this long with nothing queued or running, run ``idle_shutdown_command`` once (a VM billed by the
+    hour stops costing). 0 (the default): never."""
+    idle_shutdown_command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["systemctl", "poweroff"])
+    """The program and arguments run for the idle shutdown (no shell). Environment and flag: a JSON list or a
+    shell-quoted string. The default asks logind, which needs a polkit rule for the service user
+    (deploy/vm/cloud-init.yaml writes one); ``sudo`` cannot work under the unit's NoNewPrivileges."""
+    metrics_token: SecretStr | None = None
+    """A bearer token that may read ``/metrics`` (Prometheus) and nothing else; administrators can read it
+    with their own login anyway. At least 16 characters. Environment only (flags show in ``ps``)."""
+
+    @field_validator("idle_shutdown_command", mode="before")
+    @classmethod
+    def _split_command(cls, value: Any) -> Any:
+        return _listed(value, shlex.split)
+
+    @field_validator("idle_shutdown_command")
+    @classmethod
+    def _check_command(cls, value: list[str]) -> list[str]:
+        if not value or not value[0].strip():
+            raise ValueError("idle_shutdown_command must name a program")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _check_metrics_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("metrics_token must be at least 16 characters (e.g. `openssl rand -hex 24`)")
+        return value
+
     @field_validator("skeleton_dirs", mode="before")
     @classmethod
     def _split_skeleton_dirs(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                import json
-
-                return json.loads(text)
-            return [part for part in text.split(":") if part.strip()]
-        return value
+        return _listed(value, lambda text: [part for part in text.split(":") if part.strip()])
 
     @field_validator("devices")
     @classmethod
@@ -272,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotators-dir", type=Path,
                    help="folder of ControlNet preprocessor weights, never downloaded (default <data-dir>/annotators)")
     p.add_argument("--controlnet-unit-count", type=int, help="ControlNet units in the generate tabs (default 3)")
+    p.add_argument("--idle-unload-minutes", type=float,
+                   help="release the backends' loaded models after this many idle minutes (default 30; 0: never)")
+    p.add_argument("--idle-shutdown-minutes", type=float,
+                   help="run --idle-shutdown-command after this many minutes with nothing queued or running "
+                        "(default 0: never)")
+    p.add_argument("--idle-shutdown-command",
+                   help="the idle shutdown's command, shell-quoted or a JSON list, run without a shell "
+                        "(default: systemctl poweroff)")
     return p
 
 
@@ -285,7 +318,8 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
                  "devices", "endpoint_health_seconds", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
                  "user_quota_gb", "ui_max_file_mb",
-                 "annotators_dir", "controlnet_unit_count"):
+                 "annotators_dir", "controlnet_unit_count", "idle_unload_minutes", "idle_shutdown_minutes",
+                 "idle_shutdown_command"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value

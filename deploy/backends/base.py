@@ -88,14 +88,6 @@ class Backend(ABC):
         """Ask the job to stop (a running job stops within one sampling step and reports ``Cancelled``).
         Returns False when this backend does not hold the job."""
 
-    def health(self) -> tuple[bool, str | None]:
-        """Whether the backend can run jobs right now, and if not why (a remote worker that stopped answering).
-
-        Asked every few seconds for every running endpoint from one thread: answer within a few seconds
-        (bound network calls by a timeout). An exception counts as unhealthy with its message. Default: healthy.
-        """
-        return True, None
-
     def release_memory(self) -> None:
         """Drop the models it holds loaded (A1111 unload-checkpoint); they load again at the next job that
         needs them. Running jobs keep what they use until they end. Default: nothing is held here."""
@@ -104,7 +96,8 @@ class Backend(ABC):
     def health(self) -> tuple[bool, str | None]:
         """``(True, None)`` when jobs can run now; ``(False, reason)`` when the backend is degraded (a remote
         worker unreachable or slow): its endpoint shows Degraded with the reason and its jobs wait.
-        Cheap: answers from what the backend last observed, never a blocking network call."""
+        Asked every few seconds for every running endpoint from one thread: answer from what the backend last
+        observed, never a blocking network call. An exception counts as unhealthy with its message."""
         return True, None
 
     def skip(self, job_id: str) -> bool:

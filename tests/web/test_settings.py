@@ -96,3 +96,29 @@ def test_bad_settings_are_refused_with_one_clear_line(tmp_path, monkeypatch, cap
     assert app.main(["--data-dir", str(tmp_path / "b")]) == 2
     assert "STUDIO_ADMIN_PASSWORD cannot be the first administrator's password" in caplog.text
     assert "at least 8 characters" in caplog.text and "'short'" not in caplog.text  # the value is never echoed
+
+
+def test_idle_hooks_parse_from_flags_and_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    s = settings_from_args([])
+    assert s.idle_unload_minutes == 30 and s.idle_shutdown_minutes == 0
+    assert s.idle_shutdown_command == ["systemctl", "poweroff"]
+    monkeypatch.setenv("STUDIO_IDLE_SHUTDOWN_COMMAND", '["/usr/bin/env", "a b"]')
+    monkeypatch.setenv("STUDIO_IDLE_UNLOAD_MINUTES", "0")
+    s = settings_from_args(["--idle-shutdown-minutes", "45"])
+    assert s.idle_shutdown_command == ["/usr/bin/env", "a b"] and s.idle_unload_minutes == 0
+    assert s.idle_shutdown_minutes == 45
+    s = settings_from_args(["--idle-shutdown-command", "sudo -n '/usr/sbin/shutdown' -h now"])
+    assert s.idle_shutdown_command == ["sudo", "-n", "/usr/sbin/shutdown", "-h", "now"]
+    for bad in (["--idle-shutdown-command", " "], ["--idle-unload-minutes", "-1"]):
+        with pytest.raises(ValueError):
+            settings_from_args(bad)
+
+
+def test_metrics_token_is_secret_and_not_short(monkeypatch):
+    monkeypatch.setenv("STUDIO_METRICS_TOKEN", "short")
+    with pytest.raises(ValueError, match="at least 16"):
+        Settings()
+    monkeypatch.setenv("STUDIO_METRICS_TOKEN", "x" * 24)
+    s = Settings()
+    assert s.metrics_token is not None and "x" * 24 not in repr(s)

@@ -19,6 +19,7 @@ from webapp.web.gate import AuthGate, scope_user
 from webapp.web.headers import SecurityHeaders
 from webapp.web.limits import BodySizeLimit
 from webapp.web.login import UI_PATH, build_login_router
+from webapp.web.metrics import MetricsAccess, MetricsScrape, build_metrics_router
 from webapp.web.origin import OriginPolicy
 from webapp.web.proxy import ForwardedHeaders
 
@@ -63,6 +64,7 @@ def create_app(
     allowed_origins: Iterable[str] = (), forwarded_allow_ips: list[str] | None = None,
     max_body_bytes: int | None = None,
     uploads: UiUploads | None = None,
+    metrics: MetricsAccess | None = None,
 ) -> FastAPI:
     app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None)
     install_docs(app)  # self-hosted Swagger UI (no CDN)
@@ -70,6 +72,8 @@ def create_app(
     app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
     for router in routers:
         app.include_router(router)
+    if metrics is not None:
+        app.include_router(build_metrics_router(metrics))
     if uploads is not None:
         # Gradio's cleaner is a Blocks setting (``delete_cache``) that App.create_app reads when it is mounted.
         ui.delete_cache = uploads.delete_cache
@@ -79,6 +83,8 @@ def create_app(
     )
     guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
     app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))
+    if metrics is not None and metrics.token is not None:  # just outside the gate: the scraper is no user
+        app.add_middleware(MetricsScrape, access=metrics)
     app.add_middleware(ForwardedHeaders, trusted_hosts=forwarded_allow_ips or [])  # before the gate reads them
     if max_body_bytes is not None:  # outside the gate: an oversized body is refused before anything else
         app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes, exempt=BODY_LIMIT_EXEMPT)

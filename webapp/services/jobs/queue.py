@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import case, func, update
@@ -29,6 +30,7 @@ from sqlmodel import Session, select
 from webapp.db import Database
 from webapp.records import Job, JobStatus, utcnow
 from webapp.services.errors import Throttled
+from webapp.services.jobs.observers import FinishedJob, JobObserver, notify, seconds_between
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +45,15 @@ class Recovery:
 
 
 class JobQueue:
-    def __init__(self, db: Database, *, max_queued_per_user: int, max_attempts: int) -> None:
+    def __init__(self, db: Database, *, max_queued_per_user: int, max_attempts: int,
+                 observers: Sequence[JobObserver] = ()) -> None:
         if max_queued_per_user < 1 or max_attempts < 1:
             raise ValueError("max_queued_per_user and max_attempts must be at least 1")
         self.db = db
         self.max_queued_per_user = max_queued_per_user
         self.max_attempts = max_attempts
+        self.observers = tuple(observers)
+        """Told of every change after it is committed (metrics, the idle watcher): see ``observers.py``."""
 
     # -- in ---------------------------------------------------------------------------------------------
     def enqueue(self, job: Job) -> Job:
@@ -63,6 +68,7 @@ class JobQueue:
             job.status = QUEUED
             job.created_at = utcnow()
             s.add(job)
+        notify(self.observers, "job_queued", job)
         return job
 
     # -- claim --------------------------------------------------------------------------------------------
@@ -105,15 +111,21 @@ class JobQueue:
             job.progress, job.step, job.steps, job.job_no, job.job_count = 0.0, 0, 0, 0, 0
             job.eta_seconds, job.error, job.error_kind = None, None, None
             s.expunge(job)
-            return job
+        notify(self.observers, "job_started", job)
+        return job
 
     # -- state changes --------------------------------------------------------------------------------------
     def cancel_queued(self, job_id: str, reason: str = "cancelled") -> bool:
         """Cancel a job that has not started; False when it is no longer queued."""
         with self.db.write() as s:
-            result = s.exec(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(  # type: ignore[call-overload]
-                status=JobStatus.CANCELLED, finished_at=utcnow(), error=reason, error_kind="cancelled"))
-            return result.rowcount == 1
+            row = s.exec(update(Job).where(Job.id == job_id, Job.status == QUEUED).values(  # type: ignore[call-overload]
+                status=JobStatus.CANCELLED, finished_at=utcnow(), error=reason, error_kind="cancelled",
+            ).returning(Job.endpoint, Job.mode)).first()
+        if row is not None:
+            notify(self.observers, "job_finished", FinishedJob(
+                job_id=job_id, endpoint=row.endpoint, mode=str(row.mode), status=JobStatus.CANCELLED,
+                error_kind="cancelled", ran_seconds=None))
+        return row is not None
 
     def request_cancel(self, job_id: str) -> bool:
         """Flag a running job for cancellation (survives a restart: recovery then cancels it)."""
@@ -131,10 +143,16 @@ class JobQueue:
                    for k, v in values.items()}
         # a job queued before sizes were kept (NULL) starts from its request's length
         stored = func.coalesce(Job.stored_bytes, func.length(Job.request_json)) + result_bytes
+        now = utcnow()
         with self.db.write() as s:
-            result = s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(  # type: ignore[call-overload]
-                status=status, finished_at=utcnow(), eta_seconds=None, stored_bytes=stored, **encoded))
-            return result.rowcount == 1
+            row = s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(  # type: ignore[call-overload]
+                status=status, finished_at=now, eta_seconds=None, stored_bytes=stored, **encoded,
+            ).returning(Job.endpoint, Job.mode, Job.started_at, Job.error_kind)).first()
+        if row is not None:
+            notify(self.observers, "job_finished", FinishedJob(
+                job_id=job_id, endpoint=row.endpoint, mode=str(row.mode), status=status, error_kind=row.error_kind,
+                ran_seconds=seconds_between(row.started_at, now)))
+        return row is not None
 
     def requeue(self, job_id: str, *, refund_attempt: bool, reason: str) -> JobStatus | None:
         """Put a running job back in the queue (or fail it when out of attempts); returns the new status."""
@@ -142,7 +160,22 @@ class JobQueue:
             job = s.get(Job, job_id)
             if job is None or job.status != RUNNING:
                 return None
-            return self._requeue_row(s, job, refund_attempt=refund_attempt, reason=reason)
+            started_at = job.started_at
+            status = self._requeue_row(s, job, refund_attempt=refund_attempt, reason=reason)
+            endpoint, mode, error_kind = job.endpoint, str(job.mode), job.error_kind
+        self._after_requeue(job_id, endpoint, mode, status, error_kind, started_at, refunded=refund_attempt)
+        return status
+
+    def _after_requeue(self, job_id: str, endpoint: str, mode: str, status: JobStatus, error_kind: str | None,
+                       started_at: datetime | None, *, refunded: bool) -> None:
+        """Tell the observers what a requeue did: the job ended, or (when its worker lost it) it was interrupted."""
+        if status == QUEUED:
+            if not refunded:  # a refunded attempt was the server's own doing (stop, backend refused): no failure
+                notify(self.observers, "job_interrupted", job_id=job_id, endpoint=endpoint)
+            return
+        notify(self.observers, "job_finished", FinishedJob(
+            job_id=job_id, endpoint=endpoint, mode=mode, status=status, error_kind=error_kind,
+            ran_seconds=seconds_between(started_at, utcnow())))
 
     def _requeue_row(self, s: Session, job: Job, *, refund_attempt: bool, reason: str) -> JobStatus:
         attempts = max(0, job.attempts - 1) if refund_attempt else job.attempts
@@ -166,13 +199,18 @@ class JobQueue:
     def recover(self, endpoints: list[str] | None = None) -> Recovery:
         """At start-up: no job stays ``running`` — each is requeued, failed (out of attempts) or cancelled."""
         requeued, failed, cancelled = [], [], []
+        changes = []
         with self.db.write() as s:
             statement = select(Job).where(Job.status == RUNNING)
             if endpoints is not None:
                 statement = statement.where(Job.endpoint.in_(endpoints))  # type: ignore[attr-defined]
             for job in s.exec(statement).all():
+                started_at = job.started_at
                 status = self._requeue_row(s, job, refund_attempt=False, reason="the server stopped while it ran")
                 {QUEUED: requeued, JobStatus.FAILED: failed}.get(status, cancelled).append(job.id)
+                changes.append((job.id, job.endpoint, str(job.mode), status, job.error_kind, started_at))
+        for job_id, endpoint, mode, status, error_kind, started_at in changes:
+            self._after_requeue(job_id, endpoint, mode, status, error_kind, started_at, refunded=False)
         if requeued or failed or cancelled:
             log.warning("restart recovery: %d job(s) requeued, %d failed, %d cancelled",
                         len(requeued), len(failed), len(cancelled))

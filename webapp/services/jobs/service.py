@@ -449,12 +449,30 @@ class JobService:
         the next job of every user. Returns the endpoints asked."""
         if not actor.is_admin:
             raise PermissionDenied("only administrators can unload the models of the server's backends")
+        return self.release_all_memory(reason=f"asked by {actor.username}")
+
+    def release_all_memory(self, *, reason: str) -> list[str]:
+        """``release_memory`` for the server itself (the idle watcher): no actor, the reason is logged. A backend
+        that fails (a remote worker out of reach) is logged and left out; the others are still asked."""
         names = []
         for name, dispatcher in self.dispatchers().items():
-            dispatcher.backend.release_memory()
+            try:
+                dispatcher.backend.release_memory()
+            except Exception:  # noqa: BLE001 - one endpoint's failure must not keep the others' memory held
+                log.exception("endpoint %s could not release its loaded models", name)
+                continue
             names.append(name)
-        log.info("%s released the loaded models of %s", actor.username, ", ".join(names) or "no endpoint")
+        log.info("released the loaded models of %s (%s)", ", ".join(names) or "no endpoint", reason)
         return names
+
+    def active_jobs(self) -> int:
+        """Jobs queued or running on the endpoints this server dispatches (the idle watcher asks)."""
+        names = list(self._dispatchers)
+        if not names:
+            return 0
+        with self._db.read() as s:
+            return s.exec(select(func.count()).select_from(Job).where(
+                Job.status.in_(ACTIVE_STATUSES), Job.endpoint.in_(names))).one()  # type: ignore[attr-defined]
 
     def interrupt(self, *, actor: User) -> Job | None:
         """A1111 /interrupt, per caller: cancel the job ``/progress`` shows them — the running one, else

@@ -8,6 +8,7 @@ a new backend kind needs a ``register_backend`` line and nothing here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.endpoint_admin import EndpointAdmin
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
+from webapp.services.jobs.observers import JobObserver
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import Registry, RequestResolver
 from webapp.services.jobs.service import JobService
@@ -59,15 +61,17 @@ class Jobs:
 
 
 def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
-               model_files: ModelFiles | None, quota: DiskQuota | None = None) -> Jobs:
+               model_files: ModelFiles | None, quota: DiskQuota | None = None,
+               observers: Sequence[JobObserver] = ()) -> Jobs:
     """Queue, board, endpoints, the local endpoint's backend and dispatcher, the stored endpoints', and the
     service over them.
 
-    Not started: call ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
+    ``observers`` hear of every job's changes (metrics, the idle watcher). Not started: call
+    ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
     """
     board = JobBoard()
     queue = JobQueue(db, max_queued_per_user=settings.max_queued_jobs_per_user,
-                     max_attempts=settings.job_max_attempts)
+                     max_attempts=settings.job_max_attempts, observers=observers)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
                          resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
