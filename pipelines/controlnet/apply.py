@@ -31,7 +31,7 @@ from pipelines.controlnet.preprocessors import Annotators, PreprocessorInputErro
 from pipelines.controlnet.units import FIELD_PREFIX, ControlMode, ControlUnit, HiresOption, ResizeMode
 from pipelines.images import decode_image, resize_image
 from pipelines.passes import ControlInput, PassTarget, Task, register_pipeline_classes
-from pipelines.types import GenerationRequest, InvalidRequestError, ModelRef, decode_image_bytes
+from pipelines.types import GenerationRequest, InvalidRequestError, ModelRef
 
 VARIANT = "controlnet"
 SOFT_DECAY = 0.825
@@ -201,8 +201,7 @@ def build_sources(units: Sequence[ControlUnit], refs: Sequence[ModelRef], reques
     sources = []
     for index, (unit, ref) in enumerate(zip(units, refs, strict=True)):
         if unit.image is not None:
-            image = decode_image(decode_image_bytes(unit.image, f"{FIELD_PREFIX}[{index}].image"),
-                                 f"{FIELD_PREFIX}[{index}].image")
+            image = decode_image(unit.image, f"{FIELD_PREFIX}[{index}].image")
         elif request.init_images:  # the extension controls img2img with its own init image
             image = decode_image(request.init_images[0], "init_images[0]")
         else:
@@ -210,7 +209,7 @@ def build_sources(units: Sequence[ControlUnit], refs: Sequence[ModelRef], reques
             raise InvalidRequestError(field, f"`{field}` is required: ControlNet unit {index} has no image and "
                                              "a txt2img job has no init image to use instead")
         mask_field = f"{FIELD_PREFIX}[{index}].mask"
-        mask = decode_image(decode_image_bytes(unit.mask, mask_field), mask_field, mode="L") if unit.mask else None
+        mask = decode_image(unit.mask, mask_field, mode="L") if unit.mask else None
         sources.append(ControlNetSource(index, unit, load(ref.path, ref.sha256), image, annotators, mask=mask,
                                         hires=hires, warnings=warnings))
     return sources

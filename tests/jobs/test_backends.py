@@ -28,6 +28,7 @@ from deploy.backends.messages import (
     event_from_json,
 )
 from deploy.model_files import ModelFileRef
+from pipelines.types import GenerationRequest
 
 SHA = "ab" * 32
 
@@ -40,7 +41,7 @@ def _spec(job_id: str = "job1", **request) -> JobSpec:
     models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=SHA, file=ref),
                        vae="None", loras={"detail": lora})
     body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 1, **request}
-    return JobSpec(job_id=job_id, mode="txt2img", request=body, models=models, attempt=2)
+    return JobSpec(job_id=job_id, mode="txt2img", request=GenerationRequest(**body), models=models, attempt=2)
 
 
 EVENTS = [

@@ -136,9 +136,8 @@ class Dispatcher:
             raw = job.request
             request = engine_request(JobMode(job.mode), raw)
             units, _ = parse_indexed_units(raw.get("alwayson_scripts") or {})
-            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request.to_dict(),
-                           models=JobModels.from_dict(job.models), attempt=job.attempts,
-                           controlnet_units=tuple(unit.to_dict() for _, unit in units))
+            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request, models=JobModels.from_dict(job.models),
+                           attempt=job.attempts, controlnet_units=tuple(unit for _, unit in units))
         except (ServiceError, KeyError, ValueError, InvalidRequestError) as exc:
             message = exc.message if isinstance(exc, ServiceError) else f"the stored job cannot be run: {exc}"
             self.queue.finish(job.id, JobStatus.FAILED, error=message, error_kind="bad_request")
