@@ -98,3 +98,19 @@ def test_a_controlnet_that_cannot_feed_the_checkpoint_fails_naming_the_unit(stud
     assert outcome.message.startswith("ControlNet unit 0 (cnxl) is for SDXL but the checkpoint is")
 
 
+
+def test_a_unit_is_parsed_once_in_this_process(studio, monkeypatch):
+    """Its image is checked at submit; the dispatcher and the runner use the parsed unit."""
+    import pipelines.controlnet.units as units_module
+
+    checked = []
+    image_size = units_module.image_size
+
+    def counting_image_size(data, field_name, max_pixels=None):
+        checked.append(field_name)
+        return image_size(data, field_name, max_pixels)
+
+    monkeypatch.setattr(units_module, "image_size", counting_image_size)
+    job = _run(studio, _unit(save_detected_map=False))
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert checked == ["alwayson_scripts.controlnet.args[0].image"]
