@@ -150,7 +150,8 @@ class JobSpec:
         request or a unit is invalid, ``MessageError`` when it is not a job spec at all."""
         try:
             request = GenerationRequest.from_dict(data["request"])
-            units = tuple(parse_unit(index, unit, [], None) for index, unit in enumerate(data.get("controlnet_units") or ()))
+            units = tuple(parse_unit(index, unit, [], None)
+                          for index, unit in enumerate(data.get("controlnet_units") or ()))
             spec = cls(job_id=data["job_id"], mode=data["mode"], request=request,
                        models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)),
                        controlnet_units=units)

@@ -213,3 +213,16 @@ def test_local_device_detection_without_torch(tmp_path):
     assert parse_devices("auto") is None and parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     with pytest.raises(ValueError, match="tpu"):
         parse_devices("tpu:0")
+
+
+def test_a_spec_from_the_wire_is_validated_naming_the_field():
+    from pipelines.types import InvalidRequestError
+
+    wire = _spec().to_dict()
+    with pytest.raises(InvalidRequestError) as bad_steps:
+        JobSpec.from_dict({**wire, "request": {**wire["request"], "steps": 0}})
+    assert bad_steps.value.field == "steps"
+    unit = {"model": "cn", "module": "none", "image": "bm90IGFuIGltYWdl"}  # base64 of "not an image"
+    with pytest.raises(InvalidRequestError) as bad_unit:
+        JobSpec.from_dict({**wire, "controlnet_units": [unit]})
+    assert bad_unit.value.field == "alwayson_scripts.controlnet.args[0].image"

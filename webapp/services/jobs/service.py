@@ -2,8 +2,9 @@
 
 ``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
 the per-user cap and the disk quota (``webapp/services/quota.py``), stores the input images in the asset
-store (``inputs.py``) and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here: only the owner or an administrator sees, cancels
-or deletes a job, and anyone else gets NotFound — never 403 — so job ids reveal nothing.
+store (``inputs.py``) and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
+only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound — never
+403 — so job ids reveal nothing.
 """
 
 from __future__ import annotations
@@ -165,9 +166,9 @@ class JobService:
             for job in rows:
                 blobs = (self._store.stat(key) for key in [*self.inputs.keys_of(job), *job.image_keys])
                 texts = len(job.request_json.encode()) + len((job.engine_request_json or "").encode())
-                size, job_id = texts + sum(blob.size for blob in blobs if blob is not None), job.id
+                size = texts + sum(blob.size for blob in blobs if blob is not None)
                 with self._db.write() as s:
-                    s.exec(update(Job).where(Job.id == job_id).values(stored_bytes=size))  # type: ignore[call-overload]
+                    s.exec(update(Job).where(Job.id == job.id).values(stored_bytes=size))  # type: ignore[call-overload]
                 measured += 1
         if measured:
             log.info("measured the disk use of %d job(s) recorded before sizes were kept", measured)
