@@ -150,8 +150,8 @@ class JobSpec:
         request or a unit is invalid, ``MessageError`` when it is not a job spec at all."""
         try:
             request = GenerationRequest.from_dict(data["request"])
-            units = tuple(parse_unit(index, unit, [], None)
-                          for index, unit in enumerate(data.get("controlnet_units") or ()))
+            units = tuple(parse_unit(_arg_index(unit, position), unit, [], None)
+                          for position, unit in enumerate(data.get("controlnet_units") or ()))
             spec = cls(job_id=data["job_id"], mode=data["mode"], request=request,
                        models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)),
                        controlnet_units=units)
@@ -166,6 +166,12 @@ class JobSpec:
     @classmethod
     def from_json(cls, text: str | bytes) -> JobSpec:
         return cls.from_dict(json.loads(text))
+
+
+def _arg_index(unit: Mapping[str, Any], position: int) -> int:
+    """Where the unit sat in the client's ``alwayson_scripts.controlnet.args`` (errors name it)."""
+    index = unit.get("arg_index")
+    return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else position
 
 
 # -- events ------------------------------------------------------------------------------------------

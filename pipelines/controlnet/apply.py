@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipelines.controlnet.loader import controlnet_info
 from pipelines.controlnet.preprocessors import Annotators, PreprocessorInputError
+from pipelines.controlnet.preprocessors import resolve as resolve_preprocessor
 from pipelines.controlnet.units import FIELD_PREFIX, ControlMode, ControlUnit, HiresOption, ResizeMode
 from pipelines.images import decode_image, resize_image
 from pipelines.passes import ControlInput, PassTarget, Task, register_pipeline_classes
@@ -188,6 +189,15 @@ ControlNetLoader = Callable[[Path, str | None], Any]
 """Loads a ControlNet file (``PipelineCache.controlnet``: cached, on the cache's device and dtype)."""
 
 
+def _job_mask(request: GenerationRequest) -> Image.Image:
+    """The inpaint job's mask as the unit sees it: white = repaint (inverted when the job inverts it)."""
+    from PIL import ImageOps
+
+    assert request.mask is not None
+    mask = decode_image(request.mask, "mask", mode="L")
+    return ImageOps.invert(mask) if request.inpainting_mask_invert else mask
+
+
 def build_sources(units: Sequence[ControlUnit], refs: Sequence[ModelRef], request: GenerationRequest, unet_config: Any,
                   load: ControlNetLoader, annotators: Annotators, warnings: list[str], *,
                   checkpoint_base: str | None = None) -> list[ControlNetSource]:
@@ -195,21 +205,24 @@ def build_sources(units: Sequence[ControlUnit], refs: Sequence[ModelRef], reques
     to fit the checkpoint's UNet (``BaseMismatch`` naming the unit) before any is loaded."""
     if len(units) != len(refs):
         raise ValueError(f"{len(units)} ControlNet units but {len(refs)} ControlNet models")
-    for index, ref in enumerate(refs):
+    positions = [unit.arg_index if unit.arg_index is not None else i for i, unit in enumerate(units)]
+    for index, ref in zip(positions, refs, strict=True):
         controlnet_info(ref.path).check_fits(unet_config, unit=index, name=ref.name, checkpoint_base=checkpoint_base)
     hires = request.mode == "txt2img" and request.enable_hr
     sources = []
-    for index, (unit, ref) in enumerate(zip(units, refs, strict=True)):
+    for index, unit, ref in zip(positions, units, refs, strict=True):
+        mask_field = f"{FIELD_PREFIX}[{index}].mask"
+        mask = decode_image(unit.mask, mask_field, mode="L") if unit.mask else None
         if unit.image is not None:
             image = decode_image(unit.image, f"{FIELD_PREFIX}[{index}].image")
         elif request.init_images:  # the extension controls img2img with its own init image
             image = decode_image(request.init_images[0], "init_images[0]")
+            if mask is None and request.mask is not None and resolve_preprocessor(unit.module).requires_mask:
+                mask = _job_mask(request)  # ... and an inpaint unit with the job's own mask
         else:
             field = f"{FIELD_PREFIX}[{index}].image"
             raise InvalidRequestError(field, f"`{field}` is required: ControlNet unit {index} has no image and "
                                              "a txt2img job has no init image to use instead")
-        mask_field = f"{FIELD_PREFIX}[{index}].mask"
-        mask = decode_image(unit.mask, mask_field, mode="L") if unit.mask else None
         sources.append(ControlNetSource(index, unit, load(ref.path, ref.sha256), image, annotators, mask=mask,
                                         hires=hires, warnings=warnings))
     return sources

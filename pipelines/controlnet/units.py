@@ -83,6 +83,9 @@ class ControlUnit:
     hr_option: HiresOption = HiresOption.BOTH
     save_detected_map: bool = True
     low_vram: bool = False
+    arg_index: int | None = None
+    """The unit's position in ``alwayson_scripts.controlnet.args`` (what error messages name); None: its
+    position among the enabled units."""
 
     @property
     def has_model(self) -> bool:
@@ -229,6 +232,7 @@ def parse_unit(index: int, raw: Mapping[str, Any], warnings: list[str], max_pixe
     if start > end:
         raise _fail(index, "guidance_start", f"must not be after guidance_end ({start} > {end})")
     return ControlUnit(
+        arg_index=index,
         model=_model(index, data.get("model")),
         module=_module(index, data.get("module")),
         image=_image(index, "image", image, max_pixels),

@@ -222,7 +222,7 @@ def test_a_spec_from_the_wire_is_validated_naming_the_field():
     with pytest.raises(InvalidRequestError) as bad_steps:
         JobSpec.from_dict({**wire, "request": {**wire["request"], "steps": 0}})
     assert bad_steps.value.field == "steps"
-    unit = {"model": "cn", "module": "none", "image": "bm90IGFuIGltYWdl"}  # base64 of "not an image"
+    unit = {"model": "cn", "module": "none", "image": "bm90IGFuIGltYWdl", "arg_index": 2}  # "not an image"
     with pytest.raises(InvalidRequestError) as bad_unit:
         JobSpec.from_dict({**wire, "controlnet_units": [unit]})
-    assert bad_unit.value.field == "alwayson_scripts.controlnet.args[0].image"
+    assert bad_unit.value.field == "alwayson_scripts.controlnet.args[2].image", "named where the client put it"

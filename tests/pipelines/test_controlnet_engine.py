@@ -3,6 +3,7 @@ extension's does, in txt2img, img2img, inpaint and the hires pass, and nothing s
 
 from __future__ import annotations
 
+import base64
 from functools import cache
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 from pipelines.controlnet.apply import SOFT_DECAY, ControlNetSource, build_sources, pixel_perfect_resolution
 from pipelines.controlnet.loader import BaseMismatch, load_controlnet
 from pipelines.controlnet.preprocessors import Annotators
-from pipelines.controlnet.units import ControlMode, ControlUnit, HiresOption, ResizeMode
+from pipelines.controlnet.units import ControlMode, ControlUnit, HiresOption, ResizeMode, parse_indexed_units
 from pipelines.engine import Engine
 from pipelines.types import ModelRef
 from tests.pipelines.test_gen_fixtures import (
@@ -31,6 +32,11 @@ from tests.tiny import controlnets
 
 _RNG = np.random.default_rng(3)
 HINT = Image.fromarray(_RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+def b64(image: Image.Image) -> str:
+    """As a client sends an image in ``alwayson_scripts`` (parsed units hold the bytes)."""
+    return base64.b64encode(png(image)).decode("ascii")
 
 
 @cache
@@ -159,6 +165,30 @@ def test_sdxl_unit_runs(eng, annotators):
 def test_base_mismatch_is_refused_naming_the_unit(eng, annotators):
     with pytest.raises(BaseMismatch, match=r"ControlNet unit 1 \(cnxl\)"):
         run(eng, annotators, [unit(), unit(model="cnxl")], models=["cn15", "cnxl"])
+
+
+def test_errors_in_the_worker_name_the_units_args_index_not_its_enabled_position(eng, annotators):
+    args = [{"enabled": False}, {"model": "cn15", "module": "none", "image": b64(HINT)},
+            {"model": "cnxl", "module": "none", "image": b64(HINT)}]
+    units = [u for _, u in parse_indexed_units({"controlnet": {"args": args}})[0]]
+    assert [u.arg_index for u in units] == [1, 2]
+    shipped = [ControlUnit.from_dict(u.to_dict()) for u in units]  # as a JobSpec carries them
+    with pytest.raises(BaseMismatch, match=r"ControlNet unit 2 \(cnxl\)"):
+        run(eng, annotators, shipped, models=["cn15", "cnxl"])
+
+
+def test_an_inpaint_unit_without_image_or_mask_uses_the_inpaint_jobs_own_mask(eng, annotators):
+    init = png(HINT)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 8, 40, 40))
+    job = {"mode": "inpaint", "init_images": (init,), "mask": png(mask), "denoising_strength": 0.8}
+    _, borrowed = run(eng, annotators, [unit(module="inpaint_only", image=None)], **job)
+    _, explicit = run(eng, annotators, [unit(module="inpaint_only", image=None, mask=png(mask))], **job)
+    assert np.array_equal(np.asarray(borrowed[0].mask), np.asarray(mask))
+    assert np.array_equal(np.asarray(borrowed[0].detected_map), np.asarray(explicit[0].detected_map))
+    inverted = {**job, "inpainting_mask_invert": 1}
+    _, flipped = run(eng, annotators, [unit(module="inpaint_only", image=None)], **inverted)
+    assert np.array_equal(np.asarray(flipped[0].mask), 255 - np.asarray(mask))
 
 
 def test_canny_map_is_resized_by_the_resize_mode_and_pixel_perfect(annotators):

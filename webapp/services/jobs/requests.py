@@ -59,13 +59,12 @@ class PreparedJob:
     checkpoint: ModelRecord
     controlnet_units: tuple[ControlUnit, ...] = ()
     """The enabled units, in the order of ``models.controlnets``."""
-    controlnet_args: tuple[int, ...] = ()
-    """Each unit's index in ``alwayson_scripts.controlnet.args`` (where its images were read)."""
     warnings: tuple[str, ...] = ()
 
     @property
     def units_by_arg(self) -> dict[int, ControlUnit]:
-        return dict(zip(self.controlnet_args, self.controlnet_units, strict=True))
+        """The units by their index in ``alwayson_scripts.controlnet.args`` (where their images were read)."""
+        return {unit.arg_index: unit for unit in self.controlnet_units if unit.arg_index is not None}
 
 
 def _settings(request: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -162,8 +161,7 @@ class RequestResolver:
             controlnets=controlnets,
         )
         return PreparedJob(mode=job_mode, request=built, models=models, checkpoint=checkpoint,
-                           controlnet_units=tuple(unit for _, unit in units),
-                           controlnet_args=tuple(index for index, _ in units), warnings=tuple(warnings))
+                           controlnet_units=tuple(unit for _, unit in units), warnings=tuple(warnings))
 
     # -- models --------------------------------------------------------------------------------------
     def _spec(self, record: ModelRecord) -> ModelSpec:
