@@ -122,12 +122,12 @@ class JobRunner:
         from pipelines.controlnet.preprocessors import BrokenAnnotator, MissingAnnotator
         from pipelines.errors import PipelineError
         from pipelines.types import Cancelled as EngineCancelled
-        from pipelines.types import GenerationRequest, InvalidRequestError, OutOfMemoryError
+        from pipelines.types import InvalidRequestError, OutOfMemoryError
 
         runtime = self.runtime
         clock = EtaClock()
         try:
-            request = GenerationRequest.from_dict(spec.request)
+            request = spec.request  # validated where it entered this process (JobSpec's contract)
             with ExitStack() as stack:
                 models = self._resolve(spec.models, stack)
 
@@ -139,7 +139,7 @@ class JobRunner:
                 controls, warnings = self._controls(runtime, spec, request, models, stack)
                 result = runtime.engine.generate(request, models, on_event=on_event, should_cancel=should_cancel,
                                                  should_skip=should_skip, controls=controls,
-                                                 infotext_params=controlnet_params(spec))
+                                                 infotext_params=controlnet_params(spec), validated=True)
         except EngineCancelled as exc:
             if stopping():
                 raise RunnerStopped(spec.job_id) from exc
@@ -164,7 +164,6 @@ class JobRunner:
                   stack: ExitStack) -> tuple[list[Any], list[str]]:
         """The job's ControlNet sources: files pinned, each checked to fit the checkpoint, loaded via the cache."""
         from pipelines.controlnet.apply import build_sources
-        from pipelines.controlnet.units import ControlUnit
         from pipelines.errors import PipelineError
         from pipelines.types import ModelRef
 
@@ -176,7 +175,7 @@ class JobRunner:
         for unit_spec in spec.models.controlnets:
             path = stack.enter_context(self.model_files.pinned(unit_spec.file))[0]
             refs.append(ModelRef(name=unit_spec.name, path=path, sha256=unit_spec.sha256, kind=unit_spec.kind))
-        units = [ControlUnit.from_dict(u) for u in spec.controlnet_units]
+        units = list(spec.controlnet_units)
         base = runtime.cache.get(models.checkpoint.path, models.checkpoint.sha256)
         warnings: list[str] = []
         sources = build_sources(units, refs, request, base.unet.config, runtime.cache.controlnet, runtime.annotators,
@@ -228,7 +227,5 @@ def _png(image: Any) -> bytes:
 def controlnet_params(spec: JobSpec) -> dict[str, str]:
     """The ``ControlNet N`` infotext entries (the extension's format), models named ``name [hash8]``."""
     from pipelines.controlnet.infotext import controlnet_params as entries
-    from pipelines.controlnet.units import ControlUnit
 
-    units = [ControlUnit.from_dict(u) for u in spec.controlnet_units]
-    return entries(units, [f"{m.name} [{m.sha256[:8]}]" for m in spec.models.controlnets])
+    return entries(list(spec.controlnet_units), [f"{m.name} [{m.sha256[:8]}]" for m in spec.models.controlnets])

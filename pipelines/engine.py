@@ -66,14 +66,17 @@ class Engine:
                  should_cancel: Callable[[], bool] | None = None,
                  should_skip: Callable[[], bool] | None = None,
                  controls: Sequence[ControlSource] = (),
-                 infotext_params: Mapping[str, str] | None = None) -> GenerationResult:
+                 infotext_params: Mapping[str, str] | None = None, validated: bool = False) -> GenerationResult:
         """Run one job. Raises ``InvalidRequestError``/``PipelineError`` for bad input, ``Cancelled`` when
         ``should_cancel()`` turns True (checked every step; ``partial`` holds the batches already done),
         ``OutOfMemoryError`` after freeing memory. ``should_skip()`` turning True drops the current batch
         and goes on with the next (A1111's skip); it must reset itself once it has answered True. ``controls``
         are asked for their input to every pass (``ControlSource.for_pass``); ``infotext_params`` are written
-        into every image's infotext (what the caller's controls were, e.g. ``ControlNet 0``)."""
-        request.validate()
+        into every image's infotext (what the caller's controls were, e.g. ``ControlNet 0``). ``validated``: the
+        caller ran ``request.validate()`` where the request entered its process (a ``JobSpec`` guarantees it),
+        so it is not checked twice; the model-dependent checks run either way."""
+        if not validated:
+            request.validate()
         with self._lock:
             try:
                 return Job(self, request, models, on_event=on_event, should_cancel=should_cancel,

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -65,8 +65,16 @@ class BatchSkipped(Exception):  # noqa: N818 - a signal, not an error
     goes on with its next batch (``n_iter``)."""
 
 
-def _b64(data: bytes) -> str:
+def encode_image_b64(data: bytes) -> str:
+    """Bare base64 of encoded image bytes (how images travel in JSON)."""
     return base64.b64encode(data).decode("ascii")
+
+
+def data_uri_header(text: str) -> str:
+    """The ``data:image/...;base64,`` header of an A1111-style data URI, or "" for bare base64."""
+    if text.startswith("data:image/") and "," in text:
+        return text[:text.index(",") + 1]
+    return ""
 
 
 def decode_image_bytes(value: str | bytes, field_name: str) -> bytes:
@@ -75,13 +83,17 @@ def decode_image_bytes(value: str | bytes, field_name: str) -> bytes:
         return bytes(value)
     if not isinstance(value, str):
         raise InvalidRequestError(field_name, f"`{field_name}` must be base64 image data but is {type(value).__name__}")
-    text = value
-    if text.startswith("data:image/"):
-        text = text.split(";", 1)[1].split(",", 1)[-1]
+    text = value[len(data_uri_header(value)):]
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequestError(field_name, f"`{field_name}` is not valid base64 image data") from exc
+
+
+ImageEncoder = Callable[[bytes], str]
+"""Encoded image bytes -> the JSON string that stands for them (base64 on the wire, a store reference at rest)."""
+ImageDecoder = Callable[[Any, str], bytes]
+"""(JSON value, field name) -> encoded image bytes; raises ``InvalidRequestError`` naming the field."""
 
 
 @dataclass(frozen=True)
@@ -408,26 +420,27 @@ class GenerationRequest:
         _check_int("inpainting_mask_invert", int(self.inpainting_mask_invert), 0, 1)
 
     # -- serialisation --------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict; images become base64 strings."""
+    def to_dict(self, encode_image: ImageEncoder = encode_image_b64) -> dict[str, Any]:
+        """JSON-safe dict; images become base64 strings (or what ``encode_image`` makes of them)."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["init_images"] = [_b64(b) for b in self.init_images]
-        data["mask"] = _b64(self.mask) if self.mask is not None else None
+        data["init_images"] = [encode_image(b) for b in self.init_images]
+        data["mask"] = encode_image(self.mask) if self.mask is not None else None
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> GenerationRequest:
-        """Inverse of ``to_dict``; also accepts data URIs. Unknown keys are ignored (logged) for version skew."""
+    def from_dict(cls, data: Mapping[str, Any], decode_image: ImageDecoder = decode_image_bytes) -> GenerationRequest:
+        """Inverse of ``to_dict``: decodes, does not ``validate()``. Accepts data URIs. Unknown keys are ignored
+        (logged) for version skew."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             logger.warning("ignoring unknown request fields: %s", ", ".join(unknown))
         values = {k: v for k, v in data.items() if k in names}
         if "init_images" in values:
-            values["init_images"] = tuple(decode_image_bytes(v, f"init_images[{i}]")
+            values["init_images"] = tuple(decode_image(v, f"init_images[{i}]")
                                           for i, v in enumerate(values["init_images"] or ()))
         if values.get("mask") is not None:
-            values["mask"] = decode_image_bytes(values["mask"], "mask")
+            values["mask"] = decode_image(values["mask"], "mask")
         return cls(**values)
 
 
@@ -465,7 +478,7 @@ class Progress:
     def to_dict(self) -> dict[str, Any]:
         return {"type": "progress", "step": self.step, "total": self.total, "job_no": self.job_no,
                 "job_count": self.job_count, "phase": self.phase,
-                "preview": _b64(self.preview) if self.preview is not None else None}
+                "preview": encode_image_b64(self.preview) if self.preview is not None else None}
 
 
 @dataclass(frozen=True)
@@ -495,7 +508,7 @@ class GenerationResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        data["images"] = [_b64(b) for b in self.images]
+        data["images"] = [encode_image_b64(b) for b in self.images]
         return data
 
     @classmethod

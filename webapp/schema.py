@@ -101,6 +101,11 @@ def _v8(conn: Connection) -> None:
     add_column(conn, "endpoint", "secrets_token", "TEXT")
 
 
+def _v9(conn: Connection) -> None:
+    # Inputs in the asset store: the validated engine request (NULL on older jobs, which hold inline base64).
+    add_column(conn, "job", "engine_request_json", "TEXT")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -111,6 +116,7 @@ MIGRATIONS: list[Migration] = [
     Migration(6, "indexes that earlier in-place upgrades missed", _v6),
     Migration(7, "disk quota: bytes stored per job", _v7),
     Migration(8, "endpoints: instance bounds, autoscaling, encrypted secrets", _v8),
+    Migration(9, "job inputs in the asset store: the validated engine request per job", _v9),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -99,15 +99,15 @@ class FakeBackend(ThreadedBackend):
         self.jobs_run.append(spec.job_id)
         self.emit(Started(job_id=spec.job_id, worker=f"{self.name}/{worker.label}"))
         req = spec.request
-        prompt = str(req.get("prompt", ""))
-        width, height = int(req.get("width", 512)), int(req.get("height", 512))
-        batch, n_iter = int(req.get("batch_size", 1)), int(req.get("n_iter", 1))
+        prompt = req.prompt
+        width, height = req.width, req.height
+        batch, n_iter = req.batch_size, req.n_iter
         for kind, text in self.fail_prompts.items():
             if text and text in prompt:
                 message = _FAIL_MESSAGES.get(kind, f"failed ({kind})").format(n=batch, w=width, h=height)
                 return Failed(job_id=spec.job_id, message=message, kind=kind)
-        steps = self.steps or int(req.get("steps", 20))
-        seed = int(req.get("seed", -1))
+        steps = self.steps or req.steps
+        seed = req.seed
         if seed == -1:
             seed = random.randrange(4294967294)
         clock = EtaClock()
@@ -144,17 +144,15 @@ class FakeBackend(ThreadedBackend):
         count = len(seeds)
         infotexts, images = [], []
         for s in seeds:
-            params = {"Steps": steps, "Sampler": req.get("sampler_name") or "DPM++ 2M",
-                      "CFG scale": req.get("cfg_scale", 7.0), "Seed": s, "Size": f"{width}x{height}",
+            params = {"Steps": steps, "Sampler": req.sampler_name, "CFG scale": req.cfg_scale, "Seed": s, "Size": f"{width}x{height}",
                       "Model hash": checkpoint.sha256[:10], "Model": checkpoint.name, "Version": VERSION}
-            text = build(str(req.get("prompt", "")), str(req.get("negative_prompt", "")), params)
+            text = build(req.prompt, req.negative_prompt, params)
             infotexts.append(text)
-            images.append(render_png(str(req.get("prompt", "")), s, width, height, text))
+            images.append(render_png(req.prompt, s, width, height, text))
         info: dict[str, Any] = {
-            "prompt": req.get("prompt", ""), "all_prompts": [req.get("prompt", "")] * count,
-            "negative_prompt": req.get("negative_prompt", ""), "seed": seeds[0] if seeds else seed, "all_seeds": seeds,
+            "prompt": req.prompt, "all_prompts": [req.prompt] * count, "negative_prompt": req.negative_prompt, "seed": seeds[0] if seeds else seed, "all_seeds": seeds,
             "subseed": -1, "all_subseeds": [-1] * count, "width": width, "height": height,
-            "sampler_name": req.get("sampler_name") or "DPM++ 2M", "cfg_scale": req.get("cfg_scale", 7.0),
+            "sampler_name": req.sampler_name, "cfg_scale": req.cfg_scale,
             "steps": steps, "batch_size": count, "sd_model_name": checkpoint.name,
             "sd_model_hash": checkpoint.sha256[:10], "sd_vae_name": None, "sd_vae_hash": None, "clip_skip": 1,
             "index_of_first_image": 0, "infotexts": infotexts, "version": VERSION,

@@ -1,9 +1,10 @@
 """What travels between the control plane and a backend: a job spec in, events out.
 
 Remote backends (a self-hosted HTTP worker, SageMaker endpoints) share no memory with the app, so
-every message is a frozen dataclass of plain values with ``to_json()``/``from_json()``; images travel
-as base64 PNG (or as asset-store keys when the worker wrote them itself), models as ``ModelFileRef``s
-the worker materialises with ``deploy.model_files.ModelFiles``. Nothing here imports torch or webapp.
+every message is a frozen dataclass with ``to_json()``/``from_json()``; models travel as ``ModelFileRef``s
+the worker materialises with ``deploy.model_files.ModelFiles``. In a process images are bytes (a ``JobSpec``
+holds the typed ``GenerationRequest`` and ``ControlUnit``s); they become base64 only on the wire (or
+asset-store keys when the worker wrote its results itself). Nothing here imports torch or webapp.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from deploy.model_files import ModelFileRef
+from pipelines.controlnet.units import ControlUnit, parse_unit
+from pipelines.types import GenerationRequest
 
 VAE_AUTOMATIC = "Automatic"
 VAE_NONE = "None"
@@ -121,30 +124,41 @@ class JobModels:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job for a backend: the engine request (``GenerationRequest.to_dict()`` shape) and its models."""
+    """One job for a backend: the engine request, its ControlNet units and its models.
+
+    A spec holds a request already validated where it entered this process (the control plane at submit;
+    ``from_dict`` for one that arrived over the wire), so whoever runs it does not validate it again.
+    """
 
     job_id: str
     mode: str
-    request: Mapping[str, Any]
+    request: GenerationRequest
     models: JobModels
     attempt: int = 1
-    controlnet_units: Sequence[Mapping[str, Any]] = ()
-    """The enabled ControlNet units (``ControlUnit.to_dict()``: JSON-safe, images as base64), in the order of
-    ``models.controlnets``."""
+    controlnet_units: Sequence[ControlUnit] = ()
+    """The enabled ControlNet units, in the order of ``models.controlnets``."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "mode": self.mode, "request": dict(self.request),
+        """The wire form: images as base64."""
+        return {"job_id": self.job_id, "mode": self.mode, "request": self.request.to_dict(),
                 "models": self.models.to_dict(), "attempt": self.attempt,
-                "controlnet_units": [dict(u) for u in self.controlnet_units]}
+                "controlnet_units": [u.to_dict() for u in self.controlnet_units]}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        """Decode and validate a spec from the wire, once: ``InvalidRequestError`` (naming the field) when the
+        request or a unit is invalid, ``MessageError`` when it is not a job spec at all."""
         try:
-            return cls(job_id=data["job_id"], mode=data["mode"], request=dict(data["request"]),
+            request = GenerationRequest.from_dict(data["request"])
+            units = tuple(parse_unit(_arg_index(unit, position), unit, [], None)
+                          for position, unit in enumerate(data.get("controlnet_units") or ()))
+            spec = cls(job_id=data["job_id"], mode=data["mode"], request=request,
                        models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)),
-                       controlnet_units=tuple(dict(u) for u in data.get("controlnet_units") or ()))
-        except (KeyError, TypeError) as exc:
+                       controlnet_units=units)
+        except (KeyError, TypeError, AttributeError) as exc:
             raise MessageError(f"not a job spec: {exc}") from exc
+        request.validate()
+        return spec
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -152,6 +166,12 @@ class JobSpec:
     @classmethod
     def from_json(cls, text: str | bytes) -> JobSpec:
         return cls.from_dict(json.loads(text))
+
+
+def _arg_index(unit: Mapping[str, Any], position: int) -> int:
+    """Where the unit sat in the client's ``alwayson_scripts.controlnet.args`` (errors name it)."""
+    index = unit.get("arg_index")
+    return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else position
 
 
 # -- events ------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from pipelines.controlnet.preprocessors import resolve as resolve_preprocessor
 from pipelines.controlnet.units import FIELD_PREFIX, ControlMode, ControlUnit, HiresOption, ResizeMode
 from pipelines.images import decode_image, resize_image
 from pipelines.passes import ControlInput, PassTarget, Task, register_pipeline_classes
-from pipelines.types import GenerationRequest, InvalidRequestError, ModelRef, decode_image_bytes
+from pipelines.types import GenerationRequest, InvalidRequestError, ModelRef
 
 VARIANT = "controlnet"
 SOFT_DECAY = 0.825
@@ -212,10 +212,9 @@ def build_sources(units: Sequence[ControlUnit], refs: Sequence[ModelRef], reques
     sources = []
     for index, unit, ref in zip(positions, units, refs, strict=True):
         mask_field = f"{FIELD_PREFIX}[{index}].mask"
-        mask = decode_image(decode_image_bytes(unit.mask, mask_field), mask_field, mode="L") if unit.mask else None
+        mask = decode_image(unit.mask, mask_field, mode="L") if unit.mask else None
         if unit.image is not None:
-            image = decode_image(decode_image_bytes(unit.image, f"{FIELD_PREFIX}[{index}].image"),
-                                 f"{FIELD_PREFIX}[{index}].image")
+            image = decode_image(unit.image, f"{FIELD_PREFIX}[{index}].image")
         elif request.init_images:  # the extension controls img2img with its own init image
             image = decode_image(request.init_images[0], "init_images[0]")
             if mask is None and request.mask is not None and resolve_preprocessor(unit.module).requires_mask:

@@ -4,14 +4,13 @@ frozen, JSON-safe values.
 Field names, enums and legacy aliases follow sd-webui-controlnet's external API
 (https://github.com/Mikubill/sd-webui-controlnet, `internal_controlnet/external_code.py` and `scripts/enums.py`)
 and what webuiapi's ``ControlNetUnit.to_dict`` sends. Every error names the field as
-``alwayson_scripts.controlnet.args[i].<field>`` so the edges answer 422 pointing at it. Images stay bare
-base64 PNG/JPEG strings (checked header-first by ``pipelines.images.open_image``), so a unit travels
-unchanged in a JobSpec to a remote backend.
+``alwayson_scripts.controlnet.args[i].<field>`` so the edges answer 422 pointing at it. Images are decoded
+once, to encoded image bytes (checked header-first by ``pipelines.images.open_image``); ``to_dict`` gives them
+as base64 for the wire (or as whatever the caller's encoder makes of them: store references at rest).
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import enum
 import math
@@ -21,7 +20,13 @@ from typing import Any
 
 from pipelines.controlnet.preprocessors import UnknownPreprocessor, resolve
 from pipelines.images import image_size
-from pipelines.types import InvalidRequestError, decode_image_bytes
+from pipelines.types import (
+    ImageDecoder,
+    ImageEncoder,
+    InvalidRequestError,
+    decode_image_bytes,
+    encode_image_b64,
+)
 
 SCRIPT_KEY = "controlnet"
 FIELD_PREFIX = "alwayson_scripts.controlnet.args"
@@ -51,6 +56,8 @@ _ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_
 _IGNORED = ("advanced_weighting", "effective_region_mask", "ipadapter_input", "pulid_mode", "union_control_type",
             "inpaint_crop_input_image")
 NO_MODEL = "None"
+SlotPath = tuple[str | int, ...]
+"""Keys and list indices from a unit dict down to one of its images."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,9 @@ class ControlUnit:
 
     model: str = NO_MODEL
     module: str = "none"
-    image: str | None = None
-    mask: str | None = None
+    image: bytes | None = None
+    """Encoded image bytes (PNG/JPEG/WebP), checked when parsed."""
+    mask: bytes | None = None
     weight: float = 1.0
     guidance_start: float = 0.0
     guidance_end: float = 1.0
@@ -83,17 +91,26 @@ class ControlUnit:
     def has_model(self) -> bool:
         return self.model.strip().lower() not in ("", "none")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v)
+    def to_dict(self, encode_image: ImageEncoder = encode_image_b64) -> dict[str, Any]:
+        """JSON-safe: enums as their values, images as base64 (or what ``encode_image`` makes of them)."""
+        data = {f.name: (v.value if isinstance(v := getattr(self, f.name), enum.Enum) else v)
                 for f in dataclasses.fields(self)}
+        for name in ("image", "mask"):
+            if data[name] is not None:
+                data[name] = encode_image(data[name])
+        return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ControlUnit:
+    def from_dict(cls, data: Mapping[str, Any], decode_image: ImageDecoder = decode_image_bytes) -> ControlUnit:
+        """Inverse of ``to_dict`` for a unit already checked (``parse_unit`` checks one from outside)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in names}
         for key, kind in (("control_mode", ControlMode), ("resize_mode", ResizeMode), ("hr_option", HiresOption)):
             if key in values:
                 values[key] = kind(values[key])
+        for key in ("image", "mask"):
+            if values.get(key) is not None:
+                values[key] = decode_image(values[key], key)
         return cls(**values)
 
 
@@ -132,25 +149,51 @@ def _flag(index: int, name: str, value: Any) -> bool:
     return value
 
 
-def _image(index: int, name: str, value: Any, max_pixels: int | None) -> str | None:
-    """Bare base64 of a checked image (data-URL prefix stripped), or None for an empty value."""
+def _image(index: int, name: str, value: Any, max_pixels: int | None) -> bytes | None:
+    """The checked image's encoded bytes (base64 or a data URL decoded), or None for an empty value."""
     if value is None or value == "":
         return None
     field = f"{FIELD_PREFIX}[{index}].{name}"
     data = decode_image_bytes(value, field)
     image_size(data, field, max_pixels)
-    return base64.b64encode(data).decode("ascii")
+    return data
 
 
-def _split_image(index: int, value: Any) -> tuple[Any, Any]:
-    """The extension accepts an image as a string, ``{"image": b64, "mask": b64}`` or ``[image, mask]``."""
-    if isinstance(value, Mapping):
-        return value.get("image"), value.get("mask")
-    if isinstance(value, list | tuple):
-        if not 1 <= len(value) <= 2:
-            raise _fail(index, "image", f"as a list must be [image] or [image, mask] but has {len(value)} items")
-        return value[0], value[1] if len(value) == 2 else None
-    return value, None
+def image_slots(index: int, raw: Mapping[str, Any]) -> dict[str, SlotPath]:
+    """Where unit ``raw`` holds its ``image`` and ``mask`` (paths inside the unit dict), as ``parse_unit`` reads
+    them. The extension accepts the image (or ``input_image``) as a string, ``{"image": b64, "mask": b64}`` or
+    ``[image, mask]``; a separate non-empty ``mask`` (or ``mask_image``) wins over the paired one. Callers that
+    swap images for references walk the same paths, so they replace exactly what was parsed."""
+    named: dict[str, str] = {}
+    for key in raw:
+        named[_ALIASES.get(key, key)] = key  # the last of a name and its alias wins, as in parse_unit
+    slots: dict[str, SlotPath] = {}
+    image_key = named.get("image")
+    if image_key is not None:
+        value = raw[image_key]
+        if isinstance(value, Mapping):
+            slots.update(image=(image_key, "image"), mask=(image_key, "mask"))
+        elif isinstance(value, list | tuple):
+            if not 1 <= len(value) <= 2:
+                raise _fail(index, "image", f"as a list must be [image] or [image, mask] but has {len(value)} items")
+            slots["image"] = (image_key, 0)
+            if len(value) == 2:
+                slots["mask"] = (image_key, 1)
+        else:
+            slots["image"] = (image_key,)
+    mask_key = named.get("mask")
+    if mask_key is not None and raw[mask_key] not in (None, ""):
+        slots["mask"] = (mask_key,)
+    return slots
+
+
+def slot_value(raw: Any, path: SlotPath | None) -> Any:
+    """The value at ``path`` (from ``image_slots``) inside ``raw``; None where there is none."""
+    if path is None:
+        return None
+    for step in path:
+        raw = raw.get(step) if isinstance(raw, Mapping) else raw[step]
+    return raw
 
 
 def _model(index: int, value: Any) -> str:
@@ -180,9 +223,8 @@ def parse_unit(index: int, raw: Mapping[str, Any], warnings: list[str], max_pixe
     ignored = [key for key in _IGNORED if data.get(key) not in (None, "", [], {}, False)]
     if ignored:
         warnings.append(f"ControlNet unit {index}: ignored {', '.join(ignored)} (not supported by this server)")
-    image, mask = _split_image(index, data.get("image"))
-    if data.get("mask") not in (None, ""):
-        mask = data["mask"]
+    slots = image_slots(index, raw)
+    image, mask = slot_value(raw, slots.get("image")), slot_value(raw, slots.get("mask"))
     if _flag(index, "low_vram", data.get("low_vram", False)):
         warnings.append(f"ControlNet unit {index}: low_vram is accepted and has no effect on this server")
     start = _number(index, "guidance_start", data.get("guidance_start", 0.0), 0.0, 1.0)

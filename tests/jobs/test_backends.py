@@ -28,6 +28,7 @@ from deploy.backends.messages import (
     event_from_json,
 )
 from deploy.model_files import ModelFileRef
+from pipelines.types import GenerationRequest
 
 SHA = "ab" * 32
 
@@ -40,7 +41,7 @@ def _spec(job_id: str = "job1", **request) -> JobSpec:
     models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=SHA, file=ref),
                        vae="None", loras={"detail": lora})
     body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 1, **request}
-    return JobSpec(job_id=job_id, mode="txt2img", request=body, models=models, attempt=2)
+    return JobSpec(job_id=job_id, mode="txt2img", request=GenerationRequest(**body), models=models, attempt=2)
 
 
 EVENTS = [
@@ -212,3 +213,16 @@ def test_local_device_detection_without_torch(tmp_path):
     assert parse_devices("auto") is None and parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     with pytest.raises(ValueError, match="tpu"):
         parse_devices("tpu:0")
+
+
+def test_a_spec_from_the_wire_is_validated_naming_the_field():
+    from pipelines.types import InvalidRequestError
+
+    wire = _spec().to_dict()
+    with pytest.raises(InvalidRequestError) as bad_steps:
+        JobSpec.from_dict({**wire, "request": {**wire["request"], "steps": 0}})
+    assert bad_steps.value.field == "steps"
+    unit = {"model": "cn", "module": "none", "image": "bm90IGFuIGltYWdl", "arg_index": 2}  # "not an image"
+    with pytest.raises(InvalidRequestError) as bad_unit:
+        JobSpec.from_dict({**wire, "controlnet_units": [unit]})
+    assert bad_unit.value.field == "alwayson_scripts.controlnet.args[2].image", "named where the client put it"

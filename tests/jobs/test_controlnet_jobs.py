@@ -89,11 +89,28 @@ def test_a_controlnet_that_cannot_feed_the_checkpoint_fails_naming_the_unit(stud
     ok = _run(studio, _unit())
     models = JobModels.from_dict(ok.models)
     xl = ModelSpec(kind="controlnet", name="cnxl", sha256=record.sha256, file=studio.registry.file_ref(record))
-    unit = ControlUnit(model="cnxl", module="canny", image=_png_b64())
+    unit = ControlUnit(model="cnxl", module="canny", image=base64.b64decode(_png_b64()))
     spec = JobSpec.from_dict(JobSpec(
-        job_id="direct-1", mode="txt2img", request=engine_request(JobMode.TXT2IMG, ok.request).to_dict(),
-        models=dataclasses.replace(models, controlnets=(xl,)), controlnet_units=(unit.to_dict(),)).to_dict())
+        job_id="direct-1", mode="txt2img", request=engine_request(JobMode.TXT2IMG, ok.request),
+        models=dataclasses.replace(models, controlnets=(xl,)), controlnet_units=(unit,)).to_dict())
     outcome = backend.run_job(SimpleNamespace(label="cpu"), spec)
     assert isinstance(outcome, Failed) and outcome.kind == "bad_request"
     assert outcome.message.startswith("ControlNet unit 0 (cnxl) is for SDXL but the checkpoint is")
 
+
+
+def test_a_unit_is_parsed_once_in_this_process(studio, monkeypatch):
+    """Its image is checked at submit; the dispatcher and the runner use the parsed unit."""
+    import pipelines.controlnet.units as units_module
+
+    checked = []
+    image_size = units_module.image_size
+
+    def counting_image_size(data, field_name, max_pixels=None):
+        checked.append(field_name)
+        return image_size(data, field_name, max_pixels)
+
+    monkeypatch.setattr(units_module, "image_size", counting_image_size)
+    job = _run(studio, _unit(save_detected_map=False))
+    assert job.status == JobStatus.SUCCEEDED, job.error
+    assert checked == ["alwayson_scripts.controlnet.args[0].image"]

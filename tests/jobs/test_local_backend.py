@@ -174,3 +174,36 @@ def test_unload_releases_every_loaded_model(studio):
     assert studio.jobs.release_memory(actor=studio.admin) == ["local"]
     assert len(runtime.cache) == 0
     assert _run(studio, seed=5).status == JobStatus.SUCCEEDED and len(runtime.cache) == 1
+
+
+def test_a_request_is_validated_once_per_process_boundary(studio, monkeypatch):
+    """Submit validates (images opened header-first once); the dispatcher, the backend and the engine trust
+    the JobSpec; a spec that crosses the wire is validated once more, on the receiving side."""
+    import pipelines.images
+    from deploy.backends.messages import JobSpec
+    from pipelines.types import GenerationRequest
+
+    validated, opened = [], []
+    validate, image_size = GenerationRequest.validate, pipelines.images.image_size
+
+    def counting_validate(self, limits=None):
+        validated.append(self.mode)
+        return validate(self, limits)
+
+    def counting_image_size(data, field_name, max_pixels=None):
+        opened.append(field_name)
+        return image_size(data, field_name, max_pixels)
+
+    monkeypatch.setattr(GenerationRequest, "validate", counting_validate)
+    monkeypatch.setattr(pipelines.images, "image_size", counting_image_size)
+    backend, specs = studio.jobs.backend("local"), []
+    submit = backend.submit
+    monkeypatch.setattr(backend, "submit", lambda spec: (specs.append(spec), submit(spec))[1])
+
+    done = _run(studio, "img2img", init_images=[_b64_png("red")], denoising_strength=0.5, steps=2)
+    assert done.status == JobStatus.SUCCEEDED, done.error
+    assert validated == ["img2img"] and opened == ["init_images[0]"], "one validation in this process"
+
+    received = JobSpec.from_json(specs[0].to_json())  # what a worker process does with what arrives
+    assert validated == ["img2img", "img2img"] and opened == ["init_images[0]"] * 2
+    assert received == specs[0]

@@ -48,6 +48,11 @@ def _blob_bytes(studio: ModelStudio, job: Job) -> int:
     return sum(studio.store.stat(key).size for key in job.image_keys)
 
 
+def _row_bytes(job: Job) -> int:
+    """The request as stored and the engine request validated from it."""
+    return len(job.request_json.encode()) + len((job.engine_request_json or "").encode())
+
+
 def test_a_user_at_the_quota_gets_no_new_job_until_they_delete(quota_studio, alice):
     jobs, user = quota_studio.jobs, add_user(quota_studio, "alice")
     assert alice.get("/api/v1/me/disk").json() == {"used_bytes": 0, "limit_bytes": 1}
@@ -55,7 +60,7 @@ def test_a_user_at_the_quota_gets_no_new_job_until_they_delete(quota_studio, ali
     assert first.status_code == 201, first.text
     done = jobs.wait(actor=user, job_id=first.json()["id"], timeout=30)
     assert done.status == JobStatus.SUCCEEDED
-    expected = len(done.request_json.encode()) + _blob_bytes(quota_studio, done)
+    expected = _row_bytes(done) + _blob_bytes(quota_studio, done)
     assert done.stored_bytes == expected, "the request as stored plus the stored images"
     assert alice.get("/api/v1/me/disk").json() == {"used_bytes": expected, "limit_bytes": 1}
 
@@ -93,5 +98,5 @@ def test_jobs_recorded_before_sizes_were_kept_are_measured(quota_studio, alice):
         s.exec(update(Job).where(Job.id == done.id).values(stored_bytes=None))
     assert alice.get("/api/v1/me/disk").json()["used_bytes"] == 0
     assert jobs.measure_unmeasured_jobs() == 1
-    expected = len(done.request_json.encode()) + _blob_bytes(quota_studio, done)
+    expected = _row_bytes(done) + _blob_bytes(quota_studio, done)
     assert alice.get("/api/v1/me/disk").json()["used_bytes"] == expected

@@ -35,6 +35,7 @@ HINT = Image.fromarray(_RNG.integers(0, 255, (64, 64, 3), dtype=np.uint8))
 
 
 def b64(image: Image.Image) -> str:
+    """As a client sends an image in ``alwayson_scripts`` (parsed units hold the bytes)."""
     return base64.b64encode(png(image)).decode("ascii")
 
 
@@ -77,7 +78,7 @@ def run(eng: Engine, annotators: Annotators, units=(), models=None, kind: str = 
 
 
 def unit(**kw) -> ControlUnit:
-    values = {"model": "cn15", "module": "none", "image": b64(HINT)}
+    values = {"model": "cn15", "module": "none", "image": png(HINT)}
     values.update(kw)
     return ControlUnit(**values)
 
@@ -110,7 +111,7 @@ def test_control_modes_differ(eng, annotators):
 
 def test_two_units_differ_from_one(eng, annotators):
     one, _ = run(eng, annotators, [unit()])
-    other = unit(model="cn15b", image=b64(HINT.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+    other = unit(model="cn15b", image=png(HINT.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
     two, _ = run(eng, annotators, [unit(), other], models=["cn15", "cn15b"])
     assert diff(one.images[0], two.images[0]) > 0
 
@@ -182,7 +183,7 @@ def test_an_inpaint_unit_without_image_or_mask_uses_the_inpaint_jobs_own_mask(en
     mask.paste(255, (8, 8, 40, 40))
     job = {"mode": "inpaint", "init_images": (init,), "mask": png(mask), "denoising_strength": 0.8}
     _, borrowed = run(eng, annotators, [unit(module="inpaint_only", image=None)], **job)
-    _, explicit = run(eng, annotators, [unit(module="inpaint_only", image=None, mask=b64(mask))], **job)
+    _, explicit = run(eng, annotators, [unit(module="inpaint_only", image=None, mask=png(mask))], **job)
     assert np.array_equal(np.asarray(borrowed[0].mask), np.asarray(mask))
     assert np.array_equal(np.asarray(borrowed[0].detected_map), np.asarray(explicit[0].detected_map))
     inverted = {**job, "inpainting_mask_invert": 1}

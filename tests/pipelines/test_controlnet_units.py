@@ -32,7 +32,7 @@ def test_webuiapi_unit_payload_parses():
     assert parsed.control_mode is ControlMode.CONTROLNET and parsed.resize_mode is ResizeMode.JUST_RESIZE
     assert parsed.hr_option is HiresOption.LOW_RES_ONLY and parsed.pixel_perfect is True
     assert parsed.threshold_a == 50 and parsed.threshold_b == 150 and parsed.mask is None
-    with Image.open(__import__("io").BytesIO(base64.b64decode(parsed.image))) as decoded:
+    with Image.open(__import__("io").BytesIO(parsed.image)) as decoded:
         assert decoded.size == (32, 24)
     assert warnings == []
     assert ControlUnit.from_dict(json.loads(json.dumps(parsed.to_dict()))) == parsed
@@ -46,6 +46,7 @@ def test_disabled_units_are_skipped_and_any_key_case_is_found():
 
 def test_legacy_aliases_and_modes():
     img, mask = png_b64(8, 8), png_b64(8, 8)
+    img_bytes, mask_bytes = base64.b64decode(img), base64.b64decode(mask)
     units, warnings = parse_units(_scripts(
         {"input_image": "data:image/png;base64," + img, "mask_image": mask, "guidance": 0.6, "lowvram": True,
          "resize_mode": "Inner Fit (Scale to Fit)", "control_mode": "my prompt is more important"},
@@ -54,10 +55,10 @@ def test_legacy_aliases_and_modes():
         {"image": img},
     ))
     first, second, third, fourth = units
-    assert first.image == img and first.mask == mask and first.guidance_end == 0.6 and first.low_vram
+    assert first.image == img_bytes and first.mask == mask_bytes and first.guidance_end == 0.6 and first.low_vram
     assert first.resize_mode is ResizeMode.CROP_AND_RESIZE and first.control_mode is ControlMode.PROMPT
-    assert second.image == img and second.mask == mask and second.resize_mode is ResizeMode.RESIZE_AND_FILL
-    assert third.mask == mask and third.resize_mode is ResizeMode.RESIZE_AND_FILL
+    assert second.image == img_bytes and second.mask == mask_bytes and second.resize_mode is ResizeMode.RESIZE_AND_FILL
+    assert third.mask == mask_bytes and third.resize_mode is ResizeMode.RESIZE_AND_FILL
     assert fourth.resize_mode is ResizeMode.CROP_AND_RESIZE and fourth.save_detected_map is True
     assert any("low_vram" in w for w in warnings)
     assert any("union_control_type" in w and "unit 2" in w for w in warnings)

@@ -72,7 +72,12 @@ class Job(SQLModel, table=True):
     task_id: str | None = Field(default=None, max_length=128, index=True)
     """A client-chosen id (A1111 ``force_task_id``) to follow the job by."""
     request_json: str = Field(sa_column=Column(Text, nullable=False))
-    """The A1111-shaped request exactly as submitted (init images included): the job's reproducible input."""
+    """The A1111-shaped request exactly as submitted: the job's reproducible input. Its images are references
+    to the job's ``inputs/<id>/`` blobs (``webapp/services/jobs/inputs.py``; inline base64 on older rows), so
+    readers that echo it go through ``JobService.submitted_request``."""
+    engine_request_json: str | None = Field(default=None, sa_column=Column(Text))
+    """The engine request and ControlNet units as validated at submit (images as input references): what the
+    dispatcher runs. None on rows written before inputs moved to the asset store."""
     models_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     """Resolved model files by role: {"checkpoint": {...}, "vae": ..., "loras": {name: {...}}, ...}."""
     checkpoint: str | None = Field(default=None, max_length=255, index=True)

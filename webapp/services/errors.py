@@ -40,3 +40,9 @@ class Throttled(ServiceError):
     def __init__(self, message: str, *, retry_after: int) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Unavailable(ServiceError):
+    """503: the request is fine but something the server depends on (the asset store) failed; retry later."""
+
+    status = 503

@@ -108,7 +108,7 @@ class HistoryPanel:
         if not job_id:
             raise gr.Error("Choose a job in the history first")
         job = self.jobs.get(actor=self.ctx.user(request), job_id=job_id)
-        return gr.update(value=curl_command(job, base_url(request)), visible=True)
+        return gr.update(value=curl_command(job, self.jobs.submitted_request(job), base_url(request)), visible=True)
 
     # -- widgets -------------------------------------------------------------------------------------------
     def build(self) -> None:

@@ -108,10 +108,11 @@ def details_markdown(job: Job) -> str:
 
 # -- reproducing a job over the API -------------------------------------------------------------------
 
-def reproduction(job: Job) -> tuple[str, dict[str, Any]]:
-    """(path, body) of the A1111 call that reproduces ``job``: its stored request, with the seed it
-    actually used and the exact checkpoint pinned, so a random seed or a changed default cannot drift."""
-    body = job.request
+def reproduction(job: Job, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(path, body) of the A1111 call that reproduces ``job``: its request as submitted (``request``, from
+    ``JobService.submitted_request``), with the seed it actually used and the exact checkpoint pinned, so a
+    random seed or a changed default cannot drift."""
+    body = dict(request)
     info = job.info or {}
     if body.get("seed") in (None, -1) and isinstance(info.get("seed"), int):
         body["seed"] = info["seed"]
@@ -126,9 +127,9 @@ def reproduction(job: Job) -> tuple[str, dict[str, Any]]:
     return path, body
 
 
-def curl_command(job: Job, base_url: str, *, credentials: str = "USER:PASSWORD") -> str:
+def curl_command(job: Job, request: dict[str, Any], base_url: str, *, credentials: str = "USER:PASSWORD") -> str:
     """The curl call that reproduces ``job`` (the JSON goes through a quoted here-document: no escaping)."""
-    path, body = reproduction(job)
+    path, body = reproduction(job, request)
     payload = json.dumps(body, indent=2, ensure_ascii=False)
     base = base_url.rstrip("/")
     jobs_body = json.dumps({"mode": str(job.mode), "request": body}, indent=2, ensure_ascii=False)

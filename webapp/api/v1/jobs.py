@@ -92,7 +92,8 @@ def image_url(job_id: str, index: int) -> str:
     return f"/files/jobs/{job_id}/{index}.png"
 
 
-def job_public(job: Job, *, include_request: bool = False) -> JobPublic:
+def job_public(job: Job, *, request: dict[str, Any] | None = None) -> JobPublic:
+    """The job as the API shows it; ``request`` (``JobService.submitted_request``) only in the single-job view."""
     infotexts = job.infotexts
     images = [JobImage(index=i, url=image_url(job.id, i), infotext=infotexts[i] if i < len(infotexts) else None)
               for i in range(len(job.image_keys))]
@@ -102,7 +103,7 @@ def job_public(job: Job, *, include_request: bool = False) -> JobPublic:
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         progress=job.progress, step=job.step, steps=job.steps, eta_seconds=job.eta_seconds, images=images,
         info=job.info, warnings=job.warnings, timings=job.timings, error=job.error, error_kind=job.error_kind,
-        request=job.request if include_request else None,
+        request=request,
     )
 
 
@@ -154,7 +155,8 @@ def build_router(jobs: JobService) -> APIRouter:
 
     @router.get("/{job_id}")
     def get_job(job_id: str, user: CurrentUser) -> JobPublic:
-        return job_public(jobs.get(actor=user, job_id=job_id), include_request=True)
+        job = jobs.get(actor=user, job_id=job_id)
+        return job_public(job, request=jobs.submitted_request(job))
 
     @router.post("/{job_id}/cancel")
     def cancel_job(job_id: str, user: CurrentUser) -> JobPublic:

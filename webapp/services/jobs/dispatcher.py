@@ -29,11 +29,12 @@ from deploy.backends.messages import (
     Succeeded,
 )
 from deploy.storage import BlobStore, StorageError
-from pipelines.controlnet.units import parse_indexed_units
-from pipelines.types import InvalidRequestError
+from pipelines.controlnet.units import ControlUnit, parse_indexed_units
+from pipelines.types import GenerationRequest, InvalidRequestError
 from webapp.records import Job, JobMode, JobStatus
 from webapp.services.errors import ServiceError
 from webapp.services.jobs.board import JobBoard, LiveProgress
+from webapp.services.jobs.inputs import JobInputs, MissingInput
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import engine_request
 
@@ -56,6 +57,7 @@ class Dispatcher:
         self.queue = queue
         self.store = store
         self.board = board
+        self.inputs = JobInputs(store)
         self._wake = threading.Event()
         self._events: Queue[Event | None] = Queue()
         self._lock = threading.Lock()
@@ -144,17 +146,30 @@ class Dispatcher:
                 time.sleep(1.0)
             self._wake.wait(POLL_SECONDS)
 
+    def _engine_request(self, job: Job) -> tuple[GenerationRequest, tuple[ControlUnit, ...]]:
+        """The request and units the job was validated with at submit, its input images read from the store.
+        A row written before inputs moved to the store holds the request as sent: parsed here, once."""
+        if job.engine_request_json:
+            return self.inputs.load(job)
+        raw = job.request
+        units, _ = parse_indexed_units(raw.get("alwayson_scripts") or {})
+        return engine_request(JobMode(job.mode), raw), tuple(unit for _, unit in units)
+
     def _dispatch(self, job: Job) -> None:
         try:
-            raw = job.request
-            request = engine_request(JobMode(job.mode), raw)
-            units, _ = parse_indexed_units(raw.get("alwayson_scripts") or {})
-            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request.to_dict(),
-                           models=JobModels.from_dict(job.models), attempt=job.attempts,
-                           controlnet_units=tuple(unit.to_dict() for _, unit in units))
-        except (ServiceError, KeyError, ValueError, InvalidRequestError) as exc:
+            request, units = self._engine_request(job)
+            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request, models=JobModels.from_dict(job.models),
+                           attempt=job.attempts, controlnet_units=units)
+        except StorageError as exc:  # the store is unreachable: try again later, as when a backend refuses
+            log.warning("dispatcher %s: reading the inputs of job %s failed (%s); requeued", self.endpoint, job.id, exc)
+            self.queue.requeue(job.id, refund_attempt=True, reason=str(exc))
+            self.board.finish(job.id)
+            time.sleep(0.5)
+            return
+        except (ServiceError, KeyError, ValueError, InvalidRequestError, MissingInput) as exc:
             message = exc.message if isinstance(exc, ServiceError) else f"the stored job cannot be run: {exc}"
-            self.queue.finish(job.id, JobStatus.FAILED, error=message, error_kind="bad_request")
+            kind = "internal" if isinstance(exc, MissingInput) else "bad_request"
+            self.queue.finish(job.id, JobStatus.FAILED, error=message, error_kind=kind)
             self.board.finish(job.id)
             return
         with self._lock:

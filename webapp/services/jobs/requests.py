@@ -61,6 +61,11 @@ class PreparedJob:
     """The enabled units, in the order of ``models.controlnets``."""
     warnings: tuple[str, ...] = ()
 
+    @property
+    def units_by_arg(self) -> dict[int, ControlUnit]:
+        """The units by their index in ``alwayson_scripts.controlnet.args`` (where their images were read)."""
+        return {unit.arg_index: unit for unit in self.controlnet_units if unit.arg_index is not None}
+
 
 def _settings(request: Mapping[str, Any]) -> Mapping[str, Any]:
     value = request.get("override_settings")

@@ -1,9 +1,10 @@
 """JobService: the one way in for every generation (UI, /sdapi/v1, /api/v1), and the way to follow it.
 
 ``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
-the per-user cap and the disk quota (``webapp/services/quota.py``) and enqueues; the endpoint's
-dispatcher does the rest. Authorisation lives here: only the owner or an administrator sees, cancels
-or deletes a job, and anyone else gets NotFound — never 403 — so job ids reveal nothing.
+the per-user cap and the disk quota (``webapp/services/quota.py``), stores the input images in the asset
+store (``inputs.py``) and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
+only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound — never
+403 — so job ids reveal nothing.
 """
 
 from __future__ import annotations
@@ -15,21 +16,22 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 import anyio
 from sqlalchemy import func, update
 from sqlmodel import select
 
 from deploy.backends.base import Backend
-from deploy.storage import BlobNotFound, BlobStore
+from deploy.storage import BlobNotFound, BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
 from webapp.records.jobs import ACTIVE_STATUSES, TERMINAL_STATUSES
-from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unavailable
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
+from webapp.services.jobs.inputs import INPUTS_PREFIX, JobInputs
 from webapp.services.jobs.queue import JobQueue, Recovery
 from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
@@ -40,6 +42,9 @@ log = logging.getLogger(__name__)
 
 WAIT_RECHECK_SECONDS = 2.0
 """``wait`` re-reads the row at least this often even without a wake-up (jobs finished by another process)."""
+INPUT_SWEEP_GRACE = timedelta(hours=1)
+"""Input images are written before their row commits, so the sweep leaves young ones alone (a submit in flight
+in this or another process); a crash's leftovers go at a later start."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,10 @@ class ProgressSnapshot:
     queue_position: int
     started_at: datetime | None
     created_at: datetime
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _parse_status(value: JobStatus | str | None) -> JobStatus | None:
@@ -119,6 +128,7 @@ class JobService:
         self.board = board
         self.endpoints = endpoints
         self.resolver = resolver
+        self.inputs = JobInputs(store)
         self._dispatchers: dict[str, Dispatcher] = {}
         self._wiring = threading.RLock()
         """Held while dispatchers come and go, and by ``submit`` from its running-here check to the enqueue,
@@ -165,32 +175,40 @@ class JobService:
                 log.exception("%s failed", sweep.__name__)
 
     def measure_unmeasured_jobs(self) -> int:
-        """Fill in ``stored_bytes`` of finished jobs recorded before sizes were kept (request length plus
-        the stored images' sizes), so the disk quota counts them too. Returns the jobs measured."""
+        """Fill in ``stored_bytes`` of finished jobs recorded before sizes were kept (the row's texts plus the
+        stored input and result images), so the disk quota counts them too. Returns the jobs measured."""
         measured = 0
         while True:
             with self._db.read() as s:
-                rows = s.exec(select(Job.id, Job.request_json, Job.image_keys_json).where(
+                rows = s.exec(select(Job).where(
                     Job.stored_bytes.is_(None), Job.status.in_(TERMINAL_STATUSES)).limit(500)).all()  # type: ignore[union-attr,attr-defined]
             if not rows:
                 break
-            for job_id, request_json, keys_json in rows:
-                blobs = (self._store.stat(key) for key in json.loads(keys_json or "[]"))
-                size = len(request_json.encode()) + sum(blob.size for blob in blobs if blob is not None)
+            for job in rows:
+                blobs = (self._store.stat(key) for key in [*self.inputs.keys_of(job), *job.image_keys])
+                texts = len(job.request_json.encode()) + len((job.engine_request_json or "").encode())
+                size = texts + sum(blob.size for blob in blobs if blob is not None)
                 with self._db.write() as s:
-                    s.exec(update(Job).where(Job.id == job_id).values(stored_bytes=size))  # type: ignore[call-overload]
+                    s.exec(update(Job).where(Job.id == job.id).values(stored_bytes=size))  # type: ignore[call-overload]
                 measured += 1
         if measured:
             log.info("measured the disk use of %d job(s) recorded before sizes were kept", measured)
         return measured
 
-    def purge_orphan_images(self) -> int:
-        """Delete stored images whose job row is gone — a user deleted with their jobs, or a crash between
-        storing a result and recording it — so no unreachable image stays behind. Returns blobs deleted."""
+    def purge_orphan_images(self, *, input_grace: timedelta = INPUT_SWEEP_GRACE) -> int:
+        """Delete stored images whose job row is gone — a user deleted with their jobs, a crash between
+        storing a result and recording it, or between storing a job's inputs and committing its row — so no
+        unreachable image stays behind. Inputs younger than ``input_grace`` are kept (their row may be about
+        to commit). Returns blobs deleted."""
         by_job: dict[str, list[str]] = {}
         for blob in self._store.list("jobs/"):
             parts = blob.key.split("/")
             if len(parts) == 3:
+                by_job.setdefault(parts[1], []).append(blob.key)
+        cutoff = datetime.now(UTC) - input_grace
+        for blob in self._store.list(INPUTS_PREFIX):
+            parts = blob.key.split("/")
+            if len(parts) == 3 and blob.modified is not None and _aware(blob.modified) <= cutoff:
                 by_job.setdefault(parts[1], []).append(blob.key)
         ids = list(by_job)
         deleted = 0
@@ -238,25 +256,34 @@ class JobService:
         check_text({"endpoint": endpoint, "task_id": task_id})
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         self._check_running_here(target.name)
-        prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)
+        prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)  # the one validation
         if task_id is not None and (not isinstance(task_id, str) or len(task_id) > 128):
             raise InvalidInput("`task_id` must be a string of at most 128 characters", field="task_id")
-        try:
-            request_json = json.dumps(request)
-        except (TypeError, ValueError) as exc:
-            raise InvalidInput(f"the request is not JSON-serialisable: {exc}", field="request") from None
-        if self._quota is not None:
-            self._quota.check(actor)
         job = Job(
             owner_id=actor.id, owner_name=actor.username, mode=prepared.mode, endpoint=target.name, task_id=task_id,
-            request_json=request_json, stored_bytes=len(request_json.encode()),
-            models_json=json.dumps(prepared.models.to_dict()),
+            request_json="", models_json=json.dumps(prepared.models.to_dict()),
             checkpoint=prepared.checkpoint.name, checkpoint_hash=prepared.checkpoint.autov2,
             job_count=prepared.request.n_iter,
         )
-        with self._wiring:
-            self._check_running_here(target.name)  # again: it may have been deleted meanwhile
-            self.queue.enqueue(job)
+        staged = self.inputs.stage(job_id=job.id, request=request, engine=prepared.request,
+                                   units=prepared.units_by_arg)
+        job.request_json, job.engine_request_json = staged.request_json, staged.engine_request_json
+        job.stored_bytes = staged.stored_bytes
+        if self._quota is not None:
+            self._quota.check(actor)
+        try:
+            self.inputs.write(staged)  # before the row commits: a queued job always finds its inputs
+        except StorageError as exc:
+            log.exception("job %s: storing its input images failed", job.id)
+            raise Unavailable(f"the asset store could not take the job's input images: {exc}",
+                              field="init_images") from None
+        try:
+            with self._wiring:
+                self._check_running_here(target.name)  # again: it may have been deleted meanwhile
+                self.queue.enqueue(job)
+        except BaseException:
+            self.inputs.delete(staged.keys)  # a refused submit leaves nothing behind
+            raise
         log.info("job %s (%s) queued by %s on %s", job.id, job.mode, actor.username, target.name)
         dispatcher = self._dispatchers.get(target.name)
         if dispatcher is not None:
@@ -360,6 +387,11 @@ class JobService:
                 job = await anyio.to_thread.run_sync(read)
         return job
 
+    def submitted_request(self, job: Job) -> dict:
+        """The request of a job the caller already loaded (and may see) as its client sent it, input images
+        inline as base64 again (the row holds references to the asset store)."""
+        return self.inputs.as_submitted(job)
+
     def image_count(self, job: Job) -> int:
         return len(job.image_keys)
 
@@ -436,7 +468,7 @@ class JobService:
             self.cancel(actor=actor, job_id=job_id)
         with self._db.write() as s:
             row = s.get(Job, job.id)
-            keys = row.image_keys if row is not None else []
+            keys = [*row.image_keys, *self.inputs.keys_of(row)] if row is not None else []
             if row is not None:
                 s.delete(row)
         for key in keys:
