@@ -124,6 +124,15 @@ def test_a_deployed_endpoint_runs_jobs_at_once_with_its_bounds_recorded(fake_stu
     assert done.status == JobStatus.SUCCEEDED and done.worker.startswith("burst/")
 
 
+def test_a_local_endpoint_keeps_its_own_devices_and_the_servers_skeletons(fake_studio, deployed):
+    studio = fake_studio.studio
+    endpoint = _deploy(studio, deployed, name="second-gpu", kind="local", options={"devices": "cpu", "cache_gb": 0.5})
+    assert endpoint.status == EndpointStatus.IN_SERVICE and endpoint.config == {"devices": "cpu", "cache_gb": 0.5}
+    backend = studio.jobs.backend("second-gpu")
+    assert backend.devices == ["cpu"] and backend.cache_bytes == 512 * 1024**2
+    assert [str(d) for d in backend.skeleton_dirs] == [str(d) for d in studio.settings.skeleton_dirs] != []
+
+
 def test_a_kind_without_a_backend_on_this_server_ends_failed_with_the_reason(fake_studio, deployed):
     studio = fake_studio.studio
     endpoint = _deploy(studio, deployed, name="worker-1", kind="http",

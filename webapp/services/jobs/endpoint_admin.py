@@ -95,9 +95,12 @@ class EndpointAdmin:
         if not isinstance(request.options, dict):
             raise InvalidInput("`options` must be an object of the kind's options", field="options")
         try:
-            options = plain_options(parse_options(kind, request.options))
+            parsed = parse_options(kind, request.options)
         except OptionsError as exc:
             raise InvalidInput(str(exc), field=exc.field) from None
+        # Only what the administrator set is stored: the rest keeps following the model's defaults and the
+        # server's (a deployed local endpoint finds this server's config skeletons, even after they move).
+        options = {k: v for k, v in plain_options(parsed).items() if k in parsed.model_fields_set}
         low, high = _count(request.min_instances, "min_instances"), _count(request.max_instances, "max_instances")
         if high < 1 or low > high:
             raise InvalidInput(f"`max_instances` must be at least 1 and at least `min_instances` ({low}), not {high}",
