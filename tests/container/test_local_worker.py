@@ -94,7 +94,13 @@ def test_invocations_on_the_local_backend_match_the_local_backend_byte_for_byte(
                                 store_key=None)
             failed = event_from_dict(client.post("/invocations", content=unreachable.to_json()).json())
             assert isinstance(failed, Failed) and failed.kind == "internal"
+            assert "checkpoint 'tiny-sd15'" in failed.message
             assert "/control-plane/models/gone.safetensors" in failed.message
+            missing = _spec({**checkpoint, "sha256": "ef" * 32}, "remote-3", local_path=None,
+                            store_key="models/checkpoint/missing.safetensors")
+            failed = event_from_dict(client.post("/invocations", content=missing.to_json()).json())
+            assert isinstance(failed, Failed) and failed.kind == "internal", failed
+            assert "checkpoint 'tiny-sd15'" in failed.message and "missing.safetensors" in failed.message
     finally:
         host.stop(10)
     local = _direct(checkpoint, _spec(checkpoint, "local-1", local_path=None), tmp_path / "direct-cache")
