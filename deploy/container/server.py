@@ -159,15 +159,12 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
             seq = after
             while True:
                 found = await run_in_threadpool(host.wait_events, buffer, seq, heartbeat)
-                if not found:
-                    if buffer.done:
-                        return
-                    yield HEARTBEAT_LINE
-                    continue
                 for seq, event in found:  # noqa: B007 - seq carries on to the next wait
                     yield (json.dumps({"seq": seq, "event": event.to_dict()}) + "\n").encode("utf-8")
                 if buffer.done and seq >= buffer.last_seq:
                     return
+                if not found and not buffer.done:  # (done meanwhile: the next wait returns the rest at once)
+                    yield HEARTBEAT_LINE
 
         return StreamingResponse(lines(), media_type=NDJSON, headers={"Cache-Control": "no-store"})
 

@@ -80,7 +80,7 @@ def test_an_invocation_with_a_progress_key_writes_progress_then_the_outcome(tmp_
 
         watcher = threading.Thread(target=watch)
         watcher.start()
-        answer = client.post("/invocations", content=fake_spec("inv", steps=30).to_json(),
+        answer = client.post("/invocations", content=fake_spec("inv", steps=50).to_json(),
                              headers={ATTRIBUTES_HEADER: "progress=progress/inv.json"})
         stop.set()
         watcher.join()
