@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipelines.controlnet.poses import pose_json
 from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -279,27 +280,6 @@ def _openpose(body: bool, hand: bool, face: bool) -> Callable[[_Call], np.ndarra
         return image
 
     return run
-
-
-def pose_json(poses: Sequence[Any], width: int, height: int, *, canvas: tuple[int, int] | None = None
-              ) -> dict[str, Any]:
-    """controlnet-aux poses (coordinates relative to `width` x `height`) as OpenPose JSON in pixels, the shape
-    the extension's `/controlnet/detect` returns and its `render_openpose_json` reads; missing points 0,0,0."""
-
-    def flat(points: Sequence[Any] | None) -> list[float] | None:
-        if not points:
-            return None
-        out: list[float] = []
-        for p in points:
-            present = p is not None and p.x >= 0 and p.y >= 0
-            out += [float(p.x) * width, float(p.y) * height, 1.0] if present else [0.0, 0.0, 0.0]
-        return out
-
-    canvas_w, canvas_h = canvas or (width, height)
-    people = [{"pose_keypoints_2d": flat(pose.body.keypoints), "face_keypoints_2d": flat(pose.face),
-               "hand_left_keypoints_2d": flat(pose.left_hand), "hand_right_keypoints_2d": flat(pose.right_hand)}
-              for pose in poses]
-    return {"people": people, "canvas_width": canvas_w, "canvas_height": canvas_h}
 
 
 # -- the registry ---------------------------------------------------------------------------------------------

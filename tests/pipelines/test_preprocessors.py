@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipelines.controlnet import preprocessors as pp
+from pipelines.controlnet.poses import pose_json
 from pipelines.errors import PipelineError
 
 WEIGHT_FREE = [p.name for p in pp.PREPROCESSORS if not p.needs]
@@ -273,7 +274,7 @@ def test_pose_json_is_openpose_pixels_with_missing_points_zeroed():
     point = namedtuple("Keypoint", "x y")
     pose = namedtuple("Pose", "body left_hand right_hand face")
     body = namedtuple("Body", "keypoints")([point(0.5, 0.25), None])
-    out = pp.pose_json([pose(body, None, [point(-1, -1), point(0.1, 0.2)], None)], 128, 64, canvas=(100, 64))
+    out = pose_json([pose(body, None, [point(-1, -1), point(0.1, 0.2)], None)], 128, 64, canvas=(100, 64))
     assert out == {"canvas_width": 100, "canvas_height": 64, "people": [{
         "pose_keypoints_2d": [64.0, 16.0, 1.0, 0.0, 0.0, 0.0], "face_keypoints_2d": None,
         "hand_left_keypoints_2d": None, "hand_right_keypoints_2d": [0.0, 0.0, 0.0, 12.8, 12.8, 1.0]}]}
