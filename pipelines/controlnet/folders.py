@@ -199,3 +199,12 @@ def embedded_config(metadata: Mapping[str, str], source: str) -> dict[str, Any] 
         raise IncompatibleModelError(f"{source}: its embedded config describes a {config.get('_class_name')!r}, "
                                      f"not a {CONTROLNET_CLASS}")
     return config
+
+
+def check_packed(path: Path) -> None:
+    """A safetensors file that carries an embedded config (a packed folder, or a file made to look like one)
+    must build and be filled by its tensors, as a folder must; any other file passes untouched."""
+    header = safe_files.read_safetensors_header(Path(path))
+    config = embedded_config(header.metadata, Path(path).name)
+    if config is not None:
+        check_fill(config, header.shapes(), f"{Path(path).name} ({CONFIG_KEY})")

@@ -126,3 +126,19 @@ def test_a_controlnet_folder_in_the_models_dir_is_one_model(build_studio, tmp_pa
     assert summary.updated == ["sdxl/canny"], summary.to_dict()
     (after,) = studio.models.list_models(actor=admin)
     assert after.id == record.id and after.sha256 != record.sha256
+
+
+def test_a_single_file_whose_embedded_config_does_not_fit_is_refused(mstudio, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pipelines.controlnet.folders import CONFIG_KEY, pack_folder
+    from pipelines.safe_files import read_safetensors_header
+
+    packed = pack_folder(_folder(tmp_path, "sd15"), tmp_path / "packed.safetensors")
+    header = read_safetensors_header(packed)
+    config = json.loads(header.metadata[CONFIG_KEY])
+    forged = tmp_path / "forged.safetensors"
+    save_file(load_file(packed), forged, metadata={CONFIG_KEY: json.dumps({**config, "layers_per_block": 3})})
+    with pytest.raises(InvalidInput, match=rf"forged\.safetensors \({CONFIG_KEY}\): the weights do not fill"):
+        mstudio.models.register_file(actor=admin_of(mstudio), path=forged)
+    assert mstudio.models.list_models(actor=admin_of(mstudio)) == [] and store_keys(mstudio) == []

@@ -4,8 +4,9 @@
 
 Preprocessing is CPU work done in the web process, so it is bounded here: images per call, pixels per image
 (``max_job_pixels``, checked from the header before decoding) and runs at once (a semaphore; a caller that
-waits too long gets 429). Pose rendering shares those bounds: canvases per call, pixels per canvas, the slots. The one ``Annotators`` (detectors loaded once, weights only from the annotators
-folder) is built by app.py and handed in.
+waits too long gets 429). Pose rendering shares those bounds: canvases per call, pixels per canvas, the slots.
+The one ``Annotators`` (detectors loaded once, weights only from the annotators folder) is built by app.py
+and handed in.
 """
 
 from __future__ import annotations

@@ -126,6 +126,10 @@ def inspect_file(path: Path) -> Inspection:
             header = safe_files.read_safetensors_header(path, max_header_bytes=MAX_HEADER_BYTES)
             metadata = dict(header.metadata)
         info = probe(path)
+        if info.type.value == "controlnet" and kind is safe_files.FileKind.SAFETENSORS:
+            from pipelines.controlnet.folders import check_packed
+
+            check_packed(path)  # a config in its metadata must fit its tensors, as a folder's must
     except PipelineError as exc:
         raise _as_input_error(exc) from None
     model_type = _PROBE_TYPES[info.type.value]
@@ -235,7 +239,7 @@ class Importer:
 
         path = Path(path)
         file_name = request.file_name or path.name
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():  # a diffusers ControlNet folder (its members are checked against it)
             return self._import_folder(path, request, progress)
         if not path.is_file():
             raise InvalidInput(f"{file_name} is not a regular file", field="file")
