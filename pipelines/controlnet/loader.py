@@ -7,7 +7,9 @@ Three layouts reach us, told apart by their tensors (pipelines.probe), never by 
   .pth/.ckpt. Renamed with diffusers' own converter; SDXL files in this layout get the `label_emb`
   → `add_embedding` renaming the converter leaves out, so they load too.
 * diffusers-layout single files (how SDXL ControlNets are usually shared) — loaded as they are.
-* diffusers folders (config.json + diffusion_pytorch_model.safetensors) — their own config.
+* diffusers folders (config.json + diffusion_pytorch_model.safetensors) — their own config; and
+  such folders packed on import into one file (pipelines.controlnet.folders), whose metadata carries
+  the folder's config, which is used as the folder's would be.
 
 A single file holds weights only. Its config is the shipped skeleton of its family
 (assets/skeletons/controlnet-sd15, controlnet-sdxl: the published configs) with every value the
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines import loader as _checkpoint_loader  # noqa: F401  (installs its diffusers log filter)
 from pipelines import safe_files
+from pipelines.controlnet import folders
 from pipelines.errors import IncompatibleModelError, ModelFormatError
 from pipelines.probe import Base, ModelInfo, ModelType, probe
 from pipelines.safe_files import FileKind
@@ -48,7 +51,6 @@ SKELETONS = {"sd15": "controlnet-sd15", "sdxl": "controlnet-sdxl"}
 
 _LDM_PREFIX = "control_model."
 _LABEL_EMB = {"label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2."}
-_WEIGHTS = "diffusion_pytorch_model"
 _BASE_LABELS = {Base.SD1: "SD1.x", Base.SD2: "SD2.x", Base.SDXL: "SDXL", Base.SDXL_REFINER: "the SDXL refiner"}
 
 
@@ -216,10 +218,12 @@ def config_from_shapes(shapes: Mapping[str, tuple[int, ...]], skeleton: Mapping[
     return config
 
 
-def _header_shapes(path: Path, kind: FileKind) -> dict[str, tuple[int, ...]]:
+def _header(path: Path, kind: FileKind) -> tuple[dict[str, tuple[int, ...]], Mapping[str, str]]:
+    """Tensor shapes and safetensors metadata (pickles have none)."""
     if kind is FileKind.SAFETENSORS:
-        return safe_files.read_safetensors_header(path).shapes()
-    return {k: tuple(v.shape) for k, v in safe_files.load_state_dict(path).items()}
+        header = safe_files.read_safetensors_header(path)
+        return header.shapes(), header.metadata
+    return {k: tuple(v.shape) for k, v in safe_files.load_state_dict(path).items()}, {}
 
 
 def _layout(info: ModelInfo) -> ControlNetLayout:
@@ -233,14 +237,20 @@ def _require_controlnet(path: Path, info: ModelInfo) -> None:
         raise IncompatibleModelError(f"{path.name} is a {info.type.value.replace('_', ' ')}, not a ControlNet")
 
 
-def _info_from(path: Path, info: ModelInfo, shapes: Mapping[str, tuple[int, ...]] | None) -> ControlNetInfo:
+def _own_config(info: ModelInfo, layout: ControlNetLayout, config: Mapping[str, Any]) -> ControlNetInfo:
+    text_time = config.get("addition_embed_type") == "text_time"
+    return ControlNetInfo(info.base, layout, _family(info.base, text_time, config.get("cross_attention_dim")), config)
+
+
+def _info_from(path: Path, info: ModelInfo, shapes: Mapping[str, tuple[int, ...]] | None,
+               metadata: Mapping[str, str] | None = None) -> ControlNetInfo:
     layout = _layout(info)
     if layout is ControlNetLayout.DIFFUSERS_FOLDER:
-        config = json.loads((path / "config.json").read_text())
-        text_time = config.get("addition_embed_type") == "text_time"
-        return ControlNetInfo(info.base, layout, _family(info.base, text_time, config.get("cross_attention_dim")),
-                              config)
+        return _own_config(info, layout, folders.read_config(path))
     assert shapes is not None
+    embedded = folders.embedded_config(metadata or {}, path.name) if layout is ControlNetLayout.DIFFUSERS_FILE else None
+    if embedded is not None:  # a packed folder: its own config, as the folder would load
+        return _own_config(info, layout, embedded)
     if layout is ControlNetLayout.LDM:
         shapes = _ldm_to_diffusers(shapes)
     text_time = "add_embedding.linear_1.weight" in shapes
@@ -256,34 +266,24 @@ def controlnet_info(path: Path | str, *, info: ModelInfo | None = None) -> Contr
     path = Path(path)
     info = info or probe(path)
     _require_controlnet(path, info)
-    shapes = None if info.format is FileKind.DIFFUSERS else _header_shapes(path, info.format)
-    return _info_from(path, info, shapes)
+    if info.format is FileKind.DIFFUSERS:
+        return _info_from(path, info, None)
+    return _info_from(path, info, *_header(path, info.format))
 
 
 def _fill(model: ControlNetModel, state: Mapping[str, torch.Tensor], name: str) -> None:
     """Load `state` into the meta-device `model`, refusing anything but an exact fit."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    problems = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
-                (("missing tensors", missing), ("unexpected tensors", extra), ("tensors of the wrong shape", wrong))
-                if keys]
-    if problems:
-        raise IncompatibleModelError(f"{name} does not fill a ControlNet of its own layout: {'; '.join(problems)}")
+    problem = folders.misfit({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                             {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise IncompatibleModelError(f"{name} does not fill a ControlNet of its own layout: {problem}")
     model.load_state_dict(dict(state), strict=True, assign=True)
 
 
 def _load_folder(path: Path, dtype: torch.dtype) -> ControlNetModel:
     from diffusers import ControlNetModel
 
-    if (path / f"{_WEIGHTS}.safetensors").is_file():
-        variant = None
-    elif (path / f"{_WEIGHTS}.fp16.safetensors").is_file():
-        variant = "fp16"
-    else:
-        raise ModelFormatError(f"{path.name}: a diffusers ControlNet folder needs {_WEIGHTS}.safetensors "
-                               "(pickled .bin weights are not loaded)")
+    variant = "fp16" if folders.weights_file(path).name.endswith(".fp16.safetensors") else None
     return ControlNetModel.from_pretrained(str(path), torch_dtype=dtype, variant=variant, use_safetensors=True,
                                            local_files_only=True)
 
@@ -310,14 +310,16 @@ def load_controlnet(
         model = _load_folder(path, dtype)
     else:
         state = safe_files.load_state_dict(path)
-        cn_info = _info_from(path, info, {k: tuple(v.shape) for k, v in state.items()})
+        metadata = safe_files.read_safetensors_header(path).metadata if info.format is FileKind.SAFETENSORS else {}
+        cn_info = _info_from(path, info, {k: tuple(v.shape) for k, v in state.items()}, metadata)
         if cn_info.layout is ControlNetLayout.LDM:
             state = _ldm_to_diffusers(state)
         try:
             with init_empty_weights():
                 model = ControlNetModel.from_config(dict(cn_info.config))
         except (ValueError, TypeError) as exc:
-            raise IncompatibleModelError(f"{path.name}: no {cn_info.family} ControlNet has this layout ({exc})") from exc
+            raise IncompatibleModelError(f"{path.name}: no {cn_info.family or 'diffusers'} ControlNet has this "
+                                         f"layout ({exc})") from exc
         _fill(model, state, path.name)
         del state
     model = model.to(device=device, dtype=dtype).eval()

@@ -9,10 +9,12 @@ The networks come from controlnet-aux. Their weights are read only from the anno
 needs is there *before* calling controlnet-aux, whose `from_pretrained` then takes the local-directory branch
 and never reaches the hub. Preprocessors without weights (canny, xdog, shuffle, tile, inpaint, ...) always work.
 
+LeReS (`depth_leres`, `depth_leres++`) is assembled in pipelines.controlnet.leres instead: controlnet-aux's own
+loader reads the process's command line.
+
 Left out on purpose: `reference_only` and friends (no map: their effect is attention hooks in the engine; add
-them when the engine does), `depth_leres` (controlnet-aux's LeReS parses the process's command line when it
-loads), `depth_anything`, `dw_openpose_full`, `mediapipe_face`, segmentation and TEED (not in controlnet-aux
-0.0.10, or they need packages we do not ship).
+them when the engine does), `depth_anything`, `dw_openpose_full`, `mediapipe_face`, segmentation and TEED (not
+in controlnet-aux 0.0.10, or they need packages we do not ship).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pickle
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from pipelines.controlnet.leres import BOOST_WEIGHTS, DEPTH_WEIGHTS, load_leres
+from pipelines.controlnet.poses import pose_json
 from pipelines.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -98,8 +103,12 @@ class _Detector:
     files: tuple[WeightFile, ...]
     aux_class: str
     """controlnet-aux's class; its `from_pretrained(<existing directory>)` reads the files from there."""
+    loader: Callable[[Path], Any] | None = None
+    """Builds the detector from the directory instead, where controlnet-aux's `from_pretrained` cannot be used."""
 
     def load(self, directory: Path) -> Any:
+        if self.loader is not None:
+            return self.loader(directory)
         import controlnet_aux  # heavy (torch, timm): only when a detector with weights is first used
 
         return getattr(controlnet_aux, self.aux_class).from_pretrained(str(directory))
@@ -281,27 +290,6 @@ def _openpose(body: bool, hand: bool, face: bool) -> Callable[[_Call], np.ndarra
     return run
 
 
-def pose_json(poses: Sequence[Any], width: int, height: int, *, canvas: tuple[int, int] | None = None
-              ) -> dict[str, Any]:
-    """controlnet-aux poses (coordinates relative to `width` x `height`) as OpenPose JSON in pixels, the shape
-    the extension's `/controlnet/detect` returns and its `render_openpose_json` reads; missing points 0,0,0."""
-
-    def flat(points: Sequence[Any] | None) -> list[float] | None:
-        if not points:
-            return None
-        out: list[float] = []
-        for p in points:
-            present = p is not None and p.x >= 0 and p.y >= 0
-            out += [float(p.x) * width, float(p.y) * height, 1.0] if present else [0.0, 0.0, 0.0]
-        return out
-
-    canvas_w, canvas_h = canvas or (width, height)
-    people = [{"pose_keypoints_2d": flat(pose.body.keypoints), "face_keypoints_2d": flat(pose.face),
-               "hand_left_keypoints_2d": flat(pose.left_hand), "hand_right_keypoints_2d": flat(pose.right_hand)}
-              for pose in poses]
-    return {"people": people, "canvas_width": canvas_w, "canvas_height": canvas_h}
-
-
 # -- the registry ---------------------------------------------------------------------------------------------
 
 _DETECTORS: dict[str, _Detector] = {
@@ -311,6 +299,11 @@ _DETECTORS: dict[str, _Detector] = {
     "midas": _Detector((WeightFile("dpt_hybrid-midas-501f0c75.pt", "MiDaS DPT-Hybrid depth network"),),
                        "MidasDetector"),
     "zoe": _Detector((WeightFile("ZoeD_M12_N.pt", "ZoeDepth depth network"),), "ZoeDetector"),
+    "leres": _Detector((WeightFile(DEPTH_WEIGHTS, "LeReS depth network"),), "LeresDetector",
+                       partial(load_leres, boost=False)),
+    "leres_boost": _Detector((WeightFile(DEPTH_WEIGHTS, "LeReS depth network"),
+                              WeightFile(BOOST_WEIGHTS, "LeReS++ pix2pix boosting network")), "LeresDetector",
+                             partial(load_leres, boost=True)),
     "normalbae": _Detector((WeightFile("scannet.pt", "NormalBae normal-map network"),), "NormalBaeDetector"),
     "openpose": _Detector((WeightFile("body_pose_model.pth", "OpenPose body network"),
                            WeightFile("hand_pose_model.pth", "OpenPose hand network"),
@@ -329,6 +322,14 @@ def _p(name: str, label: str, control_type: str, run: Callable[[_Call], np.ndarr
 
 
 _INVERT_LABEL = "invert (from white bg & black line)"
+_REMOVE_NEAR = Slider("Remove Near %", 0, 100, 0, 0.1)
+_REMOVE_BACKGROUND = Slider("Remove Background %", 0, 100, 0, 0.1)
+
+
+def _leres_sliders(call: _Call) -> dict[str, float]:
+    return {"thr_a": call.a, "thr_b": call.b}
+
+
 _LINEART_STANDARD_LABEL = "lineart_standard (from white bg & black line)"
 
 PREPROCESSORS: tuple[Preprocessor, ...] = (
@@ -338,6 +339,10 @@ PREPROCESSORS: tuple[Preprocessor, ...] = (
        threshold_b=Slider("Canny High Threshold", 1, 255, 200)),
     _p("depth", "depth_midas", "Depth", _detected(), detector="midas"),
     _p("depth_zoe", "depth_zoe", "Depth", _detected(), detector="zoe"),
+    _p("depth_leres", "depth_leres", "Depth", _detected(sliders=_leres_sliders, boost=False), detector="leres",
+       threshold_a=_REMOVE_NEAR, threshold_b=_REMOVE_BACKGROUND),
+    _p("depth_leres++", "depth_leres++", "Depth", _detected(sliders=_leres_sliders, boost=True),
+       detector="leres_boost", threshold_a=_REMOVE_NEAR, threshold_b=_REMOVE_BACKGROUND),
     _p("normal_map", "normal_midas", "NormalMap", _normal_midas, detector="midas",
        threshold_a=Slider("Normal Background Threshold", 0.0, 1.0, 0.4, 0.01)),
     _p("normal_bae", "normal_bae", "NormalMap", _detected(), detector="normalbae"),

@@ -109,3 +109,33 @@ def test_a_missing_annotator_names_the_file_and_folder(studio):
     assert answer.status_code == 503 and answer.json()["field"] == "controlnet_module"
     assert "sk_model.pth" in answer.json()["detail"]
     assert str(studio.studio.settings.annotators_dir) in answer.json()["detail"]
+
+
+def test_render_openpose_json_draws_each_pose_as_the_preprocessor_does(studio):
+    from controlnet_aux.open_pose import draw_poses
+
+    from pipelines.controlnet.poses import pose_json
+    from tests.pipelines.test_controlnet_poses import H, W, detected_poses
+
+    c, poses = studio.client, detected_poses()
+    sent = pose_json(poses, W, H)
+    answer = c.post("/controlnet/render_openpose_json", auth=ALICE, json=[sent, {**sent, "people": sent["people"][1:]}])
+    assert answer.status_code == 200 and answer.json()["info"] == "Success"
+    first, second = (np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in answer.json()["images"])
+    assert np.array_equal(first, draw_poses(poses, H, W)) and np.array_equal(second, draw_poses(poses[1:], H, W))
+    assert c.post("/controlnet/render_openpose_json", auth=ALICE, json=[]).json() == {"info": "No pose data detected."}
+    assert c.post("/controlnet/render_openpose_json", json=[sent]).status_code == 401
+
+
+def test_render_openpose_json_refuses_too_many_big_or_broken_poses(studio):
+    c = studio.client
+    pose = {"people": [], "canvas_width": 64, "canvas_height": 64}
+    many = c.post("/controlnet/render_openpose_json", auth=ALICE, json=[pose] * 5)
+    assert many.status_code == 422 and many.json()["field"] == "pose_data"
+    huge = c.post("/controlnet/render_openpose_json", auth=ALICE,
+                  json=[pose, {**pose, "canvas_width": 8192, "canvas_height": 8192}])
+    assert huge.status_code == 422 and huge.json()["field"] == "pose_data[1].canvas_width"
+    broken = c.post("/controlnet/render_openpose_json", auth=ALICE,
+                    json=[{**pose, "people": [{"pose_keypoints_2d": [1, 2, 1] * 5}]}])
+    assert broken.status_code == 422 and broken.json()["field"] == "pose_data[0].people[0].pose_keypoints_2d"
+    assert c.post("/controlnet/render_openpose_json", auth=ALICE, json={"people": []}).status_code == 422

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipelines.controlnet import preprocessors as pp
+from pipelines.controlnet.poses import pose_json
 from pipelines.errors import PipelineError
 
 WEIGHT_FREE = [p.name for p in pp.PREPROCESSORS if not p.needs]
@@ -29,7 +30,8 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     import importlib
 
-    for name in ("hed", "pidi", "mlsd", "midas", "zoe", "normalbae", "open_pose", "lineart", "lineart_anime"):
+    for name in ("hed", "pidi", "mlsd", "midas", "zoe", "normalbae", "open_pose", "lineart", "lineart_anime",
+                 "leres"):
         monkeypatch.setattr(importlib.import_module(f"controlnet_aux.{name}"), "hf_hub_download", refuse)
 
 
@@ -183,6 +185,54 @@ def test_pidinet_loads_from_the_folder_without_the_hub_and_is_loaded_once(annota
     assert set(np.unique(scribble)) <= {0, 255}
 
 
+def zero_weights(model) -> dict:
+    """`model`'s state dict as zeros that take no room: each tensor a stride-0 view of one element, which
+    torch.save stores as that one element (ResNeXt-101 LeReS would be 460 MB of real zeros)."""
+    import torch
+
+    return {k: torch.zeros((), dtype=v.dtype).expand(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_leres(directory: Path, *, boost: bool) -> None:
+    """res101.pth ({"depth_model": state} with "module." prefixes, as shipped) and, for boost, latest_net_G.pth."""
+    import torch
+    from controlnet_aux.leres.leres.multi_depth_model_woauxi import RelDepthModel
+
+    directory.mkdir(exist_ok=True)
+    state = zero_weights(RelDepthModel(backbone="resnext101"))
+    torch.save({"depth_model": {f"module.{k}": v for k, v in state.items()}}, directory / "res101.pth")
+    if boost:
+        from controlnet_aux.leres.pix2pix.models.networks import define_G
+
+        torch.save(zero_weights(define_G(2, 1, 64, "unet_1024", "none", False, "normal", 0.02, [])),
+                   directory / "latest_net_G.pth")
+
+
+def test_leres_loads_from_the_folder_without_reading_the_command_line(annotators, monkeypatch):
+    import sys
+
+    # controlnet-aux's own loader parses sys.argv: this one would make it fail (gpu_ids must be numbers)
+    monkeypatch.setattr(sys, "argv", ["studio", "--gpu_ids", "not-a-number", "--name", "elsewhere"])
+    write_leres(annotators.annotators_dir, boost=True)
+    assert (annotators.annotators_dir / "res101.pth").stat().st_size < 10_000_000
+    result = annotators.run("depth_leres", squares(), processor_res=64, threshold_a=0, threshold_b=0)
+    # zero weights give a flat depth, which the extension's normalisation turns into 0, inverted: all white
+    values = pixels(result.image)
+    assert result.image.size == (96, 64) and values.min() == values.max() == 255
+    assert annotators.missing("depth_leres++") == []
+    boosted = annotators.detector("depth_leres++")
+    assert boosted.pix2pixmodel is not None and annotators.detector("depth_leres").pix2pixmodel is None
+    assert not any(t.abs().sum() for t in boosted.pix2pixmodel.netG.state_dict().values())  # our file's weights
+
+
+def test_leres_without_its_depth_network_names_the_file(annotators):
+    annotators.annotators_dir.mkdir()
+    (annotators.annotators_dir / "latest_net_G.pth").write_bytes(b"")
+    with pytest.raises(pp.MissingAnnotator, match=r"res101\.pth") as err:
+        annotators.run("depth_leres++", squares())
+    assert "latest_net_G.pth" not in str(err.value)  # present: only the missing file is named
+
+
 def test_a_weight_file_that_does_not_load_is_named(annotators):
     annotators.annotators_dir.mkdir()
     (annotators.annotators_dir / "table5_pidinet.pth").write_bytes(b"not a checkpoint")
@@ -273,7 +323,7 @@ def test_pose_json_is_openpose_pixels_with_missing_points_zeroed():
     point = namedtuple("Keypoint", "x y")
     pose = namedtuple("Pose", "body left_hand right_hand face")
     body = namedtuple("Body", "keypoints")([point(0.5, 0.25), None])
-    out = pp.pose_json([pose(body, None, [point(-1, -1), point(0.1, 0.2)], None)], 128, 64, canvas=(100, 64))
+    out = pose_json([pose(body, None, [point(-1, -1), point(0.1, 0.2)], None)], 128, 64, canvas=(100, 64))
     assert out == {"canvas_width": 100, "canvas_height": 64, "people": [{
         "pose_keypoints_2d": [64.0, 16.0, 1.0, 0.0, 0.0, 0.0], "face_keypoints_2d": None,
         "hand_left_keypoints_2d": None, "hand_right_keypoints_2d": [0.0, 0.0, 0.0, 12.8, 12.8, 1.0]}]}

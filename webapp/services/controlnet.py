@@ -1,10 +1,12 @@
-"""ControlNet outside a job: the caller's ControlNet models in the extension's naming, and preprocessor runs
-(the UI's Preview and ``/controlnet/detect``).
+"""ControlNet outside a job: the caller's ControlNet models in the extension's naming, preprocessor runs
+(the UI's Preview and ``/controlnet/detect``) and OpenPose JSON drawn into pose maps
+(``/controlnet/render_openpose_json``).
 
 Preprocessing is CPU work done in the web process, so it is bounded here: images per call, pixels per image
 (``max_job_pixels``, checked from the header before decoding) and runs at once (a semaphore; a caller that
-waits too long gets 429). The one ``Annotators`` (detectors loaded once, weights only from the annotators
-folder) is built by app.py and handed in.
+waits too long gets 429). Pose rendering shares those bounds: canvases per call, pixels per canvas, the slots.
+The one ``Annotators`` (detectors loaded once, weights only from the annotators folder) is built by app.py
+and handed in.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.controlnet.poses import render_pose_json
 from pipelines.controlnet.preprocessors import (
     Annotators,
     BrokenAnnotator,
@@ -107,6 +110,26 @@ class ControlNetService:
         finally:
             self._slots.release()
             log.debug("preprocessor %s run by %s on %d image(s)", pre.name, actor.username, len(decoded))
+
+    def render_poses(self, *, actor: User, poses: Sequence[Any], field_name: str = "pose_data") -> list[bytes]:
+        """Draw each OpenPose JSON canvas as the openpose preprocessors draw their maps (PNG bytes); blocking."""
+        if len(poses) > self.max_images:
+            raise InvalidInput(f"at most {self.max_images} poses per call, got {len(poses)}", field=field_name)
+        if not self._slots.acquire(timeout=WAIT_SECONDS):
+            raise Throttled("the ControlNet preprocessors are busy; try again shortly", retry_after=5)
+        try:
+            maps = []
+            for index, pose in enumerate(poses):
+                image = render_pose_json(pose, max_pixels=self.max_pixels, field=f"{field_name}[{index}]")
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                maps.append(buffer.getvalue())
+            return maps
+        except InvalidRequestError as exc:
+            raise InvalidInput(str(exc), field=exc.field) from None
+        finally:
+            self._slots.release()
+            log.debug("%d pose(s) rendered for %s", len(poses), actor.username)
 
     def _image(self, value: Any, field_name: str, mode: str = "RGB") -> Any:
         try:

@@ -1,6 +1,7 @@
 """sd-webui-controlnet's HTTP routes (``/controlnet/*``), answered in the extension's shapes
 (https://github.com/Mikubill/sd-webui-controlnet, `scripts/api.py`) over the studio's services: model lists
-hold only the caller's ControlNet models, ``detect`` runs through ``ControlNetService`` in a worker thread.
+hold only the caller's ControlNet models; ``detect`` and ``render_openpose_json`` run through
+``ControlNetService`` in a worker thread.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-from fastapi import APIRouter
+from fastapi import APIRouter, Body
 from pydantic import BaseModel, Field
 
 from pipelines.controlnet import preprocessors
@@ -68,5 +69,15 @@ def build_router(service: ControlNetService, unit_count: int) -> APIRouter:
         if found.warnings:
             answer["warnings"] = found.warnings
         return answer
+
+    @router.post("/render_openpose_json")
+    async def render_openpose_json(user: CurrentUser, pose_data: list[dict[str, Any]] = Body(default_factory=list)
+                                   ) -> dict[str, Any]:
+        """A list of OpenPose JSON canvases (``people``, ``canvas_width``, ``canvas_height``), as
+        ``/controlnet/detect`` returns them, drawn into pose maps; ``images`` holds one base64 PNG per canvas."""
+        if not pose_data:
+            return {"info": "No pose data detected."}  # the extension's answer, with 200
+        maps = await anyio.to_thread.run_sync(lambda: service.render_poses(actor=user, poses=pose_data))
+        return {"images": [png_b64(m) for m in maps], "info": "Success"}
 
     return router

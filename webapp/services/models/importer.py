@@ -5,7 +5,9 @@ file. What the file *is* is decided from its bytes (pipelines.safe_files / probe
 name; a declared type that contradicts the tensors is refused with a sentence saying what the file
 really is. Pickles are only ever opened through torch's ``weights_only`` loader (a code payload is
 refused without running) and are stored converted to safetensors — except hypernetworks, which the
-engine reads only as A1111 ``.pt`` files and which are stored as the verified pickle.
+engine reads only as A1111 ``.pt`` files and which are stored as the verified pickle. A diffusers
+ControlNet folder is packed into one safetensors file carrying its config
+(pipelines.controlnet.folders), which is then imported like any file: the store holds one blob per model.
 
 Failure leaves nothing behind: the conversion temp file is removed, a blob put into the store is
 deleted again if the row cannot be written, and a reserved ``Initial`` row is handed back to the
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +120,16 @@ def inspect_file(path: Path) -> Inspection:
         kind = safe_files.detect_kind(path)
         metadata: dict[str, str] = {}
         if kind is safe_files.FileKind.DIFFUSERS:
-            raise InvalidInput(f"{path.name} is a diffusers folder; import its single-file (.safetensors) form",
-                               field="file")
+            raise InvalidInput(f"{path.name} is a diffusers folder; only ControlNet folders are imported, and "
+                               "checkpoints in their single-file (.safetensors) form", field="file")
         if kind is safe_files.FileKind.SAFETENSORS:
             header = safe_files.read_safetensors_header(path, max_header_bytes=MAX_HEADER_BYTES)
             metadata = dict(header.metadata)
         info = probe(path)
+        if info.type.value == "controlnet" and kind is safe_files.FileKind.SAFETENSORS:
+            from pipelines.controlnet.folders import check_packed
+
+            check_packed(path)  # a config in its metadata must fit its tensors, as a folder's must
     except PipelineError as exc:
         raise _as_input_error(exc) from None
     model_type = _PROBE_TYPES[info.type.value]
@@ -233,6 +239,8 @@ class Importer:
 
         path = Path(path)
         file_name = request.file_name or path.name
+        if path.is_dir():  # a diffusers ControlNet folder (its members are checked against it)
+            return self._import_folder(path, request, progress)
         if not path.is_file():
             raise InvalidInput(f"{file_name} is not a regular file", field="file")
         size = path.stat().st_size
@@ -267,6 +275,31 @@ class Importer:
                 return self._record(path, stored, inspection, hashes, stored_hashes, request, existing, progress)
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
+
+    def _import_folder(self, folder: Path, request: ImportRequest, progress: Progress | None) -> ImportOutcome:
+        """A diffusers ControlNet folder: packed into one file (config in its metadata), stored like any file.
+
+        Never in place: the store keeps the packed file, and the folder is not referenced afterwards.
+        """
+        from pipelines.controlnet.folders import pack_folder
+        from pipelines.errors import PipelineError
+
+        name = (request.file_name or folder.name).rstrip("/")
+        if request.declared_type not in (None, ModelType.CONTROLNET):
+            raise InvalidInput(f"{name} is a diffusers folder; only ControlNet folders are imported, not "
+                               f"{_ARTICLE[request.declared_type]}", field="type")
+        workdir = Path(tempfile.mkdtemp(prefix="pack-", dir=self._staging))
+        try:
+            if progress:
+                progress("converting", 0, 0)
+            try:
+                packed = pack_folder(folder, workdir / f"{folder.name}.safetensors")
+            except (PipelineError, OSError) as exc:
+                raise InvalidInput(str(exc), field="file") from None  # pipelines' messages name the folder
+            return self.import_file(packed, replace(request, file_name=f"{name}.safetensors", in_place=False),
+                                    progress=progress)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def _existing(self, sha256: str, owner: User | None) -> ModelRecord | None:
         """The model already holding these bytes, among those `owner` may see (the server: all).

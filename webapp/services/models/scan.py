@@ -3,7 +3,9 @@
 A1111 keeps each kind of model in its own subfolder of ``models/`` (``Stable-diffusion``, ``Lora``,
 ``VAE``, ``ControlNet``, ``hypernetworks``) and textual inversions in ``embeddings/`` beside it, in the
 webui root; files lie directly inside or in nested folders, and each shows by its path relative to its
-type folder without the extension (``styles/ink``). The studio reads the same layout so an existing
+type folder without the extension (``styles/ink``). A diffusers ControlNet folder (config.json naming
+ControlNetModel, beside its weights) counts as one model, named by its folder; the import packs it into
+one stored file, so it is never registered in place. The studio reads the same layout so an existing
 A1111 install is usable as it is, registered in place, whether the admin names its root or ``models/``.
 
 Names first, hashes after: hashing a folder of checkpoints takes minutes, and A1111 lists its models
@@ -29,6 +31,8 @@ from pathlib import Path
 
 from sqlmodel import select
 
+from pipelines.controlnet.folders import is_controlnet_folder, weights_file
+from pipelines.errors import PipelineError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, Visibility, utcnow
 from webapp.services.errors import ServiceError
@@ -46,13 +50,27 @@ A1111_FOLDERS: dict[str, ModelType] = {
 
 @dataclass(frozen=True)
 class FoundFile:
-    type: ModelType
+    type: ModelType | None  # None: found outside a type folder, the file decides
     path: Path  # as found (not resolved), so the record shows the folder the admin configured
-    relative: str  # relative to the type folder, '/'-separated, with extension
+    relative: str  # relative to the type folder, '/'-separated, with extension (a ControlNet folder: none)
 
     @property
     def name(self) -> str:
         return derive_name(self.relative)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """Size and mtime: how a rescan tells that a model changed (a ControlNet folder: config and weights)."""
+
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> Stamp:
+        """Raises OSError (e.g. a dangling link) or PipelineError (a ControlNet folder without weights)."""
+        stats = [m.stat() for m in (path / "config.json", weights_file(path))] if path.is_dir() else [path.stat()]
+        return cls(sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats))
 
 
 @dataclass(frozen=True)
@@ -91,9 +109,16 @@ def is_a1111_folder(directory: Path) -> bool:
         return False
 
 
-def _walk(model_type: ModelType, folder: Path) -> Iterator[FoundFile]:
+def walk_models(folder: Path, model_type: ModelType | None = None) -> Iterator[FoundFile]:
+    """Model files and ControlNet folders under `folder` (hidden entries skipped, links to folders not followed)."""
     for directory, dirnames, filenames in os.walk(folder, followlinks=False):
+        here = Path(directory)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in list(dirnames):
+            path = here / name
+            if not path.is_symlink() and is_controlnet_folder(path):
+                dirnames.remove(name)  # its files are the one model
+                yield FoundFile(model_type, path, path.relative_to(folder).as_posix())
         for filename in sorted(filenames):
             if filename.startswith(".") or not filename.lower().endswith(MODEL_EXTENSIONS):
                 continue
@@ -106,7 +131,7 @@ def iter_model_files(root: Path) -> Iterator[FoundFile]:
     for child in sorted(root.iterdir(), key=lambda p: p.name):
         model_type = A1111_FOLDERS.get(child.name.lower())
         if model_type is not None and child.is_dir():
-            yield from _walk(model_type, child)
+            yield from walk_models(child, model_type)
 
 
 def iter_install_files(install: A1111Install) -> Iterator[FoundFile]:
@@ -114,7 +139,7 @@ def iter_install_files(install: A1111Install) -> Iterator[FoundFile]:
     if install.models.is_dir():
         yield from iter_model_files(install.models)
     if install.embeddings is not None and install.embeddings.is_dir():
-        yield from _walk(ModelType.EMBEDDING, install.embeddings)
+        yield from walk_models(install.embeddings, ModelType.EMBEDDING)
 
 
 def within_roots(path: Path, roots: Sequence[Path]) -> bool:
@@ -150,8 +175,8 @@ class ScanSummary:
         return ", ".join(parts)
 
 
-Pending = tuple[FoundFile, os.stat_result, ScannedFile | None]
-"""A file the scan must (re-)register, its stat and its scan row (None when new)."""
+Pending = tuple[FoundFile, Stamp, ScannedFile | None]
+"""A file the scan must (re-)register, its stamp and its scan row (None when new)."""
 
 
 class ModelsDirScanner:
@@ -201,8 +226,8 @@ class ModelsDirScanner:
         if install is not None:
             pending, seen, known = self._walk(install, summary)
             self._list_names(install, pending)
-            for found, stat, row in pending:
-                self._register(install, found, stat, row, summary)
+            for found, stamp, row in pending:
+                self._register(install, found, stamp, row, summary)
             for path, row in known.items():
                 if path not in seen and any(Path(path).is_relative_to(f) for f in install.folders):
                     self._forget(row, summary)
@@ -220,24 +245,27 @@ class ModelsDirScanner:
             key = str(found.path)
             seen.add(key)
             try:
-                stat = found.path.stat()
+                stamp = Stamp.of(found.path)
             except OSError as exc:  # a dangling symlink
                 summary.errors[key] = f"cannot read {found.relative}: {exc.strerror or exc}"
                 continue
+            except PipelineError as exc:
+                summary.errors[key] = str(exc)
+                continue
             row = known.get(key)
-            unchanged = row is not None and row.size == stat.st_size and row.mtime_ns == stat.st_mtime_ns
+            unchanged = row is not None and row.size == stamp.size and row.mtime_ns == stamp.mtime_ns
             if unchanged and (row.dismissed or row.error or self._active(row.model_id)):
                 summary.unchanged += 1
                 if row.error:
                     summary.errors[key] = row.error
                 continue
-            pending.append((found, stat, row))
+            pending.append((found, stamp, row))
         return pending, seen, known
 
     def _list_names(self, install: A1111Install, pending: list[Pending]) -> list[str]:
         """An ``Initial`` row, in place, for each pending file no model holds yet (the hash comes later)."""
         names = []
-        for found, _stat, _row in pending:
+        for found, _stamp, _row in pending:
             if self._in_place_model(str(found.path)) is not None or not self._readable(install, found.path):
                 continue
             record = self._importer.reserve(
@@ -259,7 +287,7 @@ class ModelsDirScanner:
             record = s.get(ModelRecord, model_id)
             return record is not None and record.status == ModelStatus.ACTIVE
 
-    def _register(self, install: A1111Install, found: FoundFile, stat: os.stat_result, row: ScannedFile | None,
+    def _register(self, install: A1111Install, found: FoundFile, stamp: Stamp, row: ScannedFile | None,
                   summary: ScanSummary) -> None:
         key = str(found.path)
         previous = self._in_place_model(key)
@@ -293,7 +321,7 @@ class ModelsDirScanner:
             log.warning("models dir: %s", error)
         with self._db.write() as s:
             current = s.get(ScannedFile, key) or ScannedFile(path=key, size=0, mtime_ns=0)
-            current.size, current.mtime_ns, current.seen_at = stat.st_size, stat.st_mtime_ns, utcnow()
+            current.size, current.mtime_ns, current.seen_at = stamp.size, stamp.mtime_ns, utcnow()
             current.model_id, current.error, current.dismissed = model_id, error, False
             s.add(current)
 

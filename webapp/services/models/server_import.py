@@ -5,7 +5,8 @@ Admins only, and only under the configured import roots: each path has symlinks 
 right before the file is read (a symlink swapped in between is refused too). Files are registered in
 place (referenced, nothing copied — the A1111 folder stays usable by A1111) or copied into the asset
 store. Paths are validated when the request arrives, so a typo is a 422 at once; the hashing and
-storing run as a background task with a progress line per file.
+storing run as a background task with a progress line per file. A diffusers ControlNet folder, named
+or found inside a named folder, is one item; the importer packs it into one stored file.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.controlnet.folders import is_controlnet_folder
 from webapp.records import ImportTask, ModelType, TaskKind, User, Visibility
 from webapp.services.errors import InvalidInput, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
-from webapp.services.models.scan import is_a1111_folder, iter_model_files, within_roots
+from webapp.services.models.scan import is_a1111_folder, iter_model_files, walk_models, within_roots
 from webapp.services.models.tasks import ImportTasks, TaskContext
 from webapp.services.users import require_admin
 
@@ -84,20 +86,18 @@ class ServerImports:
         return self._tasks.submit(kind=TaskKind.SERVER, owner=actor, params=params, items=items)
 
     def _expand(self, path: Path, model_type: ModelType | None) -> list[dict[str, Any]]:
-        if path.is_file():
+        if path.is_file() or is_controlnet_folder(path):
             return [{"source": str(path), "type": model_type.value if model_type else None, "file_name": path.name}]
         if (path / "model_index.json").is_file():
-            raise InvalidInput(f"{path} is a diffusers folder; import its single-file (.safetensors) form",
-                               field="paths")
+            raise InvalidInput(f"{path} is a diffusers pipeline folder; import its single-file (.safetensors) form "
+                               "(of diffusers folders, only ControlNets are imported)", field="paths")
         if is_a1111_folder(path):  # type folders decide the type; a declared type must agree
             found = list(iter_model_files(path))
             if model_type is not None:
                 found = [f for f in found if f.type is model_type]
             return [{"source": str(f.path), "type": f.type.value, "file_name": f.relative} for f in found]
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(catalog.MODEL_EXTENSIONS)
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
-        return [{"source": str(p), "type": model_type.value if model_type else None,
-                 "file_name": p.relative_to(path).as_posix()} for p in files]
+        return [{"source": str(f.path), "type": model_type.value if model_type else None, "file_name": f.relative}
+                for f in walk_models(path)]
 
     def _run(self, ctx: TaskContext) -> None:
         params = ctx.params
