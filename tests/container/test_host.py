@@ -57,8 +57,8 @@ def test_finished_buffers_expire_after_the_ttl_running_ones_never():
     try:
         assert host.submit(fake_spec("done"))
         _until(lambda: host.buffer("done") is not None and host.buffer("done").done)
-        host.backend.step_delay = 0.05
-        assert host.submit(fake_spec("running", steps=1000))
+        host.backend.step_delay = 0.34
+        assert host.submit(fake_spec("running", steps=150))
         clock.now += 59
         assert host.buffer("done") is not None
         clock.now += 2
@@ -71,10 +71,10 @@ def test_finished_buffers_expire_after_the_ttl_running_ones_never():
 
 
 def test_run_waits_in_line_up_to_max_waiting_and_stop_interrupts_everyone():
-    host = _host(step_delay=0.02)
+    host = _host(step_delay=0.67)
     results: dict[str, object] = {}
     try:
-        assert host.submit(fake_spec("blocker", steps=5000))
+        assert host.submit(fake_spec("blocker", steps=150))
         threads = [threading.Thread(target=lambda j=j: results.setdefault(j, host.run(fake_spec(j))))
                    for j in ("w1", "w2")]
         for thread in threads:

@@ -47,7 +47,7 @@ def _spec(checkpoint, job_id: str, *, local_path: str | None, store_key: str | N
     models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny-sd15", sha256=checkpoint["sha256"],
                                             file=ref))
     request = GenerationRequest(prompt="a red fox", steps=4, width=64, height=64, seed=11, batch_size=2)
-    return JobSpec(job_id=job_id, mode="txt2img", request=request.to_dict(), models=models)
+    return JobSpec(job_id=job_id, mode="txt2img", request=request, models=models)
 
 
 def _direct(checkpoint, spec: JobSpec, cache: Path):

@@ -15,11 +15,11 @@ from tests.container.worker import ROOT, SECRET, auth, events_of, fake_spec, rea
 
 
 def test_sigterm_ends_the_running_job_interrupted_and_the_process_exits_0(tmp_path):
-    options = json.dumps({"step_delay": 0.05})
+    options = json.dumps({"step_delay": 0.67})
     with worker_process(tmp_path, "--backend", "fake", "--backend-options", options, "--heartbeat-seconds", "0.2",
                         "--stop-timeout-seconds", "10") as worker:
         with httpx.Client(base_url=worker.url, headers=auth(), timeout=30) as client:
-            assert client.post("/v1/jobs", content=fake_spec("slow", steps=2000).to_json()).status_code == 202
+            assert client.post("/v1/jobs", content=fake_spec("slow", steps=150).to_json()).status_code == 202
             lines: list[dict] = []
             reader = threading.Thread(target=lambda: lines.extend(read_stream(client, "slow", timeout=60)))
             reader.start()

@@ -115,8 +115,8 @@ def test_release_memory_answers_ok(client):
 
 
 def test_busy_cancel_skip_and_heartbeats_on_a_slow_job(tmp_path):
-    with in_process_worker(slots=1, step_delay=0.05, heartbeat=0.05) as slow, slow.client() as client:
-        assert client.post("/v1/jobs", content=fake_spec("long", steps=400).to_json()).status_code == 202
+    with in_process_worker(slots=1, step_delay=0.14, heartbeat=0.05) as slow, slow.client() as client:
+        assert client.post("/v1/jobs", content=fake_spec("long", steps=150).to_json()).status_code == 202
         busy = client.post("/v1/jobs", content=fake_spec("other").to_json())
         assert busy.status_code == 503 and busy.json()["error"] == "busy"
         assert "busy" in busy.json()["message"] and "slot" in busy.json()["message"]
@@ -146,8 +146,8 @@ def test_busy_cancel_skip_and_heartbeats_on_a_slow_job(tmp_path):
 
 
 def test_invocations_wait_in_line_then_503_when_the_line_is_full():
-    with in_process_worker(slots=1, step_delay=0.02, max_waiting=1) as slow, slow.client() as client:
-        assert client.post("/v1/jobs", content=fake_spec("blocker", steps=2000).to_json()).status_code == 202
+    with in_process_worker(slots=1, step_delay=0.27, max_waiting=1) as slow, slow.client() as client:
+        assert client.post("/v1/jobs", content=fake_spec("blocker", steps=150).to_json()).status_code == 202
         answers: dict[str, httpx.Response] = {}
 
         def invoke(job_id: str) -> None:
@@ -169,8 +169,8 @@ def test_invocations_wait_in_line_then_503_when_the_line_is_full():
 
 
 def test_a_queued_invocation_can_be_cancelled():
-    with in_process_worker(slots=1, step_delay=0.02, max_waiting=2) as slow, slow.client() as client:
-        client.post("/v1/jobs", content=fake_spec("blocker", steps=2000).to_json())
+    with in_process_worker(slots=1, step_delay=0.27, max_waiting=2) as slow, slow.client() as client:
+        client.post("/v1/jobs", content=fake_spec("blocker", steps=150).to_json())
         answers: dict[str, httpx.Response] = {}
         waiter = threading.Thread(target=lambda: answers.setdefault(
             "q", httpx.post(slow.url + "/invocations", content=fake_spec("queued").to_json(), headers=auth(),
@@ -188,8 +188,8 @@ def test_a_queued_invocation_can_be_cancelled():
 
 def test_a_stream_delivers_the_end_that_raced_with_a_heartbeat_timeout():
     """The wait timed out (a heartbeat is due) just as the terminal event arrived: the stream still sends it."""
-    with in_process_worker(slots=1, step_delay=0.05, heartbeat=0.05) as slow, slow.client() as client:
-        client.post("/v1/jobs", content=fake_spec("race", steps=1000).to_json())
+    with in_process_worker(slots=1, step_delay=0.34, heartbeat=0.05) as slow, slow.client() as client:
+        client.post("/v1/jobs", content=fake_spec("race", steps=150).to_json())
         host, original = slow.host, slow.host.wait_events
 
         def timed_out_as_it_ended(buffer, after, timeout):
@@ -210,8 +210,8 @@ def test_a_stream_delivers_the_end_that_raced_with_a_heartbeat_timeout():
 def test_a_long_line_of_waiting_invocations_does_not_starve_ping_or_the_control_routes():
     """More requests wait than anyio's default thread pool has threads (40): /ping still answers at once."""
     count = 45
-    with in_process_worker(slots=1, step_delay=0.02, max_waiting=count) as slow, slow.client() as client:
-        client.post("/v1/jobs", content=fake_spec("blocker", steps=100000).to_json())
+    with in_process_worker(slots=1, step_delay=14, max_waiting=count) as slow, slow.client() as client:
+        client.post("/v1/jobs", content=fake_spec("blocker", steps=150).to_json())
         answers: list[httpx.Response] = []
 
         def invoke(i: int) -> None:

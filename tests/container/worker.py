@@ -22,6 +22,7 @@ import httpx
 
 from deploy.backends.messages import JobModels, JobSpec, ModelSpec
 from deploy.model_files import ModelFileRef
+from pipelines.types import GenerationRequest
 from tests.live import free_port, serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ def fake_spec(job_id: str = "job-1", **request: Any) -> JobSpec:
     ref = ModelFileRef(sha256=SHA, store_key="models/checkpoint/tiny.safetensors", local_path=None, size=10)
     models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=SHA, file=ref))
     body = {"prompt": "a lighthouse", "steps": 4, "width": 64, "height": 64, "seed": 7, **request}
-    return JobSpec(job_id=job_id, mode="txt2img", request=body, models=models)
+    return JobSpec(job_id=job_id, mode="txt2img", request=GenerationRequest(**body), models=models)
 
 
 def auth(secret: str = SECRET) -> dict[str, str]:
