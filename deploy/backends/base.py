@@ -47,11 +47,28 @@ class Capabilities:
     previews: bool = True
     devices: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ("checkpoint", "vae", "lora", "embedding", "hypernetwork")
+    samplers: tuple[str, ...] = ()
+    """Sampler names its engine runs (A1111's names); empty: unknown (the UI then offers every sampler)."""
+    schedulers: tuple[str, ...] = ()
+    """Schedule type labels (Automatic, Karras ...)."""
+    upscalers: tuple[str, ...] = ()
+    """Hires-fix upscalers."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"modes": list(self.modes), "slots": self.slots, "remote": self.remote, "previews": self.previews,
-                "devices": list(self.devices), "model_types": list(self.model_types), "extra": dict(self.extra)}
+                "devices": list(self.devices), "model_types": list(self.model_types), "samplers": list(self.samplers),
+                "schedulers": list(self.schedulers), "upscalers": list(self.upscalers), "extra": dict(self.extra)}
+
+
+def engine_lists() -> dict[str, tuple[str, ...]]:
+    """The sampler, schedule and upscaler names of this code's engine (cheap: no torch import), for the
+    ``Capabilities`` of backends that run ``pipelines`` — the UI shows an endpoint's own lists."""
+    from pipelines.samplers import list_samplers, list_schedulers
+    from pipelines.types import HR_UPSCALERS
+
+    return {"samplers": tuple(s["name"] for s in list_samplers()),
+            "schedulers": tuple(s["label"] for s in list_schedulers()), "upscalers": tuple(HR_UPSCALERS)}
 
 
 class Backend(ABC):

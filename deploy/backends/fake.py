@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from deploy.backends.base import Capabilities
+from deploy.backends.base import Capabilities, engine_lists
 from deploy.backends.messages import Cancelled, Event, Failed, JobSpec, Succeeded
 from deploy.backends.registry import BackendConfig
 from deploy.backends.workers import EtaClock, ThreadedBackend, Worker, progress_event
@@ -98,7 +98,8 @@ class FakeBackend(ThreadedBackend):
         return True
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(slots=self.slots, remote=self.remote, devices=tuple(f"fake{i}" for i in range(self.slots)))
+        return Capabilities(slots=self.slots, remote=self.remote, devices=tuple(f"fake{i}" for i in range(self.slots)),
+                            **engine_lists())
 
     def worker_labels(self) -> list[str]:
         return [f"fake{i}" for i in range(self.slots)]

@@ -14,7 +14,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from deploy.backends.base import BackendNotConfigured, Capabilities
+from deploy.backends.base import BackendNotConfigured, Capabilities, engine_lists
 from deploy.backends.messages import Event, JobSpec, Started
 from deploy.backends.registry import BackendConfig
 from deploy.backends.workers import ThreadedBackend, Worker
@@ -91,7 +91,7 @@ class LocalBackend(ThreadedBackend):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(slots=len(self.devices), remote=False, previews=self.preview_every > 0,
-                            devices=tuple(self.devices))
+                            devices=tuple(self.devices), **engine_lists())
 
     def worker_labels(self) -> list[str]:
         if self.model_files is None:

@@ -57,8 +57,9 @@ def generate(tab: GenerateTab, user: Any, **values: Any) -> tuple[str, dict]:
 
 def test_choices_are_the_users_models_and_endpoints(fake_studio, tabs):
     title = fake_studio.models.checkpoint.title
-    checkpoint, vae, endpoint, network, refiner, button = tabs.txt2img.load_choices(None, None, None, None,
-                                                                                   req(fake_studio.admin))
+    checkpoint, vae, endpoint, network, refiner, button, sampler, scheduler, upscaler = tabs.txt2img.load_choices(
+        None, None, None, None, req(fake_studio.admin))
+    assert "DPM++ 2M" in sampler["choices"] and "Karras" in scheduler["choices"] and "Latent" in upscaler["choices"]
     assert checkpoint["choices"] == [(title, title)] or checkpoint["choices"] == [title]
     assert checkpoint["value"] == title and endpoint["value"] == "local" and button["value"] == LOCAL_LABEL
     assert "tinyvae" in str(vae["choices"]) and "None" in str(refiner["choices"])
@@ -198,13 +199,16 @@ def test_send_to_img2img_and_png_info_to_txt2img(fake_studio, tabs, tmp_path, mo
 
 
 def test_the_button_reads_generate_on_cloud_for_a_remote_endpoint(fake_studio, tabs):
-    fake_studio.jobs.endpoints.ensure(name="cloud", kind="fake", remote=True, capabilities={}, config={},
-                                      is_default=False, status=EndpointStatus.IN_SERVICE)
+    fake_studio.jobs.endpoints.ensure(name="cloud", kind="fake", remote=True, capabilities={"samplers": ["Euler a"]},
+                                      config={}, is_default=False, status=EndpointStatus.IN_SERVICE)
     try:
-        assert tabs.txt2img.endpoint_changed("cloud", req(fake_studio.admin))["value"] == CLOUD_LABEL
-        assert tabs.txt2img.endpoint_changed("local", req(fake_studio.admin))["value"] == LOCAL_LABEL
-        *_, button = tabs.txt2img.load_choices(None, None, "cloud", None, req(fake_studio.admin))
+        button, sampler, *_ = tabs.txt2img.endpoint_changed("cloud", req(fake_studio.admin))
         assert button["value"] == CLOUD_LABEL
+        assert sampler["choices"] == ["Euler a"], "the endpoint's own samplers, not this server's"
+        button, sampler, *_ = tabs.txt2img.endpoint_changed("local", req(fake_studio.admin))
+        assert button["value"] == LOCAL_LABEL and "DPM++ 2M SDE" in sampler["choices"]
+        *_, button, sampler, _, _ = tabs.txt2img.load_choices(None, None, "cloud", None, req(fake_studio.admin))
+        assert button["value"] == CLOUD_LABEL and sampler["choices"] == ["Euler a"]
     finally:
         with fake_studio.db.write() as s:
             from webapp.records import Endpoint

@@ -15,8 +15,7 @@ from typing import Any
 
 import gradio as gr
 
-from pipelines.samplers import list_samplers, list_schedulers
-from pipelines.types import HR_UPSCALERS
+from deploy.backends.base import engine_lists
 from webapp.records import Endpoint, ModelRecord, ModelType, User
 from webapp.services.errors import ServiceError
 
@@ -35,6 +34,21 @@ _PASTED = ("prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "c
 """Request fields an infotext fills into the form (PNG Info → txt2img, Send to img2img)."""
 CLOUD_LABEL = "Generate on Cloud"
 LOCAL_LABEL = "Generate"
+
+
+ENGINE_LISTS = engine_lists()
+"""What the widgets offer before an endpoint is chosen; then they show that endpoint's own lists
+(``engine_choices``)."""
+ENGINE_WIDGETS = {"sampler_name": "samplers", "scheduler": "schedulers", "hr_upscaler": "upscalers"}
+"""Form widget -> the ``Capabilities`` list it offers."""
+
+
+def engine_choices(capabilities: dict[str, Any]) -> dict[str, Any]:
+    """Updates for the engine-dependent dropdowns from an endpoint's capabilities: its own samplers, schedule
+    types and upscalers (a list the endpoint does not report keeps the engine's). Only the choices change: a
+    current value the endpoint lacks stays shown, and Generate then says it is not among the choices."""
+    return {widget: gr.update(choices=[str(v) for v in capabilities.get(key) or ()] or list(ENGINE_LISTS[key]))
+            for widget, key in ENGINE_WIDGETS.items()}
 
 
 @dataclass(frozen=True)
@@ -171,9 +185,9 @@ class GenerationForm:
     def build_sampling(self) -> None:
         c, m = self.c, self.mode
         with gr.Row():
-            c["sampler_name"] = gr.Dropdown([s["name"] for s in list_samplers()], value="DPM++ 2M",
+            c["sampler_name"] = gr.Dropdown(list(ENGINE_LISTS["samplers"]), value="DPM++ 2M",
                                             label="Sampling method", elem_id=f"{m}-sampler")
-            c["scheduler"] = gr.Dropdown([s["label"] for s in list_schedulers()], value="Automatic",
+            c["scheduler"] = gr.Dropdown(list(ENGINE_LISTS["schedulers"]), value="Automatic",
                                          label="Schedule type", elem_id=f"{m}-scheduler")
             c["steps"] = _number(20, step=1, label="Sampling steps", elem_id=f"{m}-steps")
         with gr.Row():
@@ -197,7 +211,7 @@ class GenerationForm:
         with gr.Accordion("Hires. fix", open=False):
             c["enable_hr"] = gr.Checkbox(label="Enable hires. fix", value=False, elem_id="txt2img-enable-hr")
             with gr.Row():
-                c["hr_upscaler"] = gr.Dropdown(list(HR_UPSCALERS), value="Latent", label="Upscaler")
+                c["hr_upscaler"] = gr.Dropdown(list(ENGINE_LISTS["upscalers"]), value="Latent", label="Upscaler")
                 c["hr_scale"] = _number(2, step=0.05, label="Upscale by")
                 c["hr_second_pass_steps"] = _number(0, step=1, label="Hires steps (0: same)")
             with gr.Row():

@@ -30,9 +30,11 @@ from webapp.ui.controlnet_ui import ControlNetPanel
 from webapp.ui.files import MAX_IMAGE_BYTES, read_upload
 from webapp.ui.generate_form import (
     CLOUD_LABEL,
+    ENGINE_WIDGETS,
     LOCAL_LABEL,
     GenerationForm,
     choices_for,
+    engine_choices,
     insert_token,
     network_token,
 )
@@ -95,13 +97,16 @@ class GenerateTab:
     @ui_errors
     def load_choices(self, checkpoint: str | None, vae: str | None, endpoint: str | None, refiner: str | None,
                      request: gr.Request) -> tuple:
-        """Fill the per-user lists (models they may use, endpoints), keeping current choices that still exist."""
+        """Fill the per-user lists (models they may use, endpoints) and the chosen endpoint's own samplers,
+        schedule types and upscalers, keeping current choices that still exist."""
         user = self.ctx.user(request)
-        choices = choices_for(user, self.registry, self.jobs.endpoints.list_endpoints(actor=user))
+        rows = self.jobs.endpoints.list_endpoints(actor=user)
+        choices = choices_for(user, self.registry, rows)
         names = [value for _, value in choices.endpoints]
         endpoint = endpoint if endpoint in names else (names[0] if names else None)
         checkpoint = checkpoint if checkpoint in choices.checkpoints else (
             choices.checkpoints[0] if choices.checkpoints else None)
+        chosen = next((e for e in rows if e.name == endpoint), None)
         return (
             gr.update(choices=choices.checkpoints, value=checkpoint),
             gr.update(choices=choices.vaes, value=vae if vae in choices.vaes else "Automatic"),
@@ -109,14 +114,23 @@ class GenerateTab:
             gr.update(choices=choices.networks, value=None),
             gr.update(choices=["None", *choices.checkpoints], value=refiner if refiner in choices.checkpoints else "None"),
             gr.update(value=CLOUD_LABEL if endpoint in choices.remote else LOCAL_LABEL),
+            *self._engine_updates(chosen.capabilities if chosen else {}),
         )
 
     @ui_errors
-    def endpoint_changed(self, endpoint: str | None, request: gr.Request) -> Any:
+    def endpoint_changed(self, endpoint: str | None, request: gr.Request) -> tuple:
+        """The Generate button's words ("Generate on Cloud" for a remote endpoint) and the endpoint's own lists."""
         if not endpoint:
-            return gr.update(value=LOCAL_LABEL)
-        remote = self.jobs.endpoints.get(actor=self.ctx.user(request), name=endpoint).remote
-        return gr.update(value=CLOUD_LABEL if remote else LOCAL_LABEL)
+            return (gr.update(value=LOCAL_LABEL), *self._engine_updates({}))
+        chosen = self.jobs.endpoints.get(actor=self.ctx.user(request), name=endpoint)
+        return (gr.update(value=CLOUD_LABEL if chosen.remote else LOCAL_LABEL), *self._engine_updates(chosen.capabilities))
+
+    def _engine_widgets(self) -> list[str]:
+        return [name for name in ENGINE_WIDGETS if name in self.form.c]
+
+    def _engine_updates(self, capabilities: dict) -> list[Any]:
+        updates = engine_choices(capabilities)
+        return [updates[name] for name in self._engine_widgets()]
 
     @staticmethod
     @ui_errors
@@ -238,16 +252,17 @@ class GenerateTab:
     def _wire(self, tab: gr.Tab) -> None:
         private = {"api_visibility": "private"}
         c = self.form.c
+        engine = [c[name] for name in self._engine_widgets()]
         choice_inputs = [c["checkpoint"], c["vae"], c["endpoint"], c["refiner_checkpoint"]]
         choice_outputs = [c["checkpoint"], c["vae"], c["endpoint"], self.form.network, c["refiner_checkpoint"],
-                          self.generate]
+                          self.generate, *engine]
         root = get_blocks_context().root_block
         for trigger in (root.load, tab.select, self.form.refresh.click):
             trigger(self.load_choices, choice_inputs, choice_outputs, **private)
             trigger(self.history.refresh, self.history.filters, self.history.refresh_outputs, **private)
         if self.controlnet is not None:
             self.controlnet.wire(c["checkpoint"], [root.load, tab.select, self.form.refresh.click])
-        c["endpoint"].input(self.endpoint_changed, [c["endpoint"]], [self.generate], **private)
+        c["endpoint"].input(self.endpoint_changed, [c["endpoint"]], [self.generate, *engine], **private)
         self.form.insert.click(self.insert_network, [c["prompt"], self.form.network], [c["prompt"]], **private)
         self.form.random_seed.click(ui_errors(lambda: -1), None, [c["seed"]], **private)
         self.form.reuse_seed.click(ui_errors(lambda seed: seed), [self.last_seed], [c["seed"]], **private)
