@@ -1,0 +1,69 @@
+"""What backend tests share: a recording sink with bounded waits, and job specs."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from deploy.backends.messages import (
+    Cancelled,
+    Event,
+    Failed,
+    JobModels,
+    JobSpec,
+    ModelSpec,
+    Progress,
+    Succeeded,
+)
+from deploy.model_files import ModelFileRef
+
+SHA = "ab" * 32
+TERMINAL = (Succeeded, Failed, Cancelled)
+
+
+class Sink:
+    """Records every event; ``wait_terminal`` / ``wait_progress`` wait (bounded) for what a test needs."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self._changed = threading.Condition()
+
+    def __call__(self, event: Event) -> None:
+        with self._changed:
+            self.events.append(event)
+            self._changed.notify_all()
+
+    def of(self, cls: type | tuple[type, ...], job_id: str | None = None) -> list[Any]:
+        with self._changed:
+            return [e for e in self.events if isinstance(e, cls) and (job_id is None or e.job_id == job_id)]
+
+    def for_job(self, job_id: str) -> list[Event]:
+        with self._changed:
+            return [e for e in self.events if e.job_id == job_id]
+
+    def _wait(self, cls: type | tuple[type, ...], job_id: str, timeout: float) -> Any:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [e for e in self.events if isinstance(e, cls) and e.job_id == job_id]
+                if found:
+                    return found[0]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {cls} for job {job_id} within {timeout}s; got {self.events}")
+                self._changed.wait(left)
+
+    def wait_terminal(self, job_id: str, timeout: float = 30.0) -> Event:
+        return self._wait(TERMINAL, job_id, timeout)
+
+    def wait_progress(self, job_id: str, timeout: float = 30.0) -> Progress:
+        return self._wait(Progress, job_id, timeout)
+
+
+def fake_spec(job_id: str = "job1", **request: Any) -> JobSpec:
+    """A job for the fake backend (its model refs are never opened)."""
+    ref = ModelFileRef(sha256=SHA, store_key="models/checkpoint/x.safetensors", local_path=None, size=10)
+    models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=SHA, file=ref))
+    body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler", **request}
+    return JobSpec(job_id=job_id, mode="txt2img", request=body, models=models)
