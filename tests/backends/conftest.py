@@ -21,7 +21,8 @@ from deploy.backends.base import Backend
 from deploy.backends.fake import FakeBackend
 from deploy.backends.messages import JobModels, JobSpec, ModelSpec
 from deploy.model_files import ModelFileRef
-from tests.backends.events import Sink, fake_spec
+from tests.backends.events import Sink
+from tests.container.worker import fake_spec
 from tests.fixtures.studio_models import TinyModelFiles, tiny_model_file_set
 from tests.fixtures.worker_process import WorkerProcess
 
@@ -60,7 +61,7 @@ class BackendCase:
                                        local_path=None)
             models = dataclasses.replace(models, checkpoint=dataclasses.replace(
                 models.checkpoint, sha256="0" * 64, file=gone))
-        spec = fake_spec(job_id, **request)
+        spec = fake_spec(job_id, **{"steps": 3, "seed": 1, "sampler_name": "Euler", **request})
         return dataclasses.replace(spec, models=models)
 
 

@@ -1,4 +1,4 @@
-"""What backend tests share: a recording sink with bounded waits, and job specs."""
+"""What backend tests share: a recording sink with bounded waits (job specs: ``tests.container.worker.fake_spec``)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,10 @@ from deploy.backends.messages import (
     Cancelled,
     Event,
     Failed,
-    JobModels,
-    JobSpec,
-    ModelSpec,
     Progress,
     Succeeded,
 )
-from deploy.model_files import ModelFileRef
 
-SHA = "ab" * 32
 TERMINAL = (Succeeded, Failed, Cancelled)
 
 
@@ -59,11 +54,3 @@ class Sink:
 
     def wait_progress(self, job_id: str, timeout: float = 30.0) -> Progress:
         return self._wait(Progress, job_id, timeout)
-
-
-def fake_spec(job_id: str = "job1", **request: Any) -> JobSpec:
-    """A job for the fake backend (its model refs are never opened)."""
-    ref = ModelFileRef(sha256=SHA, store_key="models/checkpoint/x.safetensors", local_path=None, size=10)
-    models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=SHA, file=ref))
-    body = {"prompt": "a cat", "steps": 3, "width": 64, "height": 64, "seed": 1, "sampler_name": "Euler", **request}
-    return JobSpec(job_id=job_id, mode="txt2img", request=body, models=models)

@@ -12,8 +12,9 @@ from deploy.backends import registry
 from deploy.backends.base import BackendBusy, BackendError
 from deploy.backends.http import HttpWorkerBackend
 from deploy.backends.messages import Event, Failed, Progress, Started, Succeeded
-from tests.backends.events import Sink, fake_spec
+from tests.backends.events import Sink
 from tests.backends.scripted import ScriptedWorker, fail, info, line, respond, stream
+from tests.container.worker import fake_spec
 
 SECRET = "s3cret-value-that-must-never-leak"
 URL = "http://gpu-box:8080"
@@ -37,14 +38,14 @@ def run_one(worker: ScriptedWorker, timeout: float = 5.0, **kwargs) -> tuple[Eve
     sink = Sink()
     backend = started(worker, sink, **kwargs)
     try:
-        backend.submit(fake_spec())
+        backend.submit(fake_spec("job1"))
         return sink.wait_terminal("job1", timeout), sink
     finally:
         backend.stop()
 
 
 def result(job_id: str = "job1") -> Succeeded:
-    return Succeeded(job_id=job_id, images=(b"\x89PNG img",), infotexts=("a cat",), seeds=(1,))
+    return Succeeded(job_id=job_id, images=(b"\x89PNG img",), infotexts=("a lighthouse",), seeds=(1,))
 
 
 def test_registry_builds_it_from_typed_options():
@@ -67,7 +68,7 @@ def test_events_are_forwarded_in_order_and_the_buffer_is_dropped():
     backend = started(worker, sink)
     try:
         assert backend.free_slots() == 2
-        backend.submit(fake_spec())
+        backend.submit(fake_spec("job1"))
         assert isinstance(sink.wait_terminal("job1", 5), Succeeded)
         assert [type(e) for e in sink.events] == [Started, Progress, Succeeded]
         assert sink.events[0].worker == "box/worker/cuda:0"
@@ -80,7 +81,7 @@ def test_events_are_forwarded_in_order_and_the_buffer_is_dropped():
     finally:
         backend.stop()
     (query, body), = worker.calls("POST", "/v1/jobs")
-    assert body["job_id"] == "job1" and body["request"]["prompt"] == "a cat"
+    assert body["job_id"] == "job1" and body["request"]["prompt"] == "a lighthouse"
     assert all(h.get("authorization") == f"Bearer {SECRET}" for h in worker.headers)
 
 
@@ -153,7 +154,7 @@ def test_an_unreachable_worker_refuses_the_submit_and_degrades_the_endpoint():
     backend = started(worker, sink, submit_attempts=3)
     try:
         with pytest.raises(BackendError, match="could not be reached: ConnectError"):
-            backend.submit(fake_spec())
+            backend.submit(fake_spec("job1"))
         assert len(worker.calls("POST", "/v1/jobs")) == 3
         healthy, reason = backend.health()
         assert not healthy and "gpu-box:8080" in reason
@@ -237,7 +238,7 @@ def test_stop_cancels_on_the_worker_and_reports_running_jobs_interrupted():
     sink = Sink()
     backend = started(worker, sink)
     try:
-        backend.submit(fake_spec())
+        backend.submit(fake_spec("job1"))
         deadline = time.monotonic() + 5
         while not sink.events and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -263,7 +264,7 @@ def test_cancel_and_skip_reach_the_worker_only_for_held_jobs():
     worker.on("POST /v1/jobs/job1/skip", respond(200, {"ok": False}))
     backend = started(worker, Sink())
     try:
-        backend.submit(fake_spec())
+        backend.submit(fake_spec("job1"))
         assert backend.cancel("job1") is True
         assert backend.skip("job1") is False, "the worker's answer is passed on"
         assert backend.cancel("not-mine") is False and backend.skip("not-mine") is False
@@ -292,7 +293,7 @@ def test_the_secret_is_never_logged(caplog):
     backend = started(worker, sink, grace_seconds=0.2)
     errors = []
     try:
-        backend.submit(fake_spec())
+        backend.submit(fake_spec("job1"))
         sink.wait_terminal("job1", 5)
         try:
             backend.submit(fake_spec("job2"))
