@@ -37,20 +37,21 @@ class Sink:
         with self._changed:
             return [e for e in self.events if e.job_id == job_id]
 
-    def _wait(self, cls: type | tuple[type, ...], job_id: str, timeout: float) -> Any:
+    def _wait(self, cls: type | tuple[type, ...], job_id: str, timeout: float, nth: int = 0) -> Any:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
                 found = [e for e in self.events if isinstance(e, cls) and e.job_id == job_id]
-                if found:
-                    return found[0]
+                if len(found) > nth:
+                    return found[nth]
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise AssertionError(f"no {cls} for job {job_id} within {timeout}s; got {self.events}")
                 self._changed.wait(left)
 
-    def wait_terminal(self, job_id: str, timeout: float = 30.0) -> Event:
-        return self._wait(TERMINAL, job_id, timeout)
+    def wait_terminal(self, job_id: str, timeout: float = 30.0, nth: int = 0) -> Event:
+        """The job's ``nth`` terminal event (1: the second run's, when the same job was sent again)."""
+        return self._wait(TERMINAL, job_id, timeout, nth)
 
     def wait_progress(self, job_id: str, timeout: float = 30.0) -> Progress:
         return self._wait(Progress, job_id, timeout)
