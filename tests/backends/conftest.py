@@ -19,18 +19,16 @@ import pytest
 
 from deploy.backends.base import Backend
 from deploy.backends.fake import FakeBackend
-from deploy.backends.messages import JobModels, JobSpec, ModelSpec
-from deploy.model_files import ModelFileRef
+from deploy.backends.messages import JobModels, JobSpec
 from tests.backends.events import Sink
 from tests.container.worker import fake_spec
-from tests.fixtures.studio_models import TinyModelFiles, tiny_model_file_set
+from tests.fixtures.tiny_store import TinyStore, local_backend, worker_args
+from tests.fixtures.tiny_store import tiny_store as build_tiny_store
 from tests.fixtures.worker_process import WorkerProcess
 
 CASES = ["fake", "local", "http-fake", "http-local"]
 FAIL_PROMPTS = {"oom": "OOM-PLEASE", "internal": "CRASH-PLEASE", "bad_request": "BAD-PLEASE"}
 FAKE_OPTIONS = {"slots": 1, "step_delay": 0.01, "preview_every": 1, "fail_prompts": FAIL_PROMPTS}
-CHECKPOINT_KEY = "models/checkpoint/tiny-sd15.safetensors"
-LORA_KEY = "models/lora/tinylora.safetensors"
 
 
 @dataclass(frozen=True)
@@ -70,37 +68,9 @@ LOCAL_FAILURES = (Failure("bad sampler", "bad_request", {"sampler_name": "NoSuch
                   Failure("model file gone", "internal", missing_checkpoint=True))
 
 
-@dataclass(frozen=True)
-class TinyStore:
-    """The tiny checkpoint and LoRA in an asset-store directory, as the studio stores uploads."""
-
-    root: Path
-    models: JobModels
-    files: TinyModelFiles
-
-
-def _model(kind: str, name: str, path: Path, key: str, **extra: Any) -> ModelSpec:
-    from pipelines.hashes import sha256_file
-
-    sha = sha256_file(path)
-    ref = ModelFileRef(sha256=sha, store_key=key, local_path=None, size=path.stat().st_size)
-    return ModelSpec(kind=kind, name=name, sha256=sha, file=ref, **extra)
-
-
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory: pytest.TempPathFactory) -> TinyStore:
-    from deploy.storage import LocalStore
-    from pipelines.hashes import lora_hash
-
-    files = tiny_model_file_set()
-    root = tmp_path_factory.mktemp("backend-store")
-    store = LocalStore(root)
-    store.put_file(CHECKPOINT_KEY, files.checkpoint)
-    store.put_file(LORA_KEY, files.lora)
-    models = JobModels(checkpoint=_model("checkpoint", "tiny-sd15", files.checkpoint, CHECKPOINT_KEY),
-                       loras={"tinylora": _model("lora", "tinylora", files.lora, LORA_KEY,
-                                                 lora_hash=lora_hash(files.lora))})
-    return TinyStore(root, models, files)
+    return build_tiny_store(tmp_path_factory.mktemp("backend-store"))
 
 
 @pytest.fixture(scope="module")
@@ -115,25 +85,13 @@ def worker_processes(tmp_path_factory: pytest.TempPathFactory, tiny_store: TinyS
             if kind == "fake":
                 worker = WorkerProcess(workdir, backend="fake", backend_options=FAKE_OPTIONS)
             else:
-                worker = WorkerProcess(workdir, backend="local", store=tiny_store.root, extra_args=(
-                    "--devices", "cpu", "--preview-every", "1", "--pipeline-cache-gb", "1",
-                    "--skeleton-dirs", str(tiny_store.files.skeleton_root)))
+                worker = WorkerProcess(workdir, backend="local", extra_args=worker_args(tiny_store))
             running[kind] = worker.start()
         return running[kind]
 
     yield get
     for worker in running.values():
         worker.stop(10)
-
-
-def local_backend(name: str, tiny: TinyStore, cache_dir: Path) -> Backend:
-    from deploy.backends.local import LocalBackend
-    from deploy.model_files import ModelFiles
-    from deploy.storage import LocalStore
-
-    files = ModelFiles(LocalStore(tiny.root), cache_dir, 1 << 30)
-    return LocalBackend(name, model_files=files, devices="cpu", skeleton_dirs=[tiny.files.skeleton_root],
-                        preview_every=1, cache_gb=1.0)
 
 
 def wait_healthy(backend: Backend, timeout: float = 30.0) -> None:
