@@ -23,6 +23,7 @@ from typing import Any
 from deploy.backends.messages import Cancelled, Event, Failed, JobModels, JobSpec, ModelSpec, Succeeded
 from deploy.backends.workers import EtaClock, progress_event
 from deploy.model_files import ModelFileError, ModelFiles
+from deploy.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class JobRunner:
             raise PipelineError("ControlNet units need an annotators folder; this backend has none configured")
         refs = []
         for unit_spec in spec.models.controlnets:
-            path = stack.enter_context(self.model_files.pinned(unit_spec.file))[0]
+            path = self._pin(unit_spec, stack)
             refs.append(ModelRef(name=unit_spec.name, path=path, sha256=unit_spec.sha256, kind=unit_spec.kind))
         units = [ControlUnit.from_dict(u) for u in spec.controlnet_units]
         base = runtime.cache.get(models.checkpoint.path, models.checkpoint.sha256)
@@ -183,14 +184,20 @@ class JobRunner:
                                 warnings)
         return sources, warnings
 
+    def _pin(self, spec: ModelSpec, stack: ExitStack) -> Path:
+        """The local path of ``spec``'s file, pinned until the job ends; a file this host cannot get (not at its
+        ``local_path`` here, not in the store) raises ``ModelFileError`` naming the model."""
+        try:
+            return stack.enter_context(self.model_files.pinned(spec.file))[0]
+        except (ModelFileError, StorageError) as exc:
+            raise ModelFileError(f"{spec.kind} {spec.name!r}: {exc}") from exc
+
     def _resolve(self, models: JobModels, stack: ExitStack) -> Any:
         """Materialise every file the job may use (pinned until the job ends) as a ``ResolvedModels``."""
         from pipelines.types import ModelRef, ResolvedModels
 
-        files = self.model_files
-
         def ref(spec: ModelSpec) -> ModelRef:
-            path = stack.enter_context(files.pinned(spec.file))[0]
+            path = self._pin(spec, stack)
             return ModelRef(name=spec.name, path=path, sha256=spec.sha256, kind=spec.kind, lora_hash=spec.lora_hash)
 
         def group(g: Any) -> dict[str, ModelRef]:

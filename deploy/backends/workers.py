@@ -60,8 +60,9 @@ class Worker(threading.Thread):
                 return
             terminal: Event | None = None
             try:
-                if self.owner.is_cancelled(spec.job_id):
-                    terminal = Cancelled(job_id=spec.job_id, reason="cancelled before it started")
+                if self.owner.is_cancelled(spec.job_id):  # stopping before it started: it may run elsewhere
+                    terminal = (self.owner.stopped_event(spec.job_id) if self.owner.stopping
+                                else Cancelled(job_id=spec.job_id, reason="cancelled before it started"))
                 else:
                     terminal = self.owner.run_job(self, spec)
             except Exception as exc:  # noqa: BLE001 - the worker must survive and report any failure

@@ -53,8 +53,9 @@ class WorkerSettings(BaseSettings):
     dtype: str | None = None
     secret: SecretStr | None = None
     secret_file: Path | None = None
-    max_waiting: int = Field(4, ge=0, le=1000)
-    """``/invocations`` requests that may wait for a slot; more get 503 ``busy``."""
+    max_waiting: int = Field(4, ge=0, le=128)
+    """``/invocations`` requests that may wait for a slot; more get 503 ``busy`` (each waits on a thread of the
+    server's wait pool, ``server.WAIT_THREADS``)."""
     heartbeat_seconds: float = Field(2.0, gt=0, le=60)
     buffer_ttl_seconds: float = Field(900.0, gt=0)
     """Finished jobs' events are dropped this long after the end unless the client DELETEs them first."""

@@ -147,7 +147,7 @@ class WorkerHost:
                 self._check_accepting()
                 if (self._waiting or self._free_slots() <= 0) and len(self._waiting) >= self.max_waiting:
                     raise HostBusy(f"all {self.slots} slot(s) of this worker are busy and {len(self._waiting)} "
-                                       f"request(s) already wait (at most {self.max_waiting}); retry later")
+                                   f"request(s) already wait (at most {self.max_waiting}); retry later")
                 buffer = self._buffers[spec.job_id] = JobBuffer(spec.job_id, queued=True)
                 self._waiting.append(buffer)
         if mine and buffer.queued:

@@ -39,13 +39,14 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any, TypeVar
 
+import anyio
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from deploy.backends.messages import JobSpec, MessageError
 from deploy.container import VERSION
@@ -56,6 +57,10 @@ from deploy.storage import BlobStore, InvalidKey
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
+WAIT_THREADS = 256
+"""Threads for the long waits (streams, invocations), apart from anyio's default pool: a full line of waiting
+requests never delays ``/ping`` (SageMaker's health check) or the quick control routes."""
+T = TypeVar("T")
 HEARTBEAT_LINE = b'{"heartbeat": true}\n'
 
 
@@ -85,8 +90,14 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
                store: BlobStore | None = None, progress_interval: float = 1.0) -> FastAPI:
     """The worker's ASGI app over a started ``host``; ``secret_digest`` is sha256 of the shared secret."""
     app = FastAPI(title="studio worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
+    limiters: list[anyio.CapacityLimiter] = []  # made on the server's loop at the first wait
 
-    def authorised(request: Request) -> None:
+    async def waiting(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not limiters:
+            limiters.append(anyio.CapacityLimiter(WAIT_THREADS))
+        return await anyio.to_thread.run_sync(partial(function, *args, **kwargs), limiter=limiters[0])
+
+    async def authorised(request: Request) -> None:
         if secret_digest is None:
             return
         scheme, _, presented = request.headers.get("authorization", "").partition(" ")
@@ -116,8 +127,9 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
             raise ApiError(404, "unknown_job", f"this worker holds no job {job_id!r} (never sent, or forgotten)")
         return buffer
 
+    # Quick routes are coroutines: they only take the host's lock briefly, and need no thread.
     @app.get("/ping")
-    def ping() -> Response:
+    async def ping() -> Response:
         return Response(status_code=200 if host.ready else 503)
 
     @app.post("/invocations", dependencies=auth)
@@ -134,12 +146,12 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
                 log.warning("job %s asked for progress at %s but this worker has no --store", spec.job_id, key)
             else:
                 writer = ProgressWriter(store, key, interval=progress_interval)
-        terminal = await run_in_threadpool(host.run, spec, on_event=writer)
+        terminal = await waiting(host.run, spec, on_event=writer)
         host.forget(spec.job_id)  # the answer carries the outcome; nobody will fetch it again
         return Response(terminal.to_json(), media_type="application/json")
 
     @app.get("/v1/info", dependencies=auth)
-    def info() -> dict[str, Any]:
+    async def info() -> dict[str, Any]:
         return {"version": VERSION, "capabilities": host.backend.capabilities().to_dict(), "slots": host.slots,
                 "free_slots": host.free_slots(), "running": host.running(), "waiting": host.waiting(),
                 "ready": host.ready}
@@ -152,47 +164,44 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
         return JSONResponse({"job_id": spec.job_id}, status_code=202)
 
     @app.get("/v1/jobs/{job_id}/events", dependencies=auth)
-    def events(job_id: str, after: int = Query(0, ge=0)) -> StreamingResponse:
+    async def events(job_id: str, after: int = Query(0, ge=0)) -> StreamingResponse:
         buffer = held(job_id)
 
         async def lines() -> AsyncIterator[bytes]:
             seq = after
             while True:
-                found = await run_in_threadpool(host.wait_events, buffer, seq, heartbeat)
-                if not found:
-                    if buffer.done:
-                        return
-                    yield HEARTBEAT_LINE
-                    continue
+                found = await waiting(host.wait_events, buffer, seq, heartbeat)
                 for seq, event in found:  # noqa: B007 - seq carries on to the next wait
                     yield (json.dumps({"seq": seq, "event": event.to_dict()}) + "\n").encode("utf-8")
                 if buffer.done and seq >= buffer.last_seq:
                     return
+                if not found and not buffer.done:  # (done meanwhile: the next wait returns the rest at once)
+                    yield HEARTBEAT_LINE
 
         return StreamingResponse(lines(), media_type=NDJSON, headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/jobs/{job_id}", dependencies=auth)
-    def state(job_id: str) -> dict[str, Any]:
+    async def state(job_id: str) -> dict[str, Any]:
         buffer = held(job_id)
         terminal = buffer.terminal
         return {"job_id": job_id, "done": buffer.done, "last_seq": buffer.last_seq,
                 "terminal": terminal.to_dict() if terminal is not None else None}
 
     @app.post("/v1/jobs/{job_id}/cancel", dependencies=auth)
-    def cancel(job_id: str) -> dict[str, bool]:
+    async def cancel(job_id: str) -> dict[str, bool]:
         return {"ok": host.cancel(job_id)}
 
     @app.post("/v1/jobs/{job_id}/skip", dependencies=auth)
-    def skip(job_id: str) -> dict[str, bool]:
+    async def skip(job_id: str) -> dict[str, bool]:
         return {"ok": host.skip(job_id)}
 
     @app.delete("/v1/jobs/{job_id}", dependencies=auth)
-    def forget(job_id: str) -> dict[str, bool]:
+    async def forget(job_id: str) -> dict[str, bool]:
         return {"ok": host.forget(job_id)}
 
     @app.post("/v1/release-memory", dependencies=auth)
-    def release_memory() -> dict[str, bool]:
-        host.release_memory()
+    async def release_memory() -> dict[str, bool]:
+        await waiting(host.release_memory)
         return {"ok": True}
 
     return app

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from deploy.backends.messages import Succeeded, event_from_dict
+from deploy.backends.messages import Cancelled, Succeeded, event_from_dict
 from tests.container.worker import SECRET, auth, events_of, fake_spec, in_process_worker, read_stream
 
 
@@ -184,3 +184,50 @@ def test_a_queued_invocation_can_be_cancelled():
                                        "reason": "cancelled before it started"}
         assert "queued" not in slow.backend.jobs_run
         client.post("/v1/jobs/blocker/cancel")
+
+
+def test_a_stream_delivers_the_end_that_raced_with_a_heartbeat_timeout():
+    """The wait timed out (a heartbeat is due) just as the terminal event arrived: the stream still sends it."""
+    with in_process_worker(slots=1, step_delay=0.05, heartbeat=0.05) as slow, slow.client() as client:
+        client.post("/v1/jobs", content=fake_spec("race", steps=1000).to_json())
+        host, original = slow.host, slow.host.wait_events
+
+        def timed_out_as_it_ended(buffer, after, timeout):
+            found = original(buffer, after, timeout)
+            if not buffer.done and buffer.last_seq >= 2:
+                host._on_event(Cancelled(job_id="race", reason="ended during the wait"))
+                return []
+            return found
+
+        host.wait_events = timed_out_as_it_ended
+        try:
+            lines = read_stream(client, "race")
+        finally:
+            host.wait_events = original
+        assert events_of(lines)[-1] == {**events_of(lines)[-1], "type": "cancelled", "reason": "ended during the wait"}
+
+
+def test_a_long_line_of_waiting_invocations_does_not_starve_ping_or_the_control_routes():
+    """More requests wait than anyio's default thread pool has threads (40): /ping still answers at once."""
+    count = 45
+    with in_process_worker(slots=1, step_delay=0.02, max_waiting=count) as slow, slow.client() as client:
+        client.post("/v1/jobs", content=fake_spec("blocker", steps=100000).to_json())
+        answers: list[httpx.Response] = []
+
+        def invoke(i: int) -> None:
+            answers.append(httpx.post(slow.url + "/invocations", content=fake_spec(f"line-{i}").to_json(),
+                                      headers=auth(), timeout=60))
+
+        threads = [threading.Thread(target=invoke, args=(i,)) for i in range(count)]
+        for thread in threads:
+            thread.start()
+        try:
+            _wait(lambda: slow.host.waiting() == count)
+            assert httpx.get(slow.url + "/ping", timeout=2).status_code == 200
+            assert client.get("/v1/info", timeout=2).json()["waiting"] == count
+            assert client.get("/v1/jobs/blocker", timeout=2).json()["done"] is False
+        finally:
+            slow.host.stop(5)
+            for thread in threads:
+                thread.join(30)
+        assert len(answers) == count and {a.json()["kind"] for a in answers} == {"interrupted"}
