@@ -109,3 +109,13 @@ def test_stop_reports_running_jobs_interrupted(backend_case: BackendCase):
     assert backend.free_slots() == 0
     with pytest.raises(BackendError):
         backend.submit(backend_case.spec("after"))
+
+
+def test_release_memory_leaves_the_backend_ready_for_the_next_job(backend_case: BackendCase):
+    backend, sink = backend_case.backend, backend_case.sink
+    backend.submit(backend_case.spec("before", steps=2))
+    assert isinstance(sink.wait_terminal("before"), Succeeded)
+    backend.release_memory()
+    backend.submit(backend_case.spec("after", steps=2))
+    after = sink.wait_terminal("after")
+    assert isinstance(after, Succeeded) and after.seeds == sink.of(Succeeded, "before")[0].seeds
