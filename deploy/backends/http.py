@@ -274,7 +274,8 @@ class HttpWorkerBackend(Backend):
     def _post_job(self, spec: JobSpec) -> Failed | None:
         """Hand the job to the worker, retrying transport errors with the same id. None when it took the job
         (202, or 200 ``duplicate`` for a retry whose first answer was lost); a ``Failed`` to report when it
-        cannot read the spec; raises ``BackendBusy``/``BackendError`` (the dispatcher requeues the job)."""
+        refuses this job for good (too large, unreadable: sending it again would loop); raises ``BackendBusy``/
+        ``BackendError`` when it cannot take jobs now (the dispatcher requeues the job)."""
         body = spec.to_json().encode()
         problem: Exception | None = None
         for attempt in range(self.submit_attempts):
@@ -296,6 +297,9 @@ class HttpWorkerBackend(Backend):
             if response.status_code == 401:
                 self._observe(False, f"the worker at {self.url} refused the endpoint's secret")
                 raise BackendError(f"the worker at {self.url} refused the endpoint's secret")
+            if response.status_code == 413:  # its inputs (init images, ControlNet units) exceed the worker's limit
+                return Failed(job_id=spec.job_id, kind="bad_request",
+                              message=f"the job is too large for the worker at {self.url}: {_error_text(response)}")
             if response.status_code in (400, 422):
                 return Failed(job_id=spec.job_id, kind="internal",
                               message=f"the worker at {self.url} cannot read this job (is it another version?): "

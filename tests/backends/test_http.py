@@ -169,6 +169,7 @@ def test_an_unreachable_worker_refuses_the_submit_and_degrades_the_endpoint():
 def test_busy_refused_and_unreadable_submits():
     worker = ScriptedWorker().on("POST /v1/jobs", respond(503, {"error": "busy", "message": "all 1 slot(s) busy"}),
                                  respond(400, {"error": "bad_spec", "message": "not a job spec: 'models'"}),
+                                 respond(413, {"error": "too_large", "message": "the body is over 64 MB"}),
                                  respond(401, {"error": "unauthorized", "message": "bad secret"}))
     sink = Sink()
     backend = started(worker, sink)
@@ -178,12 +179,15 @@ def test_busy_refused_and_unreadable_submits():
         backend.submit(fake_spec("b"))  # reported as a failed job: retrying elsewhere would not help
         failed = sink.wait_terminal("b", 1)
         assert isinstance(failed, Failed) and failed.kind == "internal" and "not a job spec" in failed.message
+        backend.submit(fake_spec("big"))
+        too_large = sink.wait_terminal("big", 1)
+        assert isinstance(too_large, Failed) and too_large.kind == "bad_request" and "64 MB" in too_large.message
         with pytest.raises(BackendError, match="refused the endpoint's secret"):
             backend.submit(fake_spec("c"))
         assert backend.health() == (False, "the worker at http://gpu-box:8080 refused the endpoint's secret")
     finally:
         backend.stop()
-    assert [e.job_id for e in sink.events] == ["b"]
+    assert [e.job_id for e in sink.events] == ["b", "big"]
 
 
 def test_health_comes_from_the_poll_and_gates_the_slots():
