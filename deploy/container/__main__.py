@@ -43,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--secret-file", type=Path,
                        help="file holding the shared secret (or STUDIO_WORKER_SECRET); none: no auth")
     serve.add_argument("--max-waiting", type=int, help="/invocations that may wait for a slot (default 4)")
+    serve.add_argument("--max-body-mb", type=float, help="largest job spec accepted, in MB (default 64)")
     serve.add_argument("--heartbeat-seconds", type=float, help="idle event streams send a heartbeat (default 2)")
     serve.add_argument("--buffer-ttl-seconds", type=float, help="finished jobs' events are kept (default 900)")
     serve.add_argument("--progress-interval-seconds", type=float,

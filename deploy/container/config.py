@@ -56,6 +56,8 @@ class WorkerSettings(BaseSettings):
     max_waiting: int = Field(4, ge=0, le=128)
     """``/invocations`` requests that may wait for a slot; more get 503 ``busy`` (each waits on a thread of the
     server's wait pool, ``server.WAIT_THREADS``)."""
+    max_body_mb: float = Field(64.0, gt=0)
+    """Largest job spec (init images travel inside it, base64) accepted by ``/invocations`` and ``/v1/jobs``."""
     heartbeat_seconds: float = Field(2.0, gt=0, le=60)
     buffer_ttl_seconds: float = Field(900.0, gt=0)
     """Finished jobs' events are dropped this long after the end unless the client DELETEs them first."""

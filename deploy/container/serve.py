@@ -70,7 +70,8 @@ def build(settings: WorkerSettings) -> tuple[WorkerHost, Any]:
     host = WorkerHost(backend, max_waiting=settings.max_waiting, buffer_ttl=settings.buffer_ttl_seconds)
     host.start()
     app = create_app(host, secret_digest=digest, heartbeat=settings.heartbeat_seconds, store=store,
-                     progress_interval=settings.progress_interval_seconds)
+                     progress_interval=settings.progress_interval_seconds,
+                     max_body_bytes=int(settings.max_body_mb * 1024**2))
     return host, app
 
 

@@ -1,6 +1,7 @@
 """The worker's HTTP API: SageMaker's serving contract plus the self-hosted worker protocol.
 
-Bodies are JSON; errors answer ``{"error": "<code>", "message": "..."}`` (and ``field`` where one is bad).
+Bodies are JSON; errors answer ``{"error": "<code>", "message": "..."}`` (and ``field`` where one is bad). A job
+spec over ``--max-body-mb`` (64 MB by default) is refused with 413 ``too_large`` before it is read whole.
 
 SageMaker (real-time and async endpoints run ``docker run image serve``, port 8080):
 
@@ -86,8 +87,24 @@ def decode_spec(body: bytes) -> JobSpec:
         raise ApiError(400, "bad_spec", f"the body is not a job spec (JobSpec JSON): {exc}") from None
 
 
+async def read_spec(request: Request, limit: int) -> JobSpec:
+    """The body as a JobSpec, refusing more than ``limit`` bytes (413 ``too_large``) before reading them all."""
+    declared = request.headers.get("content-length", "")
+    too_large = ApiError(413, "too_large", f"the job spec is larger than this worker's limit of {limit} bytes "
+                         f"(--max-body-mb)", field="body")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return decode_spec(bytes(body))
+
+
 def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: float = 2.0,
-               store: BlobStore | None = None, progress_interval: float = 1.0) -> FastAPI:
+               store: BlobStore | None = None, progress_interval: float = 1.0,
+               max_body_bytes: int = 64 * 1024**2) -> FastAPI:
     """The worker's ASGI app over a started ``host``; ``secret_digest`` is sha256 of the shared secret."""
     app = FastAPI(title="studio worker", version=VERSION, docs_url=None, redoc_url=None, openapi_url=None)
     limiters: list[anyio.CapacityLimiter] = []  # made on the server's loop at the first wait
@@ -134,7 +151,7 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
 
     @app.post("/invocations", dependencies=auth)
     async def invocations(request: Request) -> Response:
-        spec = decode_spec(await request.body())
+        spec = await read_spec(request, max_body_bytes)
         try:
             key = progress_key(parse_custom_attributes(request.headers.get(ATTRIBUTES_HEADER)))
         except InvalidKey as exc:
@@ -158,7 +175,7 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
 
     @app.post("/v1/jobs", dependencies=auth)
     async def submit(request: Request) -> JSONResponse:
-        spec = decode_spec(await request.body())
+        spec = await read_spec(request, max_body_bytes)
         if not host.submit(spec):
             return JSONResponse({"job_id": spec.job_id, "duplicate": True}, status_code=200)
         return JSONResponse({"job_id": spec.job_id}, status_code=202)

@@ -231,3 +231,16 @@ def test_a_long_line_of_waiting_invocations_does_not_starve_ping_or_the_control_
             for thread in threads:
                 thread.join(30)
         assert len(answers) == count and {a.json()["kind"] for a in answers} == {"interrupted"}
+
+
+def test_a_spec_over_the_body_limit_is_refused_before_it_runs():
+    with in_process_worker(max_body_bytes=4096) as small, small.client() as client:
+        big = fake_spec("big", prompt="x" * 5000).to_json()
+        for path in ("/v1/jobs", "/invocations"):
+            answer = client.post(path, content=big)
+            assert answer.status_code == 413 and answer.json()["error"] == "too_large", path
+            assert answer.json()["field"] == "body" and "4096" in answer.json()["message"]
+            chunked = client.post(path, content=iter([big[:3000].encode(), big[3000:].encode()]))
+            assert chunked.status_code == 413, "no Content-Length: counted while reading"
+        assert small.backend.jobs_run == []
+        assert client.post("/v1/jobs", content=fake_spec("small").to_json()).status_code == 202

@@ -69,7 +69,8 @@ class InProcessWorker:
 
 @contextmanager
 def in_process_worker(*, secret: str | None = SECRET, heartbeat: float = 0.2, max_waiting: int = 4,
-                      store: Any = None, buffer_ttl: float = 900.0, **fake_options: Any) -> Iterator[InProcessWorker]:
+                      store: Any = None, buffer_ttl: float = 900.0, max_body_bytes: int = 64 * 1024**2,
+                      **fake_options: Any) -> Iterator[InProcessWorker]:
     """The worker app over a started FakeBackend (``fake_options``: slots, step_delay ...) on 127.0.0.1."""
     import hashlib
 
@@ -81,7 +82,8 @@ def in_process_worker(*, secret: str | None = SECRET, heartbeat: float = 0.2, ma
     host = WorkerHost(backend, max_waiting=max_waiting, buffer_ttl=buffer_ttl)
     host.start()
     digest = hashlib.sha256(secret.encode()).digest() if secret else None
-    app = create_app(host, secret_digest=digest, heartbeat=heartbeat, store=store, progress_interval=0.0)
+    app = create_app(host, secret_digest=digest, heartbeat=heartbeat, store=store, progress_interval=0.0,
+                     max_body_bytes=max_body_bytes)
     try:
         with serve(app) as url:
             yield InProcessWorker(url=url, host=host, backend=backend)
