@@ -45,6 +45,18 @@ class RunnerConfig:
     """ControlNet preprocessor weights; None: ControlNet units are refused with a clear message."""
 
 
+def start_cpu_threads() -> None:
+    """Start torch's CPU thread pool on the calling thread. A process whose jobs run on the CPU in worker
+    threads calls it on its main thread first: when a process's first parallel CPU op runs on a worker thread,
+    that thread's later ops stay slow (measured on 2 cores with the tiny SD1.5: 20 steps took 15-50 s in the
+    serving container instead of 0.3 s; bench/remote_overhead.py). Costs the torch import and a few ms."""
+    import torch
+
+    x = torch.ones(256, 256)
+    torch.mm(x, x)
+    torch.nn.functional.layer_norm(torch.ones(64, 512), (512,))
+
+
 class RunnerStopped(Exception):
     """The job was cancelled because its host is stopping (the host reports ``interrupted``)."""
 

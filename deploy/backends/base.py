@@ -23,6 +23,20 @@ EventSink = Callable[[Event], None]
 """Receives every event of every job; called from the backend's own threads, must not block long."""
 
 
+STOPPED_MESSAGE = "the backend stopped while the job was running"
+"""What a job cut short by ``stop`` reports (with ``kind="interrupted"``): the queue may run it again."""
+
+
+def deliver(sink: EventSink | None, event: Event, backend: str) -> None:
+    """Hand ``event`` to ``sink`` from a backend's own thread: a broken sink is logged, never kills the thread."""
+    if sink is None:
+        return
+    try:
+        sink(event)
+    except Exception:  # noqa: BLE001 - a broken sink must not kill the worker
+        log.exception("backend %s: the event sink failed on %s", backend, type(event).__name__)
+
+
 class BackendError(RuntimeError):
     """A backend could not do what was asked (not started, misconfigured, transport failure)."""
 

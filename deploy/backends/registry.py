@@ -41,6 +41,7 @@ _FACTORIES: dict[str, BackendFactory | str] = {
     # kind -> factory, or "module:attribute" imported on first use
     "local": "deploy.backends.local:create",
     "fake": "deploy.backends.fake:create",
+    "http": "deploy.backends.http:create",
 }
 
 

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from deploy.backends.base import Backend, BackendBusy, BackendError, EventSink
+from deploy.backends.base import STOPPED_MESSAGE, Backend, BackendBusy, BackendError, EventSink, deliver
 from deploy.backends.messages import Cancelled, Event, Failed, JobSpec, Progress
 
 log = logging.getLogger(__name__)
@@ -180,14 +180,8 @@ class ThreadedBackend(Backend, ABC):
         return self._stopping
 
     def emit(self, event: Event) -> None:
-        sink = self._sink
-        if sink is None:
-            return
-        try:
-            sink(event)
-        except Exception:  # noqa: BLE001 - a broken sink must not kill the worker
-            log.exception("backend %s: the event sink failed on %s", self.name, type(event).__name__)
+        deliver(self._sink, event, self.name)
 
     def stopped_event(self, job_id: str) -> Failed:
         """What a job cut short by ``stop`` reports: the queue may run it again."""
-        return Failed(job_id=job_id, message="the backend stopped while the job was running", kind="interrupted")
+        return Failed(job_id=job_id, message=STOPPED_MESSAGE, kind="interrupted")

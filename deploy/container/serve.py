@@ -62,8 +62,12 @@ def build(settings: WorkerSettings) -> tuple[WorkerHost, Any]:
         log.warning("no shared secret (STUDIO_WORKER_SECRET or --secret-file): anyone who reaches %s:%d can run "
                     "jobs; fine behind SageMaker's private network, not on an open one", settings.host, settings.port)
     store = build_store(settings)
-    host = WorkerHost(build_backend(settings, store), max_waiting=settings.max_waiting,
-                      buffer_ttl=settings.buffer_ttl_seconds)
+    backend = build_backend(settings, store)
+    if "cpu" in backend.capabilities().devices:
+        from deploy.runner import start_cpu_threads
+
+        start_cpu_threads()  # here, on the main thread: see its docstring (jobs on the CPU ran 50x slower)
+    host = WorkerHost(backend, max_waiting=settings.max_waiting, buffer_ttl=settings.buffer_ttl_seconds)
     host.start()
     app = create_app(host, secret_digest=digest, heartbeat=settings.heartbeat_seconds, store=store,
                      progress_interval=settings.progress_interval_seconds,

@@ -120,8 +120,8 @@ def test_registry_builds_by_kind_and_names_the_choices():
 def test_importing_the_backend_layer_does_not_import_torch_or_webapp():
     import subprocess
 
-    code = ("import sys; import deploy.backends.registry, deploy.backends.local, deploy.backends.fake; "
-            "print('torch' in sys.modules, any(m.startswith('webapp') for m in sys.modules))")
+    code = ("import sys; import deploy.backends.registry, deploy.backends.local, deploy.backends.fake, "
+            "deploy.backends.http; print('torch' in sys.modules, any(m.startswith('webapp') for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
