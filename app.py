@@ -229,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
             "  (shown only now; change it in the Account tab)\n\n"
         )
         sys.stderr.flush()
+    local = studio.jobs.backend("local") if studio.jobs is not None else None
+    if "cpu" in getattr(local, "devices", ()):
+        from deploy.runner import start_cpu_threads
+
+        start_cpu_threads()  # on the main thread, before a worker thread's first job (see its docstring)
     import uvicorn
 
     log.info("serving on http://%s:%d/ (data dir %s)", settings.host, settings.port, settings.data_dir)

@@ -43,13 +43,15 @@ def main() -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     from deploy.backends.http import HttpWorkerBackend
     from deploy.backends.messages import JobSpec, Succeeded
+    from pipelines.types import GenerationRequest
     from tests.backends.events import Sink
     from tests.fixtures.tiny_store import local_backend, tiny_store, worker_args
     from tests.fixtures.worker_process import WorkerProcess
 
-    request = {"prompt": "a lighthouse at dusk <lora:tinylora:0.8>", "negative_prompt": "blurry", "seed": 1234,
-               "steps": args.steps, "width": args.size, "height": args.size, "sampler_name": "Euler a",
-               "cfg_scale": 7.0}
+    request = GenerationRequest(prompt="a lighthouse at dusk <lora:tinylora:0.8>", negative_prompt="blurry", seed=1234,
+                                steps=args.steps, width=args.size, height=args.size, sampler_name="Euler a",
+                                cfg_scale=7.0)
+    request.validate()
     with tempfile.TemporaryDirectory() as tmp:
         tiny = tiny_store(Path(tmp) / "store")
         sink = Sink()

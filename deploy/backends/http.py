@@ -71,6 +71,15 @@ class _Link:
     thread: threading.Thread | None = None
 
 
+def _error_body(response: httpx.Response) -> dict:
+    """The worker's JSON error body, or {} when it sent something else."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 def _error_text(response: httpx.Response) -> str:
     """The worker's ``{"error", "message"}`` body as one short line (or the start of whatever it sent)."""
     try:
@@ -133,6 +142,8 @@ class HttpWorkerBackend(Backend):
             modes=tuple(caps.get("modes") or default.modes), slots=self.slots, remote=True,
             previews=bool(caps.get("previews", True)), devices=tuple(caps.get("devices") or ()),
             model_types=tuple(caps.get("model_types") or default.model_types),
+            samplers=tuple(caps.get("samplers") or ()), schedulers=tuple(caps.get("schedulers") or ()),
+            upscalers=tuple(caps.get("upscalers") or ()),
             extra={**dict(caps.get("extra") or {}), "url": self.url, "worker_version": info.get("version")})
 
     def start(self, sink: EventSink) -> None:
@@ -300,6 +311,10 @@ class HttpWorkerBackend(Backend):
             if response.status_code == 413:  # its inputs (init images, ControlNet units) exceed the worker's limit
                 return Failed(job_id=spec.job_id, kind="bad_request",
                               message=f"the job is too large for the worker at {self.url}: {_error_text(response)}")
+            refused = _error_body(response)
+            if response.status_code == 400 and refused.get("error") == "bad_request":  # the request itself
+                return Failed(job_id=spec.job_id, kind="bad_request", message=str(refused.get("message", "")),
+                              field=refused.get("field") if isinstance(refused.get("field"), str) else None)
             if response.status_code in (400, 422):
                 return Failed(job_id=spec.job_id, kind="internal",
                               message=f"the worker at {self.url} cannot read this job (is it another version?): "

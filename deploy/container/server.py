@@ -54,6 +54,7 @@ from deploy.container import VERSION
 from deploy.container.host import HostRefused, WorkerHost
 from deploy.container.progress import ATTRIBUTES_HEADER, ProgressWriter, parse_custom_attributes, progress_key
 from deploy.storage import BlobStore, InvalidKey
+from pipelines.types import InvalidRequestError
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,12 @@ def _error(status: int, code: str, message: str, field: str | None = None) -> JS
 
 
 def decode_spec(body: bytes) -> JobSpec:
+    """The spec from the wire, validated once here: an invalid request or unit → 400 ``bad_request`` naming the
+    field (the job's own fault, never retried); anything not a job spec → 400 ``bad_spec``."""
     try:
         return JobSpec.from_json(body)
+    except InvalidRequestError as exc:
+        raise ApiError(400, "bad_request", str(exc), field=exc.field) from None
     except (MessageError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ApiError(400, "bad_spec", f"the body is not a job spec (JobSpec JSON): {exc}") from None
 

@@ -28,7 +28,7 @@ from tests.fixtures.worker_process import WorkerProcess
 
 CASES = ["fake", "local", "http-fake", "http-local"]
 FAIL_PROMPTS = {"oom": "OOM-PLEASE", "internal": "CRASH-PLEASE", "bad_request": "BAD-PLEASE"}
-FAKE_OPTIONS = {"slots": 1, "step_delay": 0.01, "preview_every": 1, "fail_prompts": FAIL_PROMPTS}
+FAKE_OPTIONS = {"slots": 1, "step_delay": 0.03, "preview_every": 1, "fail_prompts": FAIL_PROMPTS}
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def backend_case(request: pytest.FixtureRequest, tiny_store: TinyStore, tmp_path
     wait_healthy(backend)
     case = BackendCase(kind=kind, backend=backend, sink=sink, models=tiny_store.models,
                        remote=kind.startswith("http"), failures=FAKE_FAILURES if inside == "fake" else LOCAL_FAILURES,
-                       long_steps=400 if inside == "fake" else 150)
+                       long_steps=150)
     try:
         yield case
     finally:

@@ -21,7 +21,7 @@ from tests.backends.events import Sink
 from tests.container.worker import fake_spec
 from tests.fixtures.worker_process import WorkerProcess
 
-SLOW = {"slots": 1, "step_delay": 0.05, "preview_every": 1}
+SLOW = {"slots": 1, "step_delay": 0.14, "preview_every": 1}
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def wait_for(condition, what: str, timeout: float = 30.0) -> None:  # noqa: ANN0
 def test_a_killed_worker_interrupts_its_job_and_a_restarted_one_runs_it_again(worker):
     backend, sink = started(worker, grace_seconds=2.0, heartbeat_timeout=2.0)
     try:
-        backend.submit(fake_spec("job1", steps=400))
+        backend.submit(fake_spec("job1", steps=150))
         sink.wait_progress("job1")
         worker.kill()
         terminal = sink.wait_terminal("job1", 30)
@@ -76,7 +76,7 @@ def test_a_killed_worker_interrupts_its_job_and_a_restarted_one_runs_it_again(wo
 def test_a_worker_restarted_within_the_grace_period_interrupts_the_job_at_once(worker):
     backend, sink = started(worker, grace_seconds=120.0)
     try:
-        backend.submit(fake_spec("job1", steps=400))
+        backend.submit(fake_spec("job1", steps=150))
         sink.wait_progress("job1")
         worker.kill()
         worker.start()
@@ -91,7 +91,7 @@ def test_a_hung_worker_is_degraded_and_its_job_interrupted(worker):
     backend, sink = started(worker, grace_seconds=2.0, heartbeat_timeout=1.0, timeout_seconds=1.0)
     assert worker.process is not None
     try:
-        backend.submit(fake_spec("job1", steps=400))
+        backend.submit(fake_spec("job1", steps=150))
         sink.wait_progress("job1")
         worker.process.send_signal(signal.SIGSTOP)  # alive, connected, silent
         terminal = sink.wait_terminal("job1", 30)

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.conftest import ADMIN_PASSWORD
-from tests.fixtures.endpoints import WORKER_ENDPOINT, register_http_endpoint
+from tests.fixtures.endpoints import WORKER_ENDPOINT, deploy_http_endpoint
 from tests.fixtures.studio_models import LORA, ModelStudio, build_model_studio, tiny_model_files  # noqa: F401
 from tests.fixtures.worker_process import WorkerProcess
 from tests.live import serve
@@ -49,10 +49,10 @@ def remote(tmp_path_factory: pytest.TempPathFactory, tiny_model_files) -> Iterat
                                        "--skeleton-dirs", str(tiny_model_files.skeleton_root)))
     worker.start()
     try:
-        register_http_endpoint(make(), url=worker.url, secret=worker.secret)
         with build_model_studio(make, tiny_model_files, backend="local", devices="cpu", preview_every=1) as built, \
                 serve(built.studio.app) as base, \
                 httpx.Client(base_url=base, auth=("admin", ADMIN_PASSWORD), timeout=60) as api:
+            deploy_http_endpoint(api, url=worker.url, secret=worker.secret)  # registered through the API
             yield Remote(built, worker, api)
     finally:
         worker.stop(10)
@@ -91,7 +91,9 @@ def pixels(api: httpx.Client, job: dict[str, Any]) -> bytes:
 
 
 def test_the_worker_endpoint_is_listed_as_remote_and_in_service(remote: Remote):
-    endpoints = {e["name"]: e for e in remote.api.get("/api/v1/endpoints").json()["endpoints"]}
+    listing = remote.api.get("/api/v1/endpoints")
+    assert remote.worker.secret not in listing.text, "the secret is never shown, not even to administrators"
+    endpoints = {e["name"]: e for e in listing.json()["endpoints"]}
     worker = endpoints[WORKER_ENDPOINT]
     assert (worker["kind"], worker["remote"], worker["status"]) == ("http", True, "InService")
 

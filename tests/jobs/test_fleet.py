@@ -49,6 +49,19 @@ def test_an_unhealthy_backend_degrades_its_endpoint_and_its_jobs_wait_until_it_r
     assert studio.jobs.wait(actor=admin, job_id=job.id, timeout=30).status == JobStatus.SUCCEEDED
 
 
+def test_a_healthy_poll_records_what_the_backend_now_says_it_runs(fake_studio, flaky):
+    """A remote worker reports its samplers once it answers; the poll records them for the Generate tabs."""
+    import dataclasses
+
+    studio = fake_studio.studio
+    backend = studio.jobs.backend(flaky)
+    reported = dataclasses.replace(backend.capabilities(), samplers=("Euler a",))
+    backend.capabilities = lambda: reported
+    assert _status(studio, flaky).capabilities["samplers"] != ["Euler a"]
+    studio.fleet.poll_health()
+    assert _status(studio, flaky).capabilities["samplers"] == ["Euler a"]
+
+
 def test_a_health_check_that_raises_counts_as_unhealthy_and_local_stays_in_service(fake_studio, flaky):
     studio = fake_studio.studio
 

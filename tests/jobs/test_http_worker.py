@@ -1,7 +1,7 @@
 """Jobs on a self-hosted worker endpoint (``http`` kind), through the queue and the dispatcher.
 
 The worker is the real serving container process (fake backend inside) on 127.0.0.1; the studio records
-the endpoint before it starts (``register_http_endpoint``) and runs its backend beside the local one.
+the endpoint through the administrators' service (``deploy_http_endpoint_in``) and runs its backend beside the local one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ADMIN_PASSWORD
-from tests.fixtures.endpoints import WORKER_ENDPOINT, register_http_endpoint
+from tests.fixtures.endpoints import WORKER_ENDPOINT, deploy_http_endpoint_in
 from tests.fixtures.studio_models import ModelStudio, build_model_studio
 from tests.fixtures.worker_process import WorkerProcess
 from tests.jobs.conftest import FAKE_OPTIONS, txt2img
@@ -36,8 +36,8 @@ def studio(tmp_path: Path, tiny_model_files, worker: WorkerProcess) -> Iterator[
     def make(**overrides: Any) -> Settings:
         return Settings(data_dir=tmp_path / "data", admin_password=ADMIN_PASSWORD, **overrides)
 
-    register_http_endpoint(make(), url=worker.url, secret=worker.secret)
     with build_model_studio(make, tiny_model_files, backend="fake", backend_options=FAKE_OPTIONS) as built:
+        deploy_http_endpoint_in(built, url=worker.url, secret=worker.secret)
         yield built
 
 

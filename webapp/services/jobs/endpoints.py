@@ -134,6 +134,16 @@ class EndpointService:
             s.add(endpoint)
         self._invalidate()
 
+    def set_capabilities(self, name: str, capabilities: Mapping[str, Any]) -> None:
+        """Record what the endpoint's backend reports it can do (a remote worker's own samplers ...)."""
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name)
+            if endpoint is None:
+                return
+            endpoint.capabilities_json = json.dumps(dict(capabilities))
+            s.add(endpoint)
+        self._invalidate()
+
     def set_status_as(self, *, actor: User, name: str, status: EndpointStatus) -> Endpoint:
         """An administrator takes an endpoint out of service (Stopped) or back (InService)."""
         require_admin(actor)

@@ -162,7 +162,17 @@ class Fleet:
             else:
                 dispatcher.hold()
             row = self._endpoints.find(name)
-            if row is None or row.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
+            if row is None:
+                continue
+            if healthy:  # a remote worker says what it runs once it answers: the UI shows its own lists
+                try:
+                    current = dispatcher.backend.capabilities().to_dict()
+                except Exception:  # noqa: BLE001 - capabilities are informative; health is what matters here
+                    log.exception("endpoint %s: its capabilities could not be read", name)
+                else:
+                    if current != row.capabilities:
+                        self._endpoints.set_capabilities(name, current)
+            if row.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
                 continue  # Creating, Stopped by an administrator, Deleting: their own state wins
             if not healthy and (row.status != EndpointStatus.DEGRADED or row.error != reason):
                 if row.status != EndpointStatus.DEGRADED:
