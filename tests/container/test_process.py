@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -11,29 +10,31 @@ import time
 
 import httpx
 
-from tests.container.worker import ROOT, SECRET, auth, events_of, fake_spec, read_stream, worker_process
+from tests.container.worker import ROOT, auth, events_of, fake_spec, read_stream
+from tests.fixtures.worker_process import WorkerProcess
 
 
 def test_sigterm_ends_the_running_job_interrupted_and_the_process_exits_0(tmp_path):
-    options = json.dumps({"step_delay": 0.67})
-    with worker_process(tmp_path, "--backend", "fake", "--backend-options", options, "--heartbeat-seconds", "0.2",
-                        "--stop-timeout-seconds", "10") as worker:
-        with httpx.Client(base_url=worker.url, headers=auth(), timeout=30) as client:
-            assert client.post("/v1/jobs", content=fake_spec("slow", steps=150).to_json()).status_code == 202
-            lines: list[dict] = []
-            reader = threading.Thread(target=lambda: lines.extend(read_stream(client, "slow", timeout=60)))
-            reader.start()
-            deadline = time.monotonic() + 20
-            while client.get("/v1/jobs/slow").json()["last_seq"] < 2:
-                assert time.monotonic() < deadline, "the job did not start"
-                time.sleep(0.05)
-            worker.process.send_signal(signal.SIGTERM)
-            reader.join(30)
+    worker = WorkerProcess(tmp_path / "worker", backend="fake", backend_options={"step_delay": 0.67},
+                           extra_args=("--heartbeat-seconds", "0.2", "--stop-timeout-seconds", "10"))
+    with worker, httpx.Client(base_url=worker.url, headers=auth(worker.secret), timeout=30) as client:
+        assert client.post("/v1/jobs", content=fake_spec("slow", steps=150).to_json()).status_code == 202
+        lines: list[dict] = []
+        reader = threading.Thread(target=lambda: lines.extend(read_stream(client, "slow", timeout=60)))
+        reader.start()
+        deadline = time.monotonic() + 20
+        while client.get("/v1/jobs/slow").json()["last_seq"] < 2:
+            assert time.monotonic() < deadline, "the job did not start"
+            time.sleep(0.05)
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        reader.join(30)
         assert not reader.is_alive(), "the stream did not end"
         final = events_of(lines)[-1]
         assert final["type"] == "failed" and final["kind"] == "interrupted", final
-        assert worker.process.wait(timeout=30) == 0, worker.log()
-    assert "Authorization" not in worker.log() and SECRET not in worker.log()
+        assert worker.process.wait(timeout=30) == 0, worker.log_tail()
+    log = worker.log_path.read_text(errors="replace")
+    assert "Authorization" not in log and worker.secret not in log
 
 
 def test_the_worker_refuses_a_short_secret_and_bad_flags(tmp_path):

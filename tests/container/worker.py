@@ -1,17 +1,12 @@
 """Serving-container helpers for tests: job specs for the fake backend, a worker in this process or in another.
 
 ``in_process_worker`` runs the worker's app on 127.0.0.1 in a thread (fast; the test can reach the host and
-its backend); ``worker_process`` starts ``python -m deploy.container serve`` as a real process, as a GPU box
-or SageMaker would — what the SIGTERM test and the http backend's end-to-end tests need.
+its backend); a real process (as a GPU box or SageMaker runs it) is ``tests.fixtures.worker_process.WorkerProcess``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +18,7 @@ import httpx
 from deploy.backends.messages import JobModels, JobSpec, ModelSpec
 from deploy.model_files import ModelFileRef
 from pipelines.types import GenerationRequest
-from tests.live import free_port, serve
+from tests.live import serve
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "worker-test-secret-0123456789"
@@ -92,50 +87,3 @@ def in_process_worker(*, secret: str | None = SECRET, heartbeat: float = 0.2, ma
         host.stop(timeout=5)
 
 
-@dataclass
-class WorkerProcess:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-@contextmanager
-def worker_process(tmp_path: Path, *args: str, secret: str | None = SECRET, env: dict[str, str] | None = None,
-                   start_timeout: float = 60.0) -> Iterator[WorkerProcess]:
-    """``python -m deploy.container serve --host 127.0.0.1 --port <free> <args>`` until the block exits."""
-    port = free_port()
-    log_path = tmp_path / f"worker-{port}.log"
-    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), **(env or {})}
-    environ.pop("STUDIO_WORKER_SECRET", None)
-    if secret:
-        environ["STUDIO_WORKER_SECRET"] = secret
-    command = [sys.executable, "-m", "deploy.container", "serve", "--host", "127.0.0.1", "--port", str(port), *args]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=environ, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    worker = WorkerProcess(url=url, process=process, log_path=log_path)
-    try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the worker exited with {process.returncode}:\n{worker.log()}")
-            try:
-                if httpx.get(url + "/ping", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the worker did not answer /ping:\n{worker.log()}")
-            time.sleep(0.1)
-        yield worker
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
