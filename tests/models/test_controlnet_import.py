@@ -59,13 +59,13 @@ def _job_image(kind: str, path, annotators_dir) -> bytes:
     from pipelines.controlnet.units import ControlUnit
     from pipelines.engine import Engine
     from pipelines.types import ModelRef
-    from tests.pipelines.test_controlnet_engine import HINT, b64
-    from tests.pipelines.test_gen_fixtures import PIPE_FILES, Provider, request, world
+    from tests.pipelines.test_controlnet_engine import HINT
+    from tests.pipelines.test_gen_fixtures import PIPE_FILES, Provider, png, request, world
 
     w = world()
     req = request()
     ref = ModelRef(name="cn", path=path, sha256=hashlib.sha256(str(path).encode()).hexdigest(), kind="controlnet")
-    unit = ControlUnit(model="cn", module="none", image=b64(HINT))
+    unit = ControlUnit(model="cn", module="none", image=png(HINT))  # parsed units hold the bytes
     sources = build_sources([unit], [ref], req, w.pipes[PIPE_FILES[kind]].unet.config,
                             lambda p, sha=None: load_controlnet(p), Annotators(annotators_dir), [])
     return Engine(Provider(w.pipes)).generate(req, w.models(kind), controls=sources).images[0]
