@@ -55,6 +55,7 @@ from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
 from webapp.ui.controlnet_ui import ControlNetPanel  # noqa: E402
+from webapp.ui.datasets_tab import DatasetsTab  # noqa: E402
 from webapp.ui.endpoints_tab import EndpointsTab  # noqa: E402
 from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
@@ -182,7 +183,8 @@ def build(settings: Settings) -> Studio:
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
     endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, endpoints_tab, UsersTab(ui_ctx),
+    datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, endpoints_tab, UsersTab(ui_ctx),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
