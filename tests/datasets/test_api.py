@@ -73,5 +73,10 @@ def test_another_user_gets_404_on_a_private_dataset_and_403_on_a_shared_one(dstu
     assert refused.status_code == 403 and refused.json()["field"] == "dataset_id"
     assert bob.delete(f"/api/v1/datasets/{shared['id']}").status_code == 403
     assert [d["name"] for d in bob.get("/api/v1/datasets").json()["items"]] == ["s"]
+    assert bob.patch(f"/api/v1/datasets/{private['id']}", json={"visibility": "everyone"}).status_code == 404
+    shared_now = alice.patch(f"/api/v1/datasets/{private['id']}", json={"visibility": "everyone", "name": "p2"})
+    assert shared_now.status_code == 200 and shared_now.json()["name"] == "p2"
+    assert bob.get(f"/api/v1/datasets/{private['id']}").status_code == 200
+    assert alice.patch(f"/api/v1/datasets/{private['id']}", json={"name": "s"}).json()["field"] == "name"
     admin = http_as(dstudio, "admin")
     assert admin.delete(f"/api/v1/datasets/{private['id']}").status_code == 204
