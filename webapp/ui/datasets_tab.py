@@ -167,7 +167,7 @@ class DatasetsTab:
                     visibility = gr.Dropdown(visibilities, value=Visibility.PRIVATE.value, label="Visible to")
                 with gr.Row():
                     files = gr.File(label="Images and .txt captions", file_count="multiple", type="filepath",
-                                    file_types=["image", ".txt"])
+                                    file_types=["image", ".txt"], elem_id="datasets-files")
                     zip_file = gr.File(label="…or one zip", file_count="single", type="filepath", file_types=[".zip"])
                 create = gr.Button("Create dataset", variant="primary")
                 created = gr.Markdown(elem_id="datasets-created")
@@ -183,10 +183,10 @@ class DatasetsTab:
                 page = gr.Number(1, label="Page", precision=0, minimum=1, scale=0, min_width=100)
                 page_label = gr.Markdown()
             gallery = gr.Gallery(label="Images (click one to edit its caption)", columns=6, height="auto",
-                                 allow_preview=False)
+                                 allow_preview=False, elem_id="datasets-gallery")
             item_id = gr.State(None)
             with gr.Row():
-                caption = gr.Textbox(label="Caption", lines=2, scale=4)
+                caption = gr.Textbox(label="Caption", lines=2, scale=4, elem_id="datasets-caption")
                 save_caption = gr.Button("Save caption", size="sm", scale=1)
             with gr.Accordion("Resize / crop into a new dataset", open=False):
                 with gr.Row():
