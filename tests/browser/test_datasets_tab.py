@@ -27,7 +27,7 @@ def test_create_browse_and_caption_in_the_datasets_tab(browser, studio, tmp_path
         page.fill("#datasets-name textarea, #datasets-name input", "squares")
         files = page.locator("#datasets-files input[type=file]")
         files.set_input_files([str(tmp_path / n) for n in ("red.png", "red.txt", "blue.png")])
-        page.locator("#datasets-files").get_by_text("blue.png").first.wait_for(timeout=30_000)
+        page.locator('#datasets-files td.filename[aria-label="blue.png"]').wait_for(timeout=30_000)
         page.get_by_role("button", name="Create dataset").click()
         page.locator("#datasets-created").get_by_text("2 image(s)").wait_for(timeout=30_000)
         assert "1_squares/blue.png" in page.locator("#datasets-created").inner_text()
@@ -35,11 +35,13 @@ def test_create_browse_and_caption_in_the_datasets_tab(browser, studio, tmp_path
         dataset = studio.datasets.list_datasets(actor=studio.users.get_by_name("admin"))[0]
         assert page.locator("#datasets-location input, #datasets-location textarea").input_value().endswith(
             f"/datasets/{dataset.id}/")
-        page.locator("#datasets-gallery button.thumbnail-item").first.click()
+        page.locator("#datasets-gallery button.thumbnail-item").nth(1).click()
         caption = page.locator("#datasets-caption textarea")
-        caption.fill("a blue square")
+        page.wait_for_function("() => document.querySelector('#datasets-caption textarea').value === 'a red square'",
+                               timeout=30_000)  # the selection arrived: editing now cannot be overwritten by it
+        caption.fill("a redder square")
         page.get_by_role("button", name="Save caption").click()
-        page.locator("#datasets-gallery").get_by_text("1_squares/blue.png: a blue square").wait_for(timeout=30_000)
+        page.locator("#datasets-gallery").get_by_text("1_squares/red.png: a redder square").wait_for(timeout=30_000)
         context.close()
     items = studio.datasets.items(actor=studio.users.get_by_name("admin"), dataset_id=dataset.id)
-    assert [(i.file_name, i.caption) for i in items] == [("blue.png", "a blue square"), ("red.png", "a red square")]
+    assert [(i.file_name, i.caption) for i in items] == [("blue.png", None), ("red.png", "a redder square")]

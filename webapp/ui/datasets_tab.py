@@ -57,7 +57,7 @@ class DatasetsTab:
     # -- create --------------------------------------------------------------------------------------------
 
     @ui_errors
-    def create(self, name: str, repeats: float | None, visibility: str, files: list[str] | None,
+    def create_dataset(self, name: str, repeats: float | None, visibility: str, files: list[str] | None,
                zip_path: str | None, request: gr.Request) -> tuple:
         user = self.ctx.user(request)
         if bool(files) == bool(zip_path):
@@ -133,7 +133,7 @@ class DatasetsTab:
         gr.Info(f"Caption of {item.relative_path} saved")
 
     @ui_errors
-    def resize(self, dataset_id: str | None, width: float | None, height: float | None, mode: str, name: str,
+    def resize_dataset(self, dataset_id: str | None, width: float | None, height: float | None, mode: str, name: str,
                visibility: str, request: gr.Request) -> tuple:
         if not dataset_id:
             raise gr.Error("Choose a dataset first")
@@ -143,7 +143,7 @@ class DatasetsTab:
         return self._created_text(created), rows, gr.update(choices=choices["choices"], value=created.dataset.id)
 
     @ui_errors
-    def delete(self, dataset_id: str | None, request: gr.Request) -> tuple:
+    def delete_dataset(self, dataset_id: str | None, request: gr.Request) -> tuple:
         if not dataset_id:
             raise gr.Error("Choose a dataset first")
         user = self.ctx.user(request)
@@ -201,13 +201,13 @@ class DatasetsTab:
         shown = [summary, location, gallery, page_label, item_id, caption]
         tab.select(self.refresh, None, [table, selected], **private)
         refresh.click(self.refresh, None, [table, selected], **private)
-        create.click(self.create, [name, repeats, visibility, files, zip_file], [created, table, selected], **private)
+        create.click(self.create_dataset, [name, repeats, visibility, files, zip_file], [created, table, selected], **private)
         selected.change(self.show, [selected, page], shown, **private)
         page.submit(self.show, [selected, page], shown, **private)
         gallery.select(self.select_item, [selected, page], [item_id, caption], **private)
         save_caption.click(self.save_caption, [selected, item_id, caption], None, **private).then(
             self.show, [selected, page], shown, **private)
-        resize.click(self.resize, [selected, width, height, mode, new_name, new_vis], [created, table, selected],
+        resize.click(self.resize_dataset, [selected, width, height, mode, new_name, new_vis], [created, table, selected],
                      **private)
-        delete.click(self.delete, [selected], [table, selected], **private)
+        delete.click(self.delete_dataset, [selected], [table, selected], **private)
         return tab
