@@ -27,6 +27,7 @@ from webapp.api import sdapi  # noqa: E402
 from webapp.api.sdapi import controlnet as controlnet_api  # noqa: E402
 from webapp.api.v1 import account as account_api  # noqa: E402
 from webapp.api.v1 import checkpoints as checkpoints_api  # noqa: E402
+from webapp.api.v1 import datasets as datasets_api  # noqa: E402
 from webapp.api.v1 import endpoints as endpoints_api  # noqa: E402
 from webapp.api.v1 import inferences as inferences_api  # noqa: E402
 from webapp.api.v1 import jobs as jobs_api  # noqa: E402
@@ -37,6 +38,7 @@ from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
+from webapp.services.datasets import DatasetService, Limits  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
@@ -53,6 +55,7 @@ from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
 from webapp.ui.context import UiContext  # noqa: E402
 from webapp.ui.controlnet_ui import ControlNetPanel  # noqa: E402
+from webapp.ui.datasets_tab import DatasetsTab  # noqa: E402
 from webapp.ui.endpoints_tab import EndpointsTab  # noqa: E402
 from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
@@ -92,6 +95,7 @@ class Studio:
     endpoint_admin: EndpointAdmin | None = None
     metrics: JobMetrics | None = None
     idle: IdleWatcher | None = None
+    datasets: DatasetService | None = None
 
     def close(self) -> None:
         if self.idle is not None:
@@ -144,6 +148,9 @@ def build(settings: Settings) -> Studio:
     auth.purge_expired()
     quota = DiskQuota(db, limit_bytes=int(settings.user_quota_gb * 1024**3))
     model_services = build_model_services(settings, db, store, quota)
+    datasets = DatasetService(db, store, quota, Limits(
+        max_files=settings.dataset_max_files, max_total_bytes=int(settings.dataset_max_mb * 2**20),
+        max_image_bytes=int(settings.ui_max_file_mb * 2**20), max_pixels=settings.max_job_pixels))
     assert settings.model_cache_dir is not None  # filled by the settings validator
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
     metrics = JobMetrics(db)
@@ -176,13 +183,14 @@ def build(settings: Settings) -> Studio:
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
     endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, endpoints_tab, UsersTab(ui_ctx),
+    datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, endpoints_tab, UsersTab(ui_ctx),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
-        checkpoints_api.build_router(model_services.registry),
+        checkpoints_api.build_router(model_services.registry), datasets_api.build_router(datasets),
         controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
@@ -201,7 +209,7 @@ def build(settings: Settings) -> Studio:
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
-        endpoint_admin=endpoint_admin, metrics=metrics, idle=idle,
+        endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets,
     )
 
 

@@ -106,6 +106,10 @@ def _v9(conn: Connection) -> None:
     add_column(conn, "job", "engine_request_json", "TEXT")
 
 
+def _v10(conn: Connection) -> None:
+    create_tables(conn, "dataset", "dataset_item")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -117,6 +121,7 @@ MIGRATIONS: list[Migration] = [
     Migration(7, "disk quota: bytes stored per job", _v7),
     Migration(8, "endpoints: instance bounds, autoscaling, encrypted secrets", _v8),
     Migration(9, "job inputs in the asset store: the validated engine request per job", _v9),
+    Migration(10, "training datasets (kohya layout) and their images", _v10),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

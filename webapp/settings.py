@@ -128,6 +128,10 @@ class Settings(BaseSettings):
     ui_max_file_mb: float = Field(64.0, gt=0)
     """Largest file the web UI's upload route accepts (init images, PNG Info); model files use the
     chunked upload and ``max_upload_gb``."""
+    dataset_max_mb: float = Field(2048.0, gt=0)
+    """Largest training dataset (images and captions, uncompressed) one upload or zip may create."""
+    dataset_max_files: int = Field(10000, ge=1)
+    """Most files (images and captions) in one dataset upload or zip."""
     ui_temp_max_age_hours: float = Field(24.0, gt=0)
     """Files uploaded to the web UI (kept in ``<data_dir>/tmp/gradio``) are deleted after this long."""
 
@@ -293,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-job-pixels", type=int, help="width x height x batch size of one job (default 2048*2048*8)")
     p.add_argument("--user-quota-gb", type=float, help="disk each user may fill with results and models (default 50; "
                    "0: unlimited)")
+    p.add_argument("--dataset-max-mb", type=float, help="largest dataset upload or zip, uncompressed (default 2048)")
+    p.add_argument("--dataset-max-files", type=int, help="most files in one dataset upload or zip (default 10000)")
     p.add_argument("--ui-max-file-mb", type=float, help="largest file the web UI accepts (default 64)")
     p.add_argument("--annotators-dir", type=Path,
                    help="folder of ControlNet preprocessor weights, never downloaded (default <data-dir>/annotators)")
@@ -317,7 +323,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
                  "devices", "endpoint_health_seconds", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
-                 "user_quota_gb", "ui_max_file_mb",
+                 "user_quota_gb", "ui_max_file_mb", "dataset_max_mb", "dataset_max_files",
                  "annotators_dir", "controlnet_unit_count", "idle_unload_minutes", "idle_shutdown_minutes",
                  "idle_shutdown_command"):
         value = getattr(args, name)

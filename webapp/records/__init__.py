@@ -1,6 +1,7 @@
 """Database tables (SQLModel). Importing this package registers every table on ``SQLModel.metadata``."""
 
 from webapp.records.common import new_id, utcnow
+from webapp.records.datasets import Dataset, DatasetItem
 from webapp.records.imports import ImportTask, ScannedFile, TaskKind, TaskStatus, UploadSession, UploadStatus
 from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatus
 from webapp.records.models import ModelRecord, ModelStatus, ModelType, Visibility
@@ -9,6 +10,7 @@ from webapp.records.tokens import ApiToken, ApiTokenPublic
 from webapp.records.users import LoginSession, Role, User, UserPublic
 
 __all__ = [
+    "Dataset", "DatasetItem",
     "Endpoint", "EndpointStatus", "Job", "JobMode", "JobStatus",
     "ApiToken", "ApiTokenPublic", "ServerOption", "UserOption",
     "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "Role", "User", "UserPublic", "Visibility",

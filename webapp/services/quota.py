@@ -1,12 +1,13 @@
 """Per-user disk quota: job results and imported model files, against one limit (``user_quota_gb``).
 
 What a user takes is summed from sizes the rows already hold — never a walk over the disk or the
-asset store — so asking costs three indexed SUM queries:
+asset store — so asking costs four indexed SUM queries:
 
 * jobs: ``job.stored_bytes``, the request as stored (init images included) plus the result images;
 * models: the stored file of every model the user imported (``model.size`` where the bytes are in the
   asset store; models registered in place on the server take no extra space). The registry keeps one
   row per distinct file, so a file imported again by anyone counts once, for its owner;
+* datasets: the images and captions of the user's training datasets (``dataset.bytes``);
 * uploads: the declared size of the user's uploads still open, so parallel uploads cannot each fit a
   quota that all of them together overrun.
 
@@ -24,7 +25,7 @@ from sqlalchemy import func
 from sqlmodel import select
 
 from webapp.db import Database
-from webapp.records import Job, ModelRecord, ModelStatus, UploadSession, UploadStatus, User
+from webapp.records import Dataset, Job, ModelRecord, ModelStatus, UploadSession, UploadStatus, User
 from webapp.services.errors import ServiceError
 
 
@@ -84,4 +85,5 @@ class DiskQuota:
                 ModelRecord.status != ModelStatus.INITIAL)).one()
             uploads = s.exec(select(func.coalesce(func.sum(UploadSession.size), 0)).where(
                 UploadSession.owner_id == user_id, UploadSession.status == UploadStatus.OPEN)).one()
-        return int(jobs) + int(models) + int(uploads)
+            datasets = s.exec(select(func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.owner_id == user_id)).one()
+        return int(jobs) + int(models) + int(uploads) + int(datasets)

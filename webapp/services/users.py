@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from collections.abc import Iterable
 
-from sqlmodel import delete, func, select
+from sqlmodel import col, delete, func, select
 
 from webapp.db import Database
 from webapp.records import LoginSession, Role, User, UserPublic, utcnow
@@ -23,6 +24,15 @@ ADMIN_USERNAME = "admin"
 def require_admin(actor: User) -> None:
     if not actor.is_admin:
         raise PermissionDenied(f"user {actor.username!r} is not an administrator")
+
+
+def usernames(db: Database, ids: Iterable[int | None]) -> dict[int, str]:
+    """User id → username for the given owner ids (None skipped), in one query."""
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    with db.read() as s:
+        return {u.id: u.username for u in s.exec(select(User).where(col(User.id).in_(wanted)))}  # type: ignore[misc]
 
 
 def check_username(username: str) -> str:

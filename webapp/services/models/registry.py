@@ -31,7 +31,7 @@ from webapp.services.errors import Conflict, InvalidInput, NotFound
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest, Progress
 from webapp.services.models.scan import ModelsDirScanner, ScanSummary
-from webapp.services.users import require_admin
+from webapp.services.users import require_admin, usernames
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,7 @@ class ModelRegistry:
             return catalog.find_record(s, actor, model_type, ref)
 
     def owner_names(self, records: list[ModelRecord]) -> dict[int, str]:
-        ids = {r.owner_id for r in records if r.owner_id is not None}
-        if not ids:
-            return {}
-        with self._db.read() as s:
-            return {u.id: u.username for u in s.exec(select(User).where(col(User.id).in_(ids)))}  # type: ignore[misc]
+        return usernames(self._db, (r.owner_id for r in records))
 
     @staticmethod
     def file_ref(record: ModelRecord) -> ModelFileRef:

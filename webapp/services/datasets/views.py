@@ -1,0 +1,32 @@
+"""JSON views of datasets, shared by /api/v1/datasets and the Datasets tab."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from webapp.records import Dataset, DatasetItem, User
+
+
+def dataset_view(dataset: Dataset, *, actor: User, owner_name: str | None, location: str) -> dict[str, Any]:
+    return {
+        "id": dataset.id, "name": dataset.name, "owner": owner_name, "visibility": dataset.visibility.value,
+        "image_count": dataset.image_count, "bytes": dataset.bytes,
+        "resolution": {"min_width": dataset.min_width, "min_height": dataset.min_height,
+                       "max_width": dataset.max_width, "max_height": dataset.max_height},
+        "source": dataset.source, "source_detail": dataset.source_detail, "location": location,
+        "can_manage": actor.is_admin or (dataset.owner_id is not None and dataset.owner_id == actor.id),
+        "created_at": dataset.created_at.isoformat(), "updated_at": dataset.updated_at.isoformat(),
+    }
+
+
+def item_view(item: DatasetItem) -> dict[str, Any]:
+    return {
+        "id": item.id, "folder": item.folder, "repeats": item.repeats, "file_name": item.file_name,
+        "path": item.relative_path, "caption": item.caption, "width": item.width, "height": item.height,
+        "size": item.size, "content_type": item.content_type,
+    }
+
+
+def resolution_text(dataset: Dataset) -> str:
+    low, high = f"{dataset.min_width}x{dataset.min_height}", f"{dataset.max_width}x{dataset.max_height}"
+    return low if low == high else f"{low} … {high}"
