@@ -18,7 +18,7 @@ def test_create_browse_caption_resize_delete_over_http(dstudio):
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["image_count"] == 3 and body["warnings"] == ["1 image(s) have no caption: 4_cats/c.png"]
-    assert body["location"].endswith(f"/datasets/{body['id']}/") and body["owner"] == "alice"
+    assert body["location"] == f"asset store: datasets/{body['id']}/" and body["owner"] == "alice"
     page = alice.get(f"/api/v1/datasets/{body['id']}", params={"limit": 2, "offset": 1}).json()
     assert [(i["path"], i["caption"]) for i in page["items"]] == [("4_cats/b.jpg", "from the form"), ("4_cats/c.png", None)]
     item = page["items"][1]

@@ -42,7 +42,7 @@ def test_create_from_files_then_browse_edit_resize_delete(dstudio):
     assert rows[0][HEADERS.index("Name")] == "cats" and rows[0][HEADERS.index("Images")] == 2
     dataset_id = choice["value"]
     summary, location, gallery, page_label, item_id, caption = tab.show(dataset_id, 1, ALICE)
-    assert location.endswith(f"/datasets/{dataset_id}/") and page_label == "Page 1 of 1"
+    assert location == f"asset store: datasets/{dataset_id}/" and page_label == "Page 1 of 1"
     assert [label for _, label in gallery] == ["2_cats/a.png: a cat", "2_cats/b.png (no caption)"]
     assert gallery[1][0].size == (50, 50)
     item_id, caption = tab.select_item(dataset_id, 1, SimpleNamespace(index=1), ALICE)

@@ -28,7 +28,10 @@ def test_uploaded_files_land_in_kohya_layout_with_captions_and_warnings(dstudio)
     assert dataset.image_count == 3 and (dataset.min_width, dataset.max_width, dataset.max_height) == (40, 64, 64)
     assert dataset.bytes == sum(b.size for b in dstudio.store.list(f"datasets/{dataset.id}/"))
     assert created.warnings == ["1 caption(s) have no image and were skipped: orphan.txt"]
-    assert dstudio.datasets.location(dataset) == str(dstudio.store.root / "datasets" / dataset.id) + "/"
+    admin = dstudio.users.get_by_name("admin")
+    assert dstudio.datasets.location(dataset, actor=admin) == str(dstudio.store.root / "datasets" / dataset.id) + "/"
+    shown = dstudio.datasets.location(dataset, actor=alice)
+    assert shown == f"asset store: datasets/{dataset.id}/" and str(dstudio.store.root) not in shown
     uncaptioned = dstudio.datasets.create(actor=alice, name="bare", files=[("x.png", png())])
     assert uncaptioned.warnings == ["1 image(s) have no caption: 1_bare/x.png"]
 

@@ -108,7 +108,7 @@ class DatasetsTab:
             gallery.append((image, label))
         summary = (f"**{html.escape(dataset.name)}** — {dataset.image_count} image(s), {resolution_text(dataset)}, "
                    f"{format_bytes(dataset.bytes)}, {dataset.visibility.value}")
-        return summary, self.datasets.location(dataset), gallery, f"Page {number} of {pages}", None, ""
+        return summary, self.datasets.location(dataset, actor=user), gallery, f"Page {number} of {pages}", None, ""
 
     @ui_errors
     def select_item(self, dataset_id: str | None, page: float | None, evt: gr.SelectData,

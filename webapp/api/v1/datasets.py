@@ -68,7 +68,7 @@ def build_router(datasets: DatasetService) -> APIRouter:
 
     def view(dataset: Any, user: Any) -> dict[str, Any]:
         return dataset_view(dataset, actor=user, owner_name=datasets.owner_names([dataset]).get(dataset.owner_id),
-                            location=datasets.location(dataset))
+                            location=datasets.location(dataset, actor=user))
 
     def created_view(created: Created, user: Any) -> dict[str, Any]:
         return {**view(created.dataset, user), "warnings": created.warnings}
@@ -100,7 +100,7 @@ def build_router(datasets: DatasetService) -> APIRouter:
         found = datasets.list_datasets(actor=user, limit=limit, offset=offset)
         owners = datasets.owner_names(found)
         return {
-            "items": [dataset_view(d, actor=user, owner_name=owners.get(d.owner_id), location=datasets.location(d))
+            "items": [dataset_view(d, actor=user, owner_name=owners.get(d.owner_id), location=datasets.location(d, actor=user))
                       for d in found],
             "total": datasets.count_datasets(actor=user), "limit": limit, "offset": offset,
         }

@@ -233,9 +233,13 @@ class DatasetService:
         except StorageError as exc:
             raise Unavailable(f"the asset store cannot read {key}: {exc}") from exc
 
-    def location(self, dataset: Dataset) -> str:
-        """Where the files are, for users to copy: a local folder, an ``s3://`` URI, or the store and prefix."""
+    def location(self, dataset: Dataset, *, actor: User) -> str:
+        """Where the files are, to copy: for administrators a local folder, an ``s3://`` URI, or the store and
+        prefix; for everyone else the place inside the asset store (server paths and buckets are the
+        administrators' to see)."""
         prefix = f"{PREFIX}/{dataset.id}/"
+        if not actor.is_admin:
+            return f"asset store: {prefix}"
         root = getattr(self._store, "root", None)
         if root is not None:
             return str(root / PREFIX / dataset.id) + "/"
