@@ -110,6 +110,17 @@ def _v10(conn: Connection) -> None:
     create_tables(conn, "dataset", "dataset_item")
 
 
+def _v11(conn: Connection) -> None:
+    # Job kinds beyond generation (training): the kind, reported metrics, a log tail and artifact keys.
+    add_column(conn, "job", "kind", "VARCHAR(32)", "'generate'")
+    add_column(conn, "job", "metrics_json", "TEXT")
+    add_column(conn, "job", "log_tail", "TEXT")
+    add_column(conn, "job", "artifact_keys_json", "TEXT", "'[]'")
+    conn.execute(text("UPDATE job SET kind = 'generate' WHERE kind IS NULL"))
+    conn.execute(text("UPDATE job SET artifact_keys_json = '[]' WHERE artifact_keys_json IS NULL"))
+    conn.execute(text("CREATE INDEX IF NOT EXISTS ix_job_kind ON job (kind)"))
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -122,6 +133,7 @@ MIGRATIONS: list[Migration] = [
     Migration(8, "endpoints: instance bounds, autoscaling, encrypted secrets", _v8),
     Migration(9, "job inputs in the asset store: the validated engine request per job", _v9),
     Migration(10, "training datasets (kohya layout) and their images", _v10),
+    Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

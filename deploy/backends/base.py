@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from deploy.backends.messages import Event, JobSpec
+from deploy.jobkinds import GENERATE
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +68,16 @@ class Capabilities:
     """Schedule type labels (Automatic, Karras ...)."""
     upscalers: tuple[str, ...] = ()
     """Hires-fix upscalers."""
+    kinds: tuple[str, ...] = (GENERATE,)
+    """Job kinds it runs (``deploy.jobkinds``): a dispatcher claims only these, and a submit of another kind to
+    this endpoint is refused."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"modes": list(self.modes), "slots": self.slots, "remote": self.remote, "previews": self.previews,
                 "devices": list(self.devices), "model_types": list(self.model_types), "samplers": list(self.samplers),
-                "schedulers": list(self.schedulers), "upscalers": list(self.upscalers), "extra": dict(self.extra)}
+                "schedulers": list(self.schedulers), "upscalers": list(self.upscalers), "kinds": list(self.kinds),
+                "extra": dict(self.extra)}
 
 
 def engine_lists() -> dict[str, tuple[str, ...]]:

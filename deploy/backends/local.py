@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from deploy.backends.base import BackendNotConfigured, Capabilities, engine_list
 from deploy.backends.messages import Event, JobSpec, Started
 from deploy.backends.registry import BackendConfig
 from deploy.backends.workers import ThreadedBackend, Worker
+from deploy.jobkinds import GENERATE, TRAIN_LORA, KindRunner, RunnerContext, build_runner
 from deploy.model_files import ModelFiles
 from deploy.runner import JobRunner, RunnerConfig, RunnerStopped
 
@@ -71,7 +73,7 @@ class LocalBackend(ThreadedBackend):
     def __init__(self, name: str, *, model_files: ModelFiles | None, devices: str | Sequence[str] | None = "auto",
                  skeleton_dirs: Sequence[str | Path] = (), cache_gb: float | None = None, preview_every: int = 5,
                  dtype: str | None = None, cpu_threads: int | None = None,
-                 annotators_dir: str | Path | None = None) -> None:
+                 annotators_dir: str | Path | None = None, work_dir: str | Path | None = None) -> None:
         super().__init__(name)
         self.model_files = model_files
         self._explicit = parse_devices(devices)
@@ -84,14 +86,17 @@ class LocalBackend(ThreadedBackend):
         self.dtype = dtype
         self.cpu_threads = cpu_threads
         self.annotators_dir = Path(annotators_dir) if annotators_dir else None  # ControlNet preprocessor weights
+        self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "studio-work"
+        """Scratch space of non-generate jobs (a training's dataset copy and outputs), one folder per worker."""
         self._runners: dict[str, JobRunner] = {}
+        self._kind_runners: dict[tuple[str, str], KindRunner] = {}
 
     def is_configured(self) -> bool:
         return self.model_files is not None
 
     def capabilities(self) -> Capabilities:
         return Capabilities(slots=len(self.devices), remote=False, previews=self.preview_every > 0,
-                            devices=tuple(self.devices), **engine_lists())
+                            devices=tuple(self.devices), kinds=(GENERATE, TRAIN_LORA), **engine_lists())
 
     def worker_labels(self) -> list[str]:
         if self.model_files is None:
@@ -109,6 +114,20 @@ class LocalBackend(ThreadedBackend):
                                                              config=config, auto=self._explicit is None)
         return runner
 
+    def kind_runner(self, worker: Worker, kind: str) -> KindRunner:
+        """The worker's runner of a non-generate job kind (built on its first job of that kind)."""
+        runner = self._kind_runners.get((worker.label, kind))
+        if runner is None:
+            assert self.model_files is not None
+            work_dir = self.work_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.name}-{worker.label}")
+            work_dir.mkdir(parents=True, exist_ok=True)
+            options = {"skeleton_dirs": [str(d) for d in self.skeleton_dirs], "dtype": self.dtype,
+                       "cpu_threads": self.cpu_threads}
+            context = RunnerContext(device=worker.label, model_files=self.model_files, work_dir=work_dir,
+                                    options=options)
+            runner = self._kind_runners[(worker.label, kind)] = build_runner(kind, context)
+        return runner
+
     @property
     def runners(self) -> dict[str, JobRunner]:
         """The runners built so far, by worker label (one per device that has run a job)."""
@@ -118,9 +137,15 @@ class LocalBackend(ThreadedBackend):
         for label, runner in list(self._runners.items()):
             if runner.release_memory():
                 log.info("local worker %s: loaded models released", label)
+        for (label, kind), kind_runner in list(self._kind_runners.items()):
+            if kind_runner.release_memory():
+                log.info("local worker %s: %s runner released its memory", label, kind)
 
     def run_job(self, worker: Worker, spec: JobSpec) -> Event:
         self.emit(Started(job_id=spec.job_id, worker=f"{self.name}/{worker.label}"))
+        if spec.kind != GENERATE:
+            return self.kind_runner(worker, spec.kind).run(
+                spec, emit=self.emit, should_cancel=self.cancel_check(spec.job_id), stopping=lambda: self.stopping)
         try:
             return self.runner(worker).run(spec, emit=self.emit, should_cancel=self.cancel_check(spec.job_id),
                                            should_skip=self.skip_check(spec.job_id), stopping=lambda: self.stopping)

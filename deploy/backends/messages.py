@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from deploy.jobkinds import GENERATE
 from deploy.model_files import ModelFileRef
 from pipelines.controlnet.units import ControlUnit, parse_unit
 from pipelines.types import GenerationRequest
@@ -124,24 +125,35 @@ class JobModels:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job for a backend: the engine request, its ControlNet units and its models.
+    """One job for a backend: its kind, what it runs on (``models``) and its input.
 
-    A spec holds a request already validated where it entered this process (the control plane at submit;
-    ``from_dict`` for one that arrived over the wire), so whoever runs it does not validate it again.
+    A ``generate`` spec holds the engine request and its ControlNet units, already validated where it entered
+    this process (the control plane at submit; ``from_dict`` for one that arrived over the wire), so whoever runs
+    it does not validate it again. Any other kind (``deploy.jobkinds``: ``train_lora``) carries a JSON-safe
+    ``payload`` that its own runner validates; ``request`` is None and ``models.checkpoint`` is its base model.
     """
 
     job_id: str
     mode: str
-    request: GenerationRequest
+    request: GenerationRequest | None
     models: JobModels
     attempt: int = 1
     controlnet_units: Sequence[ControlUnit] = ()
     """The enabled ControlNet units, in the order of ``models.controlnets``."""
+    kind: str = GENERATE
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    """The input of a non-generate kind (JSON-safe); empty for ``generate``."""
+
+    def __post_init__(self) -> None:
+        if (self.kind == GENERATE) != (self.request is not None):
+            raise MessageError(f"a {self.kind!r} job spec {'needs' if self.kind == GENERATE else 'has no'} "
+                               f"generation request")
 
     def to_dict(self) -> dict[str, Any]:
         """The wire form: images as base64."""
-        return {"job_id": self.job_id, "mode": self.mode, "request": self.request.to_dict(),
-                "models": self.models.to_dict(), "attempt": self.attempt,
+        return {"job_id": self.job_id, "kind": self.kind, "mode": self.mode,
+                "request": self.request.to_dict() if self.request is not None else None,
+                "payload": dict(self.payload), "models": self.models.to_dict(), "attempt": self.attempt,
                 "controlnet_units": [u.to_dict() for u in self.controlnet_units]}
 
     @classmethod
@@ -149,6 +161,14 @@ class JobSpec:
         """Decode and validate a spec from the wire, once: ``InvalidRequestError`` (naming the field) when the
         request or a unit is invalid, ``MessageError`` when it is not a job spec at all."""
         try:
+            kind = str(data.get("kind") or GENERATE)
+            if kind != GENERATE:
+                payload = data.get("payload") or {}
+                if not isinstance(payload, Mapping):
+                    raise TypeError("payload must be an object")
+                return cls(job_id=data["job_id"], mode=data["mode"], request=None,
+                           models=JobModels.from_dict(data["models"]), attempt=int(data.get("attempt", 1)),
+                           kind=kind, payload=dict(payload))
             request = GenerationRequest.from_dict(data["request"])
             units = tuple(parse_unit(_arg_index(unit, position), unit, [], None)
                           for position, unit in enumerate(data.get("controlnet_units") or ()))
@@ -244,6 +264,12 @@ class Progress(_Event):
     preview_png: str | None = None
     """Base64 PNG of the current latents, every ``preview_every`` steps; None otherwise."""
     phase: str = "base"
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    """Numbers the job reports (a training's loss, loss_avg, lr, epoch); empty for generation."""
+    log: tuple[str, ...] = ()
+    """Log lines written since the job's previous event."""
+    artifact_keys: tuple[str, ...] = ()
+    """Asset-store keys of the files the worker has written so far (epoch LoRAs, samples)."""
 
     @property
     def fraction(self) -> float:
@@ -272,6 +298,9 @@ class _Outcome(_Event):
     timings: Mapping[str, float] = field(default_factory=dict)
     info: Mapping[str, Any] = field(default_factory=dict)
     """A1111's ``info`` object (``GenerationResult.a1111_info()``)."""
+    artifact_keys: tuple[str, ...] = ()
+    """Asset-store keys of every file besides images the job leaves (a training's LoRAs, samples, log), written
+    by the worker."""
 
     @property
     def count(self) -> int:

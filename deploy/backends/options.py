@@ -39,6 +39,7 @@ class LocalOptions(BackendOptions):
     dtype: str | None = None
     cpu_threads: int | None = Field(None, ge=1, le=1024)
     annotators_dir: str | None = None
+    work_dir: str | None = Field(None, description="scratch space for training jobs; default: the system temp dir")
 
 
 class FakeOptions(BackendOptions):

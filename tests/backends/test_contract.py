@@ -24,7 +24,8 @@ def test_capabilities_describe_the_backend(backend_case: BackendCase):
     assert caps.slots == 1 and caps.remote is backend_case.remote
     assert "txt2img" in caps.modes and "checkpoint" in caps.model_types and caps.devices
     assert set(caps.to_dict()) == {"modes", "slots", "remote", "previews", "devices", "model_types", "samplers",
-                                   "schedulers", "upscalers", "extra"}
+                                   "schedulers", "upscalers", "kinds", "extra"}
+    assert "generate" in caps.kinds
     assert "Euler a" in caps.samplers and "Karras" in caps.schedulers and "Latent" in caps.upscalers
     assert backend.health() == (True, None)
     assert backend.kind in backend.describe()

@@ -24,6 +24,8 @@ class JobMode(StrEnum):
     TXT2IMG = "txt2img"
     IMG2IMG = "img2img"
     INPAINT = "inpaint"
+    TRAIN = "train"
+    """A training job (kind ``train_lora``): its ``request_json`` is the kind's payload, not an A1111 request."""
 
 
 class JobStatus(StrEnum):
@@ -67,6 +69,9 @@ class Job(SQLModel, table=True):
     owner_name: str = Field(max_length=64)
     """Usernames never change, so history can show the owner without a join."""
     mode: JobMode
+    kind: str = Field(default="generate", max_length=32, index=True)
+    """What the job does (``deploy.jobkinds``): ``generate`` (the A1111-shaped request) or ``train_lora`` (its
+    payload in ``request_json``); a dispatcher only claims the kinds its backend declares."""
     status: JobStatus = Field(default=JobStatus.QUEUED, index=True)
     endpoint: str = Field(max_length=64, index=True)
     task_id: str | None = Field(default=None, max_length=128, index=True)
@@ -103,6 +108,13 @@ class Job(SQLModel, table=True):
     timings_json: str = Field(default="{}", sa_column=Column(Text, nullable=False))
     error: str | None = Field(default=None, sa_column=Column(Text))
     error_kind: str | None = Field(default=None, max_length=32)
+    metrics_json: str | None = Field(default=None, sa_column=Column(Text))
+    """Numbers a job reports while it runs (a training's loss, lr, epoch): ``{"latest": {...}, "history": [...]}``,
+    the history bounded (``webapp/services/jobs/dispatcher.py``). None for jobs that report none."""
+    log_tail: str | None = Field(default=None, sa_column=Column(Text))
+    """The last lines a job logged (training); None for jobs that log nothing."""
+    artifact_keys_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    """Asset-store keys of the files a job made besides images (a training's LoRA files, samples, log)."""
     stored_bytes: int | None = Field(default=None, sa_type=BigInteger)
     """Disk the job takes: its request as stored plus its result images (the disk quota sums it). None on
     jobs recorded before sizes were kept, until the start-up sweep measures them."""
@@ -127,6 +139,18 @@ class Job(SQLModel, table=True):
     @property
     def info(self) -> dict[str, Any] | None:
         return _loads(self.info_json, None)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return _loads(self.metrics_json, {})
+
+    @property
+    def artifact_keys(self) -> list[str]:
+        return _loads(self.artifact_keys_json, [])
+
+    @property
+    def log_lines(self) -> list[str]:
+        return self.log_tail.splitlines() if self.log_tail else []
 
     @property
     def warnings(self) -> list[str]:

@@ -32,6 +32,8 @@ class LiveProgress:
     preview_png: bytes | None = None
     phase: str = "base"
     updated: float = 0.0
+    metrics: dict[str, float] | None = None
+    """The latest numbers the job reported (a training's loss, lr, epoch); None for generation."""
 
     @property
     def fraction(self) -> float:

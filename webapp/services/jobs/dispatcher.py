@@ -28,6 +28,7 @@ from deploy.backends.messages import (
     Started,
     Succeeded,
 )
+from deploy.jobkinds import GENERATE
 from deploy.storage import BlobStore, StorageError
 from pipelines.controlnet.units import ControlUnit, parse_indexed_units
 from pipelines.types import GenerationRequest, InvalidRequestError
@@ -36,6 +37,7 @@ from webapp.services.errors import ServiceError
 from webapp.services.jobs.board import JobBoard, LiveProgress
 from webapp.services.jobs.inputs import JobInputs, MissingInput
 from webapp.services.jobs.queue import JobQueue
+from webapp.services.jobs.reports import JobReport
 from webapp.services.jobs.requests import engine_request
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ class Dispatcher:
         self._in_flight: dict[str, str] = {}  # job id -> worker label ("" until Started)
         self._cancel_pending: set[str] = set()
         self._last_write: dict[str, float] = {}
+        self._reports: dict[str, JobReport] = {}
         self._stopping = False
         self._held = False
         self._claimer: threading.Thread | None = None
@@ -137,7 +140,7 @@ class Dispatcher:
             self._wake.clear()
             try:
                 while not self._stopping and not self._held and self.backend.free_slots() > 0:
-                    job = self.queue.claim(self.endpoint)
+                    job = self.queue.claim(self.endpoint, kinds=self.backend.capabilities().kinds)
                     if job is None:
                         break
                     self._dispatch(job)
@@ -155,11 +158,18 @@ class Dispatcher:
         units, _ = parse_indexed_units(raw.get("alwayson_scripts") or {})
         return engine_request(JobMode(job.mode), raw), tuple(unit for _, unit in units)
 
+    def _spec(self, job: Job) -> JobSpec:
+        models = JobModels.from_dict(job.models)
+        if job.kind != GENERATE:  # the kind's payload, validated by its service at submit and by its runner
+            return JobSpec(job_id=job.id, mode=str(job.mode), request=None, models=models, attempt=job.attempts,
+                           kind=job.kind, payload=job.request)
+        request, units = self._engine_request(job)
+        return JobSpec(job_id=job.id, mode=str(job.mode), request=request, models=models, attempt=job.attempts,
+                       controlnet_units=units)
+
     def _dispatch(self, job: Job) -> None:
         try:
-            request, units = self._engine_request(job)
-            spec = JobSpec(job_id=job.id, mode=str(job.mode), request=request, models=JobModels.from_dict(job.models),
-                           attempt=job.attempts, controlnet_units=units)
+            spec = self._spec(job)
         except StorageError as exc:  # the store is unreachable: try again later, as when a backend refuses
             log.warning("dispatcher %s: reading the inputs of job %s failed (%s); requeued", self.endpoint, job.id, exc)
             self.queue.requeue(job.id, refund_attempt=True, reason=str(exc))
@@ -174,6 +184,8 @@ class Dispatcher:
             return
         with self._lock:
             self._in_flight[job.id] = ""
+            self._reports[job.id] = JobReport(metrics=job.metrics, log_lines=job.log_lines,
+                                              artifact_keys=job.artifact_keys)
         self.board.post(job.id, LiveProgress(updated=time.monotonic()))
         try:
             self.backend.submit(spec)
@@ -181,6 +193,7 @@ class Dispatcher:
             log.warning("dispatcher %s: backend refused job %s (%s); requeued", self.endpoint, job.id, exc)
             with self._lock:
                 self._in_flight.pop(job.id, None)
+                self._reports.pop(job.id, None)
             self.queue.requeue(job.id, refund_attempt=True, reason=str(exc))
             self.board.finish(job.id)
             time.sleep(0.5)
@@ -223,14 +236,31 @@ class Dispatcher:
 
     def _progress(self, event: Progress) -> None:
         now = time.monotonic()
+        with self._lock:
+            report = self._reports.get(event.job_id)
+        if report is not None:
+            report.add(step=event.step, metrics=event.metrics, log=event.log, artifact_keys=event.artifact_keys)
         self.board.post(event.job_id, LiveProgress(
             step=event.step, total=event.total, job_no=event.job_no, job_count=event.job_count, eta=event.eta,
-            preview_png=event.preview, phase=event.phase, updated=now))
+            preview_png=event.preview, phase=event.phase, updated=now, metrics=dict(event.metrics) or None))
         if now - self._last_write.get(event.job_id, 0.0) >= PROGRESS_WRITE_SECONDS:
             self._last_write[event.job_id] = now
-            self.queue.record_progress(event.job_id, {
+            values: dict[str, object] = {
                 "progress": event.fraction, "step": event.step, "steps": event.total, "job_no": event.job_no,
-                "job_count": event.job_count, "eta_seconds": event.eta})
+                "job_count": event.job_count, "eta_seconds": event.eta}
+            if report is not None and report.changed:
+                values.update(report.columns())
+                report.changed = False
+            self.queue.record_progress(event.job_id, values)
+
+    def _report_columns(self, job_id: str, artifact_keys: tuple[str, ...]) -> dict[str, object]:
+        """The row's report columns at the end: what progress events said plus the terminal event's artifacts."""
+        with self._lock:
+            report = self._reports.get(job_id)
+        if report is None:
+            report = JobReport()
+        report.add(step=0, metrics={}, log=(), artifact_keys=artifact_keys)
+        return report.columns()
 
     def _with_images(self, event: Succeeded | Cancelled, status: JobStatus, **values: object) -> None:
         keys = list(event.image_keys)
@@ -250,15 +280,19 @@ class Dispatcher:
             result_bytes = sum(len(png) for png in event.images)
         else:
             result_bytes = self._stored_size(event.job_id, keys)
+        result_bytes += self._stored_size(event.job_id, list(event.artifact_keys))
         recorded = self._finish(
             event.job_id, status, image_keys_json=keys, infotexts_json=list(event.infotexts),
             info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
-            result_bytes=result_bytes, **values)
-        if not recorded:  # deleted or cancelled meanwhile: keep no orphan images
-            self._delete_keys(keys)
+            result_bytes=result_bytes, **self._report_columns(event.job_id, event.artifact_keys), **values)
+        if not recorded:  # deleted or cancelled meanwhile: keep no orphan images or artifacts
+            self._delete_keys(keys + list(event.artifact_keys))
 
     def _failed(self, event: Failed) -> None:
         if event.kind == "interrupted":
+            columns = self._report_columns(event.job_id, ())
+            if columns:  # what a requeued job reported so far stays on its row (a resumed training continues it)
+                self.queue.record_progress(event.job_id, columns)
             with self._lock:
                 self._in_flight.pop(event.job_id, None)
                 self._cancel_pending.discard(event.job_id)
@@ -268,7 +302,8 @@ class Dispatcher:
         message = event.message
         if event.kind == "oom":
             message = f"out of memory: {message}" if "memory" not in message.lower() else message
-        self._finish(event.job_id, JobStatus.FAILED, error=message, error_kind=event.kind)
+        self._finish(event.job_id, JobStatus.FAILED, error=message, error_kind=event.kind,
+                     **self._report_columns(event.job_id, ()))
 
     def _finish(self, job_id: str, status: JobStatus, **values: object) -> bool:
         with self._lock:
@@ -287,6 +322,8 @@ class Dispatcher:
 
     def _done(self, job_id: str) -> None:
         self._last_write.pop(job_id, None)
+        with self._lock:
+            self._reports.pop(job_id, None)
         self.board.finish(job_id)
         self._wake.set()
 

@@ -72,13 +72,21 @@ class JobQueue:
         return job
 
     # -- claim --------------------------------------------------------------------------------------------
-    def _next_owner(self, s: Session, endpoint: str) -> int | None:
-        owners = s.exec(select(Job.owner_id).where(Job.status == QUEUED, Job.endpoint == endpoint)
-                        .distinct().limit(2)).all()
+    @staticmethod
+    def _claimable(endpoint: str, kinds: Sequence[str] | None) -> list[Any]:
+        """Queued jobs of ``endpoint`` of the ``kinds`` its backend runs (None: any kind)."""
+        conditions: list[Any] = [Job.status == QUEUED, Job.endpoint == endpoint]
+        if kinds is not None:
+            conditions.append(Job.kind.in_(list(kinds)))  # type: ignore[attr-defined]
+        return conditions
+
+    def _next_owner(self, s: Session, endpoint: str, kinds: Sequence[str] | None = None) -> int | None:
+        claimable = self._claimable(endpoint, kinds)
+        owners = s.exec(select(Job.owner_id).where(*claimable).distinct().limit(2)).all()
         if len(owners) < 2:  # the common case — nobody to be fair to — skips the ranking query
             return owners[0] if owners else None
         waiting = (select(Job.owner_id.label("owner_id"), func.min(Job.created_at).label("oldest"))
-                   .where(Job.status == QUEUED, Job.endpoint == endpoint)
+                   .where(*claimable)
                    .group_by(Job.owner_id).subquery("waiting"))
         other = aliased(Job)
         running = (select(func.count()).select_from(other)
@@ -90,13 +98,14 @@ class JobQueue:
                      .limit(1))
         return s.exec(statement).first()  # type: ignore[call-overload]
 
-    def claim(self, endpoint: str, *, worker: str | None = None) -> Job | None:
-        """Take the next job for ``endpoint`` (fairly across owners) and mark it running; None if none."""
+    def claim(self, endpoint: str, *, worker: str | None = None, kinds: Sequence[str] | None = None) -> Job | None:
+        """Take the next job for ``endpoint`` (fairly across owners) and mark it running; None if none.
+        ``kinds``: only jobs of these kinds (what the endpoint's backend runs; None: any)."""
         with self.db.write() as s:
-            owner = self._next_owner(s, endpoint)
+            owner = self._next_owner(s, endpoint, kinds)
             if owner is None:
                 return None
-            job = s.exec(select(Job).where(Job.status == QUEUED, Job.endpoint == endpoint, Job.owner_id == owner)
+            job = s.exec(select(Job).where(*self._claimable(endpoint, kinds), Job.owner_id == owner)
                          .order_by(Job.created_at, Job.id).limit(1).with_for_update(skip_locked=True)).first()
             if job is None:
                 return None  # PostgreSQL: a concurrent claimer holds it; the caller asks again

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # Column -> its empty value; the decoded value must have the empty value's type (None: an object or null).
 _JSON_COLUMNS: dict[str, str | None] = {
     "request_json": "{}", "models_json": "{}", "image_keys_json": "[]", "infotexts_json": "[]",
-    "info_json": None, "warnings_json": "[]", "timings_json": "{}",
+    "info_json": None, "warnings_json": "[]", "timings_json": "{}", "metrics_json": None, "artifact_keys_json": "[]",
 }
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 

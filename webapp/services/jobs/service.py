@@ -14,15 +14,18 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import anyio
 from sqlalchemy import func, update
 from sqlmodel import select
 
 from deploy.backends.base import Backend
+from deploy.backends.messages import JobModels
+from deploy.jobkinds import GENERATE, get_kind
 from deploy.storage import BlobNotFound, BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
@@ -65,6 +68,8 @@ class ProgressSnapshot:
     queue_position: int
     started_at: datetime | None
     created_at: datetime
+    metrics: dict[str, float] | None = None
+    """The latest numbers the job reported (a training's loss, lr, epoch); None for generation."""
 
 
 def _aware(moment: datetime) -> datetime:
@@ -203,7 +208,7 @@ class JobService:
         by_job: dict[str, list[str]] = {}
         for blob in self._store.list("jobs/"):
             parts = blob.key.split("/")
-            if len(parts) == 3:
+            if len(parts) >= 3:  # images, and the artifacts and resumable state of other job kinds
                 by_job.setdefault(parts[1], []).append(blob.key)
         cutoff = datetime.now(UTC) - input_grace
         for blob in self._store.list(INPUTS_PREFIX):
@@ -285,6 +290,38 @@ class JobService:
             self.inputs.delete(staged.keys)  # a refused submit leaves nothing behind
             raise
         log.info("job %s (%s) queued by %s on %s", job.id, job.mode, actor.username, target.name)
+        dispatcher = self._dispatchers.get(target.name)
+        if dispatcher is not None:
+            dispatcher.wake()
+        return job
+
+    def submit_task(self, *, actor: User, kind: str, payload: Mapping[str, Any], models: JobModels,
+                    endpoint: str | None = None, task_id: str | None = None) -> Job:
+        """Enqueue a job of a kind other than generation (``deploy.jobkinds``: ``train_lora``). The caller's service
+        has validated ``payload`` and resolved ``models`` as ``actor``; here the endpoint must run the kind, and the
+        per-user cap and the disk quota apply as for generation. The payload is stored as the job's request."""
+        check_text({"endpoint": endpoint, "task_id": task_id})
+        job_kind = get_kind(kind)
+        if job_kind.name == GENERATE:
+            raise InvalidInput("generation jobs are submitted with `submit`", field="kind")
+        target = self.endpoints.resolve(actor=actor, name=endpoint)
+        declared = target.capabilities.get("kinds") or [GENERATE]
+        if job_kind.name not in declared:
+            raise Conflict(f"endpoint {target.name!r} does not run {job_kind.description or job_kind.name} jobs "
+                           f"(it runs: {', '.join(declared)})", field="endpoint")
+        self._check_running_here(target.name)
+        request_json = json.dumps(dict(payload))
+        job = Job(owner_id=actor.id, owner_name=actor.username, mode=JobMode(job_kind.modes[0]), kind=job_kind.name,
+                  endpoint=target.name, task_id=task_id, request_json=request_json,
+                  models_json=json.dumps(models.to_dict()), checkpoint=models.checkpoint.name,
+                  checkpoint_hash=models.checkpoint.sha256[:10] or None, job_count=1,
+                  stored_bytes=len(request_json.encode()))
+        if self._quota is not None:
+            self._quota.check(actor)
+        with self._wiring:
+            self._check_running_here(target.name)
+            self.queue.enqueue(job)
+        log.info("job %s (%s) queued by %s on %s", job.id, job.kind, actor.username, target.name)
         dispatcher = self._dispatchers.get(target.name)
         if dispatcher is not None:
             dispatcher.wake()
@@ -412,11 +449,13 @@ class JobService:
         return [self.image(actor=actor, job_id=job.id, index=i) for i in range(len(job.image_keys))]
 
     def current_job(self, *, actor: User) -> Job | None:
-        """The actor's running job (most recently started), else their oldest queued job, else None."""
+        """The actor's running generation job (most recently started), else their oldest queued one, else None
+        (A1111's /progress, /interrupt and /skip speak of generation: a training of theirs is not touched)."""
+        mine = (Job.owner_id == actor.id, Job.kind == GENERATE)
         with self._db.read() as s:
-            running = s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.RUNNING)
+            running = s.exec(select(Job).where(*mine, Job.status == JobStatus.RUNNING)
                              .order_by(Job.started_at.desc())).first()  # type: ignore[union-attr]
-            job = running or s.exec(select(Job).where(Job.owner_id == actor.id, Job.status == JobStatus.QUEUED)
+            job = running or s.exec(select(Job).where(*mine, Job.status == JobStatus.QUEUED)
                                     .order_by(Job.created_at)).first()
         return readable(job) if job is not None else None
 
@@ -436,16 +475,17 @@ class JobService:
         live = self.board.live(job.id) if job.status == JobStatus.RUNNING else None
         if live is not None:
             step, total, job_no, job_count = live.step, live.total, live.job_no, live.job_count
-            fraction, eta, preview = live.fraction, live.eta, live.preview_png
+            fraction, eta, preview, metrics = live.fraction, live.eta, live.preview_png, live.metrics
         else:
             step, total, job_no, job_count = job.step, job.steps, job.job_no, job.job_count
             fraction, eta, preview = job.progress, job.eta_seconds, None
+            metrics = job.metrics.get("latest") or None
         position = self.queue.position(job) if job.status == JobStatus.QUEUED else 0
         return ProgressSnapshot(
             job_id=job.id, status=JobStatus(job.status), mode=str(job.mode), task_id=job.task_id, step=step,
             total=total, job_no=job_no, job_count=job_count, progress=1.0 if job.status == JobStatus.SUCCEEDED
             else fraction, eta=eta, preview_png=preview, queue_position=position, started_at=job.started_at,
-            created_at=job.created_at)
+            created_at=job.created_at, metrics=metrics)
 
     # -- changes ----------------------------------------------------------------------------------------------
     def cancel(self, *, actor: User, job_id: str) -> Job:
@@ -468,10 +508,11 @@ class JobService:
             self.cancel(actor=actor, job_id=job_id)
         with self._db.write() as s:
             row = s.get(Job, job.id)
-            keys = [*row.image_keys, *self.inputs.keys_of(row)] if row is not None else []
+            keys = [*row.image_keys, *row.artifact_keys, *self.inputs.keys_of(row)] if row is not None else []
             if row is not None:
                 s.delete(row)
-        for key in keys:
+        keys += [blob.key for blob in self._store.list(f"jobs/{job.id}/")]  # state a worker kept to resume from
+        for key in dict.fromkeys(keys):
             self._store.delete(key)
         self.board.forget(job.id)
         log.info("job %s deleted by %s", job.id, actor.username)

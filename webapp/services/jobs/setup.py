@@ -38,16 +38,18 @@ def backend_options(settings: Settings) -> dict[str, Any]:
     if settings.backend == "local":
         options = {"devices": settings.devices, "skeleton_dirs": [str(d) for d in settings.skeleton_dirs],
                    "cache_gb": settings.pipeline_cache_gb, "preview_every": settings.preview_every,
-                   "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None}
+                   "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None,
+                   "work_dir": str(settings.data_dir / "work")}
     options.update(settings.backend_options)
     return options
 
 
 def local_defaults(settings: Settings) -> dict[str, Any]:
     """Options every ``local``-kind endpoint gets unless its own say otherwise: this server's config skeletons,
-    annotators and preview rate (the devices and cache are each endpoint's own)."""
+    annotators, preview rate and scratch space for training jobs (the devices and cache are each endpoint's own)."""
     return {"skeleton_dirs": [str(d) for d in settings.skeleton_dirs], "preview_every": settings.preview_every,
-            "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None}
+            "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None,
+            "work_dir": str(settings.data_dir / "work")}
 
 
 @dataclass(frozen=True)
