@@ -1,0 +1,1 @@
+"""LoRA training: config, dataset, trainer, export."""
