@@ -403,6 +403,16 @@ class Trainer:
         logger.info("resuming after epoch %d (step %d) from %s", state["epoch"], state["step"], path)
         return int(state["epoch"]), int(state["step"])
 
+    def _sample_embeds(self, prompt: str, negative: str) -> dict[str, torch.Tensor]:
+        hidden, pooled = self._encode_text([prompt])
+        negative_hidden, negative_pooled = self._encode_text([negative])
+        if not self.is_sdxl:
+            return {"prompt_embeds": hidden, "negative_prompt_embeds": negative_hidden}
+        if not negative and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            negative_hidden, negative_pooled = torch.zeros_like(hidden), torch.zeros_like(pooled)
+        return {"prompt_embeds": hidden, "negative_prompt_embeds": negative_hidden, "pooled_prompt_embeds": pooled,
+                "negative_pooled_prompt_embeds": negative_pooled}
+
     @torch.no_grad()
     def _sample(self, epoch: int) -> None:
         c, pipe = self.config, self.pipe
@@ -412,15 +422,13 @@ class Trainer:
             module.eval()
         try:
             for index, prompt in enumerate(c.sample_prompts):
-                extra: dict[str, Any] = {}
-                if not self.is_sdxl and c.clip_skip and c.clip_skip > 1:
-                    extra["clip_skip"] = c.clip_skip - 1  # diffusers counts skipped layers, A1111 counts from 1
                 generator = torch.Generator(self.device).manual_seed(c.seed if prompt.seed is None else prompt.seed)
                 with self._autocast():
-                    image = pipe(prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                    # The conditioning the LoRA was trained with (clip skip included), not the pipeline's own.
+                    image = pipe(**self._sample_embeds(prompt.prompt, prompt.negative_prompt),
                                  width=prompt.width or c.resolution[0], height=prompt.height or c.resolution[1],
                                  num_inference_steps=prompt.steps, guidance_scale=prompt.guidance_scale,
-                                 generator=generator, **extra).images[0]
+                                 generator=generator).images[0]
                 path = folder / f"{c.output_name}-e{epoch:06d}-{index:02d}.png"
                 partial = path.with_name(path.name + ".partial")
                 image.save(partial, format="PNG")
