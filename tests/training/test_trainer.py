@@ -159,10 +159,9 @@ def test_bad_dataset_and_base_model(tiny: Any, tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_mixed_precision_on_cuda(tiny: Any, tmp_path: Path, precision: str) -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     dataset = write_dataset(tmp_path / "dataset")
     for base in ("sd15", "sdxl"):
         spec = run_spec(tiny, tmp_path / base, dataset, base, device="cuda")
