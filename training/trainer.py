@@ -76,6 +76,7 @@ class Trainer:
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed]
         self.is_sdxl = run.base_type == "sdxl"
         self.started_at = time.time()
+        self._token_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- 1. data and model ----
 
@@ -187,8 +188,14 @@ class Trainer:
     # ---- 4. text conditioning ----
 
     def _tokens(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        # Captions repeat every epoch: tokenise each once (shuffled captions are new strings each time).
+        cache = self._token_cache.setdefault(id(tokenizer), {}) if not self.config.shuffle_caption else {}
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if missing:
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            cache.update(zip(missing, ids, strict=True))
+        return torch.stack([cache[c] for c in captions]).to(self.device)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipe, clip_skip = self.pipe, self.config.clip_skip or 1
