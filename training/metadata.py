@@ -187,7 +187,10 @@ def build_metadata(facts: RunFacts) -> dict[str, str]:
         "modelspec.title": facts.title or facts.output_name,
         "modelspec.resolution": f"{width}x{height}",
         "modelspec.date": saved.replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "epsilon",
     }
+    if facts.clip_skip is not None:
+        metadata["modelspec.encoder_layer"] = str(facts.clip_skip)
     return metadata
 
 

@@ -225,7 +225,9 @@ def test_build_metadata_has_kohya_keys(base):
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == ("stable-diffusion-xl-v1-base/lora" if base == "sdxl"
                                               else "stable-diffusion-v1/lora")
-    assert meta["modelspec.title"] == "mylora"
+    assert meta["modelspec.title"] == "mylora" and meta["modelspec.prediction_type"] == "epsilon"
+    assert "modelspec.encoder_layer" not in meta
+    assert build_metadata(_facts(base, clip_skip=2))["modelspec.encoder_layer"] == "2"
     assert meta["modelspec.resolution"] == ("1024x1024" if base == "sdxl" else "512x512")
     assert meta["modelspec.date"] == "2023-11-14T22:15:00+00:00"
     assert float(meta["ss_training_finished_at"]) == 1_700_000_100.0
