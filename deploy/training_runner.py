@@ -15,7 +15,7 @@ worker's engine. For one job the runner:
 3. on cancel (or the backend stopping) sends SIGTERM to the group — the trainer stops at the next step without
    a partial save — then SIGKILL after a grace period; whatever was uploaded stays.
 
-Nothing is kept on the worker's disk: ``work_dir/<job_id>`` is removed when the job ends, however it ends, and
+The state is deleted from the store once the final LoRA is there. Nothing is kept on the worker's disk: ``work_dir/<job_id>`` is removed when the job ends, however it ends, and
 the child is killed if the runner itself fails. Nothing here imports torch or training (the trainer may even
 run from another Python environment: the ``training_command`` option).
 """
@@ -225,7 +225,11 @@ class TrainingRunner:
 
     # -- one job ---------------------------------------------------------------------------------------
     def run(self, spec: JobSpec, *, emit: Emit, should_cancel: Check, stopping: Check) -> Event:
-        job_dir = self.context.work_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", spec.job_id)
+        name = re.sub(r"[^A-Za-z0-9_-]", "_", spec.job_id)  # no dots: never ".." or the work dir itself
+        if not spec.job_id or len(name) > 128:
+            return Failed(job_id=spec.job_id, message=f"job id {spec.job_id!r} cannot name a work folder",
+                          kind="bad_request", field="job_id")
+        job_dir = self.context.work_dir / name
         try:
             shutil.rmtree(job_dir, ignore_errors=True)  # a crashed earlier attempt's leftovers
             job_dir.mkdir(parents=True)
@@ -316,7 +320,11 @@ class TrainingRunner:
     def _supervise(self, spec: JobSpec, run: _Run, run_file: Path, dirs: Mapping[str, Path], emit: Emit,
                    should_cancel: Check, stopping: Check) -> Event:
         lines: queue.Queue[str | None] = queue.Queue()
-        process = self._start(run_file, run_file.parent)
+        try:
+            process = self._start(run_file, run_file.parent)
+        except OSError as exc:  # the command itself is wrong: the operator's setting, not the job
+            return Failed(job_id=spec.job_id, kind="internal",
+                          message=f"cannot start the trainer ({' '.join(self.command)}): {exc}")
         readers = [threading.Thread(target=_pump, args=(process.stdout, lines.put), daemon=True),
                    threading.Thread(target=_pump, args=(process.stderr, run.add_log), daemon=True)]
         for reader in readers:
@@ -374,6 +382,7 @@ class TrainingRunner:
         if code == 0 and run.done is not None and run.final_key is not None:  # finished before the stop landed
             info = {"lora": run.final_key, "epochs": int(run.done.get("epoch") or run.epochs),
                     "steps": int(run.done.get("step") or run.step)}
+            self.store.delete(run.keys["state"])  # resume data: no use once the final LoRA is stored
             return Succeeded(job_id=job_id, info=info, artifact_keys=tuple(run.artifacts))
         if stop_reason == "cancelled":
             return Cancelled(job_id=job_id, reason="cancelled while training", artifact_keys=tuple(run.artifacts))

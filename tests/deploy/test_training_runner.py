@@ -9,7 +9,6 @@ and refuses a bad config with an error line and exit code 2. The real trainer is
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sys
 import threading
@@ -33,7 +32,7 @@ args = sys.argv[1:]
 run_file = json.loads(Path(args[args.index("--config") + 1]).read_text())
 run, config = run_file["run"], run_file["config"]
 stop = []
-signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+signal.signal(signal.SIGTERM, signal.SIG_IGN if config.get("ignore_term") else lambda *_: stop.append(True))
 if config.get("pid_file"):
     Path(config["pid_file"]).write_text(str(os.getpid()))
 
@@ -116,11 +115,11 @@ def _spec(setup: dict[str, Any], job_id: str = "job1", **config: Any) -> JobSpec
                    payload=payload)
 
 
-def _runner(setup: dict[str, Any], store: Any = None) -> TrainingRunner:
+def _runner(setup: dict[str, Any], store: Any = None, grace: float = 10, command: Any = None) -> TrainingRunner:
     files = ModelFiles(store or setup["store"], setup["cache"], 1 << 30)
     setup["work"].mkdir(exist_ok=True)
     context = RunnerContext(device="cpu", model_files=files, work_dir=setup["work"],
-                            options={"training_command": setup["command"], "training_stop_grace": 10})
+                            options={"training_command": command or setup["command"], "training_stop_grace": grace})
     runner = build_runner(TRAIN_LORA, context)
     assert isinstance(runner, TrainingRunner)
     return runner
@@ -151,9 +150,8 @@ def test_a_run_uploads_epochs_samples_state_final_lora_and_log(setup):
     assert result.info == {"lora": final, "epochs": 2, "steps": 6}
     assert not result.images and not result.image_keys
     store = setup["store"]
-    assert sorted(_keys(store)) == sorted([*result.artifact_keys, "jobs/job1/state/state.pt"])
+    assert sorted(_keys(store)) == sorted(result.artifact_keys)  # the resume state is dropped once done
     assert store.open(final).read() == b"final lora"
-    assert json.loads(store.open("jobs/job1/state/state.pt").read()) == {"epoch": 2}
     log_text = store.open("jobs/job1/train.log").read().decode()
     assert "step 6" in log_text and "exists=False" in log_text and "exited with code 0" in log_text
 
@@ -216,6 +214,38 @@ def test_a_stopping_backend_interrupts_and_the_retry_resumes_from_the_saved_stat
     log_text = setup["store"].open("jobs/job1/train.log").read().decode()
     assert "exists=False" in log_text and "exists=True" in log_text
     _assert_gone(setup)
+
+
+def test_step_events_are_rate_limited_but_saves_and_the_end_always_arrive(setup):
+    events: list[Any] = []
+    result = _runner(setup).run(_spec(setup, max_train_epochs=2, steps_per_epoch=200), emit=events.append,
+                                should_cancel=lambda: False, stopping=lambda: False)
+
+    assert isinstance(result, Succeeded), result
+    assert len(events) < 30  # 400 steps: start, 2 saves, 2 samples, done, and a few rate-limited steps
+    keys = [set(e.artifact_keys) for e in events]
+    assert any("jobs/job1/lora/mylora-000001.safetensors" in k for k in keys)
+    assert any("jobs/job1/samples/mylora-e000002-00.png" in k for k in keys)
+    assert (events[-1].step, events[-1].total) == (400, 400)
+
+
+def test_a_trainer_ignoring_sigterm_is_killed_after_the_grace_period(setup):
+    events: list[Any] = []
+    emit, flag = _stop_after_first_save(events)
+    result = _runner(setup, grace=1).run(_spec(setup, max_train_epochs=50, step_delay=0.1, ignore_term=True),
+                                         emit=emit, should_cancel=flag.is_set, stopping=lambda: False)
+
+    assert isinstance(result, Cancelled), result
+    assert "jobs/job1/lora/mylora-000001.safetensors" in result.artifact_keys
+    _assert_gone(setup)
+
+
+def test_a_trainer_command_that_cannot_start_is_an_internal_failure(setup):
+    result = _runner(setup, command=[str(setup["tmp"] / "no-such-python")]).run(
+        _spec(setup), emit=lambda e: None, should_cancel=lambda: False, stopping=lambda: False)
+
+    assert isinstance(result, Failed) and result.kind == "internal" and "cannot start the trainer" in result.message
+    assert list(setup["work"].iterdir()) == []
 
 
 def test_exit_2_is_a_bad_request_naming_the_field(setup):
