@@ -1,0 +1,1 @@
+"""Tests for the training package (config, dataset, trainer, CLI)."""
