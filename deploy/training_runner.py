@@ -402,9 +402,11 @@ class TrainingRunner:
                                   "last saved epoch")
         if code == 0:
             return Failed(job_id=job_id, kind="internal", message=f"the trainer exited without a final LoRA\n{tail}")
-        memory = "out of memory" in tail.lower() or "outofmemoryerror" in tail.lower()
+        reported = str((run.error or {}).get("message") or "")
+        memory = any(word in f"{reported}\n{tail}".lower() for word in ("out of memory", "outofmemoryerror"))
         how = f"was killed by signal {-code}" if code < 0 else f"failed (exit code {code})"
-        return Failed(job_id=job_id, kind="oom" if memory else "internal", message=f"the trainer {how}\n{tail}")
+        summary = f"the trainer {how}: {reported}" if reported else f"the trainer {how}"
+        return Failed(job_id=job_id, kind="oom" if memory else "internal", message=f"{summary}\n{tail}")
 
     # -- the trainer's events --------------------------------------------------------------------------
     def _handle(self, line: str, run: _Run, dirs: Mapping[str, Path], emit: Emit, quiet: bool) -> None:

@@ -67,12 +67,13 @@ for epoch in range(resumed + 1, epochs + 1):
         step += 1
         print(f"step {step}", file=sys.stderr, flush=True)
         say(event="step", step=step, total=total, epoch=epoch, loss=0.5 / step, loss_avg=0.4, lr=1e-4)
-    lora = out / f"{name}-{epoch:06d}.safetensors"
-    lora.write_bytes(b"lora epoch %d" % epoch)
-    partial = state.with_suffix(".pt.partial")
-    partial.write_text(json.dumps({"epoch": epoch}))
-    partial.replace(state)
-    say(event="saved", epoch=epoch, step=step, lora=str(lora), state=str(state))
+    if epoch < epochs:  # as kohya: the last epoch is the final LoRA
+        lora = out / f"{name}-{epoch:06d}.safetensors"
+        lora.write_bytes(b"lora epoch %d" % epoch)
+        partial = state.with_suffix(".pt.partial")
+        partial.write_text(json.dumps({"epoch": epoch}))
+        partial.replace(state)
+        say(event="saved", epoch=epoch, step=step, lora=str(lora), state=str(state))
     (out / "samples").mkdir(exist_ok=True)
     sample = out / "samples" / f"{name}-e{epoch:06d}-00.png"
     sample.write_bytes(b"\x89PNG fake")
@@ -143,7 +144,7 @@ def test_a_run_uploads_epochs_samples_state_final_lora_and_log(setup):
     result = runner.run(_spec(setup), emit=events.append, should_cancel=lambda: False, stopping=lambda: False)
 
     assert isinstance(result, Succeeded), result
-    lora = ["jobs/job1/lora/mylora-000001.safetensors", "jobs/job1/lora/mylora-000002.safetensors"]
+    lora = ["jobs/job1/lora/mylora-000001.safetensors"]
     samples = ["jobs/job1/samples/mylora-e000001-00.png", "jobs/job1/samples/mylora-e000002-00.png"]
     final = "jobs/job1/lora/mylora.safetensors"
     assert sorted(result.artifact_keys) == sorted([*lora, *samples, final, "jobs/job1/train.log"])
@@ -210,7 +211,8 @@ def test_a_stopping_backend_interrupts_and_the_retry_resumes_from_the_saved_stat
     logged = "\n".join(line for e in again for line in e.log)
     assert "exists=True resuming after epoch" in logged and "resuming after epoch 0" not in logged
     # the epochs of both attempts are the job's artifacts, and the log holds both attempts
-    assert {f"jobs/job1/lora/mylora-00000{e}.safetensors" for e in (1, 2, 3)} <= set(second.artifact_keys)
+    assert {f"jobs/job1/lora/mylora-00000{e}.safetensors" for e in (1, 2)} <= set(second.artifact_keys)
+    assert "jobs/job1/lora/mylora.safetensors" in second.artifact_keys
     log_text = setup["store"].open("jobs/job1/train.log").read().decode()
     assert "exists=False" in log_text and "exists=True" in log_text
     _assert_gone(setup)
@@ -330,3 +332,51 @@ def test_training_command_from_the_environment():
         "/a b/python", "-m", "training"]
     with pytest.raises(ValueError):
         training_command({"STUDIO_TRAINING_COMMAND": "[1]"})
+
+
+def test_the_real_trainer_trains_a_tiny_sd15_lora_through_the_runner(tmp_path):
+    """``python -m training`` itself: one epoch on two 64 px images, the files in the store are kohya LoRAs."""
+    from PIL import Image
+    from safetensors import safe_open
+
+    from tests.tiny.fixtures import tiny_files
+
+    tiny = tiny_files()
+    checkpoint = tiny.checkpoint("sd15")
+    store = LocalStore(tmp_path / "store")
+    store.put_file(BASE_KEY, checkpoint)
+    for i, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"img{i}.png")
+        store.put_file(f"{PREFIX}1_shapes/img{i}.png", tmp_path / f"img{i}.png")
+        (tmp_path / f"img{i}.txt").write_text(["red square", "blue square"][i])
+        store.put_file(f"{PREFIX}1_shapes/img{i}.txt", tmp_path / f"img{i}.txt")
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    ref = ModelFileRef(sha256=sha, store_key=BASE_KEY, local_path=None, size=checkpoint.stat().st_size)
+    models = JobModels(checkpoint=ModelSpec(kind="checkpoint", name="tiny", sha256=sha, file=ref))
+    config = {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128, "bucket_reso_steps": 16,
+              "network_dim": 4, "network_alpha": 4, "max_train_epochs": 1, "train_batch_size": 1, "seed": 7,
+              "sample_prompts": ["red square --s 2"], "sample_every_n_epochs": 1}
+    spec = JobSpec(job_id="real1", mode="train", request=None, models=models, kind=TRAIN_LORA,
+                   payload={"base_type": "sd15", "config": config, "dataset_id": "d1", "dataset_prefix": PREFIX,
+                            "output_name": "tinylora", "base_model_name": "tiny"})
+    work = tmp_path / "work"
+    work.mkdir()
+    context = RunnerContext(device="cpu", model_files=ModelFiles(store, tmp_path / "cache", 1 << 30), work_dir=work,
+                            options={"skeleton_dirs": [str(tiny.skeleton_root)], "cpu_threads": 1})
+    events: list[Any] = []
+    result = build_runner(TRAIN_LORA, context).run(spec, emit=events.append, should_cancel=lambda: False,
+                                                   stopping=lambda: False)
+
+    assert isinstance(result, Succeeded), result
+    final = "jobs/real1/lora/tinylora.safetensors"
+    assert result.info == {"lora": final, "epochs": 1, "steps": 2}
+    assert {final, "jobs/real1/train.log"} <= set(result.artifact_keys)  # one epoch: the final LoRA only
+    assert any(key.startswith("jobs/real1/samples/") and key.endswith(".png") for key in result.artifact_keys)
+    assert any("loss" in e.metrics for e in events)
+    local = tmp_path / "final.safetensors"
+    store.download_to(final, local)
+    with safe_open(str(local), "pt") as lora:
+        names = list(lora.keys())
+        assert lora.metadata()["ss_network_dim"] == "4"
+    assert any(n.startswith("lora_unet_") and n.endswith(".lora_down.weight") for n in names)
+    assert list(work.iterdir()) == []
