@@ -250,12 +250,12 @@ class TrainingRunner:
         dirs = {name: job_dir / name for name in ("dataset", "out", "state")}
         for path in dirs.values():
             path.mkdir()
-        images = self._copy_dataset(payload.dataset_prefix, dirs["dataset"])
+        images = self._copy_dataset(payload.dataset_prefix, dirs["dataset"], should_cancel)
         resumed = self._fetch_state(keys, dirs["state"], run)
         run.add_log(f"[studio] job {spec.job_id}: {images} dataset files from {payload.dataset_prefix}"
                     + (", resuming from the saved state" if resumed else ""))
         with self.context.model_files.pinned(spec.models.checkpoint.file) as (base_model,):
-            if should_cancel():  # while the dataset or the model was being fetched
+            if images < 0 or should_cancel():  # while the dataset or the model was being fetched
                 if stopping():
                     return Failed(job_id=spec.job_id, kind="interrupted", message=STOPPED)
                 return Cancelled(job_id=spec.job_id, reason="cancelled before training started",
@@ -263,7 +263,8 @@ class TrainingRunner:
             run_file = self._write_run_file(job_dir, payload, base_model, dirs)
             return self._supervise(spec, run, run_file, dirs, emit, should_cancel, stopping)
 
-    def _copy_dataset(self, prefix: str, target: Path) -> int:
+    def _copy_dataset(self, prefix: str, target: Path, should_cancel: Check) -> int:
+        """Download the dataset's blobs into ``target``; the number of files, -1 when cancelled meanwhile."""
         blobs = list(self.store.list(prefix))
         plan = [(blob.key, dataset_path(prefix, blob.key)) for blob in blobs]  # every key checked before copying
         if not plan:
@@ -273,6 +274,8 @@ class TrainingRunner:
             path = target.joinpath(*relative.parts)
             if not path.resolve().is_relative_to(root):
                 raise InvalidPayload(f"dataset key {key!r} leads outside the dataset folder", "dataset_prefix")
+            if should_cancel():
+                return -1
             self.store.download_to(key, path)
         return len(plan)
 

@@ -250,6 +250,18 @@ def test_a_trainer_command_that_cannot_start_is_an_internal_failure(setup):
     assert list(setup["work"].iterdir()) == []
 
 
+@pytest.mark.parametrize("stop", [False, True])
+def test_a_cancel_before_the_trainer_starts_never_starts_it(setup, stop):
+    result = _runner(setup).run(_spec(setup), emit=lambda e: None, should_cancel=lambda: True,
+                                stopping=lambda: stop)
+
+    if stop:
+        assert isinstance(result, Failed) and result.kind == "interrupted", result
+    else:
+        assert isinstance(result, Cancelled) and result.artifact_keys == (), result
+    assert not setup["pid_file"].exists() and list(setup["work"].iterdir()) == []
+
+
 def test_exit_2_is_a_bad_request_naming_the_field(setup):
     result = _runner(setup).run(_spec(setup, network_dim=0), emit=lambda e: None, should_cancel=lambda: False,
                                 stopping=lambda: False)
