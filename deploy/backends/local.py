@@ -73,7 +73,8 @@ class LocalBackend(ThreadedBackend):
     def __init__(self, name: str, *, model_files: ModelFiles | None, devices: str | Sequence[str] | None = "auto",
                  skeleton_dirs: Sequence[str | Path] = (), cache_gb: float | None = None, preview_every: int = 5,
                  dtype: str | None = None, cpu_threads: int | None = None,
-                 annotators_dir: str | Path | None = None, work_dir: str | Path | None = None) -> None:
+                 annotators_dir: str | Path | None = None, work_dir: str | Path | None = None,
+                 training_command: Sequence[str] | None = None) -> None:
         super().__init__(name)
         self.model_files = model_files
         self._explicit = parse_devices(devices)
@@ -88,6 +89,10 @@ class LocalBackend(ThreadedBackend):
         self.annotators_dir = Path(annotators_dir) if annotators_dir else None  # ControlNet preprocessor weights
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.gettempdir()) / "studio-work"
         """Scratch space of non-generate jobs (a training's dataset copy and outputs), one folder per worker."""
+        self.training_command = list(training_command) if training_command else None
+        """What starts the LoRA trainer instead of ``python -m training`` (e.g. another environment's Python:
+        ``["/opt/train-env/bin/python", "-m", "training"]``). An operator's setting — ``STUDIO_TRAINING_COMMAND``
+        for backends built from configuration — never an endpoint option, which administrators edit over HTTP."""
         self._runners: dict[str, JobRunner] = {}
         self._kind_runners: dict[tuple[str, str], KindRunner] = {}
 
@@ -122,7 +127,7 @@ class LocalBackend(ThreadedBackend):
             work_dir = self.work_dir / re.sub(r"[^A-Za-z0-9_.-]", "_", f"{self.name}-{worker.label}")
             work_dir.mkdir(parents=True, exist_ok=True)
             options = {"skeleton_dirs": [str(d) for d in self.skeleton_dirs], "dtype": self.dtype,
-                       "cpu_threads": self.cpu_threads}
+                       "cpu_threads": self.cpu_threads, "training_command": self.training_command}
             context = RunnerContext(device=worker.label, model_files=self.model_files, work_dir=work_dir,
                                     options=options)
             runner = self._kind_runners[(worker.label, kind)] = build_runner(kind, context)
@@ -157,4 +162,22 @@ def create(config: BackendConfig) -> LocalBackend:
     from deploy.backends.options import parse_options, plain_options
 
     options = plain_options(parse_options("local", config.options))
-    return LocalBackend(config.name, model_files=config.model_files, **options)
+    return LocalBackend(config.name, model_files=config.model_files, training_command=training_command(), **options)
+
+
+TRAINING_COMMAND_ENV = "STUDIO_TRAINING_COMMAND"
+
+
+def training_command(environ: dict[str, str] | None = None) -> list[str] | None:
+    """The operator's trainer command from ``STUDIO_TRAINING_COMMAND`` (a JSON list of strings, or a command line
+    split like a shell's); None when unset (``python -m training`` in this environment)."""
+    import json
+    import shlex
+
+    value = (os.environ if environ is None else environ).get(TRAINING_COMMAND_ENV, "").strip()
+    if not value:
+        return None
+    parts = json.loads(value) if value.startswith("[") else shlex.split(value)
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts):
+        raise ValueError(f"{TRAINING_COMMAND_ENV} must be a command line or a JSON list of strings, not {value!r}")
+    return parts

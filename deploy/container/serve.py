@@ -38,7 +38,7 @@ def build_backend(settings: WorkerSettings, store: BlobStore | None) -> Backend:
         from deploy.backends.fake import create as create_fake
 
         return create_fake(BackendConfig(name="worker", kind="fake", options=settings.backend_options))
-    from deploy.backends.local import LocalBackend
+    from deploy.backends.local import LocalBackend, training_command
     from deploy.model_files import ModelFiles
 
     if store is None:
@@ -50,7 +50,7 @@ def build_backend(settings: WorkerSettings, store: BlobStore | None) -> Backend:
                            "dtype": settings.dtype,
                            "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None}
     options = plain_options(parse_options("local", {**raw, **settings.backend_options}))
-    return LocalBackend("worker", model_files=files, **options)
+    return LocalBackend("worker", model_files=files, training_command=training_command(), **options)
 
 
 def build(settings: WorkerSettings) -> tuple[WorkerHost, Any]:
