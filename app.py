@@ -63,6 +63,7 @@ from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
 from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
+from webapp.ui.training_tab import TrainingTab  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
 from webapp.web.metrics import MetricsAccess  # noqa: E402
@@ -193,7 +194,9 @@ def build(settings: Settings) -> Studio:
     models_tab = ModelsTab(ui_ctx, model_services)
     endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
     datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, endpoints_tab, UsersTab(ui_ctx),
+    training_tab = TrainingTab(ui_ctx, trainings, datasets)
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
+                           UsersTab(ui_ctx),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [

@@ -19,11 +19,21 @@ from collections.abc import Mapping
 from typing import IO, Any
 
 from deploy.backends.messages import JobModels, ModelSpec
-from deploy.jobkinds import TRAIN_LORA
+from deploy.jobkinds import GENERATE, TRAIN_LORA
 from deploy.storage import BlobNotFound, BlobStore, StorageError
 from training.config import BASE_TYPES, ConfigError, TrainingConfig, default_config, parse_config
 from training.config import format_config as normalise_config
-from webapp.records import Dataset, Job, JobStatus, ModelRecord, ModelStatus, ModelType, User, new_id
+from webapp.records import (
+    Dataset,
+    Endpoint,
+    Job,
+    JobStatus,
+    ModelRecord,
+    ModelStatus,
+    ModelType,
+    User,
+    new_id,
+)
 from webapp.services.datasets import DatasetService
 from webapp.services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from webapp.services.jobs import JobService, ProgressSnapshot
@@ -148,6 +158,20 @@ class TrainingService:
             raise InvalidInput(f"dataset {dataset.name!r} has no images", field="dataset_id")
         return dataset
 
+    def endpoints(self, *, actor: User) -> list[Endpoint]:
+        """The endpoints that run trainings (their backend declares ``train_lora``), the default one first."""
+        found = [e for e in self._jobs.endpoints.list_endpoints(actor=actor)
+                 if TRAIN_LORA in (e.capabilities.get("kinds") or [GENERATE])]
+        return sorted(found, key=lambda e: not e.is_default)
+
+    def endpoint_for(self, *, actor: User, name: str | None) -> str | None:
+        """``name``, or when none is given the default endpoint if it trains, else the first that does (None:
+        none does, and the job service says so)."""
+        if name:
+            return name
+        found = self.endpoints(actor=actor)
+        return found[0].name if found else None
+
     def create(self, *, actor: User, base_type: str, base_model: str, dataset_id: str,
                config: str | Mapping[str, Any] | None = None, output_name: str | None = None,
                endpoint: str | None = None) -> Job:
@@ -162,7 +186,7 @@ class TrainingService:
             "base_model_name": record.name,
         }
         job = self._jobs.submit_task(actor=actor, kind=TRAIN_LORA, payload=payload, models=self._models(record),
-                                     endpoint=endpoint)
+                                     endpoint=self.endpoint_for(actor=actor, name=endpoint))
         log.info("training %s (%s on %s, dataset %s) queued by %s", job.id, checked.output_name, record.name,
                  dataset.id, actor.username)
         return job
@@ -284,7 +308,8 @@ class TrainingService:
                               field="job_id") from exc
         try:
             job = self._jobs.submit_task(actor=actor, kind=TRAIN_LORA, payload=new_payload,
-                                         models=self._models(record), endpoint=endpoint or old.endpoint,
+                                         models=self._models(record),
+                                         endpoint=self.endpoint_for(actor=actor, name=endpoint or old.endpoint),
                                          job_id=new_job_id)
         except BaseException:
             self._store.delete(state_key)  # a refused resume leaves nothing behind
