@@ -85,9 +85,9 @@ def test_create_queues_a_train_lora_job_with_the_contract_payload(tstudio):
 def test_list_get_and_stop_follow_the_job_rules(tstudio):
     alice, bob, admin = user(tstudio, "alice"), user(tstudio, "bob"), tstudio.admin
     job = _create(tstudio, alice)
-    assert [j.id for j in tstudio.trainings.list(actor=alice)[0]] == [job.id]
-    assert tstudio.trainings.list(actor=bob) == ([], 0)
-    assert [j.id for j in tstudio.trainings.list(actor=admin)[0]] == [job.id]
+    assert [j.id for j in tstudio.trainings.list_trainings(actor=alice)[0]] == [job.id]
+    assert tstudio.trainings.list_trainings(actor=bob) == ([], 0)
+    assert [j.id for j in tstudio.trainings.list_trainings(actor=admin)[0]] == [job.id]
     with pytest.raises(NotFound):
         tstudio.trainings.get(actor=bob, job_id=job.id)
     with pytest.raises(NotFound):
@@ -101,7 +101,7 @@ def test_list_get_and_stop_follow_the_job_rules(tstudio):
     with pytest.raises(Conflict, match="saved no epoch"):
         tstudio.trainings.resume(actor=alice, job_id=job.id)
     tstudio.trainings.delete(actor=alice, job_id=job.id)
-    assert tstudio.trainings.list(actor=alice) == ([], 0)
+    assert tstudio.trainings.list_trainings(actor=alice) == ([], 0)
 
 
 def test_a_stopped_training_resumes_from_its_saved_state(tstudio):

@@ -94,7 +94,7 @@ class TrainingTab:
     @ui_errors
     def refresh_trainings(self, request: gr.Request) -> tuple:
         user = self.ctx.user(request)
-        jobs, _ = self.trainings.list(actor=user, limit=200)
+        jobs, _ = self.trainings.list_trainings(actor=user, limit=200)
         rows, choices = [], []
         for job in jobs:
             row = training_summary(job, self.trainings.snapshot(job))

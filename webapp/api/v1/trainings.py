@@ -56,7 +56,7 @@ def build_router(trainings: TrainingService) -> APIRouter:
     def list_trainings(user: CurrentUser, limit: int = Query(50, ge=1, le=MAX_PAGE),
                        offset: int = Query(0, ge=0)) -> dict[str, Any]:
         """Your trainings, newest first (administrators: everyone's)."""
-        jobs, total = trainings.list(actor=user, limit=limit, offset=offset)
+        jobs, total = trainings.list_trainings(actor=user, limit=limit, offset=offset)
         return {"items": [training_summary(j, trainings.snapshot(j)) for j in jobs], "total": total,
                 "limit": limit, "offset": offset}
 

@@ -197,7 +197,7 @@ class TrainingService:
 
     # -- reading --------------------------------------------------------------------------------------------
 
-    def list(self, *, actor: User, limit: int | None = 100, offset: int = 0) -> tuple[list[Job], int]:
+    def list_trainings(self, *, actor: User, limit: int | None = 100, offset: int = 0) -> tuple[list[Job], int]:
         """Trainings the actor may see, newest first: their own; administrators everyone's."""
         return self._jobs.list_jobs(actor=actor, mode="train", limit=limit, offset=offset, all_users=actor.is_admin)
 
