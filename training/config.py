@@ -305,8 +305,8 @@ _CHECKS: dict[str, Any] = {
     "train_batch_size": lambda v: _as_int(v, minimum=1, maximum=256),
     "resolution": _as_resolution,
     "enable_bucket": _as_bool,
-    "min_bucket_reso": lambda v: _as_int(v, minimum=64, maximum=4096),
-    "max_bucket_reso": lambda v: _as_int(v, minimum=64, maximum=4096),
+    "min_bucket_reso": lambda v: _as_int(v, minimum=32, maximum=4096),
+    "max_bucket_reso": lambda v: _as_int(v, minimum=32, maximum=4096),
     "bucket_reso_steps": lambda v: _as_int(v, minimum=8, maximum=1024),
     "cache_latents": _as_bool,
     "gradient_checkpointing": _as_bool,
@@ -392,10 +392,12 @@ def _check(raw: Mapping[str, Any] | str, base_type: str, fmt: str | None) -> Tra
     if base_type == "sdxl" and values.get("clip_skip") is not None:
         problems.append(("clip_skip", "is for SD1.5 only; SDXL always uses the penultimate layer"))
     defaults = _DEFAULTS[base_type]
-    merged = {k: v for k, v in defaults.items() if k in _CHECKS and k not in values}
+    bad = {key for key, _ in problems}
+    merged = {k: v for k, v in defaults.items() if k in _CHECKS and k not in values and k not in bad}
     for key, value in merged.items():
         values[key] = _CHECKS[key](value)
-    problems += _check_together(values)
+    if not problems:  # the cross-key checks need every value; report them once the single keys are right
+        problems += _check_together(values)
     if problems:
         raise ConfigError(problems)
     return TrainingConfig(base_type=base_type, warnings=tuple(warnings), **values)
