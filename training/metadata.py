@@ -84,7 +84,7 @@ class RunFacts:
     new_sd_model_hash: str | None = None
     training_comment: str | None = None
     training_started_at: float = field(default_factory=time.time)
-    training_finished_at: float | None = None
+    saved_at: float | None = None  # ss_training_finished_at and modelspec.date (sd-scripts: time of the save); None = now
     session_id: int = field(default_factory=lambda: random.randint(0, 2**32))
     title: str | None = None  # modelspec.title; output_name when None
 
@@ -176,18 +176,21 @@ def build_metadata(facts: RunFacts) -> dict[str, str]:
         values["ss_sd_model_hash"] = facts.sd_model_hash
     if facts.new_sd_model_hash is not None:
         values["ss_new_sd_model_hash"] = facts.new_sd_model_hash
-    if facts.training_finished_at is not None:
-        values["ss_training_finished_at"] = facts.training_finished_at
+    saved_at = facts.saved_at if facts.saved_at is not None else time.time()
+    values["ss_training_finished_at"] = saved_at
     metadata = {k: str(v) for k, v in values.items()}  # sd-scripts writes str(None) == "None" too
-    started = dt.datetime.fromtimestamp(facts.training_started_at, dt.UTC)
+    saved = dt.datetime.fromtimestamp(saved_at, dt.UTC)
     metadata |= {
         "modelspec.sai_model_spec": MODELSPEC_VERSION,
         "modelspec.architecture": ARCHITECTURES[facts.base_type],
         "modelspec.implementation": IMPLEMENTATIONS[facts.base_type],
         "modelspec.title": facts.title or facts.output_name,
         "modelspec.resolution": f"{width}x{height}",
-        "modelspec.date": started.replace(microsecond=0).isoformat(),
+        "modelspec.date": saved.replace(microsecond=0).isoformat(),
+        "modelspec.prediction_type": "epsilon",
     }
+    if facts.clip_skip is not None:
+        metadata["modelspec.encoder_layer"] = str(facts.clip_skip)
     return metadata
 
 
