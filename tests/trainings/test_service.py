@@ -145,6 +145,8 @@ def test_a_succeeded_training_registers_its_loras_once_as_the_owners_private_mod
         assert job.id in model.description and model.id in registered.values()
     assert json.loads(models["catlora"].metadata_json)["training"]["final"] is True
     assert json.loads(models["catlora-000001"].metadata_json)["training"]["epoch"] == 1
+    summary = json.loads(models["catlora"].metadata_json)["summary"]  # training.metadata.summary of the file
+    assert summary["network_dim"] == 4 and summary["modules"] > 0
     assert not [m for m in tstudio.registry.list_models(actor=bob, type=ModelType.LORA) if m.source == "training"]
     # again, by hand and by the start-up sweep: nothing new
     assert tstudio.training_registrar.register(job.id) == registered

@@ -49,16 +49,17 @@ def _epoch_of(key: str) -> int | None:
 
 
 def _lora_summary(path: Path) -> dict[str, Any]:
-    """What ``training.metadata.summary`` reads back from the file (base, rank, epochs, tags ...)."""
+    """What ``training.metadata.summary`` reads back from the file (base, rank, epochs, top tags, hashes); the
+    whole header is kept by the importer already (``metadata.file.header``)."""
+    from training.metadata import summary  # imports torch: only on this background thread
+
     try:
-        from training.metadata import summary
-    except ImportError:  # the export module is not part of this install
+        found = summary(path)
+    except (OSError, ValueError) as exc:  # a summary is a nicety: the model is registered without one
+        log.warning("could not read the metadata summary of %s: %s", path.name, exc)
         return {}
-    try:
-        return summary(path)
-    except Exception:  # noqa: BLE001 - a summary is a nicety; the model is registered without it
-        log.warning("could not read the metadata summary of %s", path.name, exc_info=True)
-        return {}
+    found.pop("metadata", None)
+    return found
 
 
 class TrainingRegistrar(JobObserver):
