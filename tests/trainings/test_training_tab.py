@@ -66,17 +66,18 @@ def test_start_follow_stop_resume_and_delete_a_training(tstudio):
     assert "Queued training **tablora**" in message and rows[0][HEADERS.index("Output")] == "tablora"
     assert tstudio.trainer.saved.wait(20)
     _until(lambda: tstudio.trainings.get(actor=alice, job_id=job_id).metrics.get("history"))
-    summary, plot, samples, log_tail, timer = tab.show_training(job_id, ALICE)
+    summary, plot, samples, log_tail, timer, shown = tab.show_training(job_id, [], ALICE)
     assert "tablora" in summary and "running" in summary
     assert list(plot["loss"]) == [0.9, 0.5] and list(plot["step"]) == [1, 2]
     assert [label for _, label in samples] == ["tablora-e000001-00.png"]
     assert log_tail.splitlines()[0] == "step 1 loss 0.9"  # the row's log is written about once a second
     assert timer.active is True
+    assert tab.show_training(job_id, shown, ALICE)[2] == gr.skip()  # polled again: the same samples are not resent
     with pytest.raises(gr.Error, match="no job"):
-        tab.show_training(job_id, BOB)
+        tab.show_training(job_id, [], BOB)
     tab.stop_training(job_id, ALICE)
     _until(lambda: tstudio.trainings.get(actor=alice, job_id=job_id).status == JobStatus.CANCELLED)
-    summary, *_, timer = tab.show_training(job_id, ALICE)
+    summary, *_, timer, _ = tab.show_training(job_id, shown, ALICE)
     assert "Resume" in summary and timer.active is False
     tstudio.trainer.hold = False
     rows, selected = tab.resume_training(job_id, ALICE)

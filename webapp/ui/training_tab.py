@@ -20,7 +20,7 @@ from training.config import BASE_TYPES
 from webapp.records import Job, JobStatus
 from webapp.services.datasets import DatasetService
 from webapp.services.jobs import ProgressSnapshot
-from webapp.services.trainings import TrainingService
+from webapp.services.trainings import TrainingService, sample_keys
 from webapp.services.trainings.views import training_summary
 from webapp.ui.context import UiContext, ui_errors
 
@@ -124,20 +124,24 @@ class TrainingTab:
     # -- one training ---------------------------------------------------------------------------------------
 
     @ui_errors
-    def show_training(self, job_id: str | None, request: gr.Request) -> tuple:
-        """Summary, loss plot, samples, log tail, and the poll timer (on while it is queued or running)."""
+    def show_training(self, job_id: str | None, shown: list[str] | None, request: gr.Request) -> tuple:
+        """Summary, loss plot, samples, log tail, the poll timer (on while it is queued or running) and the
+        sample keys shown: the gallery is sent again only when they change (a poll would resend every PNG)."""
         if not job_id:
-            return "", EMPTY_PLOT, [], "", gr.Timer(active=False)
+            return "", EMPTY_PLOT, [], "", gr.Timer(active=False), []
         user = self.ctx.user(request)
         job = self.trainings.get(actor=user, job_id=job_id)
         snapshot = self.trainings.snapshot(job)
         row = training_summary(job, snapshot)
-        samples = []
-        for key, data in self.trainings.samples(actor=user, job_id=job_id):
-            with Image.open(io.BytesIO(data)) as image:
-                samples.append((image.convert("RGB"), key.rsplit("/", 1)[-1]))
-        return (self._summary(job, row), _loss_frame(job, snapshot), samples, "\n".join(job.log_lines[-LOG_LINES:]),
-                gr.Timer(active=not job.is_terminal))
+        keys = [f"{job.id}:{key}" for key in sample_keys(job)]
+        gallery: Any = gr.skip()
+        if keys != (shown or []):
+            gallery = []
+            for key, data in self.trainings.samples(actor=user, job_id=job_id):
+                with Image.open(io.BytesIO(data)) as image:
+                    gallery.append((image.convert("RGB"), key.rsplit("/", 1)[-1]))
+        return (self._summary(job, row), _loss_frame(job, snapshot), gallery, "\n".join(job.log_lines[-LOG_LINES:]),
+                gr.Timer(active=not job.is_terminal), keys)
 
     def _summary(self, job: Job, row: dict[str, Any]) -> str:
         lines = [f"**{html.escape(str(row['output_name']))}** — {row['status']}, "
@@ -221,8 +225,9 @@ class TrainingTab:
                 resume = gr.Button("Resume", size="sm")
                 delete = gr.Button("Delete", variant="stop", size="sm")
             timer = gr.Timer(POLL_SECONDS, active=False)
+            shown_samples = gr.State([])
 
-        shown = [summary, plot, samples, log_tail, timer]
+        shown = [summary, plot, samples, log_tail, timer, shown_samples]
         tab.select(self.refresh_training_form, [base_type], [table, selected, dataset, base_model, endpoint],
                    **private)
         refresh.click(self.refresh_trainings, None, [table, selected], **private)
@@ -230,11 +235,11 @@ class TrainingTab:
         format_button.click(self.format_training_config, [config, base_type], [config, message], **private)
         create.click(self.create_training, [base_type, base_model, dataset, config, output_name, endpoint],
                      [message, table, selected], **private)
-        selected.change(self.show_training, [selected], shown, **private)
-        timer.tick(self.show_training, [selected], shown, **private).then(
+        selected.change(self.show_training, [selected, shown_samples], shown, **private)
+        timer.tick(self.show_training, [selected, shown_samples], shown, **private).then(
             self.refresh_trainings, None, [table, selected], **private)
-        stop.click(self.stop_training, [selected], None, **private).then(self.show_training, [selected], shown,
-                                                                        **private)
+        stop.click(self.stop_training, [selected], None, **private).then(
+            self.show_training, [selected, shown_samples], shown, **private)
         resume.click(self.resume_training, [selected], [table, selected], **private)
         delete.click(self.delete_training, [selected], [table, selected], **private)
         return tab
