@@ -70,6 +70,7 @@ def scan_folder(root: Path, caption_extension: str = ".txt") -> list[ImageItem]:
     for entry in sorted(root.iterdir()):
         if entry.name.startswith("."):
             continue
+        _refuse_link(entry, entry.name)
         if entry.is_file():
             if entry.suffix.lower() in IMAGE_SUFFIXES:
                 raise DatasetError(f"image {entry.name} lies directly in the dataset folder; put images in "
@@ -95,7 +96,10 @@ def _scan_subset(root: Path, folder: Path, repeats: int, caption_extension: str)
         if path.name.startswith(".") or not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         relative = path.relative_to(root).as_posix()
+        _refuse_link(path, relative)
         caption_path = path.with_suffix(caption_extension)
+        if caption_path.is_symlink():
+            _refuse_link(caption_path, caption_path.relative_to(root).as_posix())
         try:
             caption = caption_path.read_text(encoding="utf-8").strip() if caption_path.is_file() else ""
         except UnicodeDecodeError:
@@ -104,6 +108,12 @@ def _scan_subset(root: Path, folder: Path, repeats: int, caption_extension: str)
         items.append(ImageItem(path=path, caption=" ".join(caption.split()), repeats=repeats,
                                subset=folder.name, size=_image_size(path, relative)))
     return items
+
+
+def _refuse_link(path: Path, relative: str) -> None:
+    # A dataset is data uploaded by a user: a link could make training read (and caption with) any server file.
+    if path.is_symlink():
+        raise DatasetError(f"{relative} is a symbolic link; datasets must hold plain files and folders", relative)
 
 
 def _image_size(path: Path, relative: str) -> tuple[int, int]:

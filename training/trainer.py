@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -76,6 +77,8 @@ class Trainer:
         self.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed]
         self.is_sdxl = run.base_type == "sdxl"
         self.started_at = time.time()
+        self.session_id = int.from_bytes(os.urandom(4), "big")  # one ss_session_id for every file of the run
+        self._token_cache: dict[int, dict[str, torch.Tensor]] = {}
 
     # ---- 1. data and model ----
 
@@ -187,8 +190,14 @@ class Trainer:
     # ---- 4. text conditioning ----
 
     def _tokens(self, tokenizer: Any, captions: list[str]) -> torch.Tensor:
-        return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids.to(self.device)
+        # Captions repeat every epoch: tokenise each once (shuffled captions are new strings each time).
+        cache = self._token_cache.setdefault(id(tokenizer), {}) if not self.config.shuffle_caption else {}
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if missing:
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids
+            cache.update(zip(missing, ids, strict=True))
+        return torch.stack([cache[c] for c in captions]).to(self.device)
 
     def _encode_text(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         pipe, clip_skip = self.pipe, self.config.clip_skip or 1
@@ -317,15 +326,15 @@ class Trainer:
                                                                  or epoch == epochs):
                 self._sample(epoch)
         final = self._save_lora(run.output_dir / f"{c.output_name}.safetensors", epoch, step, epochs, total_steps,
-                                steps_per_epoch, finished=True)
+                                steps_per_epoch)
         done = {"event": "done", "lora": str(final), "step": step, "epoch": epoch}
         self.on_event(done)
         return done
 
     # ---- 5. saving, state, samples ----
 
-    def _save_lora(self, path: Path, epoch: int, step: int, epochs: int, total_steps: int, steps_per_epoch: int,
-                   *, finished: bool = False) -> Path:
+    def _save_lora(self, path: Path, epoch: int, step: int, epochs: int, total_steps: int,
+                   steps_per_epoch: int) -> Path:
         from training.export import save_lora
         from training.metadata import RunFacts, build_metadata
 
@@ -346,7 +355,7 @@ class Trainer:
             keep_tokens=c.keep_tokens, tag_frequency=data.tag_frequency(), dataset_dirs=data.dataset_dirs(),
             sd_model_name=self.run_spec.base_model.name, sd_model_hash=self.model_hashes[0],
             new_sd_model_hash=self.model_hashes[1], training_started_at=self.started_at,
-            training_finished_at=time.time() if finished else None,
+            session_id=self.session_id,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         encoders = [self.trained[n] for n in ("text_encoder", "text_encoder_2") if n in self.trained]

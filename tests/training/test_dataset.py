@@ -98,3 +98,18 @@ def test_tag_frequency_and_dirs(dataset: Path) -> None:
     data = _set(dataset)
     assert data.tag_frequency()["2_shapes"]["simple shape"] == 3
     assert data.dataset_dirs() == {"2_shapes": {"n_repeats": 2, "img_count": 4}}
+
+
+def test_links_are_refused(tmp_path: Path) -> None:
+    root = write_dataset(tmp_path / "d")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("server secret")
+    (root / "2_shapes" / "img3.txt").symlink_to(secret)
+    with pytest.raises(DatasetError) as err:
+        scan_folder(root)
+    assert err.value.path == "2_shapes/img3.txt"
+    (root / "2_shapes" / "img3.txt").unlink()
+    (root / "5_more").symlink_to(root / "2_shapes")
+    with pytest.raises(DatasetError) as err:
+        scan_folder(root)
+    assert err.value.path == "5_more"

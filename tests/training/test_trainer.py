@@ -70,6 +70,7 @@ def test_loss_goes_down(tiny: Any, tmp_path: Path, base: str) -> None:
 
 def test_sd15_files_events_and_samples(tiny: Any, tmp_path: Path) -> None:
     events = _train(tiny, tmp_path, "sd15", max_train_epochs=3, save_every_n_epochs=1, clip_skip=2,
+                    gradient_checkpointing=True, optimizer_type="SGD", noise_offset=0.05,
                     sample_prompts=["red square --s 2 --d 3", "blue square --w 64 --h 128 --s 1"],
                     sample_every_n_epochs=2)
     kinds = [e["event"] for e in events]
@@ -108,7 +109,8 @@ def test_sd15_files_events_and_samples(tiny: Any, tmp_path: Path) -> None:
 
 def test_sdxl_unet_only(tiny: Any, tmp_path: Path) -> None:
     events = _train(tiny, tmp_path, "sdxl", max_train_epochs=1, network_train_unet_only=True, flip_aug=True,
-                    shuffle_caption=True, keep_tokens=1, cache_latents=False, lr_scheduler="cosine")
+                    shuffle_caption=True, keep_tokens=1, cache_latents=False, lr_scheduler="cosine",
+                    gradient_checkpointing=True)
     tensors = load_file(events[-1]["lora"])
     assert tensors and all(k.startswith("lora_unet_") for k in tensors)
     with safe_open(events[-1]["lora"], "pt") as f:
