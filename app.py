@@ -33,6 +33,7 @@ from webapp.api.v1 import inferences as inferences_api  # noqa: E402
 from webapp.api.v1 import jobs as jobs_api  # noqa: E402
 from webapp.api.v1 import models as models_api  # noqa: E402
 from webapp.api.v1 import tasks as tasks_api  # noqa: E402
+from webapp.api.v1 import trainings as trainings_api  # noqa: E402
 from webapp.api.v1 import uploads as uploads_api  # noqa: E402
 from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
@@ -50,6 +51,7 @@ from webapp.services.passwords import Passwords  # noqa: E402
 from webapp.services.quota import DiskQuota  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
 from webapp.services.tokens import TokenService  # noqa: E402
+from webapp.services.trainings import TrainingRegistrar, TrainingService  # noqa: E402
 from webapp.services.users import ADMIN_USERNAME, UserService  # noqa: E402
 from webapp.settings import Settings, settings_from_args  # noqa: E402
 from webapp.ui.account_tab import AccountTab  # noqa: E402
@@ -61,6 +63,7 @@ from webapp.ui.generate_tab import GenerateTab  # noqa: E402
 from webapp.ui.models_tab import ModelsTab  # noqa: E402
 from webapp.ui.pnginfo_tab import PngInfoTab  # noqa: E402
 from webapp.ui.shell import build_ui  # noqa: E402
+from webapp.ui.training_tab import TrainingTab  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
 from webapp.web.metrics import MetricsAccess  # noqa: E402
@@ -96,6 +99,8 @@ class Studio:
     metrics: JobMetrics | None = None
     idle: IdleWatcher | None = None
     datasets: DatasetService | None = None
+    trainings: TrainingService | None = None
+    training_registrar: TrainingRegistrar | None = None
 
     def close(self) -> None:
         if self.idle is not None:
@@ -104,6 +109,8 @@ class Studio:
             self.fleet.stop()
         if self.jobs is not None:
             self.jobs.stop()
+        if self.training_registrar is not None:
+            self.training_registrar.close()
         if self.model_services is not None:
             self.model_services.close()
         self.db.dispose()
@@ -155,13 +162,16 @@ def build(settings: Settings) -> Studio:
     model_files = ModelFiles(store, settings.model_cache_dir, int(settings.model_cache_budget_gb * 1024**3))
     metrics = JobMetrics(db)
     activity = ActivityClock()
+    registrar = TrainingRegistrar(db=db, store=store, registry=model_services.registry,  # a training's LoRAs
+                                  temp_dir=settings.data_dir / "tmp" / "trainings")     # become models
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
-                            model_files=model_files, quota=quota, observers=(metrics, activity))
+                            model_files=model_files, quota=quota, observers=(metrics, activity, registrar))
     jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
     idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
                        shutdown_after_seconds=settings.idle_shutdown_minutes * 60,
                        shutdown_command=settings.idle_shutdown_command)
     options = OptionsService(db, model_services.registry)
+    trainings = TrainingService(jobs=jobs, registry=model_services.registry, datasets=datasets, store=store)
     jobs.set_default_checkpoint(options.default_checkpoint_ref)  # per-user A1111 options pick the model
     controlnet = ControlNetService(
         model_services.registry, Annotators(settings.annotators_dir or settings.data_dir / "annotators", device="cpu"),
@@ -184,13 +194,16 @@ def build(settings: Settings) -> Studio:
     models_tab = ModelsTab(ui_ctx, model_services)
     endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
     datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, endpoints_tab, UsersTab(ui_ctx),
+    training_tab = TrainingTab(ui_ctx, trainings, datasets)
+    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
+                           UsersTab(ui_ctx),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry), datasets_api.build_router(datasets),
+        trainings_api.build_router(trainings),
         controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),
@@ -205,11 +218,13 @@ def build(settings: Settings) -> Studio:
     jobs.start()  # restart recovery first, then the dispatchers claim
     fleet.start(settings.endpoint_health_seconds)
     idle.start()
+    registrar.start()  # registers the LoRAs of trainings that finished while the studio was down
     return Studio(
         settings=settings, db=db, store=store, users=users, auth=auth, app=app, generated_admin_password=generated,
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
-        endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets,
+        endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets, trainings=trainings,
+        training_registrar=registrar,
     )
 
 

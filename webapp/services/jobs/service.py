@@ -296,10 +296,13 @@ class JobService:
         return job
 
     def submit_task(self, *, actor: User, kind: str, payload: Mapping[str, Any], models: JobModels,
-                    endpoint: str | None = None, task_id: str | None = None) -> Job:
+                    endpoint: str | None = None, task_id: str | None = None, job_id: str | None = None) -> Job:
         """Enqueue a job of a kind other than generation (``deploy.jobkinds``: ``train_lora``). The caller's service
         has validated ``payload`` and resolved ``models`` as ``actor``; here the endpoint must run the kind, and the
-        per-user cap and the disk quota apply as for generation. The payload is stored as the job's request."""
+        per-user cap and the disk quota apply as for generation. The payload is stored as the job's request.
+
+        ``job_id`` (a fresh ``new_id()``) lets the caller put files under ``jobs/<job_id>/`` before the job can be
+        claimed (a resumed training's state); by default the row makes its own id."""
         check_text({"endpoint": endpoint, "task_id": task_id})
         job_kind = get_kind(kind)
         if job_kind.name == GENERATE:
@@ -311,11 +314,15 @@ class JobService:
                            f"(it runs: {', '.join(declared)})", field="endpoint")
         self._check_running_here(target.name)
         request_json = json.dumps(dict(payload))
+        if job_id is not None and (not isinstance(job_id, str) or not job_id.isalnum() or len(job_id) > 32):
+            raise InvalidInput("`job_id` must be at most 32 letters and digits", field="job_id")
         job = Job(owner_id=actor.id, owner_name=actor.username, mode=JobMode(job_kind.modes[0]), kind=job_kind.name,
                   endpoint=target.name, task_id=task_id, request_json=request_json,
                   models_json=json.dumps(models.to_dict()), checkpoint=models.checkpoint.name,
                   checkpoint_hash=models.checkpoint.sha256[:10] or None, job_count=1,
                   stored_bytes=len(request_json.encode()))
+        if job_id is not None:
+            job.id = job_id
         if self._quota is not None:
             self._quota.check(actor)
         with self._wiring:

@@ -1,0 +1,185 @@
+"""A succeeded training's LoRAs become models: the final LoRA and every epoch LoRA, owned by the job's owner.
+
+`TrainingRegistrar` is a job observer (``webapp/services/jobs/observers.py``): the queue tells it when a job
+finishes, and for a succeeded ``train_lora`` job it reads each LoRA from the asset store into a temp file and
+registers it through the one import path (``Importer.import_file``: probed, hashed, stored under ``models/``),
+private, named ``<output_name>`` and ``<output_name>-000001`` … (another model of the name gets the importer's
+``-<hash8>`` suffix), with the run's facts as metadata. The work runs on one background thread, so the
+dispatcher that recorded the job is not held up by hashing.
+
+Each job is registered once: the models made are remembered on the job row (``info.registered_models``, key →
+model id; failures in ``info.registration_errors``), so a start-up sweep registers the jobs that finished while
+the studio was down and skips the rest — and a LoRA the owner deleted is not brought back. Registering the
+same bytes again would in any case give back the owner's existing model (the importer dedupes by sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sqlmodel import select
+
+from deploy.jobkinds import TRAIN_LORA
+from deploy.storage import BlobStore, StorageError
+from webapp.db import Database
+from webapp.records import Job, JobStatus, ModelType, User, Visibility
+from webapp.services.errors import ServiceError
+from webapp.services.jobs.observers import FinishedJob, JobObserver
+from webapp.services.models import ImportRequest, ModelRegistry
+from webapp.services.trainings.service import lora_keys
+
+log = logging.getLogger(__name__)
+
+REGISTERED = "registered_models"
+ERRORS = "registration_errors"
+_EPOCH = re.compile(r"-(\d{6})$")
+
+
+def _epoch_of(key: str) -> int | None:
+    match = _EPOCH.search(PurePosixPath(key).stem)
+    return int(match.group(1)) if match else None
+
+
+def _lora_summary(path: Path) -> dict[str, Any]:
+    """What ``training.metadata.summary`` reads back from the file (base, rank, epochs, top tags, hashes); the
+    whole header is kept by the importer already (``metadata.file.header``)."""
+    from training.metadata import summary  # imports torch: only on this background thread
+
+    try:
+        found = summary(path)
+    except (OSError, ValueError) as exc:  # a summary is a nicety: the model is registered without one
+        log.warning("could not read the metadata summary of %s: %s", path.name, exc)
+        return {}
+    found.pop("metadata", None)
+    return found
+
+
+class TrainingRegistrar(JobObserver):
+    def __init__(self, *, db: Database, store: BlobStore, registry: ModelRegistry, temp_dir: Path) -> None:
+        self._db = db
+        self._store = store
+        self._registry = registry
+        self._temp_dir = temp_dir
+        self._lock = threading.Lock()
+        self._pending: list[Future[Any]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="training-registration")
+
+    # -- the observer -------------------------------------------------------------------------------------
+
+    def job_finished(self, finished: FinishedJob) -> None:
+        if finished.mode == "train" and finished.status == JobStatus.SUCCEEDED:
+            self._submit(self.register, finished.job_id)
+
+    def start(self) -> None:
+        """Register, in the background, the succeeded trainings whose LoRAs are not registered yet."""
+        self._submit(self.sweep)
+
+    def _submit(self, fn: Any, *args: Any) -> None:
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()]
+            self._pending.append(self._executor.submit(self._logged, fn, *args))
+
+    @staticmethod
+    def _logged(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception:  # noqa: BLE001 - the next start's sweep tries again
+            log.exception("training registration %s%s failed", fn.__name__, args)
+            return None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Until the registrations asked for so far are done (tests, shutdown)."""
+        with self._lock:
+            pending = list(self._pending)
+        for future in pending:
+            future.result(timeout)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    # -- the work -----------------------------------------------------------------------------------------
+
+    def sweep(self) -> list[str]:
+        """Register every succeeded training not registered yet; returns the job ids done now."""
+        with self._db.read() as s:
+            rows = s.exec(select(Job.id, Job.info_json).where(
+                Job.kind == TRAIN_LORA, Job.status == JobStatus.SUCCEEDED)).all()
+        todo = [job_id for job_id, info in rows if REGISTERED not in json.loads(info or "{}")]
+        for job_id in todo:
+            self.register(job_id)
+        if todo:
+            log.info("registered the LoRAs of %d training(s) that finished while the studio was down", len(todo))
+        return todo
+
+    def register(self, job_id: str) -> dict[str, str]:
+        """Register the job's LoRAs (once); returns artifact key → model id."""
+        with self._db.read() as s:
+            job = s.get(Job, job_id)
+            owner = s.get(User, job.owner_id) if job is not None else None
+        if job is None or job.kind != TRAIN_LORA or job.status != JobStatus.SUCCEEDED or owner is None:
+            return {}
+        info = job.info or {}
+        if REGISTERED in info:
+            return dict(info[REGISTERED])
+        keys = lora_keys(job)
+        final = [k for k in keys if _epoch_of(k) is None]
+        registered: dict[str, str] = {}
+        errors: dict[str, str] = {}
+        workdir = Path(tempfile.mkdtemp(prefix="training-", dir=self._ensure_temp()))
+        try:
+            for key in [*final, *(k for k in keys if k not in final)]:  # the final LoRA takes the plain name
+                try:
+                    registered[key] = self._register_one(job, owner, key, workdir)
+                except (ServiceError, StorageError) as exc:
+                    message = exc.message if isinstance(exc, ServiceError) else str(exc)
+                    log.warning("training %s: %s was not registered: %s", job.id, key, message)
+                    errors[key] = message
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        self._remember(job.id, registered, errors)
+        log.info("training %s: registered %d LoRA(s) for %s", job.id, len(registered), owner.username)
+        return registered
+
+    def _ensure_temp(self) -> Path:
+        self._temp_dir.mkdir(parents=True, exist_ok=True)
+        return self._temp_dir
+
+    def _register_one(self, job: Job, owner: User, key: str, workdir: Path) -> str:
+        file_name = PurePosixPath(key).name
+        local = workdir / file_name
+        self._store.download_to(key, local)
+        payload = job.request
+        epoch = _epoch_of(key)
+        what = f"epoch {epoch} of" if epoch is not None else "final LoRA of"
+        description = (f"{what} training job {job.id} on {payload.get('base_model_name') or job.checkpoint} "
+                       f"(dataset {payload.get('dataset_id')})")
+        metadata = {"training": {"job_id": job.id, "epoch": epoch, "final": epoch is None,
+                                 "base_type": payload.get("base_type"), "base_model": payload.get("base_model_name"),
+                                 "dataset_id": payload.get("dataset_id"), "artifact_key": key}}
+        summary = _lora_summary(local)
+        if summary:
+            metadata["summary"] = summary
+        request = ImportRequest(owner=owner, declared_type=ModelType.LORA, file_name=file_name, source="training",
+                                source_detail=f"job {job.id}", visibility=Visibility.PRIVATE,
+                                description=description, metadata=metadata)
+        return self._registry.importer.import_file(local, request).record.id
+
+    def _remember(self, job_id: str, registered: dict[str, str], errors: dict[str, str]) -> None:
+        with self._db.write() as s:
+            row = s.get(Job, job_id)
+            if row is None:
+                return
+            info = row.info or {}
+            info[REGISTERED] = registered
+            if errors:
+                info[ERRORS] = errors
+            row.info_json = json.dumps(info)
+            s.add(row)
