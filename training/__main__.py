@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    threading.Thread(target=_watch_parent, args=(os.getppid(), stop), name="parent-watch", daemon=True).start()
     try:
         # Only the protocol may reach stdout: libraries that print are pointed at stderr.
         with contextlib.redirect_stdout(sys.stderr):
@@ -61,6 +62,15 @@ def main(argv: list[str] | None = None, *, stdout: TextIO | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _watch_parent(parent: int, stop: threading.Event, every: float = 2.0) -> None:
+    """Stop when the process that started us is gone (the studio killed with SIGKILL cannot send SIGTERM): an
+    orphaned trainer would hold the GPU for nobody. The last saved epoch stays; the requeued job resumes from it."""
+    while not stop.wait(every):
+        if os.getppid() != parent:
+            log.warning("the parent process %s is gone: stopping at the next step", parent)
+            stop.set()
 
 
 def _run(path: Path, protocol: Protocol, stop: threading.Event) -> int:

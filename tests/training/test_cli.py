@@ -106,3 +106,20 @@ def test_sigterm_stops_keeping_the_last_epoch_then_resumes(tiny: Any, tmp_path: 
     assert events[0]["resumed_epoch"] == last["epoch"]
     assert events[1]["step"] == last["step"] + 1
     assert events[-1]["event"] == "done" and events[-1]["epoch"] == 40
+
+
+def test_a_trainer_whose_parent_is_gone_stops() -> None:
+    """The studio killed with SIGKILL cannot send SIGTERM: the trainer notices its parent changed and stops."""
+    import threading
+
+    from training.__main__ import _watch_parent
+
+    stop = threading.Event()
+    _watch_parent(os.getppid() + 100000, stop, every=0.01)  # not our parent: returns once it has set stop
+    assert stop.is_set()
+    kept = threading.Event()
+    watcher = threading.Thread(target=_watch_parent, args=(os.getppid(), kept, 0.01), daemon=True)
+    watcher.start()
+    watcher.join(0.2)
+    assert watcher.is_alive() and not kept.is_set()  # the real parent is alive: no stop
+    kept.set()
