@@ -205,12 +205,13 @@ def test_files_are_read_by_artifact_key_only(tstudio):
     job = _create(tstudio, alice)
     done = _wait(tstudio, alice, job.id, {JobStatus.SUCCEEDED})
     sample_key = f"jobs/{job.id}/samples/mylora-e000001-00.png"
-    assert tstudio.trainings.sample_image(actor=alice, job_id=job.id, key=sample_key)[:4] == b"\x89PNG"
-    with tstudio.trainings.lora_file(actor=alice, job_id=job.id, key=done.info["lora"]) as handle:
+    with tstudio.trainings.artifact(actor=alice, job_id=job.id, key=sample_key) as handle:
+        assert handle.read()[:4] == b"\x89PNG"
+    with tstudio.trainings.artifact(actor=alice, job_id=job.id, key=done.info["lora"]) as handle:
         assert len(handle.read()) > 100
     for key in (f"jobs/{job.id}/state/state.pt", "datasets/x/1_a/a.png", f"jobs/{job.id}/../other/x.png"):
         with pytest.raises(NotFound):
-            tstudio.trainings.sample_image(actor=alice, job_id=job.id, key=key)
+            tstudio.trainings.artifact(actor=alice, job_id=job.id, key=key)
     with pytest.raises(NotFound):
-        tstudio.trainings.sample_image(actor=bob, job_id=job.id, key=sample_key)
+        tstudio.trainings.artifact(actor=bob, job_id=job.id, key=sample_key)
     assert [key for key, _ in tstudio.trainings.samples(actor=alice, job_id=job.id)] == [sample_key]

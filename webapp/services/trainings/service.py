@@ -221,30 +221,13 @@ class TrainingService:
         except StorageError:
             return False
 
-    def _artifact_key(self, job: Job, key: str, *, kind: str) -> str:
-        allowed = lora_keys(job) if kind == "lora" else sample_keys(job) if kind == "sample" else job.artifact_keys
-        if key not in allowed:
-            raise NotFound(f"training {job.id!r} has no {kind} {key!r}", field="key")
-        return key
-
-    def sample_image(self, *, actor: User, job_id: str, key: str) -> bytes:
-        """A sample PNG of a training the actor may see (``key``: one of its artifact keys)."""
-        job = self.get(actor=actor, job_id=job_id)
-        return self._read(self._artifact_key(job, key, kind="sample"))
-
-    def lora_file(self, *, actor: User, job_id: str, key: str) -> IO[bytes]:
-        """An open LoRA file of a training the actor may see (the caller closes it)."""
-        job = self.get(actor=actor, job_id=job_id)
-        try:
-            return self._store.open(self._artifact_key(job, key, kind="lora"))
-        except BlobNotFound:
-            raise NotFound(f"{key} of training {job_id!r} is missing from the asset store", field="key") from None
-
     def artifact(self, *, actor: User, job_id: str, key: str) -> IO[bytes]:
         """Any artifact (LoRA, sample, log) of a training the actor may see, open for reading."""
         job = self.get(actor=actor, job_id=job_id)
+        if key not in job.artifact_keys:  # never the resume state, a dataset or another job's file
+            raise NotFound(f"training {job.id!r} has no file {key!r}", field="key")
         try:
-            return self._store.open(self._artifact_key(job, key, kind="file"))
+            return self._store.open(key)
         except BlobNotFound:
             raise NotFound(f"{key} of training {job_id!r} is missing from the asset store", field="key") from None
 
