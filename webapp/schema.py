@@ -121,6 +121,11 @@ def _v11(conn: Connection) -> None:
     conn.execute(text("CREATE INDEX IF NOT EXISTS ix_job_kind ON job (kind)"))
 
 
+def _v12(conn: Connection) -> None:
+    # Jobs that run elsewhere (SageMaker async): how to find them again after a restart.
+    add_column(conn, "job", "remote_handle_json", "TEXT")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -134,6 +139,7 @@ MIGRATIONS: list[Migration] = [
     Migration(9, "job inputs in the asset store: the validated engine request per job", _v9),
     Migration(10, "training datasets (kohya layout) and their images", _v10),
     Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
+    Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

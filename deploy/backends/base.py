@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -94,6 +94,8 @@ class Backend(ABC):
     """A place jobs run. One instance per configured endpoint; created by the registry from config."""
 
     kind: ClassVar[str]
+    adopts: ClassVar[bool] = False
+    """True when ``adopt`` can take over jobs that left a ``Started.handle`` (restart recovery keeps them running)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -136,6 +138,12 @@ class Backend(ABC):
         observed, never a blocking network call. An exception counts as unhealthy with its message."""
         return True, None
 
+    def adopt(self, spec: JobSpec, handle: Mapping[str, Any]) -> bool:
+        """Take over a job an earlier run of the control plane submitted and that went on running elsewhere
+        (its ``Started.handle``); its events then follow as for a submitted job, whatever its slots say.
+        False (the default): this backend cannot, and the job is run again."""
+        return False
+
     def skip(self, job_id: str) -> bool:
         """A1111's skip: drop the running job's current batch and go on with its next one (``n_iter``).
         Returns False when this backend does not hold the job or cannot skip (the default)."""
@@ -144,7 +152,8 @@ class Backend(ABC):
     @abstractmethod
     def stop(self, timeout: float = 10.0) -> None:
         """Stop accepting jobs, cancel running ones and release workers. Jobs cut short report
-        ``Failed(kind="interrupted")`` so the queue can run them again later."""
+        ``Failed(kind="interrupted")`` so the queue can run them again later. A job with a ``Started.handle``
+        is not cut short — it goes on elsewhere — and reports nothing: the next start adopts it."""
 
     def describe(self) -> str:
         """A one-line, human status for the Endpoints tab."""

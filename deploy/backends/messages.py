@@ -248,6 +248,11 @@ class Started(_Event):
     type: ClassVar[str] = "started"
     job_id: str
     worker: str = ""
+    handle: Mapping[str, Any] | None = None
+    """How to find the job again after the control plane restarts, for a job that goes on running elsewhere
+    meanwhile (a SageMaker async invocation: its InferenceId and output locations). JSON-safe. A backend that
+    sets it sends this event from ``submit`` itself, and the control plane records it before ``submit``
+    returns; ``Backend.adopt`` takes the job over again with it."""
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,9 @@ class Job(SQLModel, table=True):
     """The last lines a job logged (training); None for jobs that log nothing."""
     artifact_keys_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
     """Asset-store keys of the files a job made besides images (a training's LoRA files, samples, log)."""
+    remote_handle_json: str | None = Field(default=None, sa_column=Column(Text))
+    """What the backend needs to find a job that runs elsewhere again after a restart (``Started.handle``: a
+    SageMaker async invocation's id and output locations); None for jobs that run in a worker we hold."""
     stored_bytes: int | None = Field(default=None, sa_type=BigInteger)
     """Disk the job takes: its request as stored plus its result images (the disk quota sums it). None on
     jobs recorded before sizes were kept, until the start-up sweep measures them."""
@@ -147,6 +150,10 @@ class Job(SQLModel, table=True):
     @property
     def artifact_keys(self) -> list[str]:
         return _loads(self.artifact_keys_json, [])
+
+    @property
+    def remote_handle(self) -> dict[str, Any] | None:
+        return _loads(self.remote_handle_json, None)
 
     @property
     def log_lines(self) -> list[str]:

@@ -67,6 +67,7 @@ class Dispatcher:
         self._cancel_pending: set[str] = set()
         self._last_write: dict[str, float] = {}
         self._reports: dict[str, JobReport] = {}
+        self._detached: set[str] = set()  # running jobs whose backend gave a handle (they run elsewhere)
         self._stopping = False
         self._held = False
         self._claimer: threading.Thread | None = None
@@ -75,14 +76,18 @@ class Dispatcher:
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.backend.start(self._receive)
+        self._adopt()
         self._recorder = threading.Thread(target=self._record_loop, name=f"jobs-{self.endpoint}-events", daemon=True)
         self._claimer = threading.Thread(target=self._claim_loop, name=f"jobs-{self.endpoint}-claims", daemon=True)
         self._recorder.start()
         self._claimer.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0, *, keep_detached: bool = False) -> None:
         """Stop claiming, stop the backend (running jobs report ``interrupted``), record what it said, and
-        put anything still unaccounted for back in the queue without charging it an attempt."""
+        put anything still unaccounted for back in the queue without charging it an attempt.
+
+        ``keep_detached`` (the server is stopping): jobs that run elsewhere with a recorded handle stay
+        ``running`` for the next start to adopt; otherwise (the endpoint is going away) they are requeued too."""
         self._stopping = True
         self._wake.set()
         if self._claimer is not None:
@@ -92,8 +97,13 @@ class Dispatcher:
         if self._recorder is not None:
             self._recorder.join(timeout)
         with self._lock:
-            leftovers = list(self._in_flight)
+            leftovers = [job_id for job_id in self._in_flight if not (keep_detached and job_id in self._detached)]
+            kept = len(self._in_flight) - len(leftovers)
             self._in_flight.clear()
+            self._detached.clear()
+        if kept:
+            log.info("dispatcher %s: %d job(s) go on running elsewhere; the next start takes them over",
+                     self.endpoint, kept)
         for job_id in leftovers:
             self.queue.requeue(job_id, refund_attempt=True, reason="the server stopped while it ran")
             self.board.finish(job_id)
@@ -110,12 +120,26 @@ class Dispatcher:
         self._wake.set()
 
     @property
+    def adopts(self) -> bool:
+        """Its backend takes over, at start, jobs an earlier run left running elsewhere."""
+        return bool(getattr(self.backend, "adopts", False))
+
+    @property
     def held(self) -> bool:
         return self._held
 
     def _receive(self, event: Event) -> None:
         """The backend's sink (its threads): queue the event for recording. A terminal event means a
-        slot is free now, so the claim loop starts the next job while this one's images are stored."""
+        slot is free now, so the claim loop starts the next job while this one's images are stored.
+        A ``Started`` with a handle is recorded at once, on the backend's thread: before its ``submit``
+        returns, the row knows how to find the job again."""
+        if isinstance(event, Started) and event.handle is not None:
+            with self._lock:
+                self._detached.add(event.job_id)
+            try:
+                self.queue.set_handle(event.job_id, event.handle)
+            except Exception:  # noqa: BLE001 - the job still runs; only a restart would lose track of it
+                log.exception("dispatcher %s: recording the handle of job %s failed", self.endpoint, event.job_id)
         self._events.put(event)
         if isinstance(event, Succeeded | Failed | Cancelled):
             self._wake.set()
@@ -133,6 +157,37 @@ class Dispatcher:
     def in_flight(self) -> list[str]:
         with self._lock:
             return list(self._in_flight)
+
+    def _adopt(self) -> None:
+        """At start: hand the backend the jobs an earlier run left running elsewhere (restart recovery kept
+        them ``running``); one it cannot take over is run again."""
+        for job in self.queue.detached(self.endpoint):
+            handle = job.remote_handle or {}
+            try:
+                spec = self._spec(job)
+            except Exception as exc:  # noqa: BLE001 - the stored job cannot be rebuilt: run it again
+                log.warning("dispatcher %s: job %s cannot be rebuilt for adoption (%s)", self.endpoint, job.id, exc)
+                spec = None
+            with self._lock:
+                self._in_flight[job.id] = job.worker or ""
+                self._detached.add(job.id)
+                self._reports[job.id] = JobReport(metrics=job.metrics, log_lines=job.log_lines,
+                                                  artifact_keys=job.artifact_keys)
+            self.board.post(job.id, LiveProgress(updated=time.monotonic()))
+            try:
+                adopted = spec is not None and self.backend.adopt(spec, handle)
+            except Exception:  # noqa: BLE001 - as if it could not
+                log.exception("dispatcher %s: adopting job %s failed", self.endpoint, job.id)
+                adopted = False
+            if adopted:
+                log.info("dispatcher %s: took over job %s, still running elsewhere", self.endpoint, job.id)
+                continue
+            with self._lock:
+                self._in_flight.pop(job.id, None)
+                self._detached.discard(job.id)
+                self._reports.pop(job.id, None)
+            self.queue.requeue(job.id, refund_attempt=False, reason="its backend could not take it over after a restart")
+            self.board.finish(job.id)
 
     # -- claiming -------------------------------------------------------------------------------------------
     def _claim_loop(self) -> None:
@@ -296,6 +351,7 @@ class Dispatcher:
             with self._lock:
                 self._in_flight.pop(event.job_id, None)
                 self._cancel_pending.discard(event.job_id)
+                self._detached.discard(event.job_id)
             self.queue.requeue(event.job_id, refund_attempt=self._stopping, reason=event.message)
             self._done(event.job_id)
             return
@@ -309,6 +365,7 @@ class Dispatcher:
         with self._lock:
             worker = self._in_flight.pop(job_id, None)
             self._cancel_pending.discard(job_id)
+            self._detached.discard(job_id)
         if worker:
             values["worker"] = worker
         for key in [k for k in values if k.endswith("_json")]:

@@ -11,7 +11,9 @@ single job instead of starving it.
 
 Restart recovery runs before any dispatcher starts: a job left ``running`` by a crash goes back to
 the queue unless it has already been started ``max_attempts`` times (then it fails with the reason:
-it may be what kills the server), and a running job whose cancel was requested ends cancelled.
+it may be what kills the server), and a running job whose cancel was requested ends cancelled. A job that
+runs elsewhere and left a handle (``remote_handle_json``: a SageMaker async invocation) on an endpoint whose
+backend can adopt it stays ``running``: its dispatcher takes it over again at start instead of running it twice.
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ class JobQueue:
             job.finished_at = utcnow()
         else:
             job.status, job.started_at, job.worker = QUEUED, None, None
+            job.remote_handle_json = None
             job.progress, job.step, job.steps, job.eta_seconds = 0.0, 0, 0, None
         job.attempts = attempts
         s.add(job)
@@ -205,8 +208,10 @@ class JobQueue:
                  "requeued" if job.status == QUEUED else str(job.status), reason, attempts, self.max_attempts)
         return JobStatus(job.status)
 
-    def recover(self, endpoints: list[str] | None = None) -> Recovery:
-        """At start-up: no job stays ``running`` — each is requeued, failed (out of attempts) or cancelled."""
+    def recover(self, endpoints: list[str] | None = None, *, adopting: Sequence[str] = ()) -> Recovery:
+        """At start-up: no job stays ``running`` — each is requeued, failed (out of attempts) or cancelled —
+        except one with a remote handle on an endpoint in ``adopting`` (its backend takes it over again) whose
+        cancel was not requested."""
         requeued, failed, cancelled = [], [], []
         changes = []
         with self.db.write() as s:
@@ -214,6 +219,8 @@ class JobQueue:
             if endpoints is not None:
                 statement = statement.where(Job.endpoint.in_(endpoints))  # type: ignore[attr-defined]
             for job in s.exec(statement).all():
+                if job.remote_handle_json and job.endpoint in adopting and not job.cancel_requested:
+                    continue
                 started_at = job.started_at
                 status = self._requeue_row(s, job, refund_attempt=False, reason="the server stopped while it ran")
                 {QUEUED: requeued, JobStatus.FAILED: failed}.get(status, cancelled).append(job.id)
@@ -240,6 +247,20 @@ class JobQueue:
         """Persist progress now and then (the board holds the live value)."""
         with self.db.write() as s:
             s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING).values(**values))  # type: ignore[call-overload]
+
+    def set_handle(self, job_id: str, handle: Mapping[str, Any]) -> None:
+        """Record how to find a running job that runs elsewhere (``Started.handle``) — committed before the
+        backend's ``submit`` returns, so a crash right after loses nothing."""
+        with self.db.write() as s:
+            s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING)  # type: ignore[call-overload]
+                   .values(remote_handle_json=json.dumps(dict(handle))))
+
+    def detached(self, endpoint: str) -> list[Job]:
+        """Running jobs of ``endpoint`` that left a handle (what its dispatcher adopts at start)."""
+        with self.db.read() as s:
+            return list(s.exec(select(Job).where(Job.status == RUNNING, Job.endpoint == endpoint,
+                                                 Job.remote_handle_json.is_not(None))  # type: ignore[union-attr]
+                               .order_by(Job.started_at)).all())
 
     def set_worker(self, job_id: str, worker: str) -> None:
         with self.db.write() as s:

@@ -164,7 +164,9 @@ class JobService:
     def start(self) -> Recovery:
         """Recover jobs a crash left running, then start every dispatcher (and sweep orphaned images
         in the background)."""
-        recovery = self.queue.recover()
+        with self._wiring:
+            adopting = [name for name, d in self._dispatchers.items() if d.adopts]
+        recovery = self.queue.recover(adopting=adopting)
         with self._wiring:
             for dispatcher in self._dispatchers.values():
                 dispatcher.start()
@@ -232,8 +234,9 @@ class JobService:
         return deleted
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop every dispatcher; jobs running elsewhere with a handle stay running for the next start."""
         for dispatcher in self.dispatchers().values():
-            dispatcher.stop(timeout)
+            dispatcher.stop(timeout, keep_detached=True)
 
     def backend(self, endpoint: str) -> Backend | None:
         """The backend running ``endpoint`` in this process (diagnostics, benchmarks), or None."""
