@@ -24,6 +24,7 @@ change. No status polling lives here: the backend's reconcile loop decides what 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -61,6 +62,7 @@ MAX_TAGS = 50  # per SageMaker resource, the studio's own two included
 _NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
 _ENV_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _ROLE_ARN = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+")
+_IMAGE_URI = re.compile(r"\S{1,255}")
 _INSTANCE_TYPE = re.compile(r"ml\.[a-z0-9]+\.[a-z0-9]+")
 _S3_PATH = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?")
 _SNS_ARN = re.compile(r"arn:aws[a-z\-]*:sns:[a-z0-9\-]+:\d{12}:[A-Za-z0-9_\-]{1,256}(\.fifo)?")
@@ -204,7 +206,8 @@ def _check_scaling(plan: EndpointPlan) -> None:
     if plan.initial_instances > scaling.max_instances:
         raise _fail("initial_instances", f"{plan.initial_instances} exceeds scaling.max_instances ({scaling.max_instances})")
     target = scaling.target_value
-    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float) or not target > 0):
+    if target is not None and (isinstance(target, bool) or not isinstance(target, int | float)
+                               or not 0 < target < math.inf):
         raise _fail("scaling.target_value", f"must be a positive number, got {target!r}")
     _check_int("scaling.scale_in_cooldown", scaling.scale_in_cooldown, 0, 86400)
     _check_int("scaling.scale_out_cooldown", scaling.scale_out_cooldown, 0, 86400)
@@ -215,7 +218,7 @@ def validate_plan(plan: EndpointPlan) -> None:
     validate_name("name", plan.name)
     if plan.endpoint_type not in ("async", "realtime"):
         raise _fail("endpoint_type", f"must be 'async' or 'realtime', got {plan.endpoint_type!r}")
-    _check_pattern("image_uri", plan.image_uri, re.compile(r"\S{1,255}"), "an image URI (ECR)")
+    _check_pattern("image_uri", plan.image_uri, _IMAGE_URI, "an image URI (ECR), at most 255 characters")
     _check_pattern("role_arn", plan.role_arn, _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
     _check_pattern("instance_type", plan.instance_type, _INSTANCE_TYPE, "a SageMaker instance type such as ml.g5.2xlarge")
     _check_int("initial_instances", plan.initial_instances, 1)
@@ -307,10 +310,20 @@ def plan_arguments(plan: EndpointPlan) -> dict[str, dict[str, Any]]:
     return {"create_model": model, "create_endpoint_config": config, "create_endpoint": endpoint}
 
 
-def scaling_arguments(plan: EndpointPlan) -> dict[str, dict[str, Any] | None] | None:
-    """The arguments ``apply_scaling`` sends, or None when scaling is disabled: ``register_scalable_target``,
-    ``target_tracking`` (put_scaling_policy), and for async ``step_scaling`` (put_scaling_policy) and
-    ``alarm`` (put_metric_alarm, whose ``AlarmActions`` is the step policy's ARN, known only after the put)."""
+@dataclass(frozen=True)
+class ScalingCalls:
+    """The arguments ``apply_scaling`` sends: ``register`` (register_scalable_target), ``tracking``
+    (put_scaling_policy), and for async ``step`` (put_scaling_policy) and ``alarm`` (put_metric_alarm,
+    whose ``AlarmActions`` is the step policy's ARN, known only after that put)."""
+
+    register: dict[str, Any]
+    tracking: dict[str, Any]
+    step: dict[str, Any] | None = None
+    alarm: dict[str, Any] | None = None
+
+
+def scaling_arguments(plan: EndpointPlan) -> ScalingCalls | None:
+    """What ``apply_scaling`` sends for ``plan``, or None when its scaling is disabled."""
     scaling = plan.scaling
     if not scaling.enabled:
         return None
@@ -343,7 +356,7 @@ def scaling_arguments(plan: EndpointPlan) -> dict[str, dict[str, Any] | None] | 
                  "Statistic": "Average", "Period": FROM_ZERO_PERIOD, "EvaluationPeriods": 1, "DatapointsToAlarm": 1,
                  "Threshold": 1.0, "ComparisonOperator": "GreaterThanOrEqualToThreshold",
                  "TreatMissingData": "missing", "Tags": _tag_list(plan)}
-    return {"register_scalable_target": register, "target_tracking": tracking, "step_scaling": step, "alarm": alarm}
+    return ScalingCalls(register=register, tracking=tracking, step=step, alarm=alarm)
 
 
 # -- what describe answers -----------------------------------------------------------------------------
@@ -498,16 +511,14 @@ class SageMakerControl:
         """Make the endpoint's autoscaling match ``plan.scaling`` (call once it is InService; repeatable).
         Policies of this endpoint that the plan does not name are removed, so a changed plan leaves no
         stale policy behind."""
-        arguments = scaling_arguments(plan)
-        if arguments is None:
+        calls = scaling_arguments(plan)
+        if calls is None:
             self.remove_scaling(plan.name)
             return
-        _call(self._aas, "register_scalable_target", **arguments["register_scalable_target"])
-        tracking = arguments["target_tracking"]
-        assert tracking is not None
-        _call(self._aas, "put_scaling_policy", **tracking)
-        keep = {(tracking["ResourceId"], tracking["PolicyName"])}
-        step, alarm = arguments["step_scaling"], arguments["alarm"]
+        _call(self._aas, "register_scalable_target", **calls.register)
+        _call(self._aas, "put_scaling_policy", **calls.tracking)
+        keep = {(calls.tracking["ResourceId"], calls.tracking["PolicyName"])}
+        step, alarm = calls.step, calls.alarm
         if step is not None and alarm is not None:
             policy_arn = _call(self._aas, "put_scaling_policy", **step)["PolicyARN"]
             keep.add((step["ResourceId"], step["PolicyName"]))

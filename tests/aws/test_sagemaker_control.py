@@ -138,6 +138,18 @@ def test_plan_arguments_are_exact() -> None:
     assert "AsyncInferenceConfig" not in realtime["create_endpoint_config"]
 
 
+def test_scaling_arguments_are_exact() -> None:
+    realtime = scaling_arguments(realtime_plan("sd-rt", initial_instances=2, scaling=ScalingPlan(max_instances=3)))
+    assert realtime is not None and realtime.step is None and realtime.alarm is None
+    assert realtime.register == {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/sd-rt/variant/AllTraffic",
+                                 "ScalableDimension": DIMENSION, "MinCapacity": 1, "MaxCapacity": 3}
+    asynchronous = scaling_arguments(async_plan("sd-async"))
+    assert asynchronous is not None and asynchronous.step is not None and asynchronous.alarm is not None
+    assert asynchronous.register["MinCapacity"] == 0
+    assert asynchronous.step["PolicyName"] == asynchronous.alarm["AlarmName"] == "sd-async-backlog-without-capacity"
+    assert "AlarmActions" not in asynchronous.alarm  # the step policy's ARN, filled in by apply_scaling
+
+
 def test_a_failed_endpoint_config_leaves_no_model(strict_control: SageMakerControl, sm: Any, endpoint_name: str) -> None:
     # Without the g5 patch moto rejects the instance type in create_endpoint_config, after create_model.
     with pytest.raises(CloudError) as caught:
@@ -237,6 +249,26 @@ def test_reapplying_scaling_converges(control: SageMakerControl, aas: Any, cw: A
     assert tracking["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 2.0
     [alarm] = alarms_of(cw, endpoint_name)
     assert alarm["AlarmActions"] == [policies_of(aas, endpoint_name)[f"{endpoint_name}-backlog-without-capacity"]["PolicyARN"]]
+
+
+def test_applying_scaling_removes_policies_the_plan_does_not_name(
+    control: SageMakerControl, aas: Any, cw: Any, endpoint_name: str
+) -> None:
+    plan = realtime_plan(endpoint_name, scaling=ScalingPlan(max_instances=2))
+    control.create(plan)
+    stale = {"ServiceNamespace": "sagemaker", "ScalableDimension": DIMENSION}
+    for variant in ("AllTraffic", "old"):
+        aas.register_scalable_target(**stale, ResourceId=f"endpoint/{endpoint_name}/variant/{variant}",
+                                     MinCapacity=1, MaxCapacity=9)
+    aas.put_scaling_policy(**stale, ResourceId=f"endpoint/{endpoint_name}/variant/AllTraffic", PolicyName="old-cpu",
+                           PolicyType="TargetTrackingScaling", TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": 50.0,
+                               "PredefinedMetricSpecification": {"PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"}})
+
+    control.apply_scaling(plan)
+    assert set(policies_of(aas, endpoint_name)) == {f"{endpoint_name}-invocations-per-instance"}
+    [target] = targets_of(aas, endpoint_name)
+    assert (target["ResourceId"], target["MaxCapacity"]) == (f"endpoint/{endpoint_name}/variant/AllTraffic", 2)
 
 
 def test_disabled_scaling_removes_policies_alarm_and_target(
@@ -351,6 +383,7 @@ def test_delete_removes_everything_and_repeats_quietly(
         ({"scaling": ScalingPlan(min_instances=0, max_instances=2)}, "options.scaling.min_instances"),
         ({"scaling": ScalingPlan(min_instances=3, max_instances=2)}, "options.scaling.max_instances"),
         ({"scaling": ScalingPlan(target_value=0)}, "options.scaling.target_value"),
+        ({"scaling": ScalingPlan(target_value=float("nan"))}, "options.scaling.target_value"),
         ({"initial_instances": 2}, "options.initial_instances"),  # above the default max of 1
     ],
 )
