@@ -218,6 +218,11 @@ def _invocation_error(exc: Exception, what: str) -> InvocationError:
     return InvocationError("unavailable", f"{what}: {exc}")
 
 
+def _storage_error(exc: Exception, what: str) -> InvocationError:
+    """S3 failed (a missing bucket, a denied read, the network): the answer may be there, unreadable for now."""
+    return InvocationError("unavailable", _invocation_error(exc, what).message)
+
+
 class SageMakerRuntime:
     """Real-time and async invocations of the studio's container; thread-safe (boto3 clients are)."""
 
@@ -342,7 +347,7 @@ class SageMakerRuntime:
                 try:
                     self._s3().delete_object(Bucket=bucket, Key=key)
                 except (ClientError, BotoCoreError) as exc:
-                    raise _invocation_error(exc, f"deleting {location}") from exc
+                    raise _storage_error(exc, f"deleting {location}") from exc
 
     # -- plumbing ------------------------------------------------------------------------------------------
     def _s3_store(self) -> tuple[str, str]:
@@ -367,9 +372,9 @@ class SageMakerRuntime:
         except ClientError as exc:
             if str(exc.response.get("Error", {}).get("Code")) in _NOT_FOUND:
                 return None
-            raise _invocation_error(exc, f"reading {location}") from exc
+            raise _storage_error(exc, f"reading {location}") from exc
         except BotoCoreError as exc:
-            raise _invocation_error(exc, f"reading {location}") from exc
+            raise _storage_error(exc, f"reading {location}") from exc
 
     def _progress(self, handle: AsyncHandle) -> Progress | None:
         try:
