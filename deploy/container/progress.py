@@ -19,7 +19,8 @@ from typing import Any
 
 from deploy.backends.messages import Cancelled, Event, Failed, Started, Succeeded
 from deploy.container.host import JobBuffer
-from deploy.storage import BlobStore, StorageError, validate_key
+from deploy.container.references import reference
+from deploy.storage import BlobStore, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,7 @@ def parse_custom_attributes(header: str | None) -> dict[str, str]:
 
 def progress_key(attributes: Mapping[str, str]) -> str | None:
     """The store key progress goes to, validated (``InvalidKey`` names what is wrong); None when not asked."""
-    key = attributes.get(PROGRESS_ATTRIBUTE)
-    if not key:
-        return None
-    validate_key(key)
-    return key
+    return reference(attributes, PROGRESS_ATTRIBUTE)
 
 
 def _status(event: Event | None) -> str:

@@ -6,12 +6,17 @@ spec over ``--max-body-mb`` (64 MB by default) is refused with 413 ``too_large``
 SageMaker (real-time and async endpoints run ``docker run image serve``, port 8080):
 
 * ``GET /ping`` → 200 with an empty body once the worker is ready (503 while starting or stopping); no auth.
-* ``POST /invocations`` with ``JobSpec.to_json()`` → 200 with the terminal event's JSON (``succeeded``,
-  ``failed`` or ``cancelled``; images base64 inside). Undecodable spec → 400 ``bad_spec``. With every slot
-  (one per GPU) busy the request waits in line; when ``max_waiting`` requests already wait → 503 ``busy``.
-  A job id already held is not run again: the answer is that job's outcome. The header
-  ``X-Amzn-SageMaker-Custom-Attributes: progress=<store key>`` asks for progress objects in the asset store
-  (``deploy.container.progress``) — how async invocations report steps and previews.
+* ``POST /invocations`` with ``JobSpec.to_json()`` → the terminal event's JSON: 200 for ``succeeded`` and
+  ``cancelled`` (images base64 inside), 400 / 500 / 503 for ``failed`` by its kind (bad_request; oom, internal;
+  interrupted), so SageMaker reports a failed job as one (ModelError, the async failure location).
+  Undecodable spec → 400 ``bad_spec``. With every slot (one per GPU) busy the request waits in line; when
+  ``max_waiting`` requests already wait → 503 ``busy``. A job id already held is not run again: the answer is
+  that job's outcome. ``X-Amzn-SageMaker-Custom-Attributes`` (``a=1,b=2``) may name asset-store keys
+  (``--store`` needed; a bad key → 400 naming the attribute):
+  ``progress=<key>`` asks for progress objects (``deploy.container.progress``) — how async invocations report
+  steps and previews; ``spec=<key>`` reads the spec from the store instead of the body (missing → 400
+  ``bad_spec``); ``results=<prefix>`` writes images to ``<prefix>/<n>.png`` and answers their keys
+  (``deploy.container.references``: SageMaker's 6 MB real-time limit).
 
 Self-hosted worker (``deploy/backends/http.py`` is the client), all under ``Authorization: Bearer <secret>``
 when the worker has a secret (missing or wrong → 401 ``unauthorized``; ``/invocations`` too):
@@ -52,8 +57,21 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from deploy.backends.messages import JobSpec, MessageError
 from deploy.container import VERSION
 from deploy.container.host import HostRefused, WorkerHost
-from deploy.container.progress import ATTRIBUTES_HEADER, ProgressWriter, parse_custom_attributes, progress_key
-from deploy.storage import BlobStore, InvalidKey
+from deploy.container.progress import (
+    ATTRIBUTES_HEADER,
+    PROGRESS_ATTRIBUTE,
+    ProgressWriter,
+    parse_custom_attributes,
+)
+from deploy.container.references import (
+    RESULTS_ATTRIBUTE,
+    SPEC_ATTRIBUTE,
+    answer_status,
+    read_spec_bytes,
+    reference,
+    store_results,
+)
+from deploy.storage import BlobNotFound, BlobStore, InvalidKey
 from pipelines.types import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -154,14 +172,34 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
     async def ping() -> Response:
         return Response(status_code=200 if host.ready else 503)
 
+    def store_key(attributes: dict[str, str], name: str) -> str | None:
+        try:
+            key = reference(attributes, name)
+        except InvalidKey as exc:
+            raise ApiError(400, "bad_attributes", f"the {name} key in {ATTRIBUTES_HEADER} is not a store key: "
+                           f"{exc}", field=name) from None
+        if key is not None and store is None and name != PROGRESS_ATTRIBUTE:
+            raise ApiError(400, "no_store", f"{name}=<key> in {ATTRIBUTES_HEADER} needs a worker started with "
+                           f"--store (the caller's asset store)", field=name)
+        return key
+
+    async def stored_spec(key: str) -> JobSpec:
+        assert store is not None
+        try:
+            data = await waiting(read_spec_bytes, store, key, max_body_bytes)
+        except BlobNotFound:
+            raise ApiError(400, "bad_spec", f"no job spec stored under {key!r} ({SPEC_ATTRIBUTE}=<key>)",
+                           field=SPEC_ATTRIBUTE) from None
+        except ValueError as exc:
+            raise ApiError(413, "too_large", str(exc), field=SPEC_ATTRIBUTE) from None
+        return decode_spec(data)
+
     @app.post("/invocations", dependencies=auth)
     async def invocations(request: Request) -> Response:
-        spec = await read_spec(request, max_body_bytes)
-        try:
-            key = progress_key(parse_custom_attributes(request.headers.get(ATTRIBUTES_HEADER)))
-        except InvalidKey as exc:
-            raise ApiError(400, "bad_attributes", f"the progress key in {ATTRIBUTES_HEADER} is not a store key: "
-                           f"{exc}", field="progress") from None
+        attributes = parse_custom_attributes(request.headers.get(ATTRIBUTES_HEADER))
+        key, spec_key, results = (store_key(attributes, name)
+                                  for name in (PROGRESS_ATTRIBUTE, SPEC_ATTRIBUTE, RESULTS_ATTRIBUTE))
+        spec = await (stored_spec(spec_key) if spec_key else read_spec(request, max_body_bytes))
         writer = None
         if key is not None:
             if store is None:
@@ -170,7 +208,9 @@ def create_app(host: WorkerHost, *, secret_digest: bytes | None, heartbeat: floa
                 writer = ProgressWriter(store, key, interval=progress_interval)
         terminal = await waiting(host.run, spec, on_event=writer)
         host.forget(spec.job_id)  # the answer carries the outcome; nobody will fetch it again
-        return Response(terminal.to_json(), media_type="application/json")
+        if results is not None and store is not None:
+            terminal = await waiting(store_results, terminal, store, results)
+        return Response(terminal.to_json(), status_code=answer_status(terminal), media_type="application/json")
 
     @app.get("/v1/info", dependencies=auth)
     async def info() -> dict[str, Any]:
