@@ -104,6 +104,12 @@ class Settings(BaseSettings):
     endpoint_health_seconds: float = Field(5.0, ge=0)
     """How often running endpoints' backends are asked whether they are healthy (an unhealthy one is shown
     ``Degraded`` and its queued jobs wait); 0: never."""
+    sagemaker_image_uri: str | None = None
+    """The serving container's image (ECR URI) SageMaker endpoints run unless their options name another."""
+    sagemaker_role_arn: str | None = None
+    """The SageMaker execution role endpoints get unless their options name another."""
+    sagemaker_region: str | None = None
+    """AWS region of SageMaker endpoints; unset: boto3's own configuration (``AWS_DEFAULT_REGION`` ...)."""
 
     # -- request limits (body size, prompt length, pixels and images per job) ------------------------------
     max_body_mb: float = Field(64.0, gt=0)

@@ -96,6 +96,9 @@ class Backend(ABC):
     kind: ClassVar[str]
     adopts: ClassVar[bool] = False
     """True when ``adopt`` can take over jobs that left a ``Started.handle`` (restart recovery keeps them running)."""
+    owns_cloud_resources: ClassVar[bool] = False
+    """True when deleting the endpoint must also delete what it created elsewhere (``teardown``): jobs running
+    there would be lost, so the delete is refused while any runs unless forced."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -143,6 +146,16 @@ class Backend(ABC):
         (its ``Started.handle``); its events then follow as for a submitted job, whatever its slots say.
         False (the default): this backend cannot, and the job is run again."""
         return False
+
+    def status(self) -> tuple[str, str | None] | None:
+        """For a backend whose readiness is decided elsewhere (a cloud endpoint being created): the endpoint
+        status to show (``Creating``, ``InService``, ``Failed``) and why; None (the default): decided here."""
+        return None
+
+    def teardown(self) -> None:
+        """Delete what this endpoint created outside the studio (called once, after ``stop``, when an
+        administrator deletes the endpoint). Default: nothing."""
+        return None
 
     def skip(self, job_id: str) -> bool:
         """A1111's skip: drop the running job's current batch and go on with its next one (``n_iter``).

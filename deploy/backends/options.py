@@ -10,7 +10,7 @@ plane stores them encrypted (never in logs or API answers).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -27,6 +27,12 @@ class BackendOptions(BaseModel):
     """Common base: unknown fields are errors (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def check_deployment(self, *, name: str, min_instances: int, max_instances: int, autoscale: bool,
+                         store: Any = None) -> None:
+        """Checks that need the deployment's name, instance bounds and the studio's asset store too (the options
+        with the server's defaults for the kind applied); raises ``OptionsError``."""
+        return None
 
 
 class LocalOptions(BackendOptions):
@@ -83,10 +89,72 @@ class HttpWorkerOptions(BackendOptions):
         return value
 
 
+class SageMakerOptions(BackendOptions):
+    """An AWS SageMaker endpoint serving the studio's container (the studio's asset store must be on S3)."""
+
+    endpoint_type: Literal["async", "realtime"] = Field(
+        "async", description="async: queued in the cloud, scales to zero; realtime: answers within 60 s, ≥ 1 instance")
+    instance_type: str = Field("ml.g5.2xlarge", description="e.g. ml.g5.2xlarge, ml.g4dn.xlarge")
+    initial_instances: int = Field(1, ge=1, le=100, description="instances at creation")
+    image_uri: str | None = Field(None, description="the serving container's ECR image; default: the server's setting")
+    role_arn: str | None = Field(None, description="SageMaker execution role; default: the server's setting")
+    region: str | None = Field(None, description="AWS region; default: the server's AWS configuration")
+    target_value: float | None = Field(None, gt=0, description="autoscaling target: queued jobs per instance "
+                                                              "(async, 3) or invocations per instance-minute (5)")
+    scale_in_cooldown: int = Field(180, ge=0, le=86400, description="seconds")
+    scale_out_cooldown: int = Field(60, ge=0, le=86400, description="seconds")
+    success_topic: str | None = Field(None, description="SNS topic ARN told of finished async jobs (optional)")
+    error_topic: str | None = Field(None, description="SNS topic ARN told of failed async jobs (optional)")
+    environment: dict[str, str] = Field(default_factory=dict, description="extra environment of the container")
+    slots: int = Field(4, ge=1, le=256, description="jobs sent to it at once (async endpoints queue them)")
+    create_timeout_minutes: float = Field(30.0, gt=0, le=1440, description="Creating longer than this is Failed")
+    state_seconds: float = Field(15.0, ge=0.05, le=600, description="how often its state is read from SageMaker")
+    poll_seconds: float = Field(2.0, ge=0.05, le=60, description="how often async results are looked for")
+    existing: bool = Field(False, description="use an endpoint created outside the studio (never scaled or "
+                                              "deleted here)")
+    sagemaker_name: str | None = Field(None, description="the SageMaker endpoint's name; default: this endpoint's")
+
+    def check_deployment(self, *, name: str, min_instances: int, max_instances: int, autoscale: bool,
+                         store: Any = None) -> None:
+        """The plan SageMaker would get, validated now (names, role, image, limits) so a bad one is never stored."""
+        from deploy.sagemaker.control import EndpointPlan, PlanError, ScalingPlan
+        from deploy.storage.s3 import S3Store
+
+        if not isinstance(store, S3Store):
+            raise OptionsError("SageMaker endpoints need the studio's asset store on S3 (start it with --store "
+                               "s3://bucket/prefix): the container reads models from it and writes images to it",
+                               field="kind")
+        if not self.image_uri:
+            raise OptionsError("set `image_uri` (the serving container's ECR image) or the server's "
+                               "STUDIO_SAGEMAKER_IMAGE_URI", field="options.image_uri")
+        if not self.role_arn:
+            raise OptionsError("set `role_arn` (the SageMaker execution role) or the server's "
+                               "STUDIO_SAGEMAKER_ROLE_ARN", field="options.role_arn")
+
+        low = min_instances
+        try:
+            EndpointPlan(
+                name=self.sagemaker_name or name, endpoint_type=self.endpoint_type,
+                image_uri=self.image_uri, role_arn=self.role_arn,
+                instance_type=self.instance_type, initial_instances=min(self.initial_instances, max(low, max_instances)),
+                environment={"STUDIO_WORKER_STORE": "s3://bucket/prefix", **self.environment},
+                output_path="s3://bucket/output/", failure_path="s3://bucket/failure/",
+                success_topic=self.success_topic, error_topic=self.error_topic,
+                scaling=ScalingPlan(enabled=autoscale, min_instances=low, max_instances=max(low, max_instances),
+                                    target_value=self.target_value, scale_in_cooldown=self.scale_in_cooldown,
+                                    scale_out_cooldown=self.scale_out_cooldown))
+        except PlanError as exc:
+            # The bounds are the deployment's own fields; the rest are options
+            bound = exc.field.removeprefix("options.scaling.")
+            field = bound if bound in ("min_instances", "max_instances") else exc.field.replace("scaling.", "")
+            raise OptionsError(str(exc), field=field) from None
+
+
 _MODELS: dict[str, type[BackendOptions]] = {
     "local": LocalOptions,
     "fake": FakeOptions,
     "http": HttpWorkerOptions,
+    "sagemaker": SageMakerOptions,
 }
 
 

@@ -17,6 +17,7 @@ from deploy.backends.base import Backend, BackendError
 
 if TYPE_CHECKING:
     from deploy.model_files import ModelFiles
+    from deploy.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,20 @@ class BackendConfig:
     """Everything needed to build one endpoint's backend.
 
     ``options`` are the kind's own settings (devices, URLs, delays ...); ``model_files`` is the
-    materialiser for backends that run models on this machine.
+    materialiser for backends that run models on this machine. A cloud backend also gets the studio's asset
+    ``store``, the endpoint row's instance bounds, and ``provision`` (an administrator deploys it now: create the
+    cloud resources; a restart only watches them).
     """
 
     name: str
     kind: str
     options: Mapping[str, Any] = field(default_factory=dict)
     model_files: ModelFiles | None = None
+    store: BlobStore | None = None
+    min_instances: int = 1
+    max_instances: int = 1
+    autoscale: bool = False
+    provision: bool = False
 
 
 BackendFactory = Callable[[BackendConfig], Backend]
@@ -42,6 +50,7 @@ _FACTORIES: dict[str, BackendFactory | str] = {
     "local": "deploy.backends.local:create",
     "fake": "deploy.backends.fake:create",
     "http": "deploy.backends.http:create",
+    "sagemaker": "deploy.backends.sagemaker:create",
 }
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from deploy.backends.options import OptionsError, option_kinds, parse_options, plain_options, secret_fields
 from webapp.records import Endpoint, EndpointStatus, User
-from webapp.services.errors import Conflict, InvalidInput
+from webapp.services.errors import Conflict, InvalidInput, Unavailable
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
 from webapp.services.jobs.queue import JobQueue
@@ -108,6 +108,10 @@ class EndpointAdmin:
         if not isinstance(request.autoscale, bool):
             raise InvalidInput(f"`autoscale` must be true or false, not {request.autoscale!r}", field="autoscale")
         name = self._name(request.name, kind)
+        try:
+            self._fleet.check_deployment(kind, options, name=name, bounds=(low, high, request.autoscale))
+        except OptionsError as exc:
+            raise InvalidInput(str(exc), field=exc.field) from None
 
         hidden = {key: str(options.pop(key)) for key in secret_fields(kind) if options.get(key) is not None}
         token = self._secrets.seal(hidden) if hidden else None
@@ -115,7 +119,8 @@ class EndpointAdmin:
             name=name, kind=kind, status=EndpointStatus.CREATING, config_json=json.dumps(options, default=str),
             secrets_token=token, min_instances=low, max_instances=high, autoscale=request.autoscale,
             owner_id=actor.id))
-        status = self._fleet.start_endpoint(name, kind, {**options, **hidden})
+        status = self._fleet.start_endpoint(name, kind, {**options, **hidden}, bounds=(low, high, request.autoscale),
+                                            provision=True)
         log.info("endpoint %s (%s) deployed by %s: %s", name, kind, actor.username, status)
         return self._endpoints.get(actor=actor, name=name)
 
@@ -132,21 +137,29 @@ class EndpointAdmin:
         return name
 
     # -- delete ---------------------------------------------------------------------------------------------
-    def delete(self, *, actor: User, name: str) -> int:
+    def delete(self, *, actor: User, name: str, force: bool = False) -> int:
         """Remove ``name``: its running jobs are requeued (no attempt charged) and every job queued for it moves
-        to the default endpoint. Returns how many jobs moved."""
-        return self.delete_many(actor=actor, names=[name])
+        to the default endpoint. Returns how many jobs moved. A cloud endpoint (SageMaker) is deleted there too
+        (endpoint, config, model, scaling); while jobs run on it the delete is refused unless ``force``."""
+        return self.delete_many(actor=actor, names=[name], force=force)
 
-    def delete_many(self, *, actor: User, names: list[str]) -> int:
+    def delete_many(self, *, actor: User, names: list[str], force: bool = False) -> int:
         """Remove every endpoint in ``names`` (ESD deletes a list); all are checked before any goes."""
         require_admin(actor)
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise InvalidInput("name at least one endpoint to delete", field="name")
+        if not isinstance(force, bool):
+            raise InvalidInput(f"`force` must be true or false, not {force!r}", field="force")
         for name in names:
             endpoint = self._endpoints.get(actor=actor, name=name)
             if endpoint.name == LOCAL_ENDPOINT or endpoint.is_default:
                 raise Conflict(f"endpoint {name!r} is the default, configured by the server's settings; it cannot be "
                                "deleted", field="name")
+            backend = self._fleet.backend(name)
+            running = self._queue.running_on(name)
+            if running and not force and backend is not None and backend.owns_cloud_resources:
+                raise Conflict(f"{len(running)} job(s) run on endpoint {name!r} (e.g. {running[0]}); deleting it now "
+                               "loses them — wait, cancel them, or delete with force", field="force")
         moved = 0
         for name in dict.fromkeys(names):
             moved_here = self._remove(name)
@@ -157,7 +170,13 @@ class EndpointAdmin:
 
     def _remove(self, name: str) -> int:
         self._endpoints.set_status(name, EndpointStatus.DELETING)
-        self._fleet.stop_endpoint(name)
+        try:
+            self._fleet.stop_endpoint(name, teardown=True)
+        except Exception as exc:  # noqa: BLE001 - the cloud refused: say so, keep the row to try again
+            log.error("endpoint %s: deleting what it created elsewhere failed: %s", name, exc)
+            self._endpoints.set_status(name, EndpointStatus.FAILED, f"deleting it failed: {exc}")
+            raise Unavailable(f"endpoint {name!r} could not be deleted where it runs: {exc}; try again",
+                              field="name") from exc
         target = self._endpoints.default_name() or LOCAL_ENDPOINT
         moved = self._queue.move_queued(name, target)
         self._endpoints.remove(name)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from sqlmodel import select
 
 from deploy.backends.base import BackendError
-from deploy.backends.options import secret_fields
+from deploy.backends.options import parse_options, secret_fields
 from deploy.backends.registry import BackendConfig, create_backend
 from deploy.storage import BlobStore
 from webapp.db import Database
@@ -63,14 +63,19 @@ class Fleet:
 
     # -- building ---------------------------------------------------------------------------------------------
     def start_endpoint(self, name: str, kind: str, options: Mapping[str, Any], *, is_default: bool = False,
-                       keep: EndpointStatus | None = None) -> EndpointStatus:
+                       keep: EndpointStatus | None = None, bounds: tuple[int, int, bool] = (1, 1, False),
+                       provision: bool = False) -> EndpointStatus:
         """Build ``name``'s backend from ``options`` (secrets included) and attach its dispatcher; the row says
-        ``InService`` (or ``keep``) or ``Failed`` with the reason. The row records the options without their
-        secret fields (those live only in its encrypted column)."""
+        ``InService`` (or ``keep``, or what a cloud backend's ``status()`` says: ``Creating``) or ``Failed`` with
+        the reason. The row records the options without their secret fields (those live only in its encrypted
+        column). ``bounds``: the row's (min, max, autoscale); ``provision``: an administrator deploys it now (a cloud
+        backend creates its resources; a restart only watches them)."""
         hidden = secret_fields(kind)
         recorded = {key: value for key, value in options.items() if key not in hidden}
+        low, high, autoscale = bounds
         config = BackendConfig(name=name, kind=kind, options={**self._kind_defaults.get(kind, {}), **options},
-                               model_files=self._model_files)
+                               model_files=self._model_files, store=self._store, min_instances=low,
+                               max_instances=high, autoscale=autoscale, provision=provision)
 
         def failed(exc: Exception) -> EndpointStatus:
             self._endpoints.ensure(name=name, kind=kind, remote=False, capabilities={}, config=recorded,
@@ -90,19 +95,61 @@ class Fleet:
             log.exception("the %s endpoint cannot run jobs", name)
             return failed(exc)
         status = (keep or EndpointStatus.IN_SERVICE) if configured else EndpointStatus.FAILED
+        error = None if configured else f"the {kind} backend is not configured"
+        cloud = _cloud_status(backend) if configured and keep is None else None
+        if cloud is not None:
+            status, error = cloud
         self._endpoints.ensure(
             name=name, kind=kind, remote=caps.remote, capabilities=caps.to_dict(), config=recorded,
-            is_default=is_default, status=status, error=None if configured else f"the {kind} backend is not configured")
+            is_default=is_default, status=status, error=error)
         return status
 
-    def stop_endpoint(self, name: str, timeout: float = 10.0) -> bool:
+    def check_deployment(self, kind: str, options: Mapping[str, Any], *, name: str,
+                         bounds: tuple[int, int, bool]) -> None:
+        """The kind's own deployment checks on ``options`` with the server's defaults for the kind applied and
+        this studio's asset store (``BackendOptions.check_deployment``); raises ``OptionsError``."""
+        parsed = parse_options(kind, {**self._kind_defaults.get(kind, {}), **options})
+        low, high, autoscale = bounds
+        parsed.check_deployment(name=name, min_instances=low, max_instances=high, autoscale=autoscale,
+                                store=self._store)
+
+    def stop_endpoint(self, name: str, timeout: float = 10.0, *, teardown: bool = False) -> bool:
         """Detach ``name``'s dispatcher (no new jobs are accepted for it) and stop it: running jobs go back to
-        the queue without being charged an attempt. False when nothing ran here."""
+        the queue without being charged an attempt. ``teardown`` (the endpoint is being deleted): then delete what
+        its backend created elsewhere (a SageMaker endpoint), raising what that raised. False when nothing ran here."""
         dispatcher = self._service.detach(name)
         if dispatcher is None:
+            if teardown:
+                self._teardown_stored(name)
             return False
         dispatcher.stop(timeout)
+        if teardown:
+            dispatcher.backend.teardown()
         return True
+
+    def _teardown_stored(self, name: str) -> None:
+        """Teardown for an endpoint with no backend running here (its build failed, or a delete a stop
+        interrupted): a backend is built from the row only to delete what it created elsewhere."""
+        row = self._endpoints.find(name)
+        if row is None or not row.remote:
+            return
+        options = json.loads(row.config_json or "{}")
+        options.update(self._secrets.open(row.secrets_token) if row.secrets_token else {})
+        config = BackendConfig(name=name, kind=row.kind, options={**self._kind_defaults.get(row.kind, {}), **options},
+                               model_files=self._model_files, store=self._store, min_instances=row.min_instances,
+                               max_instances=row.max_instances, autoscale=row.autoscale)
+        try:
+            backend = create_backend(config)
+        except (BackendError, ValueError, TypeError) as exc:
+            log.warning("endpoint %s: no backend to delete its resources with (%s); nothing deleted elsewhere", name,
+                        exc)
+            return
+        backend.teardown()
+
+    def backend(self, name: str) -> Any:
+        """The backend running ``name`` here, or None."""
+        dispatcher = self._service.dispatchers().get(name)
+        return dispatcher.backend if dispatcher is not None else None
 
     def restore(self) -> None:
         """At start: every endpoint other than ``local`` recorded by earlier runs, rebuilt from its row with its
@@ -127,7 +174,8 @@ class Fleet:
                 continue
             # An administrator's Stopped survives a restart; anything else is re-checked now.
             keep = EndpointStatus.STOPPED if row.status == EndpointStatus.STOPPED else None
-            self.start_endpoint(row.name, row.kind, options, is_default=row.is_default, keep=keep)
+            self.start_endpoint(row.name, row.kind, options, is_default=row.is_default, keep=keep,
+                                bounds=(row.min_instances, row.max_instances, row.autoscale))
 
     # -- health -------------------------------------------------------------------------------------------------
     def start(self, health_seconds: float) -> None:
@@ -172,6 +220,14 @@ class Fleet:
                 else:
                     if current != row.capabilities:
                         self._endpoints.set_capabilities(name, current)
+            cloud = _cloud_status(dispatcher.backend)
+            if cloud is not None:  # a cloud endpoint: SageMaker's status is the row's (Creating, InService, Failed)
+                if row.status not in (EndpointStatus.STOPPED, EndpointStatus.DELETING) and \
+                        (row.status, row.error) != cloud:
+                    if cloud[0] != row.status:
+                        log.info("endpoint %s is %s%s", name, cloud[0], f": {cloud[1]}" if cloud[1] else "")
+                    self._endpoints.set_status(name, *cloud)
+                continue
             if row.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
                 continue  # Creating, Stopped by an administrator, Deleting: their own state wins
             if not healthy and (row.status != EndpointStatus.DEGRADED or row.error != reason):
@@ -181,6 +237,21 @@ class Fleet:
             elif healthy and row.status == EndpointStatus.DEGRADED:
                 log.info("endpoint %s is healthy again", name)
                 self._endpoints.set_status(name, EndpointStatus.IN_SERVICE)
+
+
+def _cloud_status(backend: Any) -> tuple[EndpointStatus, str | None] | None:
+    """A backend's own status (``Backend.status``) as the row's, or None when it has none."""
+    try:
+        said = backend.status()
+    except Exception as exc:  # noqa: BLE001 - a failing probe is itself the answer
+        return EndpointStatus.FAILED, f"its status could not be read: {exc}"
+    if said is None:
+        return None
+    status, reason = said
+    try:
+        return EndpointStatus(status), reason
+    except ValueError:
+        return EndpointStatus.FAILED, reason or f"unknown status {status!r}"
 
 
 def _health(dispatcher: Dispatcher) -> tuple[bool, str]:

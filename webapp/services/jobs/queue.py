@@ -255,6 +255,11 @@ class JobQueue:
             s.exec(update(Job).where(Job.id == job_id, Job.status == RUNNING)  # type: ignore[call-overload]
                    .values(remote_handle_json=json.dumps(dict(handle))))
 
+    def running_on(self, endpoint: str) -> list[str]:
+        """Ids of the jobs running on ``endpoint``."""
+        with self.db.read() as s:
+            return list(s.exec(select(Job.id).where(Job.status == RUNNING, Job.endpoint == endpoint)).all())
+
     def detached(self, endpoint: str) -> list[Job]:
         """Running jobs of ``endpoint`` that left a handle (what its dispatcher adopts at start)."""
         with self.db.read() as s:

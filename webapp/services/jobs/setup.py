@@ -52,6 +52,13 @@ def local_defaults(settings: Settings) -> dict[str, Any]:
             "work_dir": str(settings.data_dir / "work")}
 
 
+def sagemaker_defaults(settings: Settings) -> dict[str, Any]:
+    """What SageMaker endpoints get from the server's settings unless their own options say otherwise."""
+    values = {"image_uri": settings.sagemaker_image_uri, "role_arn": settings.sagemaker_role_arn,
+              "region": settings.sagemaker_region}
+    return {key: value for key, value in values.items() if value}
+
+
 @dataclass(frozen=True)
 class Jobs:
     """What ``build_jobs`` made: the service every job goes through, the fleet running its endpoints and the
@@ -79,7 +86,8 @@ def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: 
                          resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
     secrets = SecretBox(settings.data_dir / KEY_FILE)
     fleet = Fleet(db=db, service=service, endpoints=endpoints, queue=queue, store=store, board=board,
-                  model_files=model_files, secrets=secrets, kind_defaults={"local": local_defaults(settings)})
+                  model_files=model_files, secrets=secrets,
+                  kind_defaults={"local": local_defaults(settings), "sagemaker": sagemaker_defaults(settings)})
     admin = EndpointAdmin(endpoints=endpoints, fleet=fleet, jobs=service, queue=queue, secrets=secrets,
                           configured_backend=settings.backend)
     fleet.start_endpoint(LOCAL_ENDPOINT, settings.backend, backend_options(settings), is_default=True)
