@@ -4,43 +4,20 @@ backend after a "restart" (adopt), notices an endpoint deleted behind its back, 
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import pytest
 
-from deploy.backends.messages import Event, Failed, Progress, Started, Succeeded
+from deploy.backends.messages import Failed, Progress, Started, Succeeded
 from deploy.backends.registry import BackendConfig, create_backend
 from deploy.sagemaker.control import SageMakerControl
+from tests.backends.events import Sink
 from tests.container.worker import fake_spec
 from tests.fixtures.moto_server import moto_client
 from tests.fixtures.sagemaker_router import CONTAINER_URL_VARIABLE, ROLE_ARN
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/studio-worker:test"
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, event: Event) -> None:
-        with self.lock:
-            self.events.append(event)
-
-    def of(self, job_id: str) -> list[Event]:
-        with self.lock:
-            return [e for e in self.events if e.job_id == job_id]
-
-    def terminal(self, job_id: str, timeout: float = 30.0) -> Event:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            done = [e for e in self.of(job_id) if isinstance(e, Succeeded | Failed)]
-            if done:
-                return done[0]
-            time.sleep(0.02)
-        raise AssertionError(f"job {job_id} did not end within {timeout}s: {self.of(job_id)}")
 
 
 def _wait(predicate: Any, timeout: float = 20.0) -> None:
@@ -84,13 +61,13 @@ def test_realtime_endpoint_is_created_scaled_and_runs_a_job(sagemaker_data_plane
             f"s3://{sagemaker_data_plane.bucket}/studio"
 
         backend.submit(fake_spec("rt-job", prompt="a real-time fox"))
-        done = sink.terminal("rt-job")
+        done = sink.wait_terminal("rt-job")
         assert isinstance(done, Succeeded) and done.image_keys == ("jobs/rt-job/0.png",)
         assert sagemaker_data_plane.store.stat("jobs/rt-job/0.png") is not None
-        assert isinstance(sink.of("rt-job")[0], Started) and sink.of("rt-job")[0].handle is None
+        assert isinstance(sink.of(Started, "rt-job")[0], Started) and sink.of(Started, "rt-job")[0].handle is None
 
         backend.submit(fake_spec("rt-bad", prompt="please CRASH now"))
-        failed = sink.terminal("rt-bad")
+        failed = sink.wait_terminal("rt-bad")
         assert isinstance(failed, Failed) and failed.kind == "internal"
     finally:
         backend.stop()
@@ -107,23 +84,23 @@ def test_async_jobs_report_progress_survive_a_restart_and_are_adopted(sagemaker_
     try:
         _wait(lambda: backend.status() == ("InService", None))
         backend.submit(fake_spec("as-job", prompt="a slow harbour", steps=30))
-        started = sink.of("as-job")[0]
+        started = sink.of(Started, "as-job")[0]
         assert isinstance(started, Started) and started.handle["job_id"] == "as-job"  # before submit returned
-        done = sink.terminal("as-job")
+        done = sink.wait_terminal("as-job")
         assert isinstance(done, Succeeded) and done.image_keys == ("jobs/as-job/0.png",)
-        assert any(isinstance(e, Progress) and e.step > 0 for e in sink.of("as-job"))
+        assert any(e.step > 0 for e in sink.of(Progress, "as-job"))
 
         # a "restart": the first backend stops while a job runs; a new one adopts it with the recorded handle
         backend.submit(fake_spec("as-long", prompt="a long harbour", steps=120))
-        handle = sink.of("as-long")[0].handle
+        handle = sink.of(Started, "as-long")[0].handle
         backend.stop()
-        assert not [e for e in sink.of("as-long") if isinstance(e, Succeeded | Failed)]  # nothing reported
+        assert not sink.of((Succeeded, Failed), "as-long")  # nothing reported
         second = _backend(sagemaker_data_plane, "sm-async", endpoint_type="async", provision=False)
         sink2 = Sink()
         second.start(sink2)
         try:
             assert second.adopt(fake_spec("as-long", prompt="a long harbour", steps=120), handle)
-            again = sink2.terminal("as-long", timeout=60)
+            again = sink2.wait_terminal("as-long", timeout=60)
             assert isinstance(again, Succeeded) and again.image_keys == ("jobs/as-long/0.png",)
         finally:
             second.stop()
