@@ -43,6 +43,7 @@ from webapp.services.datasets import DatasetService, Limits  # noqa: E402
 from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
+from webapp.services.jobs.cloud_inventory import SageMakerInventory  # noqa: E402
 from webapp.services.metrics import JobMetrics  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
@@ -101,6 +102,7 @@ class Studio:
     datasets: DatasetService | None = None
     trainings: TrainingService | None = None
     training_registrar: TrainingRegistrar | None = None
+    inventory: SageMakerInventory | None = None
 
     def close(self) -> None:
         if self.idle is not None:
@@ -167,6 +169,7 @@ def build(settings: Settings) -> Studio:
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
                             model_files=model_files, quota=quota, observers=(metrics, activity, registrar))
     jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
+    inventory = built_jobs.inventory
     idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
                        shutdown_after_seconds=settings.idle_shutdown_minutes * 60,
                        shutdown_command=settings.idle_shutdown_command)
@@ -192,7 +195,7 @@ def build(settings: Settings) -> Studio:
                           controlnet=controlnet_panel("img2img"))
     pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
     models_tab = ModelsTab(ui_ctx, model_services)
-    endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin)
+    endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin, inventory=inventory)
     datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
     training_tab = TrainingTab(ui_ctx, trainings, datasets)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
@@ -224,7 +227,7 @@ def build(settings: Settings) -> Studio:
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
         endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets, trainings=trainings,
-        training_registrar=registrar,
+        training_registrar=registrar, inventory=inventory,
     )
 
 

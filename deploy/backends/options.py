@@ -95,7 +95,7 @@ class SageMakerOptions(BackendOptions):
     endpoint_type: Literal["async", "realtime"] = Field(
         "async", description="async: queued in the cloud, scales to zero; realtime: answers within 60 s, ≥ 1 instance")
     instance_type: str = Field("ml.g5.2xlarge", description="e.g. ml.g5.2xlarge, ml.g4dn.xlarge")
-    initial_instances: int = Field(1, ge=1, le=100, description="instances at creation")
+    initial_instance_count: int = Field(1, ge=1, le=100, description="instances at creation (ESD's name)")
     image_uri: str | None = Field(None, description="the serving container's ECR image; default: the server's setting")
     role_arn: str | None = Field(None, description="SageMaker execution role; default: the server's setting")
     region: str | None = Field(None, description="AWS region; default: the server's AWS configuration")
@@ -113,6 +113,15 @@ class SageMakerOptions(BackendOptions):
     existing: bool = Field(False, description="use an endpoint created outside the studio (never scaled or "
                                               "deleted here)")
     sagemaker_name: str | None = Field(None, description="the SageMaker endpoint's name; default: this endpoint's")
+
+    @field_validator("endpoint_type", mode="before")
+    @classmethod
+    def _endpoint_type(cls, value: Any) -> Any:
+        """ESD's words too: "Async", "Real-time"."""
+        if isinstance(value, str):
+            folded = value.strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+            return {"async": "async", "realtime": "realtime"}.get(folded, value)
+        return value
 
     def check_deployment(self, *, name: str, min_instances: int, max_instances: int, autoscale: bool,
                          store: Any = None) -> None:
@@ -136,7 +145,7 @@ class SageMakerOptions(BackendOptions):
             EndpointPlan(
                 name=self.sagemaker_name or name, endpoint_type=self.endpoint_type,
                 image_uri=self.image_uri, role_arn=self.role_arn,
-                instance_type=self.instance_type, initial_instances=min(self.initial_instances, max(low, max_instances)),
+                instance_type=self.instance_type, initial_instances=min(self.initial_instance_count, max(low, max_instances)),
                 environment={"STUDIO_WORKER_STORE": "s3://bucket/prefix", **self.environment},
                 output_path="s3://bucket/output/", failure_path="s3://bucket/failure/",
                 success_topic=self.success_topic, error_topic=self.error_topic,

@@ -415,7 +415,7 @@ def build_plan(config: BackendConfig, options: Any) -> Any:
     environment = {"STUDIO_WORKER_STORE": root, **options.environment}
     return EndpointPlan(
         name=name, endpoint_type=options.endpoint_type, image_uri=options.image_uri, role_arn=options.role_arn,
-        instance_type=options.instance_type, initial_instances=max(1, min(options.initial_instances,
+        instance_type=options.instance_type, initial_instances=max(1, min(options.initial_instance_count,
                                                                           scaling.max_instances)),
         environment=environment, output_path=f"{root}/sagemaker/async-output/{name}/",
         failure_path=f"{root}/sagemaker/async-failure/{name}/", success_topic=options.success_topic,

@@ -2,3 +2,4 @@
 
 from tests.fixtures.moto_server import moto_server  # noqa: F401
 from tests.fixtures.sagemaker_router import sagemaker_data_plane  # noqa: F401
+from tests.fixtures.studio_models import tiny_model_files  # noqa: F401

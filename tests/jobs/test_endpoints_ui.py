@@ -57,10 +57,10 @@ def test_admin_deploys_and_deletes_through_the_tab(fake_studio, tab):
     assert admin_area["visible"] is True
 
     with pytest.raises(gr.Error, match="confirm"):
-        tab.delete("ui-made", False, req(admin))
+        tab.delete("ui-made", False, False, req(admin))
     assert fake_studio.studio.jobs.endpoints.find("ui-made") is not None
-    rows, delete_choices, _, confirm = tab.delete("ui-made", True, req(admin))
-    assert all(r[0] != "ui-made" for r in rows) and confirm is False
+    rows, delete_choices, _, confirm, force = tab.delete("ui-made", True, False, req(admin))
+    assert all(r[0] != "ui-made" for r in rows) and confirm is False and force is False
 
 
 def test_a_worker_secret_typed_in_the_form_is_stored_encrypted_and_never_shown(fake_studio, tab):
@@ -71,7 +71,7 @@ def test_a_worker_secret_typed_in_the_form_is_stored_encrypted_and_never_shown(f
         endpoint = fake_studio.studio.jobs.endpoints.find("ui-worker")
         assert endpoint.kind == "http" and SECRET not in endpoint.config_json and endpoint.secrets_token
     finally:
-        tab.delete("ui-worker", True, req(admin))
+        tab.delete("ui-worker", True, False, req(admin))
 
 
 def test_bad_form_values_are_popups_naming_the_field(fake_studio, tab):
@@ -92,7 +92,7 @@ def test_non_admins_see_the_list_but_cannot_deploy_or_delete(fake_studio, tab):
     with pytest.raises(gr.Error, match="not an administrator"):
         tab.deploy(form(tab, "fake", "alices"), req(alice))
     with pytest.raises(gr.Error, match="not an administrator"):
-        tab.delete("local", True, req(alice))
+        tab.delete("local", True, False, req(alice))
     assert fake_studio.studio.jobs.endpoints.find("alices") is None
 
 
@@ -127,7 +127,7 @@ def test_the_generate_tabs_list_an_endpoint_deployed_after_they_were_built(fake_
         job = studio.jobs.submit(actor=admin, mode="txt2img", request=txt2img(), endpoint="late-comer")
         assert studio.jobs.wait(actor=admin, job_id=job.id, timeout=30).status == JobStatus.SUCCEEDED
     finally:
-        tab.delete("late-comer", True, req(admin))
+        tab.delete("late-comer", True, False, req(admin))
     assert studio.jobs.endpoints.find("late-comer") is None
     assert studio.jobs.endpoints.get(actor=admin, name="local").status == EndpointStatus.IN_SERVICE
 

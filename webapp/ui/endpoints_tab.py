@@ -1,7 +1,9 @@
 """Endpoints tab: everyone sees where jobs can run; administrators deploy and delete endpoints.
 
 The list shows each endpoint's kind, status (Creating / InService / Degraded / Failed / Deleting), whether
-jobs leave the server, its slots and instance bounds, when it last changed and why it is not in service.
+jobs leave the server, its slots, instance bounds (and, for SageMaker, how many instances run now), when it last
+changed and why it is not in service. Administrators also see the SageMaker endpoints of the account that no
+studio endpoint manages (created outside the studio).
 The Deploy form has one group of option widgets per kind, built from that kind's options model
 (``webapp/ui/options_form.py``), shown for the chosen kind only. Hiding the admin part is cosmetic: the
 handlers go through ``EndpointAdmin``, which refuses anyone but an administrator.
@@ -15,16 +17,25 @@ import gradio as gr
 
 from deploy.backends.options import options_model
 from webapp.records import Endpoint
+from webapp.services.errors import ServiceError
 from webapp.services.jobs import Deployment, EndpointAdmin, EndpointService
+from webapp.services.jobs.cloud_inventory import SageMakerInventory
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.options_form import OptionField, build_widget, describe, read_value
 
 HEADERS = ["Name", "Kind", "Status", "Remote", "Slots", "Instances", "Updated (UTC)", "Error"]
+FORCE_LABEL = "Even while jobs run on it (a SageMaker endpoint's running jobs are lost and run again elsewhere)"
 CONFIRM_LABEL = "Yes, delete it (running jobs go back to the queue; queued ones move to the default endpoint)"
+
+
+UNMANAGED_HEADERS = ["Name", "Status", "Type", "Instances", "Tagged by a studio", "Created (UTC)"]
 
 
 def _row(endpoint: Endpoint) -> list[Any]:
     instances = f"{endpoint.min_instances}–{endpoint.max_instances}" + (" autoscale" if endpoint.autoscale else "")
+    current = endpoint.capabilities.get("extra", {}).get("current_instances")
+    if current is not None:
+        instances = f"{current} now · {instances}"
     return [endpoint.name + (" (default)" if endpoint.is_default else ""), endpoint.kind, str(endpoint.status),
             "yes" if endpoint.remote else "no", endpoint.capabilities.get("slots", ""), instances,
             endpoint.updated_at.strftime("%Y-%m-%d %H:%M:%S"), endpoint.error or ""]
@@ -35,10 +46,12 @@ class EndpointsTab:
 
     admin_only = False
 
-    def __init__(self, ctx: UiContext, *, endpoints: EndpointService, admin: EndpointAdmin) -> None:
+    def __init__(self, ctx: UiContext, *, endpoints: EndpointService, admin: EndpointAdmin,
+                 inventory: SageMakerInventory | None = None) -> None:
         self.ctx = ctx
         self.endpoints = endpoints
         self.admin = admin
+        self.inventory = inventory
         self.kinds = [k for k in admin.kinds() if options_model(k) is not None]
         self.fields: dict[str, list[OptionField]] = {k: describe(options_model(k)) for k in self.kinds}  # type: ignore[arg-type]
         self.widgets: dict[str, dict[str, gr.components.Component]] = {}
@@ -53,6 +66,21 @@ class EndpointsTab:
         deletable = [e.name for e in rows if not e.is_default]
         return ([_row(e) for e in rows], gr.update(choices=deletable, value=None),
                 gr.update(visible=user.is_admin))
+
+    @ui_errors
+    def unmanaged(self, request: gr.Request) -> tuple[Any, Any]:
+        """The account's SageMaker endpoints no studio endpoint stands for (administrators, SageMaker in use)."""
+        user = self.ctx.user(request)
+        if not user.is_admin or self.inventory is None or not self.inventory.enabled():
+            return gr.update(value=[]), gr.update(visible=False)
+        try:
+            clouds = self.inventory.unmanaged(actor=user)
+        except ServiceError as exc:
+            return gr.update(value=[["", f"unknown: {exc.message}", "", "", "", ""]]), gr.update(visible=True)
+        listed = [[c.name, c.status, c.endpoint_type, "" if c.current_instances is None else c.current_instances,
+                   "yes (no row here)" if c.managed else "no",
+                   c.created_at.strftime("%Y-%m-%d %H:%M:%S") if c.created_at else ""] for c in clouds]
+        return gr.update(value=listed), gr.update(visible=True)
 
     @ui_errors
     def kind_changed(self, kind: str | None) -> list:
@@ -80,14 +108,14 @@ class EndpointsTab:
         return (*self.refresh(request), "")
 
     @ui_errors
-    def delete(self, name: str | None, confirmed: bool, request: gr.Request) -> tuple:
+    def delete(self, name: str | None, confirmed: bool, force: bool, request: gr.Request) -> tuple:
         if not name:
             raise gr.Error("Choose the endpoint to delete")
         if not confirmed:
             raise gr.Error(f"Tick the box to confirm deleting {name}")
-        moved = self.admin.delete(actor=self.ctx.user(request), name=name)
+        moved = self.admin.delete(actor=self.ctx.user(request), name=name, force=bool(force))
         gr.Info(f"Deleted endpoint {name}; {moved} queued job(s) moved to the default endpoint")
-        return (*self.refresh(request), False)
+        return (*self.refresh(request), False, False)
 
     # -- layout -----------------------------------------------------------------------------------------------
     def build(self) -> gr.Tab:
@@ -101,16 +129,25 @@ class EndpointsTab:
                     gr.Markdown("### Delete")
                     self.delete_name = gr.Dropdown(label="Endpoint", choices=[], elem_id="endpoint-delete-name")
                     self.confirm = gr.Checkbox(label=CONFIRM_LABEL, value=False, elem_id="endpoint-delete-confirm")
+                    self.force = gr.Checkbox(label=FORCE_LABEL, value=False, elem_id="endpoint-delete-force")
                     delete = gr.Button("Delete endpoint", variant="stop", elem_id="endpoint-delete")
+            with gr.Column(visible=False, elem_id="endpoints-unmanaged") as self.unmanaged_area:
+                gr.Markdown("### SageMaker endpoints not managed by this studio\nCreated outside the studio (or by one "
+                            "whose database is gone). Deploy a `sagemaker` endpoint with `existing` ticked and "
+                            "`sagemaker_name` set to use one here; it is never scaled or deleted by the studio.")
+                self.unmanaged_table = gr.Dataframe(headers=UNMANAGED_HEADERS, interactive=False,
+                                                    label="Unmanaged SageMaker endpoints", elem_id="endpoints-unmanaged-table")
         private = {"api_visibility": "private"}
         listing = [self.table, self.delete_name, self.admin_area]
         for trigger in (tab.select, refresh.click):
             trigger(self.refresh, None, listing, **private)
+            trigger(self.unmanaged, None, [self.unmanaged_table, self.unmanaged_area], **private)
         self.kind.change(self.kind_changed, [self.kind], list(self.groups.values()), **private)
         inputs = {self.kind, self.name, self.min_instances, self.max_instances, self.autoscale}
         inputs |= {w for widgets in self.widgets.values() for w in widgets.values()}
         self.deploy_button.click(self.deploy, inputs, [*listing, self.name], **private)
-        delete.click(self.delete, [self.delete_name, self.confirm], [*listing, self.confirm], **private)
+        delete.click(self.delete, [self.delete_name, self.confirm, self.force], [*listing, self.confirm, self.force],
+                     **private)
         return tab
 
     def _build_deploy(self) -> None:

@@ -94,7 +94,7 @@ def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
         names = body.get("endpoint_name_list") if isinstance(body, dict) else None
         if not isinstance(names, list):
             raise InvalidInput("send {\"endpoint_name_list\": [names]}", field="endpoint_name_list")
-        moved = admin.delete_many(actor=user, names=names)
+        moved = admin.delete_many(actor=user, names=names, force=body.get("force", False))
         return {"deleted": names, "moved_jobs": moved}
 
     @router.get("/{name}")
@@ -102,8 +102,10 @@ def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
         return endpoint_item(endpoints.get(actor=user, name=name), user)
 
     @router.delete("/{name}")
-    def delete(user: CurrentUser, name: str) -> dict[str, Any]:
-        """Delete an endpoint (administrators): running jobs are requeued, queued ones move to the default."""
-        return {"deleted": name, "moved_jobs": admin.delete(actor=user, name=name)}
+    def delete(user: CurrentUser, name: str, force: bool = False) -> dict[str, Any]:
+        """Delete an endpoint (administrators): running jobs are requeued, queued ones move to the default. A
+        SageMaker endpoint is deleted there too (endpoint, config, model, scaling); while jobs run on it the delete
+        is refused (409 naming ``force``) unless ``?force=true``."""
+        return {"deleted": name, "moved_jobs": admin.delete(actor=user, name=name, force=force)}
 
     return router

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from deploy.storage import BlobStore
 from webapp.db import Database
 from webapp.services.jobs.board import JobBoard
+from webapp.services.jobs.cloud_inventory import SageMakerInventory
 from webapp.services.jobs.endpoint_admin import EndpointAdmin
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
@@ -67,6 +68,7 @@ class Jobs:
     service: JobService
     fleet: Fleet
     admin: EndpointAdmin
+    inventory: SageMakerInventory
 
 
 def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
@@ -96,4 +98,6 @@ def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: 
     set_check = getattr(registry, "set_in_use_check", None)
     if callable(set_check):
         set_check(service.model_in_use)
-    return Jobs(service=service, fleet=fleet, admin=admin)
+    inventory = SageMakerInventory(endpoints=endpoints, region=settings.sagemaker_region,
+                                   configured=bool(settings.sagemaker_role_arn or settings.sagemaker_image_uri))
+    return Jobs(service=service, fleet=fleet, admin=admin, inventory=inventory)
