@@ -4,7 +4,9 @@ The job runs our image's ``train`` command (``deploy.container.train``, which do
 the dataset and the base model arrive as the S3 channels ``dataset`` and ``model``, the payload as
 hyperparameters, the LoRAs leave as ``{output_path}/{job}/output/model.tar.gz``. While it runs, SageMaker syncs
 the container's ``/opt/ml/checkpoints`` with ``checkpoint_uri``; the container appends the trainer's events
-there (``events.jsonl``), so ``progress`` reads loss and saves from S3 without CloudWatch.
+there (``events.jsonl``), so ``progress`` reads loss and saves from S3 without CloudWatch, and
+``copy_checkpoint_file`` brings the samples and ``train.log`` it names to the asset store where the local runner
+keeps them.
 
 ``collect`` treats ``model.tar.gz`` as untrusted input — it was written by code running on a machine we do not
 watch, from a payload a user chose: only regular ``*.safetensors`` files at the archive's top level, each with a
@@ -44,6 +46,7 @@ _ROLE_ARN = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+
 _S3_URI = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>\S*)")
 _TAG = re.compile(r"[\w\s.:/=+\-@]*")
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.safetensors")
+_SAMPLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.png")
 _SAFETENSORS_HEADER_MAX = 100 * 1024 * 1024
 
 
@@ -284,6 +287,32 @@ class SageMakerTraining:
             if isinstance(event, dict) and isinstance(event.get("event"), str):
                 events.append(event)
         return events, max(after_line, len(lines))
+
+    def copy_checkpoint_file(self, checkpoint_uri: str, relative: str, job_id: str) -> str:
+        """Copy a file the container left under the checkpoint prefix — ``samples/<image>.png`` as a sample event
+        names it, or ``train.log`` — to where the local runner keeps it (``jobs/<id>/samples/<image>``,
+        ``jobs/<id>/train.log``); its store key. ``UnsafeArtifact`` for any other path or an oversized file."""
+        keys = job_keys(job_id)
+        parts = PurePosixPath(relative).parts if isinstance(relative, str) else ()
+        if relative == "train.log":
+            key = keys["log"]
+        elif len(parts) == 2 and parts[0] == "samples" and _SAMPLE_NAME.fullmatch(parts[1]) \
+                and f"samples/{parts[1]}" == relative:
+            key = f"{keys['samples']}{parts[1]}"
+        else:
+            raise UnsafeArtifact(f"checkpoint file {relative!r} is neither train.log nor samples/<image>.png",
+                                 str(relative))
+        bucket, prefix = split_s3_uri(checkpoint_uri)
+        source = f"{prefix.rstrip('/')}/{relative}" if prefix else relative
+        size = int(self.s3.head_object(Bucket=bucket, Key=source)["ContentLength"])
+        if size > self.max_file_bytes:
+            raise UnsafeArtifact(f"checkpoint file {relative!r} is {size} bytes, over {self.max_file_bytes}", relative)
+        with tempfile.TemporaryDirectory(prefix="studio-checkpoint-") as work:
+            local = Path(work) / "file"
+            self.s3.download_file(bucket, source, str(local))
+            content_type = "text/plain; charset=utf-8" if relative == "train.log" else "image/png"
+            self.store.put_file(key, local, content_type=content_type)
+        return key
 
     def collect(self, job_name: str, output_path: str, job_id: str) -> list[str]:
         """Store the job's LoRAs from its ``model.tar.gz`` under ``jobs/<job_id>/lora/<file>``; their keys. An

@@ -244,3 +244,20 @@ def test_the_bounds_on_count_and_archive_size_hold(moto_server, s3_client, s3_bu
     with pytest.raises(UnsafeArtifact, match="model.tar.gz is \\d+ bytes"):
         small.collect("job-n", output, "job1")
     assert len(SageMakerTraining(store=MemoryStore()).collect("job-n", output, "job1")) == 3
+
+
+def test_samples_and_the_log_are_copied_from_the_checkpoint_prefix_by_the_names_events_give(training, s3_client,
+                                                                                           s3_bucket):
+    uri = f"s3://{s3_bucket}/training/job-f/"
+    s3_client.put_object(Bucket=s3_bucket, Key="training/job-f/samples/mylora-e000001-00.png", Body=b"\x89PNG x")
+    s3_client.put_object(Bucket=s3_bucket, Key="training/job-f/train.log", Body=b"step 1\n")
+
+    assert training.copy_checkpoint_file(uri, "samples/mylora-e000001-00.png", "job1") == \
+        "jobs/job1/samples/mylora-e000001-00.png"
+    assert training.copy_checkpoint_file(uri, "train.log", "job1") == "jobs/job1/train.log"
+    assert training.store.open("jobs/job1/train.log").read() == b"step 1\n"
+    for bad in ("state.pt", "samples/../state.pt", "../other/train.log", "samples/x.png/../../y.png"):
+        with pytest.raises(UnsafeArtifact):
+            training.copy_checkpoint_file(uri, bad, "job1")
+    assert sorted(b.key for b in training.store.list("")) == ["jobs/job1/samples/mylora-e000001-00.png",
+                                                             "jobs/job1/train.log"]
