@@ -20,7 +20,9 @@ so a ``state.pt`` found there at start resumes after its epoch). While it runs:
   ``checkpoints/``); step lines at most one per ``STEP_EVENT_SECONDS`` plus the last one before any other event,
   so the file stays small for the studio to poll from S3 (``SageMakerTraining.progress``);
 - ``checkpoints/samples/`` gets the sample images, ``checkpoints/train.log`` the trainer's stderr (also echoed to
-  our stderr, which SageMaker sends to CloudWatch).
+  our stderr, which SageMaker sends to CloudWatch);
+- ``checkpoints/lora/`` gets a copy of each saved epoch's LoRA: a retried job starts on a fresh instance with an
+  empty ``model/``, and copies them back there first, so its archive still holds every epoch.
 
 Exit codes: 0 done; 2 bad input and 1 any other failure, both with one tagged paragraph in
 ``output/failure`` (``deploy.trainer_process.failure_reason``: SageMaker shows it as the job's FailureReason);
@@ -113,6 +115,7 @@ class MlPaths:
         self.model = root / "model"
         self.checkpoints = root / "checkpoints"
         self.samples = self.checkpoints / "samples"
+        self.saved_epochs = self.checkpoints / "lora"
         self.events = self.checkpoints / "events.jsonl"
         self.train_log = self.checkpoints / "train.log"
         self.failure = root / "output" / "failure"
@@ -173,6 +176,7 @@ class EventLog:
         if kind == "saved":
             event = {**event, "lora": self._name_in(event.get("lora"), self.paths.model),
                      "state": self._name_in(event.get("state"), self.paths.checkpoints)}
+            self._keep_epoch(event["lora"])
         elif kind == "sample":
             event = {**event, "path": self._move_sample(event.get("path"))}
         elif kind == "done":
@@ -194,6 +198,27 @@ class EventLog:
             return None
         path = Path(reported).resolve()
         return path.relative_to(root.resolve()).as_posix() if path.is_relative_to(root.resolve()) else None
+
+    def _keep_epoch(self, name: str | None) -> None:
+        """Copy a saved epoch's LoRA into ``checkpoints/lora/`` (``.partial`` then rename: the sync to S3 never
+        takes half a file for a whole one)."""
+        source = self.paths.model / name if name else None
+        if source is None or source.parent != self.paths.model or not source.is_file():
+            return
+        self.paths.saved_epochs.mkdir(exist_ok=True)
+        partial = self.paths.saved_epochs / f"{source.name}.partial"
+        shutil.copyfile(source, partial)
+        partial.replace(self.paths.saved_epochs / source.name)
+
+    def restore_epochs(self) -> int:
+        """Put the epochs an earlier attempt of this job saved back into ``model/``; how many."""
+        restored = 0
+        for saved in sorted(self.paths.saved_epochs.glob("*.safetensors")) if self.paths.saved_epochs.is_dir() else []:
+            target = self.paths.model / saved.name
+            if saved.is_file() and not saved.is_symlink() and not target.exists():
+                shutil.copyfile(saved, target)
+                restored += 1
+        return restored
 
     def _move_sample(self, reported: Any) -> str | None:
         name = self._name_in(reported, self.paths.model)
@@ -244,8 +269,10 @@ class TrainCommand:
         except InvalidPayload as exc:
             return self._fail(TrainerFailure("bad_request", str(exc), exc.field), EXIT_INVALID)
         resumed = (self.paths.checkpoints / "state.pt").is_file()
+        restored = self.events.restore_epochs()
         self._log(f"[studio] training {payload.output_name!r} ({payload.base_type}) on {self.device} from "
-                  f"{base_model.name}" + (", resuming from checkpoints/state.pt" if resumed else ""))
+                  f"{base_model.name}" + (", resuming from checkpoints/state.pt" if resumed else "")
+                  + (f" ({restored} saved epochs restored to model/)" if restored else ""))
         with tempfile.TemporaryDirectory(prefix="studio-train-") as work:
             run_file = write_run_file(Path(work) / "run.json", base_type=payload.base_type, config=payload.config,
                                       output_name=payload.output_name, base_model=base_model,

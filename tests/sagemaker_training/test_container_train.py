@@ -138,6 +138,9 @@ def test_sigterm_stops_keeping_the_saved_epoch_and_a_retry_resumes_from_checkpoi
     code, stderr = _train(root)
 
     assert code == 0, stderr
+    epochs = [f"mylora-{e:06d}.safetensors" for e in range(1, last["epoch"] + 1)]
+    assert sorted(p.name for p in (root / "model").iterdir()) == sorted([*epochs, "mylora.safetensors"])
+    assert (root / "model" / last["lora"]).read_bytes() == (root / "checkpoints" / "lora" / last["lora"]).read_bytes()
     starts = [e for e in _events(root) if e["event"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_epoch"] == last["epoch"]
     steps = [e for e in _events(root)[_events(root).index(starts[1]):] if e["event"] == "step"]
