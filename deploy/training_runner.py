@@ -22,11 +22,7 @@ run from another Python environment: the ``training_command`` option).
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import json
 import logging
-import os
 import queue
 import re
 import shutil
@@ -39,13 +35,23 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import Any
 
 from deploy.backends.messages import Cancelled, Event, Failed, JobSpec, Progress, Succeeded
 from deploy.jobkinds import RunnerContext
 from deploy.model_files import ModelFileError
 from deploy.storage import StorageError
 from deploy.storage.base import InvalidKey, validate_prefix
+from deploy.trainer_process import (
+    EXIT_STOPPED,
+    failure_of,
+    parse_event,
+    pump,
+    reap,
+    signal_group,
+    start_trainer,
+)
+from deploy.trainer_process import write_run_file as write_trainer_run_file
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +71,6 @@ ERROR_TAIL_LINES = 20
 STOPPED = "the worker stopped mid-training; the job resumes from its last saved epoch"
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
-
-_LIVE: set[subprocess.Popen[bytes]] = set()
-_LIVE_LOCK = threading.Lock()
-
-
-@atexit.register
-def _kill_live_trainers() -> None:
-    """A studio that exits normally mid-training takes its trainers with it (their groups are their own)."""
-    with _LIVE_LOCK:
-        live = list(_LIVE)
-    for process in live:
-        _signal_group(process, signal.SIGKILL)
-
 
 class InvalidPayload(ValueError):
     """The job's payload (or the dataset it names) cannot be trained on; ``field`` names the culprit."""
@@ -144,20 +137,6 @@ def dataset_path(prefix: str, key: str) -> PurePosixPath:
         raise InvalidPayload(f"dataset key {key!r} is not a plain relative path; refusing to copy it",
                              "dataset_prefix")
     return PurePosixPath(*parts)
-
-
-def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
-
-
-def _pump(stream: IO[bytes], sink: Callable[[str], None]) -> None:
-    """Feed ``stream``'s lines to ``sink`` until EOF (one thread per pipe, so neither pipe can fill up)."""
-    try:
-        for raw in iter(stream.readline, b""):
-            sink(raw.decode("utf-8", "replace").rstrip("\r\n"))
-    finally:
-        stream.close()
 
 
 @dataclass
@@ -294,42 +273,23 @@ class TrainingRunner:
     def _write_run_file(self, job_dir: Path, payload: TrainPayload, base_model: Path,
                         dirs: Mapping[str, Path]) -> Path:
         options = self.context.options
-        run = {"base_model": str(base_model.resolve()), "base_type": payload.base_type,
-               "train_data_dir": str(dirs["dataset"].resolve()), "output_dir": str(dirs["out"].resolve()),
-               "state_dir": str(dirs["state"].resolve()), "device": self.context.device,
-               "skeleton_dirs": [str(Path(d).resolve()) for d in options.get("skeleton_dirs") or ()],
-               "cpu_threads": int(options.get("cpu_threads") or 0)}
-        config = {**payload.config, "output_name": payload.output_name}
-        path = job_dir / "run.json"
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps({"run": run, "config": config}, indent=2), encoding="utf-8")
-        partial.replace(path)
-        return path
+        return write_trainer_run_file(job_dir / "run.json", base_type=payload.base_type, config=payload.config,
+                                      output_name=payload.output_name, base_model=base_model,
+                                      dataset_dir=dirs["dataset"], output_dir=dirs["out"], state_dir=dirs["state"],
+                                      device=self.context.device, skeleton_dirs=options.get("skeleton_dirs") or (),
+                                      cpu_threads=int(options.get("cpu_threads") or 0))
 
     # -- the child process -----------------------------------------------------------------------------
-    def _start(self, run_file: Path, cwd: Path) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("HF_HUB_OFFLINE", "1")  # air-gapped: models come from the run file, never a hub
-        project = str(Path(__file__).resolve().parent.parent)  # so `-m training` resolves from any cwd
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (project, env.get("PYTHONPATH")) if p)
-        process = subprocess.Popen([*self.command, "--config", str(run_file)], cwd=cwd, env=env,
-                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   process_group=0)
-        with _LIVE_LOCK:
-            _LIVE.add(process)
-        return process
-
     def _supervise(self, spec: JobSpec, run: _Run, run_file: Path, dirs: Mapping[str, Path], emit: Emit,
                    should_cancel: Check, stopping: Check) -> Event:
         lines: queue.Queue[str | None] = queue.Queue()
         try:
-            process = self._start(run_file, run_file.parent)
+            process = start_trainer(self.command, run_file, run_file.parent)
         except OSError as exc:  # the command itself is wrong: the operator's setting, not the job
             return Failed(job_id=spec.job_id, kind="internal",
                           message=f"cannot start the trainer ({' '.join(self.command)}): {exc}")
-        readers = [threading.Thread(target=_pump, args=(process.stdout, lines.put), daemon=True),
-                   threading.Thread(target=_pump, args=(process.stderr, run.add_log), daemon=True)]
+        readers = [threading.Thread(target=pump, args=(process.stdout, lines.put), daemon=True),
+                   threading.Thread(target=pump, args=(process.stderr, run.add_log), daemon=True)]
         for reader in readers:
             reader.start()
         readers.append(threading.Thread(target=lambda: (readers[0].join(), lines.put(None)), daemon=True))
@@ -349,14 +309,9 @@ class TrainingRunner:
                     stop_reason = "stopping" if stopping() else "cancelled"
                     log.info("training job %s: %s; stopping the trainer", spec.job_id, stop_reason)
                     self._terminate(process)
-            code = process.wait()
+            process.wait()
         finally:
-            if process.poll() is None:
-                _signal_group(process, signal.SIGKILL)
-                process.wait()
-            _signal_group(process, signal.SIGKILL)  # anything the trainer started and left behind
-            with _LIVE_LOCK:
-                _LIVE.discard(process)
+            code = reap(process)
             for reader in readers[1:]:
                 reader.join(timeout=5)
         run.add_log(f"[studio] trainer exited with code {code}")
@@ -369,14 +324,14 @@ class TrainingRunner:
     def _terminate(self, process: subprocess.Popen[bytes]) -> None:
         """SIGTERM the trainer's group; SIGKILL it if it has not exited after the grace period (in a thread, so
         the events it still prints — a save that was finishing — are read meanwhile)."""
-        _signal_group(process, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
 
         def kill_late() -> None:
             try:
                 process.wait(timeout=self.stop_grace)
             except subprocess.TimeoutExpired:
                 log.warning("trainer %d ignored SIGTERM for %.0fs; killing it", process.pid, self.stop_grace)
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
 
         threading.Thread(target=kill_late, daemon=True).start()
 
@@ -391,33 +346,17 @@ class TrainingRunner:
             return Cancelled(job_id=job_id, reason="cancelled while training", artifact_keys=tuple(run.artifacts))
         if stop_reason == "stopping":
             return Failed(job_id=job_id, kind="interrupted", message=STOPPED)
-        tail = "\n".join(run.tail)
-        if code == 2:
-            error = run.error or {}
-            name = error.get("field")
-            message = str(error.get("message") or tail or "the trainer refused its input")
-            if name and f"`{name}`" not in message:
-                message = f"`{name}`: {message}"
-            return Failed(job_id=job_id, message=message, kind="bad_request", field=name or None)
-        if code == 3:
+        if code == EXIT_STOPPED:
             return Failed(job_id=job_id, kind="interrupted",
                           message="the trainer was stopped from outside the studio; the job resumes from its "
                                   "last saved epoch")
-        if code == 0:
-            return Failed(job_id=job_id, kind="internal", message=f"the trainer exited without a final LoRA\n{tail}")
-        reported = str((run.error or {}).get("message") or "")
-        memory = any(word in f"{reported}\n{tail}".lower() for word in ("out of memory", "outofmemoryerror"))
-        how = f"was killed by signal {-code}" if code < 0 else f"failed (exit code {code})"
-        summary = f"the trainer {how}: {reported}" if reported else f"the trainer {how}"
-        return Failed(job_id=job_id, kind="oom" if memory else "internal", message=f"{summary}\n{tail}")
+        failure = failure_of(code, run.error, "\n".join(run.tail))
+        return Failed(job_id=job_id, kind=failure.kind, message=failure.message, field=failure.field)
 
     # -- the trainer's events --------------------------------------------------------------------------
     def _handle(self, line: str, run: _Run, dirs: Mapping[str, Path], emit: Emit, quiet: bool) -> None:
-        try:
-            event = json.loads(line)
-        except ValueError:
-            event = None
-        if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        event = parse_event(line)
+        if event is None:
             run.add_log(line)  # something printed to stdout besides the protocol
             return
         kind = event["event"]

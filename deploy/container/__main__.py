@@ -1,4 +1,5 @@
-"""``python -m deploy.container serve [flags]``: the worker's command line (also SageMaker's ``serve`` entry).
+"""``python -m deploy.container serve [flags]``: the worker's command line (also SageMaker's ``serve`` entry);
+``python -m deploy.container train``: SageMaker's training entry (``deploy.container.train``).
 
 Every flag has an environment twin ``STUDIO_WORKER_<NAME>`` (``--cache-gb`` → ``STUDIO_WORKER_CACHE_GB``);
 a flag given on the command line wins. The shared secret comes only from ``STUDIO_WORKER_SECRET`` or
@@ -52,12 +53,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
     serve.add_argument("--backend", choices=("local", "fake"), help=argparse.SUPPRESS)
     serve.add_argument("--backend-options", help=argparse.SUPPRESS)  # JSON, e.g. the fake's {"step_delay": 0.1}
+    train = commands.add_parser("train", help="run one LoRA training as a SageMaker training job "
+                                              "(docker run image train)",
+                                description="Reads the job from SageMaker's /opt/ml layout; see deploy/container/train.py.")
+    train.add_argument("--ml-root", type=Path, default=Path("/opt/ml"), help="SageMaker's folder (default /opt/ml)")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:<n>")
+    train.add_argument("--skeleton-dirs", type=Path, nargs="+", default=[], help="extra config-skeleton folders")
+    train.add_argument("--cpu-threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
-    args.pop("command")
+    if args.pop("command") == "train":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from deploy.container.train import run_train
+
+        return run_train(**args)
     from deploy.container.config import WorkerSettings, WorkerSettingsError
 
     try:

@@ -86,3 +86,14 @@ def test_the_constraints_pin_every_runtime_dependency_within_its_range():
         assert name in pins, f"{requirement.name} is not pinned in constraints.txt"
         assert requirement.specifier.contains(pins[name], prereleases=True), (dependency, pins[name])
     assert not {"pytest", "moto", "playwright", "ruff"} & set(pins), "test tools stay out of the image"
+
+
+def test_the_training_entry_runs_here_and_its_code_is_in_the_image():
+    """SageMaker training runs `docker run <image> train`: the same ENTRYPOINT with `train` for CMD."""
+    entrypoint = json.loads(_one("ENTRYPOINT"))
+    result = subprocess.run([sys.executable, *entrypoint[1:], "train", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--ml-root" in result.stdout
+    copied = {rest.split()[0] for word, rest in _instructions() if word == "COPY"}
+    assert {"training/", "deploy/", "pipelines/", "assets/"} <= copied  # the trainer runs as `python -m training`
