@@ -179,3 +179,28 @@ def test_removing_the_endpoint_requeues_its_jobs_running_elsewhere(fake_studio):
     row = _row(fake_studio, job.id)
     assert row.status == JobStatus.QUEUED and row.remote_handle is None and row.attempts == 0
     fake_studio.jobs.queue.cancel_queued(job.id)
+
+
+def test_a_worker_cannot_claim_or_delete_another_jobs_files(fake_studio):
+    """A remote worker answers store keys; keys outside the job's own ``jobs/<id>/`` are ignored, so deleting the
+    job cannot delete another job's files."""
+    actor = add_user(fake_studio, "detached-user")
+    victim = fake_studio.store.put("jobs/someone-else/0.png", io.BytesIO(_png()), content_type="image/png")
+    backend = CloudBackend("cloud-liar", adopts=True)
+    dispatcher = _attach(fake_studio, backend)
+    try:
+        job = fake_studio.jobs.submit(actor=actor, mode="txt2img", request=txt2img(), endpoint="cloud-liar")
+        assert backend.submitted.wait(10)
+        own = f"jobs/{job.id}/0.png"
+        fake_studio.store.put(own, io.BytesIO(_png()), content_type="image/png")
+        backend.held.pop(job.id)
+        backend.sink(Succeeded(job_id=job.id, image_keys=(own, victim.key, f"jobs/{job.id}/../someone-else/0.png"),
+                               artifact_keys=("jobs/someone-else/0.png",)))
+        done = _wait_status(fake_studio, job.id, JobStatus.SUCCEEDED)
+        assert done.image_keys == [own] and done.artifact_keys == []
+        fake_studio.jobs.delete(actor=actor, job_id=job.id)
+        assert fake_studio.store.stat("jobs/someone-else/0.png") is not None
+    finally:
+        fake_studio.jobs.detach("cloud-liar")
+        dispatcher.stop()
+        fake_studio.store.delete("jobs/someone-else/0.png")

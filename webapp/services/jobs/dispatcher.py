@@ -294,7 +294,8 @@ class Dispatcher:
         with self._lock:
             report = self._reports.get(event.job_id)
         if report is not None:
-            report.add(step=event.step, metrics=event.metrics, log=event.log, artifact_keys=event.artifact_keys)
+            report.add(step=event.step, metrics=event.metrics, log=event.log,
+                       artifact_keys=self._own_keys(event.job_id, event.artifact_keys))
         self.board.post(event.job_id, LiveProgress(
             step=event.step, total=event.total, job_no=event.job_no, job_count=event.job_count, eta=event.eta,
             preview_png=event.preview, phase=event.phase, updated=now, metrics=dict(event.metrics) or None))
@@ -317,8 +318,20 @@ class Dispatcher:
         report.add(step=0, metrics={}, log=(), artifact_keys=artifact_keys)
         return report.columns()
 
+    def _own_keys(self, job_id: str, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """The keys a worker reported that lie under the job's own ``jobs/<job_id>/``: a remote worker (a box or a
+        SageMaker container we do not control) must not make a job show, count or — when it is deleted — delete
+        another job's files."""
+        prefix = f"jobs/{job_id}/"
+        own = tuple(key for key in keys if isinstance(key, str) and key.startswith(prefix) and ".." not in key)
+        if len(own) != len(keys):
+            log.warning("dispatcher %s: job %s reported %d file(s) outside %s; ignored", self.endpoint, job_id,
+                        len(keys) - len(own), prefix)
+        return own
+
     def _with_images(self, event: Succeeded | Cancelled, status: JobStatus, **values: object) -> None:
-        keys = list(event.image_keys)
+        keys = list(self._own_keys(event.job_id, event.image_keys))
+        artifact_keys = self._own_keys(event.job_id, event.artifact_keys)
         if event.images:
             keys = []
             try:
@@ -335,13 +348,13 @@ class Dispatcher:
             result_bytes = sum(len(png) for png in event.images)
         else:
             result_bytes = self._stored_size(event.job_id, keys)
-        result_bytes += self._stored_size(event.job_id, list(event.artifact_keys))
+        result_bytes += self._stored_size(event.job_id, list(artifact_keys))
         recorded = self._finish(
             event.job_id, status, image_keys_json=keys, infotexts_json=list(event.infotexts),
             info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
-            result_bytes=result_bytes, **self._report_columns(event.job_id, event.artifact_keys), **values)
+            result_bytes=result_bytes, **self._report_columns(event.job_id, artifact_keys), **values)
         if not recorded:  # deleted or cancelled meanwhile: keep no orphan images or artifacts
-            self._delete_keys(keys + list(event.artifact_keys))
+            self._delete_keys(keys + list(artifact_keys))
 
     def _failed(self, event: Failed) -> None:
         if event.kind == "interrupted":
