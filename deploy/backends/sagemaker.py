@@ -89,7 +89,7 @@ class SageMakerBackend(Backend):
     def __init__(self, name: str, *, plan: Any, store: BlobStore, slots: int = 4, provision: bool = False,
                  manage: bool = True, create_timeout_minutes: float = 30.0, state_seconds: float = 15.0,
                  poll_seconds: float = 2.0, region: str | None = None, control: Any = None,
-                 runtime: Any = None) -> None:
+                 runtime: Any = None, waiting_note_seconds: float = 5.0) -> None:
         """``plan``: the ``EndpointPlan`` (validated). ``provision``: create the endpoint if it does not exist (an
         administrator deploying); a restart never creates one. ``manage``: False for an endpoint created outside the
         studio — used, never scaled or deleted here."""
@@ -104,6 +104,8 @@ class SageMakerBackend(Backend):
         self.create_timeout = float(create_timeout_minutes) * 60.0
         self.state_seconds = float(state_seconds)
         self.poll_seconds = float(poll_seconds)
+        self.waiting_note_seconds = float(waiting_note_seconds)
+        """Without progress this long on an endpoint at zero instances, a job says it waits for a scale-out."""
         self.asynchronous = plan.endpoint_type == "async"
         self.control = control or SageMakerControl(region=region)
         self.runtime = runtime or SageMakerRuntime(store=store)
@@ -291,11 +293,12 @@ class SageMakerBackend(Backend):
     def _waiting(self, held: _Held) -> None:
         """No progress yet: say why when the endpoint has no instance (scaling from zero takes minutes)."""
         state = self._state
-        if state is None or state.current_instances != 0 or time.monotonic() - held.last_progress < 5.0:
+        if state is None or state.current_instances != 0 or \
+                time.monotonic() - held.last_progress < self.waiting_note_seconds:
             return
         held.last_progress = time.monotonic()
         waited = time.time() - held.handle.submitted_at
-        self._emit(Progress(job_id=held.spec.job_id, step=0, total=0, phase="scaling from zero",
+        self._emit(Progress(job_id=held.spec.job_id, step=0, total=0, phase="waiting",
                             log=(f"endpoint {self.name} is scaling from zero: waited {_elapsed(waited)} so far "
                                  "(a cold start takes minutes)",)))
 

@@ -13,10 +13,11 @@ from typing import Any
 from PIL import Image
 
 from deploy.backends.base import Backend, Capabilities, EventSink
-from deploy.backends.messages import JobSpec, Started, Succeeded
+from deploy.backends.messages import JobSpec, Progress, Started, Succeeded
 from tests.jobs.conftest import add_user, txt2img
 from webapp.records import EndpointStatus, Job, JobStatus
-from webapp.services.jobs.dispatcher import Dispatcher
+from webapp.services.jobs.dispatcher import WAITING_PHASE, Dispatcher
+from webapp.ui.job_views import progress_html
 
 
 def _png() -> bytes:
@@ -204,3 +205,24 @@ def test_a_worker_cannot_claim_or_delete_another_jobs_files(fake_studio):
         fake_studio.jobs.detach("cloud-liar")
         dispatcher.stop()
         fake_studio.store.delete("jobs/someone-else/0.png")
+
+
+def test_a_waiting_note_reaches_the_progress_the_ui_and_a1111_show(fake_studio):
+    actor = add_user(fake_studio, "detached-user")
+    backend = CloudBackend("cloud-cold", adopts=True)
+    dispatcher = _attach(fake_studio, backend)
+    try:
+        job = fake_studio.jobs.submit(actor=actor, mode="txt2img", request=txt2img(), endpoint="cloud-cold")
+        assert backend.submitted.wait(10)
+        note = "endpoint cloud-cold is scaling from zero: waited 1m 05s so far (a cold start takes minutes)"
+        backend.sink(Progress(job_id=job.id, step=0, total=0, phase=WAITING_PHASE, log=(note,)))
+        deadline = time.monotonic() + 10
+        while fake_studio.jobs.snapshot_of(_row(fake_studio, job.id)).note != note:
+            assert time.monotonic() < deadline, "the note never reached the snapshot"
+            time.sleep(0.02)
+        assert "scaling from zero" in progress_html(fake_studio.jobs.snapshot_of(_row(fake_studio, job.id)))
+        backend.finish(job.id)
+        assert _wait_status(fake_studio, job.id, JobStatus.SUCCEEDED).status == JobStatus.SUCCEEDED
+    finally:
+        fake_studio.jobs.detach("cloud-cold")
+        dispatcher.stop()

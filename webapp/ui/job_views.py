@@ -40,7 +40,7 @@ def progress_html(snapshot: ProgressSnapshot | None, *, note: str = "") -> str:
         return (f'<div class="studio-progress" data-status="queued" data-job="{snapshot.job_id}">'
                 f'<div style="{_BAR}"><div style="{_FILL.format(pct=0)}"></div></div>{html.escape(text)}</div>')
     pct = snapshot.progress * 100
-    parts = [f"Step {snapshot.step}/{snapshot.total}" if snapshot.total else "Starting…"]
+    parts = [f"Step {snapshot.step}/{snapshot.total}" if snapshot.total else (snapshot.note or "Starting…")]
     if snapshot.job_count > 1:
         parts.append(f"pass {snapshot.job_no + 1}/{snapshot.job_count}")
     parts += [f"{pct:.0f}%", _eta(snapshot.eta)]

@@ -45,7 +45,7 @@ def progress_answer(ctx: SdapiContext, user: Any, skip_current_image: bool) -> d
     if not skip_current_image and snapshot.preview_png and ctx.options.generation_defaults(actor=user).live_previews:
         preview = base64.b64encode(snapshot.preview_png).decode("ascii")
     textinfo = (f"Waiting in the queue (position {snapshot.queue_position})" if queued
-                else f"Step {snapshot.step}/{snapshot.total}")
+                else snapshot.note if snapshot.note and not snapshot.total else f"Step {snapshot.step}/{snapshot.total}")
     return {
         # never exactly 0 while something is pending, so "progress == 0 and job_count == 0" means idle
         "progress": 0.0 if queued else min(1.0, max(0.01, float(snapshot.progress))),

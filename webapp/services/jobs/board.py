@@ -16,7 +16,7 @@ import asyncio
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 KEEP_FINISHED = 10_000
 """Versions of this many finished jobs are kept (late waiters still see the change); older ones go."""
@@ -34,6 +34,8 @@ class LiveProgress:
     updated: float = 0.0
     metrics: dict[str, float] | None = None
     """The latest numbers the job reported (a training's loss, lr, epoch); None for generation."""
+    note: str | None = None
+    """Why a started job makes no steps yet (``phase == "waiting"``: a SageMaker endpoint scaling from zero)."""
 
     @property
     def fraction(self) -> float:
@@ -76,8 +78,7 @@ class JobBoard:
             previous = self._live.get(job_id)
             if progress.preview_png is None and previous is not None and previous.preview_png is not None:
                 # keep showing the last preview between preview steps
-                progress = LiveProgress(progress.step, progress.total, progress.job_no, progress.job_count,
-                                        progress.eta, previous.preview_png, progress.phase, progress.updated)
+                progress = replace(progress, preview_png=previous.preview_png)
             self._live[job_id] = progress
             self._changed(job_id)
 

@@ -48,6 +48,10 @@ PROGRESS_WRITE_SECONDS = 1.0
 """How often a running job's progress is written to its row (the board always has the live value)."""
 
 
+WAITING_PHASE = "waiting"
+"""A ``Progress.phase`` saying the job has started but waits (its last log line says why and for how long)."""
+
+
 def image_key(job_id: str, index: int) -> str:
     return f"jobs/{job_id}/{index}.png"
 
@@ -298,7 +302,8 @@ class Dispatcher:
                        artifact_keys=self._own_keys(event.job_id, event.artifact_keys))
         self.board.post(event.job_id, LiveProgress(
             step=event.step, total=event.total, job_no=event.job_no, job_count=event.job_count, eta=event.eta,
-            preview_png=event.preview, phase=event.phase, updated=now, metrics=dict(event.metrics) or None))
+            preview_png=event.preview, phase=event.phase, updated=now, metrics=dict(event.metrics) or None,
+            note=event.log[-1] if event.phase == WAITING_PHASE and event.log else None))
         if now - self._last_write.get(event.job_id, 0.0) >= PROGRESS_WRITE_SECONDS:
             self._last_write[event.job_id] = now
             values: dict[str, object] = {

@@ -70,6 +70,8 @@ class ProgressSnapshot:
     created_at: datetime
     metrics: dict[str, float] | None = None
     """The latest numbers the job reported (a training's loss, lr, epoch); None for generation."""
+    note: str | None = None
+    """Why a running job makes no steps yet (a SageMaker endpoint scaling from zero, with the wait so far)."""
 
 
 def _aware(moment: datetime) -> datetime:
@@ -483,9 +485,11 @@ class JobService:
 
     def _snapshot(self, job: Job) -> ProgressSnapshot:
         live = self.board.live(job.id) if job.status == JobStatus.RUNNING else None
+        note = None
         if live is not None:
             step, total, job_no, job_count = live.step, live.total, live.job_no, live.job_count
             fraction, eta, preview, metrics = live.fraction, live.eta, live.preview_png, live.metrics
+            note = live.note
         else:
             step, total, job_no, job_count = job.step, job.steps, job.job_no, job.job_count
             fraction, eta, preview = job.progress, job.eta_seconds, None
@@ -495,7 +499,7 @@ class JobService:
             job_id=job.id, status=JobStatus(job.status), mode=str(job.mode), task_id=job.task_id, step=step,
             total=total, job_no=job_no, job_count=job_count, progress=1.0 if job.status == JobStatus.SUCCEEDED
             else fraction, eta=eta, preview_png=preview, queue_position=position, started_at=job.started_at,
-            created_at=job.created_at, metrics=metrics)
+            created_at=job.created_at, metrics=metrics, note=note)
 
     # -- changes ----------------------------------------------------------------------------------------------
     def cancel(self, *, actor: User, job_id: str) -> Job:
