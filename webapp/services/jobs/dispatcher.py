@@ -139,8 +139,9 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                while not self._stopping and not self._held and self.backend.free_slots() > 0:
-                    job = self.queue.claim(self.endpoint, kinds=self.backend.capabilities().kinds)
+                while not self._stopping and not self._held:
+                    kinds = self.backend.claimable_kinds()
+                    job = self.queue.claim(self.endpoint, kinds=kinds) if kinds else None
                     if job is None:
                         break
                     self._dispatch(job)
