@@ -117,14 +117,44 @@ def test_a_stopped_training_resumes_from_its_saved_state(tstudio):
     with pytest.raises(NotFound):
         tstudio.trainings.resume(actor=bob, job_id=job.id)
     tstudio.trainer.hold = False
+    # a refused resume (this endpoint runs no training) copies nothing and leaves nothing behind
+    before = _stored_keys(tstudio)
+    with pytest.raises(Conflict) as refused:
+        tstudio.trainings.resume(actor=alice, job_id=job.id, endpoint="local")
+    assert refused.value.field == "endpoint" and _stored_keys(tstudio) == before
     resumed = tstudio.trainings.resume(actor=alice, job_id=job.id)
     assert resumed.id != job.id and resumed.request == stopped.request
+    carried = [f"jobs/{resumed.id}/lora/mylora-000001.safetensors", f"jobs/{resumed.id}/samples/mylora-e000001-00.png"]
+    assert resumed.artifact_keys == carried, "the epochs made before the stop are the resumed job's from the start"
     done = _wait(tstudio, alice, resumed.id, {JobStatus.SUCCEEDED, JobStatus.FAILED})
     assert done.status == JobStatus.SUCCEEDED, done.error
     assert tstudio.trainer.state_at_start[job.id] is None
     assert tstudio.trainer.state_at_start[resumed.id] == b"state after epoch 1"  # there before it could start
+    assert done.artifact_keys == [*carried, f"jobs/{resumed.id}/lora/mylora-000002.safetensors",
+                                  f"jobs/{resumed.id}/samples/mylora-e000002-00.png",
+                                  f"jobs/{resumed.id}/lora/mylora.safetensors"]
+    assert _read(tstudio, carried[0]) == _read(tstudio, stopped.artifact_keys[0])  # the stopped job keeps its own
+    assert done.stored_bytes == len(done.request_json.encode()) + sum(
+        tstudio.store.stat(key).size for key in done.artifact_keys), "every file the job holds counts once"
     with pytest.raises(Conflict, match="succeeded"):
         tstudio.trainings.resume(actor=alice, job_id=resumed.id)
+    # the resumed training's LoRAs are every epoch's, each registered once, as alice's
+    tstudio.training_registrar.wait(30)
+    registered = tstudio.trainings.get(actor=alice, job_id=resumed.id).info["registered_models"]
+    assert set(registered) == {k for k in done.artifact_keys if k.endswith(".safetensors")}
+    models = [m for m in tstudio.registry.list_models(actor=alice, type=ModelType.LORA) if m.source == "training"]
+    assert sorted(m.name for m in models) == ["mylora", "mylora-000001", "mylora-000002"]
+    assert sorted(m.id for m in models) == sorted(registered.values())
+    assert "registered_models" not in (tstudio.trainings.get(actor=alice, job_id=job.id).info or {})
+
+
+def _stored_keys(tstudio) -> set[str]:
+    return {blob.key for blob in tstudio.store.list("jobs/")}
+
+
+def _read(tstudio, key: str) -> bytes:
+    with tstudio.store.open(key) as handle:
+        return handle.read()
 
 
 def test_a_succeeded_training_registers_its_loras_once_as_the_owners_private_models(tstudio):
