@@ -62,7 +62,8 @@ class ScriptedTrainer(ThreadedBackend):
     sample), metrics per step, then the final LoRA — or, with ``hold``, it waits after epoch 1 until cancelled.
     A job that finds a saved state (a resume) goes on after epoch 1 as the runner does: it reports the files
     already under its ``jobs/<id>/lora/`` and ``samples/``, saves epoch 2 (LoRA and sample), then the final.
-    ``state_at_start`` records the state each job found in the store when it started (a resume's)."""
+    ``state_at_start`` records the state each job found in the store when it started (a resume's); a job that
+    succeeds deletes its state, as the runner does."""
 
     kind = "scripted-trainer"
 
@@ -111,6 +112,7 @@ class ScriptedTrainer(ThreadedBackend):
             made += (self._put(f"{prefix}/lora/{name}-000002.safetensors", files.epoch2.read_bytes()),
                      self._put(f"{prefix}/samples/{name}-e000002-00.png", png(32, 32, (0, 0, 200))))
         final = self._put(f"{prefix}/lora/{name}.safetensors", files.final.read_bytes())
+        self.store.delete(state_key)  # as the runner: no use once the final LoRA is stored
         return Succeeded(job_id=spec.job_id, artifact_keys=(*made, final),
                          info={"lora": final, "epochs": 2, "steps": 4})
 

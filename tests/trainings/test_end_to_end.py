@@ -66,7 +66,11 @@ def test_train_stop_resume_and_register_on_the_local_backend(model_studio):  # n
     assert studio.trainings.samples(actor=admin, job_id=resumed.id)
 
     studio.training_registrar.wait(120)
-    registered = studio.trainings.get(actor=admin, job_id=resumed.id).info["registered_models"]
+    finished = studio.trainings.get(actor=admin, job_id=resumed.id)
+    registered = finished.info["registered_models"]
+    assert sorted(finished.info["handed_to_models"]) == sorted(registered), "the models hold the LoRAs' only copy"
+    assert finished.stored_bytes == len(finished.request_json.encode()) + sum(
+        blob.size for blob in studio.store.list(f"jobs/{resumed.id}/")), "the job counts what it still stores"
     models = {m.name: m for m in studio.registry.list_models(actor=admin, type=ModelType.LORA)
               if m.id in registered.values()}
     assert sorted(models) == sorted(name.removesuffix(".safetensors") for name in loras), "every epoch, once"

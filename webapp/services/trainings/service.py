@@ -47,6 +47,10 @@ BASE_OF_TYPE = {"sd15": "sd1", "sdxl": "sdxl"}
 STATE_KEY = "state/state.pt"
 """Below ``jobs/<id>/``: the resumable state the training runner keeps (not an artifact)."""
 RESUMABLE = frozenset({JobStatus.CANCELLED, JobStatus.FAILED})
+REGISTERED = "registered_models"
+"""``Job.info`` key: artifact key → id of the model the registrar made of that LoRA."""
+HANDED = "handed_to_models"
+"""``Job.info`` key: the LoRAs whose only stored copy is now their model's (the job gave its copy up)."""
 
 
 def job_prefix(job_id: str) -> str:
@@ -223,14 +227,28 @@ class TrainingService:
             return False
 
     def artifact(self, *, actor: User, job_id: str, key: str) -> IO[bytes]:
-        """Any artifact (LoRA, sample, log) of a training the actor may see, open for reading."""
+        """Any artifact (LoRA, sample, log) of a training the actor may see, open for reading; a LoRA registered
+        as a model is read from the model, which holds its only copy."""
         job = self.get(actor=actor, job_id=job_id)
         if key not in job.artifact_keys:  # never the resume state, a dataset or another job's file
             raise NotFound(f"training {job.id!r} has no file {key!r}", field="key")
+        info = job.info or {}
+        if key in (info.get(HANDED) or ()):
+            return self._model_file(actor, job, key, str((info.get(REGISTERED) or {}).get(key, "")))
         try:
             return self._store.open(key)
         except BlobNotFound:
             raise NotFound(f"{key} of training {job_id!r} is missing from the asset store", field="key") from None
+
+    def _model_file(self, actor: User, job: Job, key: str, model_id: str) -> IO[bytes]:
+        try:
+            record = self._registry.get(actor=actor, model_id=model_id)
+            if not record.store_key:
+                raise NotFound(f"model {model_id!r} has no stored file", field="key")
+            return self._store.open(record.store_key)
+        except (NotFound, BlobNotFound):
+            raise NotFound(f"{key} of training {job.id!r} was registered as model {model_id!r}, which is gone "
+                           "(deleted with its file)", field="key") from None
 
     def samples(self, *, actor: User, job_id: str) -> list[tuple[str, bytes]]:
         """Every sample of a training as (key, PNG bytes), oldest first; missing ones are left out."""
