@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     (``pipelines.cache.auto_budget``)."""
     preview_every: int = Field(5, ge=0)
     """A live preview every N sampling steps (0: none)."""
+    share_training_device: bool = False
+    """The ``local`` endpoint lets one generation job run on a device beside its training (both share the
+    device's memory, so either may run out of it); off: generation waits for the devices trainings hold."""
     endpoint_health_seconds: float = Field(5.0, ge=0)
     """How often running endpoints' backends are asked whether they are healthy (an unhealthy one is shown
     ``Degraded`` and its queued jobs wait); 0: never."""
@@ -294,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--import-workers", type=int, help="model imports running at once (default 2)")
     p.add_argument("--backend", help="backend kind of the local endpoint: local (default) or fake")
     p.add_argument("--devices", help="local devices: auto (default), cpu, or a list such as cuda:0,cuda:1")
+    p.add_argument("--share-training-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="let one generation job run on a device beside its training (default: off)")
     p.add_argument("--endpoint-health-seconds", type=float,
                    help="how often endpoints' backends are health-checked (default 5; 0: never)")
     p.add_argument("--forwarded-allow-ips",
@@ -328,7 +333,7 @@ def settings_from_args(argv: list[str] | None = None) -> Settings:
         overrides["host"] = "0.0.0.0"
     for name in ("host", "port", "data_dir", "database_url", "store", "log_level", "models_dir", "import_roots",
                  "model_cache_dir", "model_cache_budget_gb", "max_upload_gb", "import_workers", "backend",
-                 "devices", "endpoint_health_seconds", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
+                 "devices", "share_training_device", "endpoint_health_seconds", "forwarded_allow_ips", "allowed_origins", "max_body_mb", "max_job_pixels",
                  "user_quota_gb", "ui_max_file_mb", "dataset_max_mb", "dataset_max_files",
                  "annotators_dir", "controlnet_unit_count", "idle_unload_minutes", "idle_shutdown_minutes",
                  "idle_shutdown_command"):

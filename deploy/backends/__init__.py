@@ -15,7 +15,8 @@ Add a backend (e.g. a self-hosted HTTP worker):
 
 1. ``deploy/backends/<kind>.py``: a ``Backend`` subclass with ``kind``, ``is_configured``, ``capabilities``
    (``remote=True`` turns the UI button into "Generate on Cloud"), ``start(sink)``, ``free_slots``,
-   ``submit(spec)``, ``cancel(job_id)``, ``stop`` (and, where it can, ``skip(job_id)`` for A1111's skip
+   ``submit(spec)``, ``cancel(job_id)``, ``stop`` (``claimable_kinds`` where free room depends on the job's
+   kind; and, where it can, ``skip(job_id)`` for A1111's skip
    and ``release_memory()`` for unload-checkpoint; ``health()`` where it can become unreachable: polled every
    few seconds, an unhealthy answer shows the endpoint ``Degraded`` and holds its queue). Send
    ``spec.to_json()`` over the wire; decode the worker's answers with ``messages.event_from_json`` and hand them to the sink. Results may come back

@@ -1,10 +1,11 @@
 """The one contract every backend implements: local GPU workers now, HTTP workers and SageMaker next.
 
-The control plane (webapp's dispatcher) only ever talks to this interface: it asks how many jobs a
-backend can take (``free_slots``), hands it ``JobSpec``s, asks it to ``cancel`` one, and receives
-events (``Started``, ``Progress``, ``Succeeded``, ``Failed``, ``Cancelled``) through the sink given to
-``start``. Events are plain messages (deploy.backends.messages), never Python objects tied to the
-worker, so a backend in another process or another cloud fits without changing the services or the UI.
+The control plane (webapp's dispatcher) only ever talks to this interface: it asks which kinds of job a
+backend can take now (``claimable_kinds``; ``free_slots`` counts the slots), hands it ``JobSpec``s, asks it
+to ``cancel`` one, and receives events (``Started``, ``Progress``, ``Succeeded``, ``Failed``, ``Cancelled``)
+through the sink given to ``start``. Events are plain messages (deploy.backends.messages), never Python
+objects tied to the worker, so a backend in another process or another cloud fits without changing the
+services or the UI.
 """
 
 from __future__ import annotations
@@ -118,11 +119,17 @@ class Backend(ABC):
 
     @abstractmethod
     def free_slots(self) -> int:
-        """How many more jobs ``submit`` accepts right now."""
+        """How many more jobs ``submit`` accepts right now (some maybe only of certain kinds: ``claimable_kinds``)."""
+
+    def claimable_kinds(self) -> tuple[str, ...]:
+        """The job kinds ``submit`` accepts right now (the dispatcher claims only these). Default: every kind it
+        runs while a slot is free. A backend whose free capacity depends on the kind says so here: the local
+        backend sharing a device with a training takes one more generation job there, never a second training."""
+        return self.capabilities().kinds if self.free_slots() > 0 else ()
 
     @abstractmethod
     def submit(self, spec: JobSpec) -> None:
-        """Start running ``spec`` (asynchronously); raises ``BackendBusy`` when no slot is free."""
+        """Start running ``spec`` (asynchronously); raises ``BackendBusy`` when no slot is free for its kind."""
 
     @abstractmethod
     def cancel(self, job_id: str) -> bool:

@@ -4,6 +4,7 @@
 /proc entries or ``/dev/nvidiaN`` nodes, and ``CUDA_VISIBLE_DEVICES``) or one CPU worker where there is
 none. Each worker thread owns a ``deploy.runner.JobRunner`` (the same runner the serving container uses),
 which imports torch and builds its engine when the first job arrives — never on the app's start-up path.
+With ``share_training_device`` a device running a training also takes one generation job (``workers.py``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,8 @@ class LocalBackend(ThreadedBackend):
                  skeleton_dirs: Sequence[str | Path] = (), cache_gb: float | None = None, preview_every: int = 5,
                  dtype: str | None = None, cpu_threads: int | None = None,
                  annotators_dir: str | Path | None = None, work_dir: str | Path | None = None,
-                 training_command: Sequence[str] | None = None) -> None:
-        super().__init__(name)
+                 training_command: Sequence[str] | None = None, share_training_device: bool = False) -> None:
+        super().__init__(name, share_training_device=share_training_device)
         self.model_files = model_files
         self._explicit = parse_devices(devices)
         self.devices = self._explicit or detect_devices()
@@ -109,6 +110,8 @@ class LocalBackend(ThreadedBackend):
         return list(self.devices)
 
     def runner(self, worker: Worker) -> JobRunner:
+        """The device's generation runner. A guest worker (``share_training_device``) gets its device's runner:
+        it runs only while the main worker trains, so one engine per device serves one thread at a time."""
         runner = self._runners.get(worker.label)
         if runner is None:
             assert self.model_files is not None

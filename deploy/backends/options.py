@@ -46,6 +46,9 @@ class LocalOptions(BackendOptions):
     cpu_threads: int | None = Field(None, ge=1, le=1024)
     annotators_dir: str | None = None
     work_dir: str | None = Field(None, description="scratch space for training jobs; default: the system temp dir")
+    share_training_device: bool = Field(
+        False, description="let one generation job run on a device beside its training (both share its memory: "
+                           "may run out of it); off: generation waits for the training's device")
 
 
 class FakeOptions(BackendOptions):

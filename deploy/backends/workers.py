@@ -4,6 +4,12 @@ Each worker owns one thread and runs one job at a time. A slot is taken when ``s
 an idle worker and given back *before* the job's terminal event is emitted, so a dispatcher woken by
 that event already sees the free slot. Cancellation (and A1111's skip) is a set of job ids the job's step
 loop checks.
+
+A device has one main worker. With ``share_training_device`` it also has a guest worker that runs one
+generation job, and only while the main worker runs a job of another kind (a training, which leaves the
+device's generation engine idle): a training then no longer makes generation wait for the whole run. The
+device takes a new job on its main worker only when both are idle, so two trainings never share a device and
+the device's engine is never driven by two threads.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Callable
 
 from deploy.backends.base import STOPPED_MESSAGE, Backend, BackendBusy, BackendError, EventSink, deliver
 from deploy.backends.messages import Cancelled, Event, Failed, JobSpec, Progress
+from deploy.jobkinds import GENERATE
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +52,17 @@ def progress_event(job_id: str, step: int, total: int, job_no: int, job_count: i
 class Worker(threading.Thread):
     """One job at a time from an inbox; ``run_job`` is the backend's."""
 
-    def __init__(self, owner: ThreadedBackend, label: str) -> None:
-        super().__init__(name=f"backend-{owner.name}-{label}", daemon=True)
+    def __init__(self, owner: ThreadedBackend, label: str, *, guest: bool = False) -> None:
+        super().__init__(name=f"backend-{owner.name}-{label}{'-guest' if guest else ''}", daemon=True)
         self.owner = owner
         self.label = label
+        """The device (slot) it runs on; a guest worker has its device's label, so it uses that device's engine."""
+        self.guest = guest
         self.inbox: queue.Queue[JobSpec | None] = queue.Queue()
         self.busy = False
         self.current: str | None = None
+        self.kind: str | None = None
+        """The job kind it runs now (None when idle)."""
 
     def run(self) -> None:
         while True:
@@ -73,6 +84,7 @@ class Worker(threading.Thread):
                 with self.owner.lock:
                     self.owner.forget(spec.job_id)
                     self.current = None
+                    self.kind = None
                     self.busy = False
             if terminal is not None:
                 self.owner.emit(terminal)
@@ -81,10 +93,14 @@ class Worker(threading.Thread):
 class ThreadedBackend(Backend, ABC):
     """A backend made of in-process worker threads; subclasses say what a worker runs."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, share_training_device: bool = False) -> None:
         super().__init__(name)
+        self.share_training_device = share_training_device
         self.lock = threading.Lock()
         self.workers: list[Worker] = []
+        """Every worker, guests included (cancel, skip and stop reach them all)."""
+        self._devices: list[tuple[Worker, Worker | None]] = []  # (main, guest) per device
+        self._kinds: tuple[str, ...] = ()
         self._sink: EventSink | None = None
         self._cancelled: set[str] = set()
         self._skips: set[str] = set()
@@ -102,27 +118,47 @@ class ThreadedBackend(Backend, ABC):
     def start(self, sink: EventSink) -> None:
         if self._sink is not None:
             raise BackendError(f"backend {self.name!r} is already started")
+        labels = self.worker_labels()
+        self._kinds = self.capabilities().kinds
+        share = self.share_training_device and GENERATE in self._kinds
+        self._devices = [(Worker(self, label), Worker(self, label, guest=True) if share else None)
+                         for label in labels]
+        self.workers = [w for pair in self._devices for w in pair if w is not None]
         self._sink = sink
-        self.workers = [Worker(self, label) for label in self.worker_labels()]
         for worker in self.workers:
             worker.start()
 
     def free_slots(self) -> int:
-        if self._sink is None or self._stopping:
-            return 0
         with self.lock:
-            return sum(1 for w in self.workers if not w.busy)
+            return len(self._openings())
+
+    def claimable_kinds(self) -> tuple[str, ...]:
+        with self.lock:
+            openings = self._openings()
+        return tuple(k for k in self._kinds if any(k in kinds for _, kinds in openings))
 
     def submit(self, spec: JobSpec) -> None:
         if self._sink is None or self._stopping:
             raise BackendError(f"backend {self.name!r} is not running")
         with self.lock:
-            worker = next((w for w in self.workers if not w.busy), None)
+            worker = next((w for w, kinds in self._openings() if spec.kind in kinds), None)
             if worker is None:
-                raise BackendBusy(f"backend {self.name!r} has no free worker")
+                raise BackendBusy(f"backend {self.name!r} has no free worker for a {spec.kind} job")
             worker.busy = True
             worker.current = spec.job_id
+            worker.kind = spec.kind
         worker.inbox.put(spec)
+
+    def _openings(self) -> list[tuple[Worker, tuple[str, ...]]]:
+        """The workers that take a job now, each with the kinds it takes (called with ``lock`` held): idle devices'
+        main workers first (a job gets a device of its own when there is one), then guests beside a training."""
+        if self._sink is None or self._stopping:
+            return []
+        free = [(main, self._kinds) for main, guest in self._devices
+                if not main.busy and (guest is None or not guest.busy)]
+        guests = [(guest, (GENERATE,)) for main, guest in self._devices
+                  if guest is not None and not guest.busy and main.busy and main.kind != GENERATE]
+        return free + guests
 
     def cancel(self, job_id: str) -> bool:
         return self._flag(job_id, self._cancelled)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -32,6 +33,26 @@ def add_user(studio: Any, username: str, *, admin: bool = False) -> Any:
     actor = studio.users.get_by_name("admin")
     return studio.users.create_user(actor=actor, username=username, password=USER_PASSWORD,
                                     role="admin" if admin else "user")
+
+
+@contextmanager
+def extra_endpoint(studio: Any, name: str, backend: Any) -> Iterator[Any]:
+    """``backend`` as the studio's endpoint ``name`` (in service, not the default) with its own dispatcher over the
+    studio's queue, for the duration of the block; yields the dispatcher."""
+    from webapp.records import EndpointStatus
+    from webapp.services.jobs.dispatcher import Dispatcher
+
+    studio.jobs.endpoints.ensure(name=name, kind="scripted", remote=False,
+                                 capabilities=backend.capabilities().to_dict(), config={}, is_default=False,
+                                 status=EndpointStatus.IN_SERVICE)
+    dispatcher = Dispatcher(endpoint=name, backend=backend, queue=studio.jobs.queue, store=studio.store,
+                            board=studio.jobs.board)
+    studio.jobs.attach(dispatcher)
+    try:
+        yield dispatcher
+    finally:
+        studio.jobs.detach(name)
+        dispatcher.stop()
 
 
 def empty_queue(studio: Any) -> None:

@@ -23,10 +23,9 @@ from deploy.backends.messages import (
 from deploy.backends.workers import ThreadedBackend, Worker
 from deploy.jobkinds import GENERATE, TRAIN_LORA, get_kind, kind_of_mode
 from deploy.model_files import ModelFileRef
-from tests.jobs.conftest import add_user
-from webapp.records import EndpointStatus, JobStatus
+from tests.jobs.conftest import add_user, extra_endpoint
+from webapp.records import JobStatus
 from webapp.services.errors import Conflict, InvalidInput
-from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.reports import MAX_HISTORY, JobReport
 
 SHA = "ab" * 32
@@ -80,15 +79,8 @@ class ScriptedTaskBackend(ThreadedBackend):
 def task_endpoint(fake_studio):
     """A second endpoint, ``tasks``, whose backend runs ``train_lora`` jobs (the local fake runs generation only)."""
     backend = ScriptedTaskBackend("tasks", fake_studio.store)
-    fake_studio.jobs.endpoints.ensure(name="tasks", kind="scripted", remote=False,
-                                      capabilities=backend.capabilities().to_dict(), config={}, is_default=False,
-                                      status=EndpointStatus.IN_SERVICE)
-    dispatcher = Dispatcher(endpoint="tasks", backend=backend, queue=fake_studio.jobs.queue, store=fake_studio.store,
-                            board=fake_studio.jobs.board)
-    fake_studio.jobs.attach(dispatcher)
-    yield backend
-    fake_studio.jobs.detach("tasks")
-    dispatcher.stop()
+    with extra_endpoint(fake_studio, "tasks", backend):
+        yield backend
 
 
 def test_the_registry_knows_generation_and_training():

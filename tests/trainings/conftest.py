@@ -33,13 +33,15 @@ ENDPOINT = "trainers"
 class LoraFiles:
     epoch: Path
     final: Path
+    epoch2: Path
+    """What a resumed training saves after epoch 1."""
 
 
 _LORAS: list[LoraFiles] = []
 
 
 def lora_files() -> LoraFiles:
-    """Two different kohya LoRAs of the tiny SD1.5 (an epoch's and the final), written once per process."""
+    """Three different kohya LoRAs of the tiny SD1.5 (two epochs' and the final), written once per process."""
     if not _LORAS:
         from tests.tiny import networks
         from tests.tiny.fixtures import tiny_files
@@ -50,14 +52,18 @@ def lora_files() -> LoraFiles:
         root.mkdir(parents=True, exist_ok=True)
         _LORAS.append(LoraFiles(
             epoch=networks.write_kohya_lora(root / "epoch.safetensors", pipe, rank=4, alpha=4.0, seed=21),
-            final=networks.write_kohya_lora(root / "final.safetensors", pipe, rank=4, alpha=4.0, seed=22)))
+            final=networks.write_kohya_lora(root / "final.safetensors", pipe, rank=4, alpha=4.0, seed=22),
+            epoch2=networks.write_kohya_lora(root / "epoch2.safetensors", pipe, rank=4, alpha=4.0, seed=23)))
     return _LORAS[0]
 
 
 class ScriptedTrainer(ThreadedBackend):
     """Runs ``train_lora`` specs as the training runner looks from outside: epoch 1 saved (LoRA, state, a
     sample), metrics per step, then the final LoRA — or, with ``hold``, it waits after epoch 1 until cancelled.
-    ``state_at_start`` records the state each job found in the store when it started (a resume's)."""
+    A job that finds a saved state (a resume) goes on after epoch 1 as the runner does: it reports the files
+    already under its ``jobs/<id>/lora/`` and ``samples/``, saves epoch 2 (LoRA and sample), then the final.
+    ``state_at_start`` records the state each job found in the store when it started (a resume's); a job that
+    succeeds deletes its state, as the runner does."""
 
     kind = "scripted-trainer"
 
@@ -88,19 +94,26 @@ class ScriptedTrainer(ThreadedBackend):
         state_key = f"{prefix}/state/state.pt"
         self.state_at_start[spec.job_id] = self.store.open(state_key).read() if self.store.exists(state_key) else None
         files = lora_files()
-        epoch = self._put(f"{prefix}/lora/{name}-000001.safetensors", files.epoch.read_bytes())
-        sample = self._put(f"{prefix}/samples/{name}-e000001-00.png", png(32, 32))
-        self._put(state_key, b"state after epoch 1")
+        if self.state_at_start[spec.job_id] is None:
+            made = (self._put(f"{prefix}/lora/{name}-000001.safetensors", files.epoch.read_bytes()),
+                    self._put(f"{prefix}/samples/{name}-e000001-00.png", png(32, 32)))
+            self._put(state_key, b"state after epoch 1")
+        else:  # resumed after epoch 1: what is there already is this job's too
+            made = tuple(blob.key for folder in ("lora", "samples") for blob in self.store.list(f"{prefix}/{folder}/"))
         for step, loss in enumerate((0.9, 0.5), start=1):
             self.emit(Progress(job_id=spec.job_id, step=step, total=4, metrics={"loss": loss, "lr": 1e-4, "epoch": 1},
-                               log=(f"step {step} loss {loss}",), artifact_keys=(epoch, sample)))
+                               log=(f"step {step} loss {loss}",), artifact_keys=made))
         self.saved.set()
         if self.hold:
             while not self.is_cancelled(spec.job_id):
                 threading.Event().wait(0.01)
-            return Cancelled(job_id=spec.job_id, artifact_keys=(epoch, sample))
+            return Cancelled(job_id=spec.job_id, artifact_keys=made)
+        if self.state_at_start[spec.job_id] is not None:
+            made += (self._put(f"{prefix}/lora/{name}-000002.safetensors", files.epoch2.read_bytes()),
+                     self._put(f"{prefix}/samples/{name}-e000002-00.png", png(32, 32, (0, 0, 200))))
         final = self._put(f"{prefix}/lora/{name}.safetensors", files.final.read_bytes())
-        return Succeeded(job_id=spec.job_id, artifact_keys=(epoch, sample, final),
+        self.store.delete(state_key)  # as the runner: no use once the final LoRA is stored
+        return Succeeded(job_id=spec.job_id, artifact_keys=(*made, final),
                          info={"lora": final, "epochs": 2, "steps": 4})
 
 

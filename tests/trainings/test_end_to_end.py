@@ -57,12 +57,23 @@ def test_train_stop_resume_and_register_on_the_local_backend(model_studio):  # n
     assert done.info["epochs"] == 40 and done.info["lora"] == f"jobs/{resumed.id}/lora/squares.safetensors"
     losses = [p["loss"] for p in done.metrics["history"] if "loss" in p]
     assert losses and all(loss > 0 for loss in losses)
-    assert f"jobs/{resumed.id}/lora/squares-000001.safetensors" not in done.artifact_keys  # epoch 1 was not redone
+    # the epochs saved before the stop were carried over to the resumed job: it holds every epoch's LoRA
+    before_stop = [key.rsplit("/", 1)[1] for key in stopped.artifact_keys if "/lora/" in key]
+    assert before_stop and "squares-000001.safetensors" in before_stop
+    loras = [key.rsplit("/", 1)[1] for key in done.artifact_keys if "/lora/" in key]
+    assert loras == [*before_stop, *(f"squares-{e:06d}.safetensors" for e in range(len(before_stop) + 1, 40)),
+                     "squares.safetensors"], loras
     assert studio.trainings.samples(actor=admin, job_id=resumed.id)
 
     studio.training_registrar.wait(120)
-    registered = studio.trainings.get(actor=admin, job_id=resumed.id).info["registered_models"]
+    finished = studio.trainings.get(actor=admin, job_id=resumed.id)
+    registered = finished.info["registered_models"]
+    assert sorted(finished.info["handed_to_models"]) == sorted(registered), "the models hold the LoRAs' only copy"
+    assert finished.stored_bytes == len(finished.request_json.encode()) + sum(
+        blob.size for blob in studio.store.list(f"jobs/{resumed.id}/")), "the job counts what it still stores"
     models = {m.name: m for m in studio.registry.list_models(actor=admin, type=ModelType.LORA)
               if m.id in registered.values()}
+    assert sorted(models) == sorted(name.removesuffix(".safetensors") for name in loras), "every epoch, once"
+    assert len(set(registered.values())) == len(loras) == len(registered)
     assert "squares" in models and models["squares"].base == "sd1"
     assert json.loads(models["squares"].metadata_json)["summary"]["epoch"] == 40

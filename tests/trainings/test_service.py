@@ -10,7 +10,7 @@ import time
 import pytest
 
 from deploy.jobkinds import TRAIN_LORA
-from tests.trainings.conftest import ENDPOINT, dataset_of, job_count, user
+from tests.trainings.conftest import ENDPOINT, dataset_of, job_count, lora_files, user
 from webapp.records import JobStatus, ModelType
 from webapp.services.errors import Conflict, InvalidInput, NotFound
 
@@ -117,14 +117,90 @@ def test_a_stopped_training_resumes_from_its_saved_state(tstudio):
     with pytest.raises(NotFound):
         tstudio.trainings.resume(actor=bob, job_id=job.id)
     tstudio.trainer.hold = False
+    # a refused resume (this endpoint runs no training) copies nothing and leaves nothing behind
+    before = _stored_keys(tstudio)
+    with pytest.raises(Conflict) as refused:
+        tstudio.trainings.resume(actor=alice, job_id=job.id, endpoint="local")
+    assert refused.value.field == "endpoint" and _stored_keys(tstudio) == before
     resumed = tstudio.trainings.resume(actor=alice, job_id=job.id)
     assert resumed.id != job.id and resumed.request == stopped.request
+    carried = [f"jobs/{resumed.id}/lora/mylora-000001.safetensors", f"jobs/{resumed.id}/samples/mylora-e000001-00.png"]
+    assert resumed.artifact_keys == carried, "the epochs made before the stop are the resumed job's from the start"
     done = _wait(tstudio, alice, resumed.id, {JobStatus.SUCCEEDED, JobStatus.FAILED})
     assert done.status == JobStatus.SUCCEEDED, done.error
     assert tstudio.trainer.state_at_start[job.id] is None
     assert tstudio.trainer.state_at_start[resumed.id] == b"state after epoch 1"  # there before it could start
+    assert done.artifact_keys == [*carried, f"jobs/{resumed.id}/lora/mylora-000002.safetensors",
+                                  f"jobs/{resumed.id}/samples/mylora-e000002-00.png",
+                                  f"jobs/{resumed.id}/lora/mylora.safetensors"]
     with pytest.raises(Conflict, match="succeeded"):
         tstudio.trainings.resume(actor=alice, job_id=resumed.id)
+    # the resumed training's LoRAs are every epoch's, each registered once, as alice's
+    tstudio.training_registrar.wait(30)
+    done = tstudio.trainings.get(actor=alice, job_id=resumed.id)
+    with tstudio.trainings.artifact(actor=alice, job_id=resumed.id, key=carried[0]) as handle:
+        assert handle.read() == _read(tstudio, stopped.artifact_keys[0])  # the stopped job keeps its own copy
+    assert done.stored_bytes == len(done.request_json.encode()) + sum(
+        blob.size for blob in tstudio.store.list(f"jobs/{resumed.id}/")), "what the job holds counts once"
+    registered = done.info["registered_models"]
+    assert set(registered) == {k for k in done.artifact_keys if k.endswith(".safetensors")}
+    models = [m for m in tstudio.registry.list_models(actor=alice, type=ModelType.LORA) if m.source == "training"]
+    assert sorted(m.name for m in models) == ["mylora", "mylora-000001", "mylora-000002"]
+    assert sorted(m.id for m in models) == sorted(registered.values())
+    assert "registered_models" not in (tstudio.trainings.get(actor=alice, job_id=job.id).info or {})
+
+
+def test_a_registered_lora_is_stored_and_counted_once_whichever_is_deleted_first(tstudio):
+    carol = user(tstudio, "carol")
+    tstudio.dispatcher.resume()
+    job = _create(tstudio, carol, output_name="quotalora")
+    assert _wait(tstudio, carol, job.id, {JobStatus.SUCCEEDED, JobStatus.FAILED}).status == JobStatus.SUCCEEDED
+    tstudio.training_registrar.wait(30)
+    done = tstudio.trainings.get(actor=carol, job_id=job.id)
+    registered = done.info["registered_models"]
+    final, epoch = f"jobs/{job.id}/lora/quotalora.safetensors", f"jobs/{job.id}/lora/quotalora-000001.safetensors"
+    assert set(registered) == {final, epoch} and sorted(done.info["handed_to_models"]) == sorted(registered)
+    assert not tstudio.store.exists(final) and not tstudio.store.exists(epoch), "the models hold the only copies"
+    assert _used(tstudio, carol) == _really_stored(tstudio, carol)
+    with tstudio.trainings.artifact(actor=carol, job_id=job.id, key=final) as handle:  # served from the model
+        assert handle.read() == lora_files().final.read_bytes()
+    # the model goes first: what is counted and what is stored go down together; the training says where it went
+    tstudio.registry.delete(actor=carol, model_id=registered[epoch])
+    assert _used(tstudio, carol) == _really_stored(tstudio, carol)
+    with pytest.raises(NotFound, match="gone"):
+        tstudio.trainings.artifact(actor=carol, job_id=job.id, key=epoch)
+    # then the job: the final model and its bytes stay
+    tstudio.trainings.delete(actor=carol, job_id=job.id)
+    assert _used(tstudio, carol) == _really_stored(tstudio, carol) > 0
+    kept = tstudio.registry.get(actor=carol, model_id=registered[final])
+    with tstudio.store.open(kept.store_key) as handle:
+        assert handle.read() == lora_files().final.read_bytes()
+
+
+def _used(tstudio, owner) -> int:
+    return tstudio.quota.usage(actor=owner).used
+
+
+def _really_stored(tstudio, owner) -> int:
+    """What ``owner`` holds, measured: jobs' stored requests and files, model files and dataset files."""
+    def blobs(prefix: str) -> int:
+        return sum(blob.size for blob in tstudio.store.list(prefix))
+
+    jobs = tstudio.jobs.list_jobs(actor=owner, limit=None)[0]
+    models = [m for m in tstudio.registry.list_models(actor=owner) if m.owner_id == owner.id and m.store_key]
+    datasets = [d for d in tstudio.datasets.list_datasets(actor=owner) if d.owner_id == owner.id]
+    return (sum(len(j.request_json.encode()) + blobs(f"jobs/{j.id}/") for j in jobs)
+            + sum(tstudio.store.stat(m.store_key).size for m in models)
+            + sum(blobs(f"datasets/{d.id}/") for d in datasets))
+
+
+def _stored_keys(tstudio) -> set[str]:
+    return {blob.key for blob in tstudio.store.list("jobs/")}
+
+
+def _read(tstudio, key: str) -> bytes:
+    with tstudio.store.open(key) as handle:
+        return handle.read()
 
 
 def test_a_succeeded_training_registers_its_loras_once_as_the_owners_private_models(tstudio):
@@ -162,22 +238,15 @@ def test_a_succeeded_training_registers_its_loras_once_as_the_owners_private_mod
     tstudio.registry.delete(actor=alice, model_id=models["catlora"].id)
 
 
-def test_the_start_up_sweep_registers_a_training_that_finished_while_the_studio_was_down(tstudio):
+def test_the_start_up_sweep_registers_a_training_that_finished_while_the_studio_was_down(tstudio, monkeypatch):
     alice = user(tstudio, "alice")
+    # the studio stops before the observer runs: the job is recorded, its LoRAs are not registered
+    monkeypatch.setattr(tstudio.training_registrar, "job_finished", lambda finished: None)
     tstudio.dispatcher.resume()
     job = _create(tstudio, alice, output_name="sweptlora")
     _wait(tstudio, alice, job.id, {JobStatus.SUCCEEDED})
     tstudio.training_registrar.wait(30)
-    # forget the registration, as if the studio had stopped before the observer ran
-    for model in tstudio.registry.list_models(actor=alice, type=ModelType.LORA):
-        if model.source == "training":
-            tstudio.registry.delete(actor=alice, model_id=model.id)
-    from webapp.records import Job
-
-    with tstudio.db.write() as s:
-        row = s.get(Job, job.id)
-        row.info_json = '{"lora": "x"}'
-        s.add(row)
+    assert "registered_models" not in tstudio.trainings.get(actor=alice, job_id=job.id).info
     assert tstudio.training_registrar.sweep() == [job.id]
     names = sorted(m.name for m in tstudio.registry.list_models(actor=alice, type=ModelType.LORA)
                    if m.source == "training")

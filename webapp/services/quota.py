@@ -3,7 +3,9 @@
 What a user takes is summed from sizes the rows already hold — never a walk over the disk or the
 asset store — so asking costs four indexed SUM queries:
 
-* jobs: ``job.stored_bytes``, the request as stored (init images included) plus the result images;
+* jobs: ``job.stored_bytes``, the request as stored (init images included) plus the result images and, for
+  other kinds, the files the job wrote (a training's LoRAs and samples), less the LoRAs registered as the
+  owner's models: the job gives its copy up to the model (``trainings/registration.py``), so each counts once;
 * models: the stored file of every model the user imported (``model.size`` where the bytes are in the
   asset store; models registered in place on the server take no extra space). The registry keeps one
   row per distinct file, so a file imported again by anyone counts once, for its owner;

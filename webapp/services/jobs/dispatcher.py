@@ -198,8 +198,9 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
-                while not self._stopping and not self._held and self.backend.free_slots() > 0:
-                    job = self.queue.claim(self.endpoint, kinds=self.backend.capabilities().kinds)
+                while not self._stopping and not self._held:
+                    kinds = self.backend.claimable_kinds()
+                    job = self.queue.claim(self.endpoint, kinds=kinds) if kinds else None
                     if job is None:
                         break
                     self._dispatch(job)
@@ -314,14 +315,18 @@ class Dispatcher:
                 report.changed = False
             self.queue.record_progress(event.job_id, values)
 
-    def _report_columns(self, job_id: str, artifact_keys: tuple[str, ...]) -> dict[str, object]:
-        """The row's report columns at the end: what progress events said plus the terminal event's artifacts."""
+    def _final_report(self, job_id: str, artifact_keys: tuple[str, ...]) -> JobReport:
+        """The job's report at the end: what its row held when claimed, what progress events said, and the terminal
+        event's artifacts."""
         with self._lock:
             report = self._reports.get(job_id)
         if report is None:
             report = JobReport()
         report.add(step=0, metrics={}, log=(), artifact_keys=artifact_keys)
-        return report.columns()
+        return report
+
+    def _report_columns(self, job_id: str, artifact_keys: tuple[str, ...]) -> dict[str, object]:
+        return self._final_report(job_id, artifact_keys).columns()
 
     def _own_keys(self, job_id: str, keys: tuple[str, ...]) -> tuple[str, ...]:
         """The keys a worker reported that lie under the job's own ``jobs/<job_id>/``: a remote worker (a box or a
@@ -353,11 +358,14 @@ class Dispatcher:
             result_bytes = sum(len(png) for png in event.images)
         else:
             result_bytes = self._stored_size(event.job_id, keys)
-        result_bytes += self._stored_size(event.job_id, list(artifact_keys))
+        # every artifact of the job counts once, here: those of earlier attempts and those it started with (a
+        # resumed training's earlier epochs) were never counted, as a job's bytes are added only when it ends
+        report = self._final_report(event.job_id, artifact_keys)
+        result_bytes += self._stored_size(event.job_id, report.artifacts)
         recorded = self._finish(
             event.job_id, status, image_keys_json=keys, infotexts_json=list(event.infotexts),
             info_json=dict(event.info), warnings_json=list(event.warnings), timings_json=dict(event.timings),
-            result_bytes=result_bytes, **self._report_columns(event.job_id, artifact_keys), **values)
+            result_bytes=result_bytes, **report.columns(), **values)
         if not recorded:  # deleted or cancelled meanwhile: keep no orphan images or artifacts
             self._delete_keys(keys + list(artifact_keys))
 

@@ -301,13 +301,16 @@ class JobService:
         return job
 
     def submit_task(self, *, actor: User, kind: str, payload: Mapping[str, Any], models: JobModels,
-                    endpoint: str | None = None, task_id: str | None = None, job_id: str | None = None) -> Job:
+                    endpoint: str | None = None, task_id: str | None = None, job_id: str | None = None,
+                    artifact_keys: Sequence[str] = ()) -> Job:
         """Enqueue a job of a kind other than generation (``deploy.jobkinds``: ``train_lora``). The caller's service
         has validated ``payload`` and resolved ``models`` as ``actor``; here the endpoint must run the kind, and the
         per-user cap and the disk quota apply as for generation. The payload is stored as the job's request.
 
         ``job_id`` (a fresh ``new_id()``) lets the caller put files under ``jobs/<job_id>/`` before the job can be
-        claimed (a resumed training's state); by default the row makes its own id."""
+        claimed (a resumed training's state); by default the row makes its own id. ``artifact_keys``: files the
+        caller put there that are the job's artifacts from the start (a resumed training's earlier epochs); like
+        the ones its worker reports, their bytes count when the job ends."""
         check_text({"endpoint": endpoint, "task_id": task_id})
         job_kind = get_kind(kind)
         if job_kind.name == GENERATE:
@@ -326,6 +329,11 @@ class JobService:
                   models_json=json.dumps(models.to_dict()), checkpoint=models.checkpoint.name,
                   checkpoint_hash=models.checkpoint.sha256[:10] or None, job_count=1,
                   stored_bytes=len(request_json.encode()))
+        if artifact_keys:
+            prefix = f"jobs/{job_id}/"
+            if job_id is None or not all(isinstance(k, str) and k.startswith(prefix) for k in artifact_keys):
+                raise InvalidInput("`artifact_keys` must lie under the job's own jobs/<job_id>/", field="artifact_keys")
+            job.artifact_keys_json = json.dumps(list(dict.fromkeys(artifact_keys)))
         if job_id is not None:
             job.id = job_id
         if self._quota is not None:

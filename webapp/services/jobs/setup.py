@@ -40,7 +40,8 @@ def backend_options(settings: Settings) -> dict[str, Any]:
         options = {"devices": settings.devices, "skeleton_dirs": [str(d) for d in settings.skeleton_dirs],
                    "cache_gb": settings.pipeline_cache_gb, "preview_every": settings.preview_every,
                    "annotators_dir": str(settings.annotators_dir) if settings.annotators_dir else None,
-                   "work_dir": str(settings.data_dir / "work")}
+                   "work_dir": str(settings.data_dir / "work"),
+                   "share_training_device": settings.share_training_device}
     options.update(settings.backend_options)
     return options
 

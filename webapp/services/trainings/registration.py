@@ -11,6 +11,11 @@ Each job is registered once: the models made are remembered on the job row (``in
 model id; failures in ``info.registration_errors``), so a start-up sweep registers the jobs that finished while
 the studio was down and skips the rest — and a LoRA the owner deleted is not brought back. Registering the
 same bytes again would in any case give back the owner's existing model (the importer dedupes by sha256).
+
+A registered LoRA is stored once: when the owner's model holds the bytes in the store, the job gives up its copy
+(deleted from ``jobs/<id>/lora/``, its size taken off the job's ``stored_bytes``, the key listed in
+``info.handed_to_models``), so the disk quota counts the file once, with the model, and deleting either the job
+or the model leaves the count equal to what is stored. The training still serves that file, from the model.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from sqlmodel import select
 from deploy.jobkinds import TRAIN_LORA
 from deploy.storage import BlobStore, StorageError
 from webapp.db import Database
-from webapp.records import Job, JobStatus, ModelType, User, Visibility
+from webapp.records import Job, JobStatus, ModelRecord, ModelType, User, Visibility
 from webapp.services.errors import ServiceError
 from webapp.services.jobs.observers import FinishedJob, JobObserver
 from webapp.services.models import ImportRequest, ModelRegistry
-from webapp.services.trainings.service import lora_keys
+from webapp.services.trainings.service import HANDED, REGISTERED, lora_keys
+
+__all__ = ["ERRORS", "HANDED", "REGISTERED", "TrainingRegistrar"]
 
 log = logging.getLogger(__name__)
 
-REGISTERED = "registered_models"
 ERRORS = "registration_errors"
 _EPOCH = re.compile(r"-(\d{6})$")
 
@@ -132,19 +138,25 @@ class TrainingRegistrar(JobObserver):
         keys = lora_keys(job)
         final = [k for k in keys if _epoch_of(k) is None]
         registered: dict[str, str] = {}
+        handed: dict[str, int] = {}  # key -> bytes the owner's model now holds in the store
         errors: dict[str, str] = {}
         workdir = Path(tempfile.mkdtemp(prefix="training-", dir=self._ensure_temp()))
         try:
             for key in [*final, *(k for k in keys if k not in final)]:  # the final LoRA takes the plain name
                 try:
-                    registered[key] = self._register_one(job, owner, key, workdir)
+                    record, size = self._register_one(job, owner, key, workdir)
                 except (ServiceError, StorageError) as exc:
                     message = exc.message if isinstance(exc, ServiceError) else str(exc)
                     log.warning("training %s: %s was not registered: %s", job.id, key, message)
                     errors[key] = message
+                    continue
+                registered[key] = record.id
+                if record.store_key and record.owner_id == job.owner_id:
+                    handed[key] = size
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        self._remember(job.id, registered, errors)
+        if self._remember(job.id, registered, errors, handed):
+            self._give_up_copies(job.id, handed)
         log.info("training %s: registered %d LoRA(s) for %s", job.id, len(registered), owner.username)
         return registered
 
@@ -152,7 +164,8 @@ class TrainingRegistrar(JobObserver):
         self._temp_dir.mkdir(parents=True, exist_ok=True)
         return self._temp_dir
 
-    def _register_one(self, job: Job, owner: User, key: str, workdir: Path) -> str:
+    def _register_one(self, job: Job, owner: User, key: str, workdir: Path) -> tuple[ModelRecord, int]:
+        """The model now holding the LoRA at ``key`` (made, or the owner's with the same bytes) and its size."""
         file_name = PurePosixPath(key).name
         local = workdir / file_name
         self._store.download_to(key, local)
@@ -170,16 +183,31 @@ class TrainingRegistrar(JobObserver):
         request = ImportRequest(owner=owner, declared_type=ModelType.LORA, file_name=file_name, source="training",
                                 source_detail=f"job {job.id}", visibility=Visibility.PRIVATE,
                                 description=description, metadata=metadata)
-        return self._registry.importer.import_file(local, request).record.id
+        return self._registry.importer.import_file(local, request).record, local.stat().st_size
 
-    def _remember(self, job_id: str, registered: dict[str, str], errors: dict[str, str]) -> None:
+    def _remember(self, job_id: str, registered: dict[str, str], errors: dict[str, str],
+                  handed: dict[str, int]) -> bool:
+        """Record the registration and take the handed-over files off the job's bytes; False if the job is gone."""
         with self._db.write() as s:
             row = s.get(Job, job_id)
             if row is None:
-                return
+                return False
             info = row.info or {}
             info[REGISTERED] = registered
             if errors:
                 info[ERRORS] = errors
+            if handed:
+                info[HANDED] = sorted(handed)
+                row.stored_bytes = max(0, (row.stored_bytes or 0) - sum(handed.values()))
             row.info_json = json.dumps(info)
             s.add(row)
+        return True
+
+    def _give_up_copies(self, job_id: str, handed: dict[str, int]) -> None:
+        """Delete the job's copies of files its owner's models now hold (after the row says so: a failure here
+        leaves a file the job's deletion removes, never a model without its bytes)."""
+        for key in handed:
+            try:
+                self._store.delete(key)
+            except StorageError:
+                log.warning("training %s: could not delete %s, now held by a model", job_id, key, exc_info=True)

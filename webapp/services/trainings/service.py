@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from pathlib import PurePosixPath
 from typing import IO, Any
 
 from deploy.backends.messages import JobModels, ModelSpec
@@ -46,6 +47,10 @@ BASE_OF_TYPE = {"sd15": "sd1", "sdxl": "sdxl"}
 STATE_KEY = "state/state.pt"
 """Below ``jobs/<id>/``: the resumable state the training runner keeps (not an artifact)."""
 RESUMABLE = frozenset({JobStatus.CANCELLED, JobStatus.FAILED})
+REGISTERED = "registered_models"
+"""``Job.info`` key: artifact key → id of the model the registrar made of that LoRA."""
+HANDED = "handed_to_models"
+"""``Job.info`` key: the LoRAs whose only stored copy is now their model's (the job gave its copy up)."""
 
 
 def job_prefix(job_id: str) -> str:
@@ -222,14 +227,28 @@ class TrainingService:
             return False
 
     def artifact(self, *, actor: User, job_id: str, key: str) -> IO[bytes]:
-        """Any artifact (LoRA, sample, log) of a training the actor may see, open for reading."""
+        """Any artifact (LoRA, sample, log) of a training the actor may see, open for reading; a LoRA registered
+        as a model is read from the model, which holds its only copy."""
         job = self.get(actor=actor, job_id=job_id)
         if key not in job.artifact_keys:  # never the resume state, a dataset or another job's file
             raise NotFound(f"training {job.id!r} has no file {key!r}", field="key")
+        info = job.info or {}
+        if key in (info.get(HANDED) or ()):
+            return self._model_file(actor, job, key, str((info.get(REGISTERED) or {}).get(key, "")))
         try:
             return self._store.open(key)
         except BlobNotFound:
             raise NotFound(f"{key} of training {job_id!r} is missing from the asset store", field="key") from None
+
+    def _model_file(self, actor: User, job: Job, key: str, model_id: str) -> IO[bytes]:
+        try:
+            record = self._registry.get(actor=actor, model_id=model_id)
+            if not record.store_key:
+                raise NotFound(f"model {model_id!r} has no stored file", field="key")
+            return self._store.open(record.store_key)
+        except (NotFound, BlobNotFound):
+            raise NotFound(f"{key} of training {job.id!r} was registered as model {model_id!r}, which is gone "
+                           "(deleted with its file)", field="key") from None
 
     def samples(self, *, actor: User, job_id: str) -> list[tuple[str, bytes]]:
         """Every sample of a training as (key, PNG bytes), oldest first; missing ones are left out."""
@@ -265,7 +284,8 @@ class TrainingService:
 
     def resume(self, *, actor: User, job_id: str, endpoint: str | None = None) -> Job:
         """A new job with the stopped or failed training's payload, starting after its last saved epoch: the
-        old job's state is copied to the new job's place before the new job can be claimed."""
+        old job's state, epoch LoRAs and samples are copied to the new job's place before the new job can be
+        claimed, so the resumed training's LoRAs are every epoch's."""
         old = self.get(actor=actor, job_id=job_id)
         if old.status not in RESUMABLE:
             raise Conflict(f"training {job_id!r} is {old.status}; only stopped or failed trainings resume",
@@ -282,20 +302,43 @@ class TrainingService:
         new_payload = {**payload, "config": checked.to_dict(), "dataset_prefix": f"datasets/{dataset.id}/",
                        "base_model_name": record.name}
         new_job_id = new_id()
-        state_key = job_prefix(new_job_id) + STATE_KEY
-        try:
-            with self._store.open(job_prefix(old.id) + STATE_KEY) as handle:
-                self._store.put(state_key, handle, content_type="application/octet-stream")
-        except StorageError as exc:
-            raise Unavailable(f"could not copy the saved state of training {job_id!r}: {exc}",
-                              field="job_id") from exc
+        copied = self._carry_over(old, new_job_id)
         try:
             job = self._jobs.submit_task(actor=actor, kind=TRAIN_LORA, payload=new_payload,
                                          models=self._models(record),
                                          endpoint=self.endpoint_for(actor=actor, name=endpoint or old.endpoint),
-                                         job_id=new_job_id)
+                                         job_id=new_job_id, artifact_keys=copied[1:])
         except BaseException:
-            self._store.delete(state_key)  # a refused resume leaves nothing behind
+            self._delete_quietly(copied)  # a refused resume leaves nothing behind
             raise
-        log.info("training %s resumed by %s as %s", old.id, actor.username, job.id)
+        log.info("training %s resumed by %s as %s (%d file(s) carried over)", old.id, actor.username, job.id,
+                 len(copied) - 1)
         return job
+
+    def _carry_over(self, old: Job, new_job_id: str) -> list[str]:
+        """Copy what the new job continues from to ``jobs/<new>/``: the saved state, then the epoch LoRAs and samples
+        made before the stop. The new job owns them (its artifacts from the start, registered with its own LoRAs
+        when it succeeds); the old job keeps its files until it is deleted. Returns the new keys, the state's
+        first; on a failure nothing copied stays."""
+        old_prefix, new_prefix = job_prefix(old.id), job_prefix(new_job_id)
+        sources = [old_prefix + STATE_KEY, *lora_keys(old), *sample_keys(old)]
+        copied: list[str] = []
+        try:
+            for source in sources:
+                target = new_prefix + source.removeprefix(old_prefix)
+                with self._store.open(source) as handle:
+                    self._store.put(target, handle, content_type="application/octet-stream"
+                                    if source.endswith((".pt", ".safetensors")) else "image/png")
+                copied.append(target)
+        except StorageError as exc:
+            self._delete_quietly(copied)
+            what = "saved state" if not copied else PurePosixPath(source).name
+            raise Unavailable(f"could not copy the {what} of training {old.id!r}: {exc}", field="job_id") from exc
+        return copied
+
+    def _delete_quietly(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self._store.delete(key)
+            except StorageError:
+                log.warning("could not delete %s after a refused resume", key, exc_info=True)
