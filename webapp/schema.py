@@ -126,6 +126,13 @@ def _v12(conn: Connection) -> None:
     add_column(conn, "job", "remote_handle_json", "TEXT")
 
 
+def _v13(conn: Connection) -> None:
+    # Several studio instances on one database: who holds a running job, and until when (leases with heartbeats).
+    add_column(conn, "job", "lease_owner", "VARCHAR(64)")
+    add_column(conn, "job", "lease_expires_at", "TIMESTAMP")
+    create_missing_indexes(conn)
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -140,6 +147,7 @@ MIGRATIONS: list[Migration] = [
     Migration(10, "training datasets (kohya layout) and their images", _v10),
     Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
     Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
+    Migration(13, "job leases: the instance holding a running job and until when", _v13),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     max_queued_jobs_per_user: int = Field(100, ge=1)
     job_max_attempts: int = Field(3, ge=1, le=20)
     """A job a crash left running is retried until it has been started this many times, then failed."""
+    job_lease_seconds: float = Field(30.0, ge=0.5, le=3600)
+    """How long a studio instance holds a running job without renewing its lease (it renews every third of
+    this). When an instance dies, the other instances on the same database put its running jobs back in the
+    queue once their leases run out; a restart on the same data dir takes them back at once."""
     skeleton_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     """Extra config-skeleton folders searched before the shipped ones (``:``-separated or a JSON list)."""
     pipeline_cache_gb: float | None = Field(None, gt=0)

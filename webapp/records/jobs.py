@@ -62,6 +62,8 @@ class Job(SQLModel, table=True):
         Index("ix_job_owner_created", "owner_id", "created_at"),
         # disk quota: an owner's total from the index alone (the rows hold large request texts)
         Index("ix_job_owner_bytes", "owner_id", "stored_bytes"),
+        # reaper: running jobs whose lease ran out
+        Index("ix_job_lease", "status", "lease_expires_at"),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
@@ -118,6 +120,12 @@ class Job(SQLModel, table=True):
     remote_handle_json: str | None = Field(default=None, sa_column=Column(Text))
     """What the backend needs to find a job that runs elsewhere again after a restart (``Started.handle``: a
     SageMaker async invocation's id and output locations); None for jobs that run in a worker we hold."""
+    lease_owner: str | None = Field(default=None, max_length=64)
+    """The studio instance (``webapp/services/jobs/leases.py``) whose dispatcher holds the running job; kept on a
+    finished row (where it ran), cleared when the job goes back to the queue."""
+    lease_expires_at: datetime | None = None
+    """Until when that instance's hold is good; it renews it while the job runs, and any instance's reaper puts a
+    running job whose lease has run out back in the queue (its instance died). None: not running."""
     stored_bytes: int | None = Field(default=None, sa_type=BigInteger)
     """Disk the job takes: its request as stored plus its result images (the disk quota sums it). None on
     jobs recorded before sizes were kept, until the start-up sweep measures them."""

@@ -239,6 +239,7 @@ class JobService:
         """Stop every dispatcher; jobs running elsewhere with a handle stay running for the next start."""
         for dispatcher in self.dispatchers().values():
             dispatcher.stop(timeout, keep_detached=True)
+        self.queue.instance.release()  # the next process on this data dir takes back what is left at once
 
     def backend(self, endpoint: str) -> Backend | None:
         """The backend running ``endpoint`` in this process (diagnostics, benchmarks), or None."""

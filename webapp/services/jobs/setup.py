@@ -8,6 +8,7 @@ a new backend kind needs a ``register_backend`` line and nothing here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from webapp.services.jobs.cloud_inventory import SageMakerInventory
 from webapp.services.jobs.endpoint_admin import EndpointAdmin
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
+from webapp.services.jobs.leases import Instance
 from webapp.services.jobs.observers import JobObserver
 from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.requests import Registry, RequestResolver
@@ -31,6 +33,8 @@ if TYPE_CHECKING:
     from webapp.settings import Settings
 
 __all__ = ["LOCAL_ENDPOINT", "Jobs", "backend_options", "build_jobs"]
+
+log = logging.getLogger(__name__)
 
 
 def backend_options(settings: Settings) -> dict[str, Any]:
@@ -82,8 +86,11 @@ def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: 
     ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
     """
     board = JobBoard()
+    instance = Instance.of_data_dir(settings.data_dir)
+    log.info("studio instance %s (job leases of %.0f s)", instance.id, settings.job_lease_seconds)
     queue = JobQueue(db, max_queued_per_user=settings.max_queued_jobs_per_user,
-                     max_attempts=settings.job_max_attempts, observers=observers)
+                     max_attempts=settings.job_max_attempts, observers=observers, instance=instance,
+                     lease_seconds=settings.job_lease_seconds)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
                          resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
