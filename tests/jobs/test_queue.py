@@ -1,4 +1,5 @@
-"""Queue semantics on a real SQLite file: atomic claims under 8 threads, fairness, the cap, cancel, recovery."""
+"""Queue semantics on a real SQLite file and a real PostgreSQL database: atomic claims under 8 threads,
+fairness, the cap, cancel, recovery."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from webapp.services.jobs.queue import JobQueue
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'queue.db'}")
+def db(database_url):
+    database = Database(database_url)
     schema.upgrade(database)
     yield database
     database.dispose()
