@@ -1,4 +1,4 @@
-"""Job leases: two studio instances (two queues with their own ``Instance``) on one SQLite file.
+"""Job leases: two studio instances (two queues with their own ``Instance``) on one database (SQLite, PostgreSQL).
 
 A running job belongs to the instance whose lease it carries: another instance's start or reaper never takes it
 while the lease is good, takes it (requeue, fail past the attempt limit, cancel, or adopt a job with a remote
@@ -22,8 +22,8 @@ from webapp.services.jobs.queue import JobQueue
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'leases.db'}")  # one file, as two processes would share it
+def db(database_url):
+    database = Database(database_url)
     schema.upgrade(database)
     yield database
     database.dispose()

@@ -187,7 +187,7 @@ def build_router(jobs: JobService) -> APIRouter:
         version = jobs.board.version(job_id)
         job = await run_in_threadpool(jobs.get, actor=user, job_id=job_id)
         if wait > 0 and not job.is_terminal:
-            await jobs.board.wait_async(job_id, version, wait)
+            await jobs.changed_async(actor=user, job=job, version=version, timeout=wait)
         snapshot = await run_in_threadpool(jobs.progress, actor=user, job_id=job_id)
         return progress_public(snapshot)
 
@@ -219,6 +219,10 @@ async def _events(jobs: JobService, user: User, job_id: str) -> AsyncIterator[st
             yield _sse("deleted", {"id": job_id})
             return
         yield _sse("progress", progress_public(snapshot).model_dump(mode="json"))
-        changed = await jobs.board.wait_async(job_id, version, SSE_HEARTBEAT_SECONDS)
-        if changed == version:
+        try:  # the board's news, or the row's when another studio instance runs the job
+            changed = await jobs.changed_async(actor=user, job=job, version=version, timeout=SSE_HEARTBEAT_SECONDS)
+        except NotFound:
+            yield _sse("deleted", {"id": job_id})
+            return
+        if not changed:
             yield ": keep-alive\n\n"

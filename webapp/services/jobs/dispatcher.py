@@ -6,6 +6,11 @@ blobs — progress on the in-memory board (and in the row now and then), images 
 ``jobs/<job_id>/<n>.png``, failures with their message. An out-of-memory failure fails that job with
 the engine's message and the loop simply claims the next one. Backends are only ever handed plain
 ``JobSpec`` messages and only ever answer with events, so a remote backend fits unchanged.
+
+Other studio instances may share the database (``queue.py``): every third of a lease the claim loop renews the
+leases of the jobs in flight here in one UPDATE, which also says which of them someone asked to cancel (through
+any instance: the backend is told here, where the job runs) and which this instance lost (it stalled past its
+lease and another instance's reaper took the job: the backend drops it and its events are ignored).
 """
 
 from __future__ import annotations
@@ -72,6 +77,9 @@ class Dispatcher:
         self._last_write: dict[str, float] = {}
         self._reports: dict[str, JobReport] = {}
         self._detached: set[str] = set()  # running jobs whose backend gave a handle (they run elsewhere)
+        self._lost: set[str] = set()  # jobs whose lease another instance took: their events are dropped
+        self._renew_every = queue.lease_seconds / 3
+        self._next_renewal = 0.0
         self._stopping = False
         self._held = False
         self._claimer: threading.Thread | None = None
@@ -80,7 +88,7 @@ class Dispatcher:
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         self.backend.start(self._receive)
-        self._adopt()
+        self.adopt_detached()
         self._recorder = threading.Thread(target=self._record_loop, name=f"jobs-{self.endpoint}-events", daemon=True)
         self._claimer = threading.Thread(target=self._claim_loop, name=f"jobs-{self.endpoint}-claims", daemon=True)
         self._recorder.start()
@@ -149,7 +157,8 @@ class Dispatcher:
             self._wake.set()
 
     def cancel(self, job_id: str) -> bool:
-        """Ask the backend to stop ``job_id``; remembered in case the job is between claim and submit."""
+        """Ask the backend to stop ``job_id``; remembered in case the job is between claim and submit. Also
+        called for a job whose cancel another instance recorded, when the lease renewal finds the flag."""
         with self._lock:
             self._cancel_pending.add(job_id)
         return self.backend.cancel(job_id)
@@ -162,10 +171,13 @@ class Dispatcher:
         with self._lock:
             return list(self._in_flight)
 
-    def _adopt(self) -> None:
-        """At start: hand the backend the jobs an earlier run left running elsewhere (restart recovery kept
-        them ``running``); one it cannot take over is run again."""
+    def adopt_detached(self) -> None:
+        """Hand the backend the jobs running elsewhere whose lease this instance took over (at start: restart
+        recovery; later: the reaper, from an instance that died); one it cannot take over is run again."""
         for job in self.queue.detached(self.endpoint):
+            with self._lock:
+                if job.id in self._in_flight:
+                    continue
             handle = job.remote_handle or {}
             try:
                 spec = self._spec(job)
@@ -198,6 +210,8 @@ class Dispatcher:
         while not self._stopping:
             self._wake.clear()
             try:
+                if time.monotonic() >= self._next_renewal:
+                    self._renew()
                 while not self._stopping and not self._held:
                     kinds = self.backend.claimable_kinds()
                     job = self.queue.claim(self.endpoint, kinds=kinds) if kinds else None
@@ -207,7 +221,35 @@ class Dispatcher:
             except Exception:  # noqa: BLE001 - a database hiccup must not end the loop
                 log.exception("dispatcher %s: claiming failed; retrying", self.endpoint)
                 time.sleep(1.0)
-            self._wake.wait(POLL_SECONDS)
+            self._wake.wait(max(0.0, min(POLL_SECONDS, self._next_renewal - time.monotonic())))
+
+    def _renew(self) -> None:
+        """Renew the leases of the jobs in flight here; tell the backend of cancels requested elsewhere, and let
+        go of the jobs this instance no longer holds."""
+        self._next_renewal = time.monotonic() + self._renew_every
+        with self._lock:
+            ids = list(self._in_flight)
+        renewal = self.queue.renew(ids)
+        for job_id in sorted(renewal.cancel):
+            with self._lock:
+                known = job_id in self._cancel_pending
+            if not known:
+                log.info("dispatcher %s: job %s was cancelled (maybe through another instance)", self.endpoint, job_id)
+                self.cancel(job_id)
+        for job_id in set(ids) - renewal.held:
+            with self._lock:  # gone from in-flight meanwhile: it finished here (the row is no longer running)
+                lost = self._in_flight.pop(job_id, None) is not None
+                if lost:
+                    self._lost.add(job_id)
+                    self._cancel_pending.discard(job_id)
+                    self._detached.discard(job_id)
+                    self._reports.pop(job_id, None)
+            if lost:
+                log.warning("dispatcher %s: job %s is no longer held by this instance (deleted, or its lease ran "
+                            "out and another instance took it); dropping it here", self.endpoint, job_id)
+                self.backend.cancel(job_id)
+                self._last_write.pop(job_id, None)
+                self.board.finish(job_id)
 
     def _engine_request(self, job: Job) -> tuple[GenerationRequest, tuple[ControlUnit, ...]]:
         """The request and units the job was validated with at submit, its input images read from the store.
@@ -244,6 +286,7 @@ class Dispatcher:
             return
         with self._lock:
             self._in_flight[job.id] = ""
+            self._lost.discard(job.id)
             self._reports[job.id] = JobReport(metrics=job.metrics, log_lines=job.log_lines,
                                               artifact_keys=job.artifact_keys)
         self.board.post(job.id, LiveProgress(updated=time.monotonic()))
@@ -277,6 +320,12 @@ class Dispatcher:
 
     def _record(self, event: Event) -> None:
         job_id = event.job_id
+        with self._lock:
+            lost = job_id in self._lost
+            if lost and isinstance(event, Succeeded | Failed | Cancelled):
+                self._lost.discard(job_id)
+        if lost:  # another instance holds it now: nothing of this run is recorded or stored
+            return
         if isinstance(event, Progress):
             self._progress(event)
         elif isinstance(event, Started):

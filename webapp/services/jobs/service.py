@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 WAIT_RECHECK_SECONDS = 2.0
 """``wait`` re-reads the row at least this often even without a wake-up (jobs finished by another process)."""
+REAP_SECONDS = 5.0
+"""The most time between two looks for running jobs whose lease ran out (their instance died); a third of the
+lease when that is shorter."""
 INPUT_SWEEP_GRACE = timedelta(hours=1)
 """Input images are written before their row commits, so the sweep leaves young ones alone (a submit in flight
 in this or another process); a crash's leftovers go at a later start."""
@@ -72,6 +75,12 @@ class ProgressSnapshot:
     """The latest numbers the job reported (a training's loss, lr, epoch); None for generation."""
     note: str | None = None
     """Why a running job makes no steps yet (a SageMaker endpoint scaling from zero, with the wait so far)."""
+
+
+def _fingerprint(job: Job) -> tuple[Any, ...]:
+    """What a follower of ``job`` sees change in its row while another instance runs it."""
+    return (job.status, job.step, job.steps, job.job_no, job.job_count, job.progress, job.metrics_json,
+            job.log_tail)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -141,6 +150,8 @@ class JobService:
         """Held while dispatchers come and go, and by ``submit`` from its running-here check to the enqueue,
         so no job is queued for an endpoint whose dispatcher was just detached (deleted)."""
         self._started = False
+        self._stop_reaping = threading.Event()
+        self._reaper: threading.Thread | None = None
 
     # -- wiring -----------------------------------------------------------------------------------------
     def attach(self, dispatcher: Dispatcher) -> None:
@@ -173,8 +184,36 @@ class JobService:
             for dispatcher in self._dispatchers.values():
                 dispatcher.start()
             self._started = True
+        self._stop_reaping.clear()
+        self._reaper = threading.Thread(target=self._reap_loop, name="jobs-lease-reaper", daemon=True)
+        self._reaper.start()
         threading.Thread(target=self._sweep, name="jobs-orphan-sweep", daemon=True).start()
         return recovery
+
+    def _reap_loop(self) -> None:
+        every = min(REAP_SECONDS, self.queue.lease_seconds / 3)
+        while not self._stop_reaping.wait(every):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the reaping
+                log.exception("looking for jobs whose lease ran out failed; looking again in %.1f s", every)
+
+    def reap(self) -> Recovery:
+        """Put the running jobs of instances that died (their leases ran out) back in the queue, and hand those
+        that run elsewhere with a handle to this instance's dispatchers that adopt (``JobQueue.reap``)."""
+        with self._wiring:
+            dispatchers = dict(self._dispatchers)
+        reaped = self.queue.reap(adopting=[name for name, d in dispatchers.items() if d.adopts])
+        for job_id in reaped.changed:
+            self.board.touch(job_id)
+        if reaped.requeued:
+            for dispatcher in dispatchers.values():
+                dispatcher.wake()
+        if reaped.adopted:
+            for dispatcher in dispatchers.values():
+                if dispatcher.adopts:
+                    dispatcher.adopt_detached()
+        return reaped
 
     def _sweep(self) -> None:
         for sweep in (self.purge_orphan_images, self.measure_unmeasured_jobs):
@@ -236,7 +275,12 @@ class JobService:
         return deleted
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop every dispatcher; jobs running elsewhere with a handle stay running for the next start."""
+        """Stop the reaper and every dispatcher; jobs running elsewhere with a handle stay running for the next
+        start (or another instance, once their leases run out)."""
+        self._stop_reaping.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout)
+            self._reaper = None
         for dispatcher in self.dispatchers().values():
             dispatcher.stop(timeout, keep_detached=True)
         self.queue.instance.release()  # the next process on this data dir takes back what is left at once
@@ -445,6 +489,21 @@ class JobService:
                 job = await anyio.to_thread.run_sync(read)
         return job
 
+    async def changed_async(self, *, actor: User, job: Job, version: int, timeout: float) -> bool:
+        """Await news of ``job`` (as loaded, with the board at ``version`` before): the board's, when it runs here,
+        else a change of its row — another instance runs it and writes its progress every second or so, so the
+        row is read again every ``WAIT_RECHECK_SECONDS``. False when ``timeout`` passed without news; raises
+        NotFound when the job was deleted."""
+        deadline = time.monotonic() + timeout
+        seen = _fingerprint(job)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if await self.board.wait_async(job.id, version, min(remaining, WAIT_RECHECK_SECONDS)) != version:
+                return True
+            current = await anyio.to_thread.run_sync(functools.partial(self.get, actor=actor, job_id=job.id))
+            if _fingerprint(current) != seen:
+                return True
+        return False
+
     def submitted_request(self, job: Job) -> dict:
         """The request of a job the caller already loaded (and may see) as its client sent it, input images
         inline as base64 again (the row holds references to the asset store)."""
@@ -519,8 +578,8 @@ class JobService:
             log.info("job %s cancelled by %s while queued", job.id, actor.username)
         elif self.queue.request_cancel(job.id):
             dispatcher = self._dispatchers.get(job.endpoint)
-            if dispatcher is not None:
-                dispatcher.cancel(job.id)
+            if dispatcher is not None and job.id in dispatcher.in_flight():
+                dispatcher.cancel(job.id)  # another instance's dispatcher finds the flag when it renews its lease
             log.info("job %s: cancel requested by %s while running", job.id, actor.username)
         return self.get(actor=actor, job_id=job_id)
 
