@@ -6,6 +6,13 @@ the same 50 generations run by the Engine directly, in the same process, on the 
 Also runs the 50 jobs on the fake backend (no model: jobs cost ~nothing), which isolates the queue's
 own cost (submit, atomic claim, events, PNG into the asset store, row update). Reports ms per job
 beyond the engine's own time, and lost / duplicated jobs. Goal: <= 20 ms per job, 0 lost, 0 duplicated.
+
+    python bench/queue_overhead.py --databases [--database-url postgresql+psycopg://...]
+
+compares the databases instead (no engine): the queue's own operations (enqueue, claim with its lease,
+one lease renewal of 4 in-flight jobs, finish) and the fake-backend run end to end, on a SQLite file and on
+PostgreSQL — the URL given, else a throwaway local server (``tests/fixtures/postgres.py``) — with the
+ratio PostgreSQL / SQLite.
 """
 
 from __future__ import annotations
@@ -75,14 +82,115 @@ def _engine_directly(studio: Any, jobs_n: int, steps: int, size: int) -> float:
     return time.perf_counter() - t0
 
 
+def _queue_operations(url: str, n: int) -> dict[str, float]:
+    """ms per call of each queue operation, on a fresh database at ``url``."""
+    from webapp import schema
+    from webapp.db import Database
+    from webapp.records import Job, JobStatus, User
+    from webapp.services.jobs.queue import JobQueue
+
+    db = Database(url)
+    try:
+        schema.upgrade(db)
+        with db.write() as s:
+            owners = [User(username=f"bench{i}", password_hash="x") for i in range(4)]
+            s.add_all(owners)
+            s.flush()
+            owner_ids = [(u.id, u.username) for u in owners]
+        queue = JobQueue(db, max_queued_per_user=100_000, max_attempts=3)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for i in range(n):
+            owner_id, name = owner_ids[i % 4]
+            queue.enqueue(Job(owner_id=owner_id, owner_name=name, mode="txt2img", endpoint="local", request_json="{}"))
+        timings["enqueue"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        claimed = [queue.claim("local", worker="bench") for _ in range(n)]
+        timings["claim (fair, with lease)"] = time.perf_counter() - t0
+        ids = [job.id for job in claimed if job is not None]
+        assert len(set(ids)) == n, "every job claimed once"
+        t0 = time.perf_counter()
+        for start in range(0, n, 4):
+            queue.renew(ids[start:start + 4])
+        timings["renew 4 leases (one UPDATE)"] = (time.perf_counter() - t0) * 4  # per call, not per job
+        t0 = time.perf_counter()
+        for job_id in ids:
+            queue.finish(job_id, JobStatus.SUCCEEDED, image_keys_json=[f"jobs/{job_id}/0.png"])
+        timings["finish"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(n // 10):
+            queue.reap()
+        timings["reap (nothing expired)"] = (time.perf_counter() - t0) * 10
+        return {name: seconds / n * 1000 for name, seconds in timings.items()}
+    finally:
+        db.dispose()
+
+
+def compare_databases(jobs_n: int, size: int, postgres_url: str | None) -> None:
+    from contextlib import ExitStack
+
+    from tests.fixtures.studio_models import build_model_studio, tiny_model_file_set
+    from webapp.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        server = None
+        if postgres_url is None:
+            from tests.fixtures.postgres import PostgresServer, postgres_bin_dir
+
+            bin_dir = postgres_bin_dir()
+            if bin_dir is None:
+                raise SystemExit("no PostgreSQL here: install it or pass --database-url")
+            server = PostgresServer(bin_dir)
+            stack.callback(server.stop)
+            server.start()
+
+        def fresh(kind: str, name: str) -> str:
+            """An empty database of ``kind`` (a given PostgreSQL URL is used as it is, every time)."""
+            if kind == "sqlite":
+                return f"sqlite:///{Path(tmp) / f'{name}.db'}"
+            return server.new_database() if server is not None else str(postgres_url)
+
+        kinds = ("sqlite", "postgresql")
+        operations = {kind: _queue_operations(fresh(kind, "ops"), jobs_n * 4) for kind in kinds}
+        files = tiny_model_file_set()
+        end_to_end: dict[str, float] = {}
+        for kind in kinds:
+            url = fresh(kind, "studio")
+
+            def make(url: str = url, **overrides: Any) -> Settings:
+                return Settings(data_dir=Path(tmp) / overrides.pop("name"), admin_password=ADMIN_PASSWORD,
+                                database_url=url, **overrides)
+
+            with build_model_studio(make, files, name=f"fake-{kind}", backend="fake",
+                                    max_queued_jobs_per_user=10_000) as fake:
+                _through_queue(fake, 5, 1, size)  # warm up
+                seconds, lost, duplicated = _through_queue(fake, jobs_n, 1, size)
+                assert (lost, duplicated) == (0, 0), f"{kind}: lost {lost}, duplicated {duplicated}"
+                end_to_end[kind] = seconds / jobs_n * 1000
+
+    print(f"queue operations, ms per call ({jobs_n * 4} jobs, 4 owners), and {jobs_n} fake-backend jobs end to end")
+    print(f"{'measure':<40}{'SQLite':>10}{'PostgreSQL':>12}{'ratio':>8}")
+    for name, sqlite_ms in operations["sqlite"].items():
+        pg_ms = operations["postgresql"][name]
+        print(f"{name:<40}{sqlite_ms:>10.2f}{pg_ms:>12.2f}{pg_ms / sqlite_ms:>8.2f}")
+    print(f"{'fake backend, submit to done, per job':<40}{end_to_end['sqlite']:>10.2f}"
+          f"{end_to_end['postgresql']:>12.2f}{end_to_end['postgresql'] / end_to_end['sqlite']:>8.2f}")
+    print("lost: 0, duplicated: 0")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=5, help="alternate engine/queue runs this many times")
+    parser.add_argument("--databases", action="store_true", help="compare SQLite and PostgreSQL (no engine)")
+    parser.add_argument("--database-url", help="with --databases: this PostgreSQL instead of a throwaway server")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.databases:
+        compare_databases(args.jobs, args.size, args.database_url)
+        return
 
     import torch
 
