@@ -8,14 +8,16 @@ import io
 import threading
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from PIL import Image
+from sqlalchemy import update
 
 from deploy.backends.base import Backend, Capabilities, EventSink
 from deploy.backends.messages import JobSpec, Progress, Started, Succeeded
 from tests.jobs.conftest import add_user, txt2img
-from webapp.records import EndpointStatus, Job, JobStatus
+from webapp.records import EndpointStatus, Job, JobStatus, utcnow
 from webapp.services.jobs.dispatcher import WAITING_PHASE, Dispatcher
 from webapp.ui.job_views import progress_html
 
@@ -225,4 +227,33 @@ def test_a_waiting_note_reaches_the_progress_the_ui_and_a1111_show(fake_studio):
         assert _wait_status(fake_studio, job.id, JobStatus.SUCCEEDED).status == JobStatus.SUCCEEDED
     finally:
         fake_studio.jobs.detach("cloud-cold")
+        dispatcher.stop()
+
+
+def test_a_job_running_elsewhere_whose_instance_died_is_adopted_by_the_reaper_not_before(fake_studio):
+    """Another studio instance on the same database ran the job and died: while its lease is good nobody takes
+    the job; once it ran out, this instance's reaper takes the lease and its adopting dispatcher takes the job
+    over (not run again)."""
+    job_id, handle = _submit_and_stop(fake_studio, "cloud-orphaned")
+    other = "0123456789ab.0123456789ab"  # an instance of another installation
+
+    def lease(expires_in: float) -> None:
+        with fake_studio.db.write() as s:
+            s.exec(update(Job).where(Job.id == job_id).values(
+                lease_owner=other, lease_expires_at=utcnow() + timedelta(seconds=expires_in)))
+
+    lease(60)
+    backend = CloudBackend("cloud-orphaned", adopts=True)
+    dispatcher = _attach(fake_studio, backend)
+    try:
+        assert fake_studio.jobs.reap().changed == () and backend.adopted == []  # the other instance is alive
+        lease(-1)
+        fake_studio.jobs.reap()  # (or its own thread's tick, whichever comes first: the lease is taken once)
+        assert backend.adopted == [(job_id, handle)] and not backend.submitted.is_set()
+        assert _row(fake_studio, job_id).lease_owner == fake_studio.jobs.queue.instance.id
+        backend.finish(job_id)
+        done = _wait_status(fake_studio, job_id, JobStatus.SUCCEEDED)
+        assert done.status == JobStatus.SUCCEEDED and done.attempts == 1 and len(done.image_keys) == 1
+    finally:
+        fake_studio.jobs.detach("cloud-orphaned")
         dispatcher.stop()
