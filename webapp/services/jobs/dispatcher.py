@@ -175,9 +175,11 @@ class Dispatcher:
         """Hand the backend the jobs running elsewhere whose lease this instance took over (at start: restart
         recovery; later: the reaper, from an instance that died); one it cannot take over is run again."""
         for job in self.queue.detached(self.endpoint):
-            with self._lock:
+            with self._lock:  # the start and the reaper's thread may both hand it over: it is adopted once
                 if job.id in self._in_flight:
                     continue
+                self._in_flight[job.id] = job.worker or ""
+                self._detached.add(job.id)
             handle = job.remote_handle or {}
             try:
                 spec = self._spec(job)
@@ -185,8 +187,6 @@ class Dispatcher:
                 log.warning("dispatcher %s: job %s cannot be rebuilt for adoption (%s)", self.endpoint, job.id, exc)
                 spec = None
             with self._lock:
-                self._in_flight[job.id] = job.worker or ""
-                self._detached.add(job.id)
                 self._reports[job.id] = JobReport(metrics=job.metrics, log_lines=job.log_lines,
                                                   artifact_keys=job.artifact_keys)
             self.board.post(job.id, LiveProgress(updated=time.monotonic()))
