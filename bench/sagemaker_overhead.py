@@ -21,6 +21,9 @@ turns in a rotating order so machine noise hits all alike. Per job: wall time fr
 event; the engine time measured inside the job (``timings["total"]``) is printed too, and wall − engine is
 the overhead with the engine's own swings cancelled. Ratios and overheads are against the local median.
 An async job waits, on average, about half a poll interval for its answer to be seen: the two intervals show it.
+On a machine with few cores a short poll is not free either: its three S3 reads per poll are served by moto in
+this process and take CPU from the container's engine (compare the engine times printed per run); on AWS that
+cost lands on the studio's host and S3, not on the endpoint's instance.
 """
 
 from __future__ import annotations
