@@ -33,11 +33,15 @@ from deploy.backends.sagemaker_training import HANDLE_KEY
 from deploy.jobkinds import TRAIN_LORA
 from deploy.model_files import ModelFileRef
 from deploy.trainer_process import TrainerFailure, failure_reason
+from tests.aws_runtime.test_studio_sagemaker import _deploy, _wait, studio_factory  # noqa: F401
 from tests.backends.events import Sink
+from tests.datasets.conftest import png
 from tests.fixtures.moto_server import moto_client
 from tests.fixtures.sagemaker_router import CONTAINER_URL_VARIABLE, ROLE_ARN
 from tests.fixtures.sagemaker_training_jobs import LocalTrainingJobs, local_training_jobs  # noqa: F401
+from tests.fixtures.studio_models import register_tiny_models
 from tests.training.conftest import tiny_config, write_dataset
+from webapp.records import EndpointStatus, JobStatus, ModelType
 
 IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/studio-worker:test"
 DATASET = "datasets/d1/"
@@ -255,3 +259,42 @@ def test_a_spec_no_training_job_could_run_fails_without_creating_one(sagemaker_d
     assert isinstance(prefix, Failed) and (prefix.kind, prefix.field) == ("bad_request", "dataset_prefix")
     assert isinstance(on_disk, Failed) and on_disk.field == "base_model" and "'on-disk'" in on_disk.message
     assert set(LocalTrainingJobs.jobs()) == before
+
+
+def test_a_training_started_in_the_studio_on_a_sagemaker_endpoint_is_registered_as_a_lora(
+        sagemaker_data_plane, training_jobs, studio_factory, tiny_model_files):  # noqa: F811
+    studio = studio_factory()
+    admin = studio.users.get_by_name("admin")
+    checkpoint = register_tiny_models(studio, tiny_model_files).checkpoint
+    _deploy(studio, sagemaker_data_plane, "studio-trains")
+    _wait(lambda: studio.jobs.endpoints.find("studio-trains").status == EndpointStatus.IN_SERVICE)
+    dataset = studio.datasets.create(actor=admin, name="squares", files=[
+        ("a.png", png(64, 64)), ("a.txt", b"a red square"), ("b.png", png(64, 64, (0, 0, 200))),
+        ("b.txt", b"a blue square")]).dataset
+    try:
+        job = studio.trainings.create(actor=admin, base_type="sd15", base_model=checkpoint.name,
+                                      dataset_id=dataset.id, config=tiny_config(max_train_epochs=2),
+                                      output_name="squares", endpoint="studio-trains")
+        done = studio.jobs.wait(actor=admin, job_id=job.id, timeout=300)
+        assert done.status == JobStatus.SUCCEEDED, done.error
+        assert done.remote_handle is not None and done.remote_handle[HANDLE_KEY] in LocalTrainingJobs.jobs()
+        assert done.attempts == 1 and done.remote_handle[HANDLE_KEY].startswith(f"studio-{job.id}-")
+        assert any("loss" in point for point in done.metrics["history"])
+        studio.training_registrar.wait(120)
+        registered = studio.trainings.get(actor=admin, job_id=job.id).info["registered_models"]
+        assert set(registered) == {f"jobs/{job.id}/lora/squares.safetensors",
+                                   f"jobs/{job.id}/lora/squares-000001.safetensors"}
+        models = {m.name for m in studio.models.list_models(actor=admin, type=ModelType.LORA)
+                  if m.id in registered.values()}
+        assert models == {"squares", "squares-000001"}
+    finally:
+        studio.endpoint_admin.delete(actor=admin, name="studio-trains", force=True)
+
+
+def test_the_training_instance_type_is_an_option_checked_by_its_name():
+    from deploy.backends.options import OptionsError, parse_options
+
+    assert parse_options("sagemaker", {}).training_instance_type == "ml.g5.2xlarge"
+    with pytest.raises(OptionsError) as bad:
+        parse_options("sagemaker", {"training_instance_type": "g5.2xlarge"})
+    assert bad.value.field == "options.training_instance_type"
