@@ -12,9 +12,10 @@ job when SageMaker ends it:
   ``adopt``s the job instead of training it twice.
 * ``poll`` (the backend's watcher, at most every ``interval`` per job: one describe, one read of ``events.jsonl``,
   one ranged read of ``train.log``): the trainer's events become ``Progress`` exactly as the local runner makes
-  them (``TrainerProgress``, ``progress_event``), samples are copied to ``jobs/<id>/samples/``; at the end
+  them (``TrainerProgress``, ``progress_event``), samples are copied to ``jobs/<id>/samples/``; at the end, on a
+  thread of its own (an archive of many epochs takes a while and the watcher also serves the endpoint),
   ``train.log`` goes to ``jobs/<id>/train.log`` and the LoRAs of ``model.tar.gz`` to ``jobs/<id>/lora/``
-  (``SageMakerTraining.collect``, which refuses a hostile archive).
+  (``SageMakerTraining.collect``, which refuses a hostile archive); a failed collection is tried again.
 * Completed → ``Succeeded``; Failed → ``Failed`` with the container's own kind and field when it wrote them
   (else SageMaker's reason); Stopped → ``Cancelled`` with the epochs saved so far. A stopped or failed job's state
   is copied back to ``jobs/<id>/state/state.pt`` so the training can be resumed, as after a local run.
@@ -94,6 +95,8 @@ class _Training:
     last_status: str | None = None
     missing: int = 0
     cancelled: bool = False
+    ending: bool = False
+    """SageMaker ended it; its files are being collected (on a thread of their own)."""
 
     def handle(self) -> dict[str, Any]:
         return {HANDLE_KEY: self.name, "checkpoint_uri": self.checkpoint_uri, "output_path": self.output_path,
@@ -235,7 +238,7 @@ class CloudTrainings:
         """One look at every job due for one; a failed look is tried again at the next."""
         now = time.monotonic()
         with self._lock:
-            due = [job for job in self._jobs.values() if now - job.last_poll >= self.interval]
+            due = [job for job in self._jobs.values() if not job.ending and now - job.last_poll >= self.interval]
         for job in due:
             job.last_poll = now
             try:
@@ -265,11 +268,13 @@ class CloudTrainings:
             elif event.get("event") == "error":
                 lines.append(f"[trainer] error: {event.get('message')}")
         lines += self._log_lines(job)
-        if status.terminal:
-            self._end(job, status, lines)
-        elif events or new_files or lines:
+        if events or new_files or lines:
             self.emit(progress_event(job.spec.job_id, job.progress, log=tuple(lines[-MAX_LOG_LINES_PER_EVENT:]),
                                      artifact_keys=tuple(job.artifacts)))
+        if status.terminal:  # collecting may take minutes (GBs of LoRAs): not on the watcher's thread
+            job.ending = True
+            threading.Thread(target=self._end, args=(job, status), name=f"sagemaker-training-{job.name}",
+                             daemon=True).start()
 
     def _status_lines(self, job: _Training, status: TrainingStatus) -> list[str]:
         """A line when SageMaker's (secondary) status changes: Starting, Downloading, Training, Uploading ..."""
@@ -309,14 +314,19 @@ class CloudTrainings:
         job.artifacts.append(key)
         return True
 
-    def _end(self, job: _Training, status: TrainingStatus, lines: list[str]) -> None:
+    def _end(self, job: _Training, status: TrainingStatus) -> None:
+        try:
+            self._collect_and_finish(job, status)
+        except (ClientError, BotoCoreError, StorageError, TrainingError) as exc:
+            log.warning("endpoint %s: collecting SageMaker training job %s: %s (trying again)", self.endpoint,
+                        job.name, exc)
+            job.ending = False
+
+    def _collect_and_finish(self, job: _Training, status: TrainingStatus) -> None:
         """The training job ended: its log and LoRAs come home, then the studio job ends."""
         job_id = job.spec.job_id
         if self._size(*split_s3_uri(f"{job.checkpoint_uri}train.log")) is not None:
             self._copy(job, "train.log")
-        if lines:
-            self.emit(progress_event(job_id, job.progress, log=tuple(lines[-MAX_LOG_LINES_PER_EVENT:]),
-                                     artifact_keys=tuple(job.artifacts)))
         if status.status == "Failed":
             self._keep_state(job)
             failure = status.failure
