@@ -298,3 +298,26 @@ def test_the_training_instance_type_is_an_option_checked_by_its_name():
     with pytest.raises(OptionsError) as bad:
         parse_options("sagemaker", {"training_instance_type": "g5.2xlarge"})
     assert bad.value.field == "options.training_instance_type"
+
+
+def test_a_cancel_sagemaker_cannot_carry_out_ends_the_job_at_once(sagemaker_data_plane, training_jobs, base_model):
+    from botocore.exceptions import ClientError
+
+    training_jobs.run_jobs = False
+    backend = _backend(sagemaker_data_plane, "sm-train-nostop")
+    sink = Sink()
+    backend.start(sink)
+
+    def refuse(name: str) -> None:
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "not allowed"}}, "StopTrainingJob")
+
+    backend.trainings.training.stop = refuse
+    try:
+        _started(backend, sink).submit(_spec("tj-nostop", base_model))
+        assert backend.cancel("tj-nostop")
+        cancelled = sink.wait_terminal("tj-nostop", timeout=5)
+        assert backend.free_slots() == 4 and not backend.cancel("tj-nostop")
+    finally:
+        backend.stop()
+        backend.teardown()
+    assert isinstance(cancelled, Cancelled) and "not allowed" in cancelled.reason
