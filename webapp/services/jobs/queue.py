@@ -114,7 +114,8 @@ class JobQueue:
             now = utcnow()
             result = s.exec(update(Job).where(Job.id == job.id, Job.status == QUEUED).values(  # type: ignore[call-overload]
                 status=RUNNING, started_at=now, attempts=Job.attempts + 1, worker=worker, progress=0.0, step=0,
-                steps=0, job_no=0, job_count=0, eta_seconds=None, error=None, error_kind=None))
+                steps=0, job_no=0, job_count=0, eta_seconds=None, error=None, error_kind=None)
+                .execution_options(synchronize_session=False))
             if result.rowcount != 1:
                 return None
             # what the UPDATE wrote, without reading the row back
