@@ -165,6 +165,11 @@ def _v12(conn: Connection) -> None:
     add_column(conn, "job", "remote_handle_json", "TEXT")
 
 
+def _v13(conn: Connection) -> None:
+    # Failed-login counters in the database, shared by every instance on it (they were in each process).
+    create_tables(conn, "login_attempt")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -179,6 +184,7 @@ MIGRATIONS: list[Migration] = [
     Migration(10, "training datasets (kohya layout) and their images", _v10),
     Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
     Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
+    Migration(13, "failed-login counters shared by every instance on the database", _v13),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

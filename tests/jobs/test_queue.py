@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from webapp import schema
 from webapp.db import Database
 from webapp.records import Job, JobStatus, User
 from webapp.services.errors import Throttled
@@ -16,11 +15,8 @@ from webapp.services.jobs.queue import JobQueue
 
 
 @pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    schema.upgrade(database)
-    yield database
-    database.dispose()
+def db(upgraded_db):
+    return upgraded_db
 
 
 def _users(db: Database, *names: str) -> list[User]:
