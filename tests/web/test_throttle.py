@@ -204,3 +204,17 @@ def test_parallel_guesses_on_two_instances_pass_the_limit_at_most_once(database_
     finally:
         for d in databases:
             d.dispose()
+
+
+def test_a_user_name_with_a_nul_is_an_ordinary_failed_login(make_settings, database_url):
+    """PostgreSQL refuses NUL in any text it is sent, even a query's parameter; the form must still answer 401."""
+    import app
+
+    studio = app.build(make_settings(database_url=database_url))
+    try:
+        with TestClient(studio.app, follow_redirects=False) as c:
+            form = {"username": "ad\x00min", "password": "not-the-password", "next": "/ui/"}
+            assert c.post("/login", data=form).status_code == 401
+            assert c.get("/api/v1/me", auth=("ad\x00min", "not-the-password")).status_code == 401
+    finally:
+        studio.close()
