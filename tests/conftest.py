@@ -15,6 +15,9 @@ import pytest  # noqa: E402
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 
+# ``database_url`` (SQLite and PostgreSQL), ``postgres_url``, ``postgres_server``: see the module.
+pytest_plugins = ["tests.fixtures.postgres"]
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:

@@ -5,9 +5,14 @@ instead of failing), foreign keys on, and ``BEGIN IMMEDIATE`` for write transact
 last one, two read-modify-write transactions can both read under a SHARED lock and one of them fails
 (or, with retries, loses its update) when it upgrades to write. Reads use plain deferred ``BEGIN``.
 
-Everything else is dialect-neutral SQLAlchemy, so ``STUDIO_DATABASE_URL=postgresql://...`` works; there
-writes that must not race use ``SELECT ... FOR UPDATE`` (ignored by SQLite, where IMMEDIATE already
-serialises writers).
+PostgreSQL (``postgresql+psycopg://...``, several studio instances on one database) keeps the same
+contract: every write transaction first takes one transaction-level advisory lock
+(``pg_advisory_xact_lock``), so write transactions run one at a time across every instance, as
+``BEGIN IMMEDIATE`` makes them on SQLite. Services are written as read-modify-write blocks inside
+``Database.write()``; under PostgreSQL's default READ COMMITTED two such blocks would both read the old
+value and one update would be lost (tested). Reads never take the lock. The wait for it is bounded like
+SQLite's busy timeout (``lock_timeout``). Connections use UTC, so timestamps read back are UTC whatever
+the server's ``TimeZone`` is.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from sqlmodel import Session, create_engine
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 30_000
+# Arbitrary, fixed: the one advisory lock key every studio instance's write transactions share.
+WRITE_LOCK_KEY = 0x5354_5544_494F  # "STUDIO"
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -44,12 +51,27 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _configure_postgresql(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SET TIME ZONE 'UTC'")
+        dbapi_connection.commit()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # noqa: ANN001 - SQLAlchemy Connection
+        if conn.get_execution_options().get("serialized_write"):
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {BUSY_TIMEOUT_MS}")
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+
 class Database:
     """Owns the engine; hands out sessions for reads and for (serialised) writes."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.is_postgresql = parsed.get_backend_name() == "postgresql"
         kwargs: dict = {"echo": echo, "pool_pre_ping": not self.is_sqlite}
         if self.is_sqlite:
             if parsed.database and parsed.database != ":memory:":
@@ -58,7 +80,9 @@ class Database:
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)
-        self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE")
+        elif self.is_postgresql:
+            _configure_postgresql(self.engine)
+        self._write_engine = self.engine.execution_options(sqlite_begin="IMMEDIATE", serialized_write=True)
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -68,7 +92,8 @@ class Database:
 
     @contextmanager
     def write(self) -> Iterator[Session]:
-        """A write transaction: BEGIN IMMEDIATE on SQLite, committed on success, rolled back on error."""
+        """A write transaction, one at a time (BEGIN IMMEDIATE on SQLite, the advisory lock on PostgreSQL),
+        committed on success, rolled back on error."""
         with Session(self._write_engine, expire_on_commit=False) as session:
             try:
                 yield session

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import BigInteger, Connection, Enum, inspect, text
 from sqlmodel import SQLModel
 
 import webapp.records  # noqa: F401 - registers every table on SQLModel.metadata
@@ -57,6 +57,45 @@ def create_missing_indexes(conn: Connection) -> None:
             if index.name not in existing:
                 index.create(conn)
                 log.info("schema: created missing index %s", index.name)
+
+
+def widen_big_integers(conn: Connection) -> None:
+    """PostgreSQL: make 64-bit every column the tables declare ``BigInteger`` that an older release made INTEGER.
+
+    SQLite's INTEGER is 64-bit whatever the declared type, so only PostgreSQL (32-bit INTEGER) needs this:
+    a model's size passes 2**31 at 2 GiB and a file's mtime in nanoseconds always does."""
+    narrow = set(conn.execute(text(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = current_schema() AND data_type = 'integer'")).tuples())
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            if isinstance(column.type, BigInteger) and (table.name, column.name) in narrow:
+                conn.execute(text(f'ALTER TABLE "{table.name}" ALTER COLUMN "{column.name}" TYPE BIGINT'))
+                log.info("schema: widened %s.%s to BIGINT", table.name, column.name)
+
+
+def add_missing_enum_labels(conn: Connection) -> None:
+    """PostgreSQL: add the members an enum gained since its type was created (``JobMode.TRAIN`` came after v4).
+
+    PostgreSQL stores an enum column as a native type fixed at ``CREATE TYPE``; SQLite stores the name as text
+    and takes any. Run at every upgrade, not as one migration, because adding a member to a Python enum
+    changes no migration and a developer on SQLite would never see the row PostgreSQL refuses."""
+    found: dict[str, set[str]] = {}
+    for type_name, label in conn.execute(text(
+            "SELECT t.typname, e.enumlabel FROM pg_type t JOIN pg_enum e ON e.enumtypid = t.oid "
+            "WHERE t.typnamespace = (SELECT oid FROM pg_namespace WHERE nspname = current_schema())")).tuples():
+        found.setdefault(type_name, set()).add(label)
+    for table in SQLModel.metadata.sorted_tables:
+        for column in table.columns:
+            kind = column.type
+            if not isinstance(kind, Enum) or not kind.native_enum or kind.name not in found:
+                continue
+            for label in kind.enums:
+                if label not in found[kind.name]:
+                    quoted = label.replace("'", "''")
+                    conn.execute(text(f"ALTER TYPE \"{kind.name}\" ADD VALUE IF NOT EXISTS '{quoted}'"))
+                    found[kind.name].add(label)
+                    log.info("schema: added %r to the enum type %s", label, kind.name)
 
 
 def _v1(conn: Connection) -> None:
@@ -126,6 +165,11 @@ def _v12(conn: Connection) -> None:
     add_column(conn, "job", "remote_handle_json", "TEXT")
 
 
+def _v13(conn: Connection) -> None:
+    # Failed-login counters in the database, shared by every instance on it (they were in each process).
+    create_tables(conn, "login_attempt")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -140,18 +184,23 @@ MIGRATIONS: list[Migration] = [
     Migration(10, "training datasets (kohya layout) and their images", _v10),
     Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
     Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
+    Migration(13, "failed-login counters shared by every instance on the database", _v13),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 
 _VERSION_DDL = "CREATE TABLE IF NOT EXISTS schema_version (id INTEGER PRIMARY KEY, version INTEGER NOT NULL)"
 
 
+def _version(conn: Connection) -> int:
+    if not inspect(conn).has_table("schema_version"):
+        return 0
+    row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
+    return int(row[0]) if row else 0
+
+
 def current_version(db: Database) -> int:
     with db.engine.connect() as conn:
-        if not inspect(conn).has_table("schema_version"):
-            return 0
-        row = conn.execute(text("SELECT version FROM schema_version WHERE id = 1")).first()
-        return int(row[0]) if row else 0
+        return _version(conn)
 
 
 def upgrade(db: Database, target: int | None = None) -> int:
@@ -165,13 +214,23 @@ def upgrade(db: Database, target: int | None = None) -> int:
         )
     for migration in sorted(MIGRATIONS, key=lambda m: m.version):
         if found < migration.version <= target:
-            log.info("schema: applying v%d (%s)", migration.version, migration.description)
-            with db.write() as session:
+            with db.write() as session:  # one writer at a time, across every instance on this database
                 conn = session.connection()
                 conn.execute(text(_VERSION_DDL))
+                # Instances that start together on one database all found the old version; the first to
+                # get here applies the migration, the others see it done and must not apply it again.
+                found = max(found, _version(conn))
+                if found >= migration.version:
+                    continue
+                log.info("schema: applying v%d (%s)", migration.version, migration.description)
                 migration.apply(conn)
                 updated = conn.execute(text("UPDATE schema_version SET version = :v WHERE id = 1"), {"v": migration.version})
                 if updated.rowcount == 0:
                     conn.execute(text("INSERT INTO schema_version (id, version) VALUES (1, :v)"), {"v": migration.version})
             found = migration.version
+    if db.is_postgresql:
+        with db.write() as session:
+            conn = session.connection()
+            widen_big_integers(conn)
+            add_missing_enum_labels(conn)
     return found

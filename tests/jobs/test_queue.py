@@ -1,4 +1,5 @@
-"""Queue semantics on a real SQLite file: atomic claims under 8 threads, fairness, the cap, cancel, recovery."""
+"""Queue semantics on a real SQLite file and a real PostgreSQL database: atomic claims under 8 threads,
+fairness, the cap, cancel, recovery."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from webapp import schema
 from webapp.db import Database
 from webapp.records import Job, JobStatus, User
 from webapp.services.errors import Throttled
@@ -15,11 +15,8 @@ from webapp.services.jobs.queue import JobQueue
 
 
 @pytest.fixture
-def db(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'queue.db'}")
-    schema.upgrade(database)
-    yield database
-    database.dispose()
+def db(upgraded_db):
+    return upgraded_db
 
 
 def _users(db: Database, *names: str) -> list[User]:

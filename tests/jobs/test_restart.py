@@ -1,6 +1,6 @@
 """Restart safety with a real server process killed by SIGKILL mid-job.
 
-``python app.py`` runs as a subprocess on a temp data dir with the fake backend (slow steps, so there
+``python app.py`` runs as a subprocess on a temp data dir (and SQLite, or PostgreSQL) with the fake backend (slow steps, so there
 is time to kill it while the job runs). After the kill, a restart requeues the job and it completes;
 a job that is running every time the server dies is given up after ``job_max_attempts`` starts and
 ends ``failed`` with the reason. Nothing stays ``running``, nothing is lost.
@@ -30,13 +30,18 @@ AUTH = ("admin", ADMIN_PASSWORD)
 
 
 @pytest.fixture
-def data_dir_with_model(tmp_path, tiny_model_files) -> Path:
-    """A data dir whose registry holds the tiny checkpoint (registered by a build in this process)."""
+def data_dir_with_model(tmp_path, tiny_model_files, database_url) -> Path:
+    """A data dir whose registry holds the tiny checkpoint (registered by a build in this process); the
+    database is ``database_url``'s (SQLite, or PostgreSQL, which the servers are then pointed at)."""
     import app
     from webapp.settings import Settings
 
     data_dir = tmp_path / "data"
-    studio = app.build(Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, backend="fake"))
+    on_postgres = not database_url.startswith("sqlite")  # SQLite: the data dir's own studio.db
+    if on_postgres:
+        (tmp_path / "database_url").write_text(database_url)
+    studio = app.build(Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, backend="fake",
+                                database_url=database_url if on_postgres else None))
     try:
         studio.models.register_file(actor=studio.users.get_by_name("admin"), path=tiny_model_files.checkpoint,
                                     declared_type="checkpoint", name="tiny-sd15")
@@ -51,6 +56,9 @@ def server(data_dir: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     env = dict(os.environ, STUDIO_ADMIN_PASSWORD=ADMIN_PASSWORD, STUDIO_BACKEND="fake",
                STUDIO_BACKEND_OPTIONS=json.dumps({"step_delay": 0.05}), STUDIO_JOB_MAX_ATTEMPTS="2",
                HF_HUB_OFFLINE="1")
+    database_url = data_dir.parent / "database_url"
+    if database_url.exists():
+        env["STUDIO_DATABASE_URL"] = database_url.read_text()
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--data-dir",
                                  str(data_dir)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -114,6 +122,7 @@ def test_a_job_killed_mid_run_is_requeued_and_completes(data_dir_with_model, tmp
         assert [j["id"] for j in listed["items"]] == [job_id], "nothing lost, nothing duplicated"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # three server starts: SQLite only
 def test_a_job_running_at_every_crash_fails_after_the_attempt_limit(data_dir_with_model, tmp_path):
     log = tmp_path / "server.log"
     with server(data_dir_with_model, log) as (base, proc):

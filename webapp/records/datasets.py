@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import BigInteger, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import new_id, utcnow
@@ -28,7 +28,7 @@ class Dataset(SQLModel, table=True):
     owner_id: int | None = Field(default=None, foreign_key="user.id", index=True, ondelete="SET NULL")
     visibility: Visibility = Field(default=Visibility.PRIVATE)
     image_count: int = 0
-    bytes: int = 0
+    bytes: int = Field(default=0, sa_type=BigInteger)
     """Images and caption files as stored (what the owner's disk quota counts)."""
     min_width: int = 0
     min_height: int = 0
@@ -58,7 +58,7 @@ class DatasetItem(SQLModel, table=True):
     """None: the image has no caption file (listed as a warning); '' is an empty caption file."""
     width: int = 0
     height: int = 0
-    size: int = 0
+    size: int = Field(default=0, sa_type=BigInteger)
     """Bytes of the image plus its caption file."""
     content_type: str = Field(default="image/png", max_length=32)
 

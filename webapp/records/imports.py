@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
+from sqlalchemy import BigInteger
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import new_id, utcnow
@@ -70,8 +71,8 @@ class UploadSession(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     owner_id: int = Field(foreign_key="user.id", index=True, ondelete="CASCADE")
     file_name: str = Field(max_length=255)
-    size: int
-    received: int = 0
+    size: int = Field(sa_type=BigInteger)
+    received: int = Field(default=0, sa_type=BigInteger)
     type: ModelType
     name: str | None = Field(default=None, max_length=255)
     description: str | None = None
@@ -93,8 +94,8 @@ class ScannedFile(SQLModel, table=True):
     __tablename__ = "scanned_file"
 
     path: str = Field(primary_key=True, max_length=4096)
-    size: int
-    mtime_ns: int
+    size: int = Field(sa_type=BigInteger)
+    mtime_ns: int = Field(sa_type=BigInteger)
     model_id: str | None = Field(default=None, max_length=32, index=True)
     """The model these bytes are (in place, or an earlier upload of the same bytes)."""
     error: str | None = None

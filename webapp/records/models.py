@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from enum import StrEnum
 
-from sqlalchemy import UniqueConstraint
+from sqlalchemy import BigInteger, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import new_id, utcnow
@@ -60,7 +60,7 @@ class ModelRecord(SQLModel, table=True):
     """Detected from the tensors: sd1, sd2, sdxl, sdxl-refiner, sd1-inpaint, sdxl-inpaint ..."""
     status: ModelStatus = Field(default=ModelStatus.INITIAL, index=True)
     failure_reason: str | None = None
-    size: int = 0
+    size: int = Field(default=0, sa_type=BigInteger)  # bytes: models pass 2 GiB (64-bit on PostgreSQL)
     sha256: str | None = Field(default=None, index=True, max_length=64)
     autov2: str | None = Field(default=None, max_length=10)
     """First 10 hex of sha256 (A1111 / Civitai short hash)."""
