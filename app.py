@@ -145,6 +145,7 @@ def build(settings: Settings) -> Studio:
         raise StartupRefused(f"STUDIO_ADMIN_PASSWORD cannot be the first administrator's password: {exc.message}") from None
 
     throttle = LoginThrottle(
+        db,
         max_per_user=settings.login_max_failures_per_user,
         max_per_address=settings.login_max_failures_per_address,
         max_per_account=settings.login_max_failures_per_account,

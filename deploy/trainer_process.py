@@ -5,7 +5,9 @@ Both write the same run file, start ``python -m training`` the same way (its own
 gapped, ``training`` importable from any working directory), read its stdout protocol line by line and turn an
 exit that is neither done nor stopped into one failure (kind, message, field). What they do with the events
 differs — the runner uploads files and emits ``Progress``, the container appends to the checkpoint folder that
-SageMaker syncs to S3 — so that stays with each of them. Nothing here imports torch or training.
+SageMaker syncs to S3 — so that stays with each of them; what the events say of the run's progress (steps,
+epochs, loss and learning rate: ``TrainerProgress``) is read the same way by the runner and by the studio's
+SageMaker backend, which reads them back from that folder. Nothing here imports torch or training.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -152,3 +155,49 @@ def parse_failure_reason(text: str) -> TrainerFailure | None:
     if found is None:
         return None
     return TrainerFailure(found["kind"], found["message"].strip(), found["field"])
+
+
+@dataclass
+class TrainerProgress:
+    """Where a run stands, as its protocol events tell it: steps, epochs, the latest metrics (loss, loss_avg, lr,
+    epoch), and its ``done`` / ``error`` event. One reading of the protocol for every host that reports a
+    training's progress, so a job's metrics look the same whether it trained here or on SageMaker."""
+
+    step: int = 0
+    total: int = 0
+    start_step: int = 0
+    """The step a resumed run started after (its ETA counts only the steps it trains)."""
+    epochs: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    done: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Take one event into account; False for a step (a host may rate-limit those), True for the events
+        that must always be reported (start, saved, sample, done, error and any other)."""
+        kind = event.get("event")
+        if kind == "start":
+            self.total = int(event.get("total_steps") or 0)
+            self.epochs = int(event.get("epochs") or 0)
+            self.step = self.start_step = int(event.get("resumed_epoch") or 0) * int(event.get("steps_per_epoch") or 0)
+            self.started = time.monotonic()
+            self.metrics["epoch"] = float(event.get("resumed_epoch") or 0)
+        elif kind == "step":
+            self.step = int(event.get("step") or self.step)
+            self.total = int(event.get("total") or self.total)
+            self.metrics.update({name: float(event[name]) for name in ("loss", "loss_avg", "lr", "epoch")
+                                 if isinstance(event.get(name), int | float) and not isinstance(event[name], bool)})
+            return False
+        elif kind == "done":
+            self.done = dict(event)
+            self.step = int(event.get("step") or self.step)
+        elif kind == "error":
+            self.error = dict(event)
+        return True
+
+    def eta(self) -> float | None:
+        done = self.step - self.start_step
+        if done <= 0 or self.total <= 0:
+            return None
+        return max(0.0, (time.monotonic() - self.started) / done * (self.total - self.step))

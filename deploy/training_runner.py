@@ -44,6 +44,7 @@ from deploy.storage import StorageError
 from deploy.storage.base import InvalidKey, validate_prefix
 from deploy.trainer_process import (
     EXIT_STOPPED,
+    TrainerProgress,
     failure_of,
     parse_event,
     pump,
@@ -71,6 +72,8 @@ ERROR_TAIL_LINES = 20
 STOPPED = "the worker stopped mid-training; the job resumes from its last saved epoch"
 _OUTPUT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}")
+TRAINER_EVENTS = frozenset({"start", "step", "saved", "sample", "done", "error"})
+"""The protocol's events (``python -m training``); any other line is logged as printed."""
 
 class InvalidPayload(ValueError):
     """The job's payload (or the dataset it names) cannot be trained on; ``field`` names the culprit."""
@@ -147,17 +150,10 @@ class _Run:
     keys: dict[str, str]
     train_log: Path
     artifacts: list[str] = field(default_factory=list)
-    step: int = 0
-    total: int = 0
-    start_step: int = 0
-    epochs: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    error: dict[str, Any] | None = None
-    done: dict[str, Any] | None = None
+    progress: TrainerProgress = field(default_factory=TrainerProgress)
     final_key: str | None = None
     pending_log: list[str] = field(default_factory=list)
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=ERROR_TAIL_LINES))
-    started: float = field(default_factory=time.monotonic)
     last_emit: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -178,11 +174,12 @@ class _Run:
         if key not in self.artifacts:
             self.artifacts.append(key)
 
-    def eta(self) -> float | None:
-        done = self.step - self.start_step
-        if done <= 0 or self.total <= 0:
-            return None
-        return max(0.0, (time.monotonic() - self.started) / done * (self.total - self.step))
+
+def progress_event(job_id: str, progress: TrainerProgress, *, log: tuple[str, ...] = (),
+                   artifact_keys: tuple[str, ...] = ()) -> Progress:
+    """A training's ``Progress`` as every host reports it (phase ``train``; metrics, log lines, stored files)."""
+    return Progress(job_id=job_id, step=progress.step, total=progress.total, eta=progress.eta(), phase="train",
+                    metrics=dict(progress.metrics), log=log, artifact_keys=artifact_keys)
 
 
 class TrainingRunner:
@@ -337,9 +334,10 @@ class TrainingRunner:
 
     def _outcome(self, spec: JobSpec, run: _Run, code: int, stop_reason: str | None) -> Event:
         job_id = spec.job_id
-        if code == 0 and run.done is not None and run.final_key is not None:  # finished before the stop landed
-            info = {"lora": run.final_key, "epochs": int(run.done.get("epoch") or run.epochs),
-                    "steps": int(run.done.get("step") or run.step)}
+        done = run.progress.done
+        if code == 0 and done is not None and run.final_key is not None:  # finished before the stop landed
+            info = {"lora": run.final_key, "epochs": int(done.get("epoch") or run.progress.epochs),
+                    "steps": int(done.get("step") or run.progress.step)}
             self.store.delete(run.keys["state"])  # resume data: no use once the final LoRA is stored
             return Succeeded(job_id=job_id, info=info, artifact_keys=tuple(run.artifacts))
         if stop_reason == "cancelled":
@@ -350,7 +348,7 @@ class TrainingRunner:
             return Failed(job_id=job_id, kind="interrupted",
                           message="the trainer was stopped from outside the studio; the job resumes from its "
                                   "last saved epoch")
-        failure = failure_of(code, run.error, "\n".join(run.tail))
+        failure = failure_of(code, run.progress.error, "\n".join(run.tail))
         return Failed(job_id=job_id, kind=failure.kind, message=failure.message, field=failure.field)
 
     # -- the trainer's events --------------------------------------------------------------------------
@@ -360,20 +358,11 @@ class TrainingRunner:
             run.add_log(line)  # something printed to stdout besides the protocol
             return
         kind = event["event"]
-        always = True
-        if kind == "start":
-            run.total = int(event.get("total_steps") or 0)
-            run.epochs = int(event.get("epochs") or 0)
-            run.step = run.start_step = int(event.get("resumed_epoch") or 0) * int(event.get("steps_per_epoch") or 0)
-            run.started = time.monotonic()
-            run.metrics["epoch"] = float(event.get("resumed_epoch") or 0)
-        elif kind == "step":
-            run.step = int(event.get("step") or run.step)
-            run.total = int(event.get("total") or run.total)
-            run.metrics.update({name: float(event[name]) for name in ("loss", "loss_avg", "lr", "epoch")
-                                if isinstance(event.get(name), int | float)})
-            always = False
-        elif kind == "saved":
+        if kind not in TRAINER_EVENTS:
+            run.add_log(line)
+            return
+        always = run.progress.apply(event)
+        if kind == "saved":
             self._upload_output(event.get("lora"), run.keys["lora"], dirs["out"], run, artifact=True)
             self._upload_output(event.get("state"), run.keys["state"], dirs["state"], run, artifact=False,
                                 keep_name=False)
@@ -381,22 +370,15 @@ class TrainingRunner:
             self._upload_output(event.get("path"), run.keys["samples"], dirs["out"], run, artifact=True,
                                 content_type="image/png")
         elif kind == "done":
-            run.done = event
-            run.step = int(event.get("step") or run.step)
             run.final_key = self._upload_output(event.get("lora"), run.keys["lora"], dirs["out"], run, artifact=True)
         elif kind == "error":
-            run.error = event
             run.add_log(f"[trainer] error: {event.get('message')}")
-            return
-        else:
-            run.add_log(line)
             return
         now = time.monotonic()
         if quiet or (not always and now - run.last_emit < PROGRESS_INTERVAL):
             return
         run.last_emit = now
-        emit(Progress(job_id=run.job_id, step=run.step, total=run.total, eta=run.eta(), phase="train",
-                      metrics=dict(run.metrics), log=run.take_log(), artifact_keys=tuple(run.artifacts)))
+        emit(progress_event(run.job_id, run.progress, log=run.take_log(), artifact_keys=tuple(run.artifacts)))
 
     def _upload_output(self, reported: Any, key_or_prefix: str, root: Path, run: _Run, *, artifact: bool,
                        keep_name: bool = True, content_type: str = "application/octet-stream") -> str | None:

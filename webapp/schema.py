@@ -166,6 +166,11 @@ def _v12(conn: Connection) -> None:
 
 
 def _v13(conn: Connection) -> None:
+    # Failed-login counters in the database, shared by every instance on it (they were in each process).
+    create_tables(conn, "login_attempt")
+
+
+def _v14(conn: Connection) -> None:
     # Several studio instances on one database: who holds a running job, and until when (leases with heartbeats).
     add_column(conn, "job", "lease_owner", "VARCHAR(64)")
     add_column(conn, "job", "lease_expires_at", "TIMESTAMP")
@@ -186,7 +191,8 @@ MIGRATIONS: list[Migration] = [
     Migration(10, "training datasets (kohya layout) and their images", _v10),
     Migration(11, "job kinds (training), job metrics, log tail and artifacts", _v11),
     Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
-    Migration(13, "job leases: the instance holding a running job and until when", _v13),
+    Migration(13, "failed-login counters shared by every instance on the database", _v13),
+    Migration(14, "job leases: the instance holding a running job and until when", _v14),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

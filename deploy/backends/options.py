@@ -98,6 +98,9 @@ class SageMakerOptions(BackendOptions):
     endpoint_type: Literal["async", "realtime"] = Field(
         "async", description="async: queued in the cloud, scales to zero; realtime: answers within 60 s, ≥ 1 instance")
     instance_type: str = Field("ml.g5.2xlarge", description="e.g. ml.g5.2xlarge, ml.g4dn.xlarge")
+    training_instance_type: str = Field("ml.g5.2xlarge", pattern=r"^ml\.[a-z0-9\-]+\.[a-z0-9]+$",
+                                        description="the instance each LoRA training job runs on (its own "
+                                                    "SageMaker training job, not the endpoint's instances)")
     initial_instance_count: int = Field(1, ge=1, le=100, description="instances at creation (ESD's name)")
     image_uri: str | None = Field(None, description="the serving container's ECR image; default: the server's setting")
     role_arn: str | None = Field(None, description="SageMaker execution role; default: the server's setting")

@@ -19,6 +19,10 @@ watcher collects every held handle each ``poll_seconds`` (progress objects, then
 A restarted studio ``adopt``s them: nothing is lost and nothing runs twice. While an async endpoint has no
 instance, a job's progress says it is scaling from zero and for how long it has waited.
 
+``train_lora`` jobs run as SageMaker training jobs on instances of their own, with the endpoint's image and role
+(``deploy/backends/sagemaker_training.py``: ``CloudTrainings``, which the watcher polls); they share the
+endpoint's ``slots``.
+
 SageMaker cannot cancel an invocation: a cancel ends the job here at once and its answer is dropped when it
 comes. The container reaches models and writes images through the studio's S3 asset store, so this backend
 needs one (``s3://bucket/prefix``).
@@ -46,6 +50,7 @@ from deploy.backends.base import (
 )
 from deploy.backends.messages import TERMINAL_EVENTS, Cancelled, Event, Failed, JobSpec, Progress, Started
 from deploy.backends.registry import BackendConfig
+from deploy.jobkinds import GENERATE, TRAIN_LORA
 from deploy.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -89,7 +94,8 @@ class SageMakerBackend(Backend):
     def __init__(self, name: str, *, plan: Any, store: BlobStore, slots: int = 4, provision: bool = False,
                  manage: bool = True, create_timeout_minutes: float = 30.0, state_seconds: float = 15.0,
                  poll_seconds: float = 2.0, region: str | None = None, control: Any = None,
-                 runtime: Any = None, waiting_note_seconds: float = 5.0) -> None:
+                 runtime: Any = None, waiting_note_seconds: float = 5.0,
+                 training_instance_type: str = "ml.g5.2xlarge", training: Any = None) -> None:
         """``plan``: the ``EndpointPlan`` (validated). ``provision``: create the endpoint if it does not exist (an
         administrator deploying); a restart never creates one. ``manage``: False for an endpoint created outside the
         studio — used, never scaled or deleted here."""
@@ -109,6 +115,7 @@ class SageMakerBackend(Backend):
         self.asynchronous = plan.endpoint_type == "async"
         self.control = control or SageMakerControl(region=region)
         self.runtime = runtime or SageMakerRuntime(store=store)
+        self.trainings = self._trainings(store, region, training_instance_type, training)
         self._sink: EventSink | None = None
         self._lock = threading.Lock()
         self._held: dict[str, _Held] = {}
@@ -116,6 +123,19 @@ class SageMakerBackend(Backend):
         self._scaled = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+
+    def _trainings(self, store: BlobStore, region: str | None, instance_type: str, training: Any) -> Any:
+        import boto3
+
+        from deploy.backends.sagemaker_training import CloudTrainings
+        from deploy.sagemaker.training import SageMakerTraining
+
+        if training is None:
+            training = SageMakerTraining(store=store, session=boto3.session.Session(region_name=region)
+                                         if region else None)
+        return CloudTrainings(endpoint=self.name, image_uri=self.plan.image_uri, role_arn=self.plan.role_arn,
+                              instance_type=instance_type, store=store, emit=self._emit,
+                              interval=self.poll_seconds, training=training)
 
     # -- contract ---------------------------------------------------------------------------------------------
     def is_configured(self) -> bool:
@@ -129,7 +149,7 @@ class SageMakerBackend(Backend):
             extra.update(cloud_status=state.status, current_instances=state.current_instances,
                          desired_instances=state.desired_instances)
         return Capabilities(slots=self.slots, remote=True, previews=self.asynchronous, devices=(self.name,),
-                            extra=extra, **engine_lists())
+                            kinds=(GENERATE, TRAIN_LORA), extra=extra, **engine_lists())
 
     def start(self, sink: EventSink) -> None:
         if self._sink is not None:
@@ -168,17 +188,21 @@ class SageMakerBackend(Backend):
         if state is None or state.status not in SERVING:
             return 0
         with self._lock:
-            return max(0, self.slots - len(self._held))
+            return max(0, self.slots - len(self._held) - self.trainings.count())
 
     def submit(self, spec: JobSpec) -> None:
         if self._sink is None or self._stopping.is_set():
             raise BackendError(f"backend {self.name!r} is not running")
         with self._lock:
-            if len(self._held) >= self.slots:
+            if len(self._held) + self.trainings.count() >= self.slots:
                 raise BackendBusy(f"endpoint {self.name!r} has {self.slots} job(s) in flight already")
-            if spec.job_id in self._held:
+            if spec.job_id in self._held or self.trainings.holds(spec.job_id):
                 raise BackendError(f"job {spec.job_id} is already held by {self.name!r}")
-            held = self._held[spec.job_id] = _Held(spec=spec)
+            if spec.kind != TRAIN_LORA:
+                held = self._held[spec.job_id] = _Held(spec=spec)
+        if spec.kind == TRAIN_LORA:
+            self._train(spec)
+            return
         if not self.asynchronous:
             self._emit(Started(job_id=spec.job_id, worker=self.name))
             threading.Thread(target=self._invoke, args=(held,), name=f"sagemaker-{self.name}-{spec.job_id[:8]}",
@@ -197,6 +221,10 @@ class SageMakerBackend(Backend):
         self._emit(Started(job_id=spec.job_id, worker=self.name, handle=handle.to_dict()))
 
     def adopt(self, spec: JobSpec, handle: Mapping[str, Any]) -> bool:
+        from deploy.backends.sagemaker_training import HANDLE_KEY
+
+        if HANDLE_KEY in handle:
+            return spec.kind == TRAIN_LORA and self.trainings.adopt(spec, handle)
         if not self.asynchronous:
             return False
         from deploy.sagemaker.runtime import AsyncHandle
@@ -211,7 +239,10 @@ class SageMakerBackend(Backend):
         return True
 
     def cancel(self, job_id: str) -> bool:
-        """SageMaker cannot stop an invocation: the job ends here now; its answer is dropped when it comes."""
+        """SageMaker cannot stop an invocation: the job ends here now; its answer is dropped when it comes. A
+        training job is asked to stop, and ends when SageMaker says it has."""
+        if self.trainings.cancel(job_id):
+            return True
         with self._lock:
             held = self._held.pop(job_id, None)
         if held is None:
@@ -223,10 +254,12 @@ class SageMakerBackend(Backend):
         return True
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Async jobs go on in the cloud (the next start adopts them); real-time ones report interrupted."""
+        """Async jobs and trainings go on in the cloud (the next start adopts them); real-time ones report
+        interrupted."""
         self._stopping.set()
         if self._watcher is not None:
             self._watcher.join(timeout)
+        self.trainings.stop()
         with self._lock:
             realtime = [job_id for job_id, held in self._held.items() if held.handle is None]
             for job_id in realtime:
@@ -247,6 +280,14 @@ class SageMakerBackend(Backend):
         return f"sagemaker {self.plan.endpoint_type} {self.plan.instance_type}{counts}"
 
     # -- jobs ---------------------------------------------------------------------------------------------------
+    def _train(self, spec: JobSpec) -> None:
+        from deploy.backends.sagemaker_training import TrainingRefused
+
+        try:
+            self.trainings.submit(spec)
+        except TrainingRefused as exc:
+            raise BackendError(f"endpoint {self.name!r}: {exc}") from exc
+
     def _invoke(self, held: _Held) -> None:
         from deploy.sagemaker.runtime import InvocationError
 
@@ -330,6 +371,10 @@ class SageMakerBackend(Backend):
                     self._collect()
                 except Exception:  # noqa: BLE001
                     log.exception("endpoint %s: collecting results failed", self.name)
+            try:
+                self.trainings.poll()
+            except Exception:  # noqa: BLE001
+                log.exception("endpoint %s: following its training jobs failed", self.name)
             self._stopping.wait(min(self.poll_seconds, self.state_seconds))
 
     def _provision(self) -> None:
@@ -439,4 +484,4 @@ def create(config: BackendConfig) -> SageMakerBackend:
                             provision=config.provision, manage=not options.existing,
                             create_timeout_minutes=options.create_timeout_minutes,
                             state_seconds=options.state_seconds, poll_seconds=options.poll_seconds,
-                            region=options.region)
+                            region=options.region, training_instance_type=options.training_instance_type)

@@ -23,6 +23,13 @@ PLAN = EndpointPlan(name="scale-zero", endpoint_type="async", image_uri="img:1",
                     failure_path="s3://bucket/fail/")
 
 
+class BucketStore(MemoryStore):
+    """The backend expects the studio's S3 store (bucket and prefix name its channels); memory is enough here."""
+
+    bucket = "bucket"
+    prefix = "studio/"
+
+
 class ZeroInstances:
     """The control plane of an InService async endpoint that has scaled in to zero."""
 
@@ -48,8 +55,9 @@ class Queued:
 
 
 def test_a_job_on_an_endpoint_at_zero_instances_says_it_waits_for_the_scale_out():
-    backend = SageMakerBackend("scale-zero", plan=PLAN, store=MemoryStore(), control=ZeroInstances(),
-                               runtime=Queued(), state_seconds=0.05, poll_seconds=0.05, waiting_note_seconds=0.1)
+    backend = SageMakerBackend("scale-zero", plan=PLAN, store=BucketStore(), control=ZeroInstances(),
+                               runtime=Queued(), state_seconds=0.05, poll_seconds=0.05, waiting_note_seconds=0.1,
+                               region="us-east-1")
     sink = Sink()
     backend.start(sink)
     try:

@@ -24,7 +24,7 @@ def signed_in_page(browser: Any, base: str, username: str, password: str) -> tup
     return context, page
 
 
-def set_number(page: Any, selector: str, value: int) -> None:
+def set_number(page: Any, selector: str, value: float) -> None:
     """Type ``value`` into the number box of the form field ``selector`` and commit it."""
     field = page.locator(f"{selector} input[type=number]")
     field.fill(str(value))

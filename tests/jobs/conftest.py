@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ADMIN_PASSWORD
+from tests.fixtures.postgres import empty_database
 from tests.fixtures.studio_models import (  # noqa: F401 - fixtures re-exported for this package
     ModelStudio,
     build_model_studio,
@@ -67,13 +68,23 @@ def empty_queue(studio: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_fake_studio(tmp_path_factory, tiny_model_files) -> Iterator[ModelStudio]:  # noqa: F811
+def fake_studio_database() -> str:
+    """The database kind of the module's fake studio; a module that overrides this fixture with
+    ``params=DATABASE_KINDS`` runs its ``fake_studio`` tests on PostgreSQL as well."""
+    return "sqlite"
+
+
+@pytest.fixture(scope="module")
+def shared_fake_studio(request, tmp_path_factory, tiny_model_files,  # noqa: F811
+                       fake_studio_database) -> Iterator[ModelStudio]:
     from webapp.settings import Settings
 
     data_dir = tmp_path_factory.mktemp("fake-studio") / "data"
+    kind = fake_studio_database
+    database_url = None if kind == "sqlite" else empty_database(request, kind, data_dir)
 
     def make(**overrides: Any) -> Settings:
-        return Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, **overrides)
+        return Settings(data_dir=data_dir, admin_password=ADMIN_PASSWORD, database_url=database_url, **overrides)
 
     with build_model_studio(make, tiny_model_files, backend="fake", backend_options=FAKE_OPTIONS,
                             max_queued_jobs_per_user=50) as built:

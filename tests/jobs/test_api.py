@@ -1,4 +1,5 @@
-"""/api/v1/jobs and the image route over HTTP: create/get/list/cancel/delete/images/progress/SSE, isolation."""
+"""/api/v1/jobs and the image route over HTTP: create/get/list/cancel/delete/images/progress/SSE, isolation;
+on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
+from tests.fixtures.postgres import DATABASE_KINDS
 from tests.jobs.conftest import USER_PASSWORD, add_user, txt2img
+
+
+@pytest.fixture(scope="module", params=DATABASE_KINDS)
+def fake_studio_database(request) -> str:
+    return request.param
 
 
 @pytest.fixture

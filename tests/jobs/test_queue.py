@@ -8,7 +8,6 @@ from collections import Counter
 
 import pytest
 
-from webapp import schema
 from webapp.db import Database
 from webapp.records import Job, JobStatus, User
 from webapp.services.errors import Throttled
@@ -16,11 +15,8 @@ from webapp.services.jobs.queue import JobQueue
 
 
 @pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    schema.upgrade(database)
-    yield database
-    database.dispose()
+def db(upgraded_db):
+    return upgraded_db
 
 
 def _users(db: Database, *names: str) -> list[User]:
@@ -177,3 +173,15 @@ def test_finish_only_moves_running_jobs(db):
     assert not queue.finish(job.id, JobStatus.SUCCEEDED), "a finished job stays finished"
     with pytest.raises(ValueError):
         queue.finish(job.id, JobStatus.RUNNING)
+
+
+def test_the_claimed_job_says_the_attempt_the_row_records(db):
+    """The dispatcher builds the spec (``attempt``) from the claimed object: it must match the row."""
+    queue = JobQueue(db, max_queued_per_user=10, max_attempts=3)
+    (alice,) = _users(db, "alice")
+    job = queue.enqueue(_job(alice))
+    first = queue.claim("local")
+    assert first.attempts == _status(db, job.id).attempts == 1
+    queue.recover()
+    second = queue.claim("local")
+    assert second.id == job.id and second.attempts == _status(db, job.id).attempts == 2

@@ -1,4 +1,5 @@
-"""JobService on the fake backend: submit → run → results, validation, isolation, cancel, OOM, limits."""
+"""JobService on the fake backend: submit → run → results, validation, isolation, cancel, OOM, limits; on
+SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import time
 
 import pytest
 
+from tests.fixtures.postgres import DATABASE_KINDS
 from tests.fixtures.studio_models import build_model_studio
 from tests.jobs.conftest import add_user, txt2img
 from webapp.records import JobStatus
 from webapp.services.errors import Conflict, InvalidInput, NotFound, Throttled
+
+
+@pytest.fixture(scope="module", params=DATABASE_KINDS)
+def fake_studio_database(request) -> str:
+    return request.param
 
 
 def _png_parameters(data: bytes) -> str:

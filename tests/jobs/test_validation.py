@@ -127,6 +127,8 @@ def test_the_engine_decoder_refuses_a_bomb_too():
     ({"override_settings": {"sd_model_checkpoint": "m\ud800"}}, "override_settings.sd_model_checkpoint"),
     ({"styles": ["ok", "\ud83d"]}, "styles[1]"),
     ({"comments": {"\ud800": "key"}}, "comments"),
+    ({"override_settings": {"sd_model_checkpoint": "m\x00"}}, "override_settings.sd_model_checkpoint"),
+    ({"prompt": "a \x00 fox"}, "prompt"),
 ])
 def test_text_that_is_not_valid_unicode_is_refused_naming_the_field(values, field):
     error = refused(JobMode.TXT2IMG, request(**values))

@@ -1,8 +1,9 @@
 """ModelRegistry: register every type through the one import path, dedupe, probe vs declared, lookups,
-visibility, rename/delete/previews, file refs."""
+visibility, rename/delete/previews, file refs; on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 
@@ -11,6 +12,12 @@ import pytest
 from tests.models.conftest import admin_of, make_user, store_keys
 from webapp.records import ModelStatus, ModelType, Visibility
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+
+
+@pytest.fixture
+def make_settings(make_settings, database_url):
+    """Every studio these tests build uses ``database_url``: each test runs on SQLite and on PostgreSQL."""
+    return functools.partial(make_settings, database_url=database_url)
 
 
 def test_register_each_type_detects_type_base_and_hashes(mstudio, tiny):

@@ -1,8 +1,10 @@
 """--models-dir takes an A1111 install as users have it (the webui root or its models/ folder, embeddings in
-the root's embeddings/), and a start-up scan lists every name at once, hashing afterwards in the background."""
+the root's embeddings/), and a start-up scan lists every name at once, hashing afterwards in the background;
+on SQLite and on PostgreSQL (the scan records files' sizes and nanosecond mtimes: 64-bit columns)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,11 @@ from webapp.settings import Settings
 from webapp.ui.generate_form import choices_for
 
 ADMIN = ("admin", ADMIN_PASSWORD)
+
+
+@pytest.fixture
+def make_settings(make_settings, database_url):
+    return functools.partial(make_settings, database_url=database_url)
 
 
 def _webui(root: Path, tiny: Any) -> Path:

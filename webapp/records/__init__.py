@@ -7,13 +7,13 @@ from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatu
 from webapp.records.models import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.records.options import ServerOption, UserOption
 from webapp.records.tokens import ApiToken, ApiTokenPublic
-from webapp.records.users import LoginSession, Role, User, UserPublic
+from webapp.records.users import LoginAttempt, LoginSession, Role, User, UserPublic
 
 __all__ = [
     "Dataset", "DatasetItem",
     "Endpoint", "EndpointStatus", "Job", "JobMode", "JobStatus",
     "ApiToken", "ApiTokenPublic", "ServerOption", "UserOption",
-    "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "Role", "User", "UserPublic", "Visibility",
+    "LoginAttempt", "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "Role", "User", "UserPublic", "Visibility",
     "new_id", "utcnow",
     "ImportTask", "ScannedFile", "TaskKind", "TaskStatus", "UploadSession", "UploadStatus",
 ]

@@ -1,6 +1,8 @@
 """Text a client sends must be storable: JSON lets it send a lone UTF-16 surrogate (``"\\ud800"``), which
-no UTF-8 column, log line or answer can hold. ``check_text`` refuses such input naming the field, before
-anything is stored or looked up; ``replace_surrogates`` mends values already stored."""
+no UTF-8 column, log line or answer can hold, or a NUL (``"\\u0000"``), which PostgreSQL refuses in any text,
+even a query's parameter (a lookup by such a name fails with 500 there). ``check_text`` refuses such
+input naming the field, before anything is stored or looked up; ``replace_surrogates`` mends values already
+stored."""
 
 from __future__ import annotations
 
@@ -20,12 +22,14 @@ def check_text(values: Mapping[str, Any]) -> None:
     while pending:
         path, value = pending.pop()
         if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidInput(f"`{path or 'body'}` holds a NUL character", field=path or "body")
             if not _storable(value):
                 raise InvalidInput(f"`{path or 'body'}` is not valid Unicode text (it holds a lone surrogate)",
                                    field=path or "body")
         elif isinstance(value, Mapping):
             for key, item in value.items():
-                if isinstance(key, str) and not _storable(key):
+                if isinstance(key, str) and (not _storable(key) or "\x00" in key):
                     raise InvalidInput(f"a key of `{path or 'body'}` is not valid Unicode text", field=path or "body")
                 pending.append((f"{path}.{key}" if path else str(key), item))
         elif isinstance(value, list | tuple):

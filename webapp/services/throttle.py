@@ -15,17 +15,26 @@ forgiven when it succeeds: N parallel guesses can therefore verify at most the l
 first and recording afterwards let every parallel guess through the check. A success also clears the
 failures of that user from that address, but never the address's or the account's counters: a valid
 login must not refill an attacker's budget for other accounts or from other addresses.
+
+The counters are rows (``login_attempt``), not process memory: several studio instances behind one load
+balancer share one database, and a throttle per process would give an attacker the limit once per
+instance. Each ``reserve`` is one write transaction (serialised across instances, see ``webapp.db``) that
+also deletes every row older than the window, so the table stays as small as the last window's failures.
+The clock is wall-clock time, the one clock every instance shares.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from sqlmodel import Session, col, delete, func, select
+
+from webapp.db import Database
+from webapp.records import LoginAttempt
 from webapp.services.errors import Throttled
 
 Key = tuple[str, ...]
@@ -37,68 +46,69 @@ class Attempt:
 
     keys: tuple[Key, ...]
     at: float
+    row_ids: tuple[int, ...]
+
+
+def _hash(key: Key) -> str:
+    return hashlib.sha256("\x1f".join(key).encode()).hexdigest()
 
 
 class LoginThrottle:
     def __init__(
-        self, *, max_per_user: int, max_per_address: int, window_seconds: float, max_per_account: int = 100,
-        clock: Callable[[], float] = time.monotonic,
+        self, db: Database, *, max_per_user: int, max_per_address: int, window_seconds: float,
+        max_per_account: int = 100, clock: Callable[[], float] = time.time,
     ) -> None:
+        self._db = db
         self._limits = {"pair": max_per_user, "address": max_per_address}
         self._max_per_account = max_per_account
         self._window = window_seconds
         self._clock = clock
-        self._failures: dict[Key, deque[float]] = {}
-        self._last_paced: dict[str, float] = {}  # account -> when its last paced attempt was let through
-        self._lock = threading.Lock()
 
     @staticmethod
     def _keys(username: str, address: str | None) -> tuple[Key, Key | None, Key]:
         user = username.strip().lower()
         return ("pair", user, address or ""), (("address", address) if address else None), ("account", user)
 
-    def _count(self, key: Key, now: float) -> deque[float]:
-        """The failures of ``key`` still inside the window (empty counters are dropped: no unbounded growth)."""
-        q = self._failures.get(key, deque())
-        while q and q[0] <= now - self._window:
-            q.popleft()
-        if not q:
-            self._failures.pop(key, None)
-        return q
+    @staticmethod
+    def _failures(s: Session, key: Key) -> tuple[int, float | None]:
+        """How many attempts ``key`` has inside the window, and when the oldest was."""
+        count, oldest = s.exec(select(func.count(), func.min(LoginAttempt.at))
+                               .where(LoginAttempt.key_hash == _hash(key))).one()
+        return int(count), oldest
 
     def reserve(self, username: str, address: str | None) -> Attempt:
         """Count an attempt before verifying it; raises Throttled when it must not be tried now."""
         pair, by_address, account = self._keys(username, address)
-        with self._lock:
-            now = self._clock()  # under the lock: every counter stays in time order
+        paced = ("paced", account[1])  # one row: when this account's last paced attempt was let through
+        with self._db.write() as s:
+            now = self._clock()  # inside the write transaction: every instance's rows stay in time order
+            s.exec(delete(LoginAttempt).where(col(LoginAttempt.at) <= now - self._window))
             for key, what in ((pair, "this user from your address"), (by_address, "your address")):
                 if key is None:
                     continue
-                q = self._count(key, now)
-                if len(q) >= self._limits[key[0]]:
-                    retry_after = max(1, math.ceil(q[0] + self._window - now))
+                count, oldest = self._failures(s, key)
+                if count >= self._limits[key[0]]:
+                    retry_after = max(1, math.ceil(oldest + self._window - now))
                     raise Throttled(f"too many failed logins for {what}; try again in {retry_after} s",
                                     retry_after=retry_after)
-            if len(self._count(account, now)) >= self._max_per_account:
+            last_paced = s.exec(select(func.max(LoginAttempt.at)).where(LoginAttempt.key_hash == _hash(paced))).one()
+            s.exec(delete(LoginAttempt).where(col(LoginAttempt.key_hash) == _hash(paced)))
+            if self._failures(s, account)[0] >= self._max_per_account:
                 spacing = self._window / self._max_per_account
-                waited = now - self._last_paced.get(account[1], -math.inf)
+                waited = now - (last_paced if last_paced is not None else -math.inf)
                 if waited < spacing:
                     retry_after = max(1, math.ceil(spacing - waited))
                     raise Throttled(f"many failed logins for this user; attempts are spaced out, try again in "
                                     f"{retry_after} s", retry_after=retry_after)
-                self._last_paced[account[1]] = now
-            else:
-                self._last_paced.pop(account[1], None)
+                s.add(LoginAttempt(key_hash=_hash(paced), at=now))
             keys = tuple(k for k in (pair, by_address, account) if k is not None)
-            for key in keys:
-                self._failures.setdefault(key, deque()).append(now)
-        return Attempt(keys=keys, at=now)
+            rows = [LoginAttempt(key_hash=_hash(key), at=now) for key in keys]
+            s.add_all(rows)
+            s.flush()
+            return Attempt(keys=keys, at=now, row_ids=tuple(row.id for row in rows if row.id is not None))
 
     def succeeded(self, attempt: Attempt) -> None:
         """The reserved attempt was the right password: forgive it and that user's failures from that address."""
-        with self._lock:
-            for key in attempt.keys:
-                q = self._failures.get(key)
-                if q is not None and attempt.at in q:
-                    q.remove(attempt.at)
-            self._failures.pop(attempt.keys[0], None)
+        with self._db.write() as s:
+            s.exec(delete(LoginAttempt).where(col(LoginAttempt.id).in_(attempt.row_ids)))
+            s.exec(delete(LoginAttempt).where(col(LoginAttempt.key_hash) == _hash(attempt.keys[0])))

@@ -57,6 +57,8 @@ class UserService:
             return s.get(User, user_id)
 
     def get_by_name(self, username: str) -> User | None:
+        if "\x00" in username:  # no user has one, and PostgreSQL refuses it even in a query (500 on a login form)
+            return None
         with self._db.read() as s:
             return s.exec(select(User).where(User.username == username)).first()
 

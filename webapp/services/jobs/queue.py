@@ -164,7 +164,8 @@ class JobQueue:
             result = s.exec(update(Job).where(Job.id == job.id, Job.status == QUEUED).values(  # type: ignore[call-overload]
                 status=RUNNING, started_at=now, attempts=Job.attempts + 1, worker=worker, progress=0.0, step=0,
                 steps=0, job_no=0, job_count=0, eta_seconds=None, error=None, error_kind=None,
-                lease_owner=self.instance.id, lease_expires_at=lease_end))
+                lease_owner=self.instance.id, lease_expires_at=lease_end)
+                .execution_options(synchronize_session=False))
             if result.rowcount != 1:
                 return None
             # what the UPDATE wrote, without reading the row back
