@@ -168,7 +168,8 @@ def build(settings: Settings) -> Studio:
     metrics = JobMetrics(db)
     activity = ActivityClock()
     registrar = TrainingRegistrar(db=db, store=store, registry=model_services.registry,  # a training's LoRAs
-                                  temp_dir=settings.data_dir / "tmp" / "trainings")     # become models
+                                  temp_dir=settings.data_dir / "tmp" / "trainings",     # become models
+                                  instance=instance)
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
                             model_files=model_files, quota=quota, observers=(metrics, activity, registrar),
                             instance=instance)

@@ -184,6 +184,11 @@ def _v15(conn: Connection) -> None:
     create_missing_indexes(conn)
 
 
+def _v16(conn: Connection) -> None:
+    # Several instances on one database: which one registers a succeeded training's LoRAs (claimed once).
+    add_column(conn, "job", "registered_by", "VARCHAR(64)")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -201,6 +206,7 @@ MIGRATIONS: list[Migration] = [
     Migration(13, "failed-login counters shared by every instance on the database", _v13),
     Migration(14, "job leases: the instance holding a running job and until when", _v14),
     Migration(15, "import tasks: the instance home that runs each one", _v15),
+    Migration(16, "trainings: the instance that registers a succeeded training's LoRAs", _v16),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 
