@@ -44,6 +44,7 @@ from webapp.services.errors import InvalidInput  # noqa: E402
 from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
 from webapp.services.jobs.cloud_inventory import SageMakerInventory  # noqa: E402
+from webapp.services.jobs.leases import Instance  # noqa: E402
 from webapp.services.metrics import JobMetrics  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
@@ -157,7 +158,8 @@ def build(settings: Settings) -> Studio:
     )
     auth.purge_expired()
     quota = DiskQuota(db, limit_bytes=int(settings.user_quota_gb * 1024**3))
-    model_services = build_model_services(settings, db, store, quota)
+    instance = Instance.of_data_dir(settings.data_dir)  # who this process is to the jobs and imports it owns
+    model_services = build_model_services(settings, db, store, quota, instance=instance)
     datasets = DatasetService(db, store, quota, Limits(
         max_files=settings.dataset_max_files, max_total_bytes=int(settings.dataset_max_mb * 2**20),
         max_image_bytes=int(settings.ui_max_file_mb * 2**20), max_pixels=settings.max_job_pixels))
@@ -166,9 +168,11 @@ def build(settings: Settings) -> Studio:
     metrics = JobMetrics(db)
     activity = ActivityClock()
     registrar = TrainingRegistrar(db=db, store=store, registry=model_services.registry,  # a training's LoRAs
-                                  temp_dir=settings.data_dir / "tmp" / "trainings")     # become models
+                                  temp_dir=settings.data_dir / "tmp" / "trainings",     # become models
+                                  instance=instance)
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
-                            model_files=model_files, quota=quota, observers=(metrics, activity, registrar))
+                            model_files=model_files, quota=quota, observers=(metrics, activity, registrar),
+                            instance=instance)
     jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
     inventory = built_jobs.inventory
     idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,

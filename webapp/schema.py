@@ -177,6 +177,18 @@ def _v14(conn: Connection) -> None:
     create_missing_indexes(conn)
 
 
+def _v15(conn: Connection) -> None:
+    # Several instances on one database: an import task belongs to the instance whose disk holds its files.
+    # Existing tasks keep NULL; the first instance to start takes them (ImportTasks.recover).
+    add_column(conn, "import_task", "home", "VARCHAR(32)")
+    create_missing_indexes(conn)
+
+
+def _v16(conn: Connection) -> None:
+    # Several instances on one database: which one registers a succeeded training's LoRAs (claimed once).
+    add_column(conn, "job", "registered_by", "VARCHAR(64)")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -193,6 +205,8 @@ MIGRATIONS: list[Migration] = [
     Migration(12, "jobs running elsewhere: the backend's handle to find them again", _v12),
     Migration(13, "failed-login counters shared by every instance on the database", _v13),
     Migration(14, "job leases: the instance holding a running job and until when", _v14),
+    Migration(15, "import tasks: the instance home that runs each one", _v15),
+    Migration(16, "trainings: the instance that registers a succeeded training's LoRAs", _v16),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

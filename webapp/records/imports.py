@@ -51,6 +51,9 @@ class ImportTask(SQLModel, table=True):
     """A list of items: source, name, state, done/total bytes, model id/name, message."""
     progress: float = 0.0
     message: str | None = None
+    home: str | None = Field(default=None, max_length=32, index=True)
+    """The home (``leases.Instance.home``) of the studio instance that runs the task: its files (uploads, server
+    import roots, temp files) are on that instance's disk, so only that instance resumes or recovers it."""
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None

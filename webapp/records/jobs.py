@@ -126,6 +126,9 @@ class Job(SQLModel, table=True):
     lease_expires_at: datetime | None = None
     """Until when that instance's hold is good; it renews it while the job runs, and any instance's reaper puts a
     running job whose lease has run out back in the queue (its instance died). None: not running."""
+    registered_by: str | None = Field(default=None, max_length=64)
+    """A succeeded training: the studio instance that took the registration of its LoRAs as models
+    (``webapp/services/trainings/registration.py``), claimed by a conditional UPDATE so one instance does it."""
     stored_bytes: int | None = Field(default=None, sa_type=BigInteger)
     """Disk the job takes: its request as stored plus its result images (the disk quota sums it). None on
     jobs recorded before sizes were kept, until the start-up sweep measures them."""

@@ -78,15 +78,16 @@ class Jobs:
 
 def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
                model_files: ModelFiles | None, quota: DiskQuota | None = None,
-               observers: Sequence[JobObserver] = ()) -> Jobs:
+               observers: Sequence[JobObserver] = (), instance: Instance | None = None) -> Jobs:
     """Queue, board, endpoints, the local endpoint's backend and dispatcher, the stored endpoints', and the
     service over them.
 
     ``observers`` hear of every job's changes (metrics, the idle watcher). Not started: call
-    ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built.
+    ``JobService.start()`` (restart recovery, then the dispatchers) once the app is built. ``instance`` is this
+    process's (app.py shares it with the import tasks); by default the data dir's.
     """
     board = JobBoard()
-    instance = Instance.of_data_dir(settings.data_dir)
+    instance = instance or Instance.of_data_dir(settings.data_dir)
     log.info("studio instance %s (job leases of %.0f s)", instance.id, settings.job_lease_seconds)
     queue = JobQueue(db, max_queued_per_user=settings.max_queued_jobs_per_user,
                      max_attempts=settings.job_max_attempts, observers=observers, instance=instance,

@@ -7,6 +7,13 @@ API poll: its status, overall progress and one line per file (state, bytes, mode
 Restarts: a task that was *queued* is resumed; one that was *running* is failed with the reason, its
 temp directory removed and its reserved ``Initial`` rows dropped (a kind may add its own clean-up,
 e.g. an interrupted upload import gives the browser its upload back to complete again).
+
+Several instances on one database: a task belongs to the *home* of the instance that took it
+(``leases.Instance.home``, kept with the data dir), because its files are on that machine's disk (the
+upload's bytes under ``<data_dir>/uploads``, the server import's roots, the temp files). Start-up recovers
+and resumes only the tasks of its own home: "running at start" means "dead" only for them (the home's lock
+says the previous process on this data dir is gone); another home's running task belongs to a live
+instance, or to one that recovers it when it starts again on its data dir.
 """
 
 from __future__ import annotations
@@ -22,11 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
+from sqlmodel import col, select, update
 
 from webapp.db import Database
 from webapp.records import ImportTask, TaskKind, TaskStatus, User, utcnow
 from webapp.services.errors import NotFound, ServiceError
+from webapp.services.jobs.leases import Instance
 from webapp.services.models.importer import Importer
 
 log = logging.getLogger(__name__)
@@ -57,6 +65,7 @@ class TaskContext:
         """Change one item's line; written to the database at most every FLUSH_SECONDS unless forced."""
         with self._lock:
             state_changed = "state" in changes and changes["state"] != self.items[index].get("state")
+            state_changed = state_changed or "reserved_id" in changes  # other instances' clean-up reads it
             self.items[index].update(changes)
             now = time.monotonic()
             if not (force or state_changed) and now - self._last_flush < FLUSH_SECONDS:
@@ -95,8 +104,10 @@ def overall(items: list[dict[str, Any]]) -> float:
 class ImportTasks:
     """Runs import handlers by task kind on `workers` threads; rows persist everything shown to users."""
 
-    def __init__(self, db: Database, importer: Importer, temp_root: Path, workers: int) -> None:
+    def __init__(self, db: Database, importer: Importer, temp_root: Path, workers: int, *,
+                 instance: Instance) -> None:
         self._db = db
+        self.home = instance.home
         self._importer = importer
         self._temp_root = temp_root
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="model-import")
@@ -120,7 +131,8 @@ class ImportTasks:
         for item in items:
             item.setdefault("state", "waiting")
         task = ImportTask(kind=kind, owner_id=owner.id if owner else None, params_json=json.dumps(params, default=str),
-                          items_json=json.dumps(items, default=str), message=f"{len(items)} file(s) queued")
+                          items_json=json.dumps(items, default=str), message=f"{len(items)} file(s) queued",
+                          home=self.home)
         with self._db.write() as s:
             s.add(task)
         self._enqueue(task.id, payload)
@@ -232,9 +244,14 @@ class ImportTasks:
     # -- lifecycle ---------------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """At start: fail what a stop interrupted, cleaning up after it (temp files, reserved rows)."""
+        """At start: fail what a stop of this home interrupted, cleaning up after it (temp files, reserved rows).
+
+        Tasks from before homes were recorded (NULL) are taken by the first instance to start: they come from
+        the single instance that ran before the upgrade."""
         with self._db.write() as s:
-            running = list(s.exec(select(ImportTask).where(ImportTask.status == TaskStatus.RUNNING)))
+            s.exec(update(ImportTask).where(col(ImportTask.home).is_(None)).values(home=self.home))  # type: ignore[call-overload]
+            running = list(s.exec(select(ImportTask).where(ImportTask.status == TaskStatus.RUNNING,
+                                                           ImportTask.home == self.home)))
             for task in running:
                 items = json.loads(task.items_json)
                 for item in items:
@@ -253,13 +270,23 @@ class ImportTasks:
                 hook(task)
             log.warning("import task %s was interrupted by a restart; marked failed", task.id)
         if self._temp_root.is_dir():
+            others = self.unfinished_elsewhere()
             for leftover in self._temp_root.glob("task-*"):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.name.removeprefix("task-") not in others:  # a second process on this data dir
+                    shutil.rmtree(leftover, ignore_errors=True)
+
+    def unfinished_elsewhere(self) -> dict[str, ImportTask]:
+        """Queued or running tasks of other homes, by id: other instances' work, which this one leaves alone."""
+        with self._db.read() as s:
+            rows = s.exec(select(ImportTask).where(col(ImportTask.status).in_([TaskStatus.QUEUED, TaskStatus.RUNNING]),
+                                                   ImportTask.home != self.home))
+            return {task.id: task for task in rows}
 
     def resume(self) -> None:
-        """After `recover` and the kinds' own clean-up: queue again what a stop left queued."""
+        """After `recover` and the kinds' own clean-up: queue again what a stop of this home left queued."""
         with self._db.read() as s:
-            queued = list(s.exec(select(ImportTask).where(ImportTask.status == TaskStatus.QUEUED)
+            queued = list(s.exec(select(ImportTask).where(ImportTask.status == TaskStatus.QUEUED,
+                                                          ImportTask.home == self.home)
                                  .order_by(col(ImportTask.created_at))))
         for task in queued:
             params = json.loads(task.params_json)

@@ -327,7 +327,8 @@ class Uploads:
                 self._remove(session)
 
     def cleanup(self) -> None:
-        """At start: drop finished or week-old sessions and their files, and orphaned ``Initial`` rows."""
+        """At start: drop finished or week-old sessions and their files, and orphaned ``Initial`` rows (not those
+        of another instance's running import)."""
         with self._db.read() as s:
             sessions = list(s.exec(select(UploadSession)))
         live_ids: set[str] = set()
@@ -340,7 +341,11 @@ class Uploads:
             if child.name not in live_ids:
                 shutil.rmtree(child, ignore_errors=True)
         keep = {s.model_id for s in sessions if s.id in live_ids and s.model_id}
+        for task in self._tasks.unfinished_elsewhere().values():  # other instances' imports hold theirs
+            keep.update(item["reserved_id"] for item in json.loads(task.items_json) if item.get("reserved_id"))
         with self._db.write() as s:
+            # sessions another instance opened since the read above hold theirs too
+            keep.update(model_id for model_id in s.exec(select(UploadSession.model_id)) if model_id)
             for record in s.exec(select(ModelRecord).where(ModelRecord.status == ModelStatus.INITIAL)):
                 if record.id not in keep:
                     s.delete(record)

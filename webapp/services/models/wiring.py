@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from deploy.storage import BlobStore
 from webapp.db import Database
 from webapp.records import ImportTask, TaskKind, User
+from webapp.services.jobs.leases import Instance
 from webapp.services.models.importer import Importer
 from webapp.services.models.registry import ModelRegistry
 from webapp.services.models.scan import ModelsDirScanner
@@ -63,7 +64,8 @@ def _scan_handler(registry: ModelRegistry):  # noqa: ANN202 - a task handler
 
 
 def build_model_services(settings: Settings, db: Database, store: BlobStore,
-                         quota: DiskQuota | None = None) -> ModelServices:
+                         quota: DiskQuota | None = None, *, instance: Instance) -> ModelServices:
+    """``instance`` is the one the job queue leases with: import tasks belong to its home (``tasks.py``)."""
     assert settings.model_cache_dir is not None  # filled by Settings
     temp_root = settings.data_dir / "tmp" / "imports"
     temp_root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +74,7 @@ def build_model_services(settings: Settings, db: Database, store: BlobStore,
     scan_roots = [*settings.import_roots, *settings.install_folders()]
     scanner = ModelsDirScanner(db, importer, settings.models_dir, scan_roots)  # the install is always readable
     registry = ModelRegistry(db, store, importer, scanner, refresh_interval=settings.refresh_min_interval_seconds)
-    tasks = ImportTasks(db, importer, temp_root, settings.import_workers)
+    tasks = ImportTasks(db, importer, temp_root, settings.import_workers, instance=instance)
     tasks.register(TaskKind.SCAN, _scan_handler(registry))
     services = ModelServices(
         registry=registry, tasks=tasks,

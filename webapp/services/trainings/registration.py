@@ -12,6 +12,13 @@ model id; failures in ``info.registration_errors``), so a start-up sweep registe
 the studio was down and skips the rest — and a LoRA the owner deleted is not brought back. Registering the
 same bytes again would in any case give back the owner's existing model (the importer dedupes by sha256).
 
+Several instances on one database each run a registrar: one's start-up sweep may meet another's observer on the
+same job. Before any work, a registrar *claims* the job: one write transaction that finds it not registered yet
+and sets ``Job.registered_by`` to its instance id with a conditional UPDATE (``WHERE registered_by IS NULL``), so
+exactly one instance goes on. A claim left by a process that died before it remembered the models is taken back
+by the next start on the same data dir (same home, see ``webapp/services/jobs/leases.py``); a registration that
+fails in this process gives its claim back for the next sweep.
+
 A registered LoRA is stored once: when the owner's model holds the bytes in the store, the job gives up its copy
 (deleted from ``jobs/<id>/lora/``, its size taken off the job's ``stored_bytes``, the key listed in
 ``info.handed_to_models``), so the disk quota counts the file once, with the model, and deleting either the job
@@ -30,13 +37,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from sqlmodel import select
+from sqlalchemy import or_
+from sqlmodel import col, select, update
 
 from deploy.jobkinds import TRAIN_LORA
 from deploy.storage import BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import Job, JobStatus, ModelRecord, ModelType, User, Visibility
 from webapp.services.errors import ServiceError
+from webapp.services.jobs.leases import Instance
 from webapp.services.jobs.observers import FinishedJob, JobObserver
 from webapp.services.models import ImportRequest, ModelRegistry
 from webapp.services.trainings.service import HANDED, REGISTERED, lora_keys
@@ -69,8 +78,10 @@ def _lora_summary(path: Path) -> dict[str, Any]:
 
 
 class TrainingRegistrar(JobObserver):
-    def __init__(self, *, db: Database, store: BlobStore, registry: ModelRegistry, temp_dir: Path) -> None:
+    def __init__(self, *, db: Database, store: BlobStore, registry: ModelRegistry, temp_dir: Path,
+                 instance: Instance | None = None) -> None:
         self._db = db
+        self._instance = instance or Instance()
         self._store = store
         self._registry = registry
         self._temp_dir = temp_dir
@@ -117,24 +128,57 @@ class TrainingRegistrar(JobObserver):
         """Register every succeeded training not registered yet; returns the job ids done now."""
         with self._db.read() as s:
             rows = s.exec(select(Job.id, Job.info_json).where(
-                Job.kind == TRAIN_LORA, Job.status == JobStatus.SUCCEEDED)).all()
+                Job.kind == TRAIN_LORA, Job.status == JobStatus.SUCCEEDED, self._claimable())).all()
         todo = [job_id for job_id, info in rows if REGISTERED not in json.loads(info or "{}")]
-        for job_id in todo:
-            self.register(job_id)
+        todo = [job_id for job_id in todo if self.register(job_id) is not None]
         if todo:
             log.info("registered the LoRAs of %d training(s) that finished while the studio was down", len(todo))
         return todo
 
-    def register(self, job_id: str) -> dict[str, str]:
-        """Register the job's LoRAs (once); returns artifact key → model id."""
-        with self._db.read() as s:
+    def _claimable(self) -> Any:
+        """Jobs whose registration no one holds, or a predecessor of this home held (that process is gone)."""
+        mine = self._instance.id
+        return or_(col(Job.registered_by).is_(None),
+                   col(Job.registered_by).startswith(self._instance.home_prefix) & (col(Job.registered_by) != mine))
+
+    def _claim(self, job_id: str) -> tuple[Job, User] | dict[str, str] | None:
+        """Take the job's registration for this instance: the job and its owner to register; the models already
+        registered; or None (not a succeeded training with an owner, or another instance holds it)."""
+        with self._db.write() as s:  # the check and the conditional UPDATE in one write transaction
             job = s.get(Job, job_id)
-            owner = s.get(User, job.owner_id) if job is not None else None
-        if job is None or job.kind != TRAIN_LORA or job.status != JobStatus.SUCCEEDED or owner is None:
-            return {}
-        info = job.info or {}
-        if REGISTERED in info:
-            return dict(info[REGISTERED])
+            owner = s.get(User, job.owner_id) if job is not None and job.owner_id is not None else None
+            if job is None or job.kind != TRAIN_LORA or job.status != JobStatus.SUCCEEDED or owner is None:
+                return None
+            info = job.info or {}
+            if REGISTERED in info:
+                return dict(info[REGISTERED])
+            claimed = s.exec(update(Job).where(col(Job.id) == job_id, self._claimable())  # type: ignore[call-overload]
+                             .values(registered_by=self._instance.id)
+                             .execution_options(synchronize_session=False))
+            if claimed.rowcount != 1:
+                log.info("training %s: instance %s registers its LoRAs", job_id, job.registered_by)
+                return None
+        return job, owner
+
+    def _unclaim(self, job_id: str) -> None:
+        with self._db.write() as s:
+            s.exec(update(Job).where(col(Job.id) == job_id, col(Job.registered_by) == self._instance.id)  # type: ignore[call-overload]
+                   .values(registered_by=None).execution_options(synchronize_session=False))
+
+    def register(self, job_id: str) -> dict[str, str] | None:
+        """Register the job's LoRAs (once, by one instance); returns artifact key → model id, or None when there
+        is nothing to register here (not a succeeded training, or another instance registers it)."""
+        claim = self._claim(job_id)
+        if not isinstance(claim, tuple):
+            return claim
+        job, owner = claim
+        try:
+            return self._register(job, owner)
+        except BaseException:
+            self._unclaim(job_id)  # the next sweep tries again
+            raise
+
+    def _register(self, job: Job, owner: User) -> dict[str, str]:
         keys = lora_keys(job)
         final = [k for k in keys if _epoch_of(k) is None]
         registered: dict[str, str] = {}
