@@ -73,6 +73,9 @@ def test_an_endpoint_deployed_on_one_instance_runs_on_the_other_after_its_next_p
     assert done.status == JobStatus.SUCCEEDED and done.worker.startswith("shared/")
     assert b.jobs.get(actor=admin, job_id=job.id).status == JobStatus.SUCCEEDED
     assert a.jobs.endpoints.find("shared").status == EndpointStatus.IN_SERVICE  # b's build wrote nothing over it
+    mine = a.jobs.dispatchers()["shared"]
+    a.fleet.poll_health()
+    assert a.jobs.dispatchers()["shared"] is mine  # the deploying instance keeps what it built
 
 
 def test_a_delete_on_one_instance_stops_the_others_dispatcher_and_its_running_job_moves_to_the_default(two):
@@ -156,3 +159,17 @@ def test_instances_that_disagree_about_health_do_not_flip_the_row(two):
     a.jobs.backend("shared").health = lambda: (True, None)
     a.fleet.poll_health()
     assert a.jobs.endpoints.find("shared").status == EndpointStatus.IN_SERVICE
+
+
+def test_a_poll_never_moves_a_row_back_to_creating(two):
+    """A cloud watcher built by a later start says Creating until its first answer: the row stays InService."""
+    a, b, admin = two
+    _deploy(a, admin)
+    b.fleet.poll_health()
+    b.jobs.backend("shared").status = lambda: ("Creating", "waiting for SageMaker's first answer")
+    b.fleet.poll_health()
+    assert a.jobs.endpoints.find("shared").status == EndpointStatus.IN_SERVICE
+    b.jobs.backend("shared").status = lambda: ("Failed", "SageMaker says the endpoint is Failed")
+    b.fleet.poll_health()
+    row = next(e for e in a.jobs.endpoints.stored(fresh=True) if e.name == "shared")  # b wrote it: a's cache is older
+    assert row.status == EndpointStatus.FAILED and row.error == "SageMaker says the endpoint is Failed"
