@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 2.0
 """Every submit reads the endpoints; they change rarely, so a short-lived copy serves (changes made in
-this process are seen at once, changes by another process within this many seconds)."""
+this process are seen at once, changes by another process within this many seconds; the Fleet's poll reads
+them afresh)."""
 
 
 class EndpointService:
@@ -34,21 +35,25 @@ class EndpointService:
         self._db = db
         self._lock = threading.Lock()
         self._cached: tuple[float, list[Endpoint]] | None = None
+        self._generation = 0  # moves at every write here: a read that began before it is not cached
 
-    def _rows(self) -> list[Endpoint]:
-        """All endpoints, default first, then by name."""
+    def _rows(self, *, fresh: bool = False) -> list[Endpoint]:
+        """All endpoints, default first, then by name (``fresh``: read now, whatever the cache holds)."""
         with self._lock:
-            if self._cached is not None and time.monotonic() - self._cached[0] < CACHE_SECONDS:
+            if not fresh and self._cached is not None and time.monotonic() - self._cached[0] < CACHE_SECONDS:
                 return self._cached[1]
+            generation = self._generation
         with self._db.read() as s:
             rows = list(s.exec(select(Endpoint).order_by(Endpoint.is_default.desc(), Endpoint.name)).all())  # type: ignore[attr-defined]
         with self._lock:
-            self._cached = (time.monotonic(), rows)
+            if generation == self._generation:  # else a write here overtook this read: it must not be cached
+                self._cached = (time.monotonic(), rows)
         return rows
 
     def _invalidate(self) -> None:
         with self._lock:
             self._cached = None
+            self._generation += 1
 
     # -- reads (any signed-in user) -------------------------------------------------------------------
     def list_endpoints(self, *, actor: User) -> list[Endpoint]:  # noqa: ARG002 - every user may list
@@ -61,9 +66,10 @@ class EndpointService:
                            field="endpoint")
         return endpoint
 
-    def stored(self) -> list[Endpoint]:
-        """Every endpoint (for the server's own bookkeeping; users go through ``list_endpoints``)."""
-        return list(self._rows())
+    def stored(self, *, fresh: bool = False) -> list[Endpoint]:
+        """Every endpoint (for the server's own bookkeeping; users go through ``list_endpoints``); ``fresh``:
+        read from the database now (what other instances changed in the last ``CACHE_SECONDS`` included)."""
+        return list(self._rows(fresh=fresh))
 
     def find(self, name: str) -> Endpoint | None:
         """The endpoint named ``name`` or None (for the server's own bookkeeping; users go through ``get``)."""
