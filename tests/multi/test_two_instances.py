@@ -1,7 +1,7 @@
 """Two studio processes behind one load balancer: one database, one asset store, nothing else shared.
 
 Two real ``python app.py`` servers (the fake backend, slow steps) on different ports and data dirs share a
-``--database-url`` (a SQLite file, and PostgreSQL) and a ``--store``; the test drives them only through their HTTP
+``--database-url`` and a ``--store`` (a SQLite file and a directory; PostgreSQL and an S3 bucket on moto); the test drives them only through their HTTP
 APIs with Basic auth, and reads the shared rows to count. It shows that a job submitted to either runs exactly
 once, that progress and results are visible from both, that an A1111 interrupt sent to the instance that does not
 run the job stops it, and that killing one instance (SIGKILL) mid-job while the other serves loses no job and runs
@@ -27,6 +27,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.conftest import ADMIN_PASSWORD
+from tests.fixtures.moto_server import moto_server, s3_bucket, s3_client  # noqa: F401 - fixtures
 from tests.fixtures.studio_models import tiny_model_files  # noqa: F401 - fixture
 from tests.jobs.conftest import txt2img
 from tests.live import free_port
@@ -41,7 +42,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 class Instance:
     """One ``python app.py`` process; its log goes to a file, quoted when it fails to start."""
 
-    def __init__(self, name: str, tmp_path: Path, database_url: str, store: Path) -> None:
+    def __init__(self, name: str, tmp_path: Path, database_url: str, store: str) -> None:
         self.name = name
         self.port = free_port()
         self.log = tmp_path / f"{name}.log"
@@ -110,13 +111,18 @@ class Instance:
 
 
 @pytest.fixture
-def shared(tmp_path: Path, database_url: str, tiny_model_files) -> tuple[str, Path]:  # noqa: F811
-    """The shared database (with the tiny checkpoint registered, by a build in this process) and store."""
+def shared(request: pytest.FixtureRequest, tmp_path: Path, database_url: str,
+           tiny_model_files) -> tuple[str, str]:  # noqa: F811
+    """The shared database (with the tiny checkpoint registered, by a build in this process) and store: a
+    directory beside SQLite, an S3 bucket (moto; the processes inherit the AWS environment) beside PostgreSQL."""
     import app
     from webapp.settings import Settings
 
-    store = tmp_path / "store"
-    studio = app.build(Settings(data_dir=tmp_path / "setup", database_url=database_url, store=str(store),
+    if database_url.startswith("postgresql"):
+        store = f"s3://{request.getfixturevalue('s3_bucket')}/studio"
+    else:
+        store = str(tmp_path / "store")
+    studio = app.build(Settings(data_dir=tmp_path / "setup", database_url=database_url, store=store,
                                 admin_password=ADMIN_PASSWORD, backend="fake"))
     try:
         studio.models.register_file(actor=studio.users.get_by_name("admin"), path=tiny_model_files.checkpoint,
@@ -127,7 +133,7 @@ def shared(tmp_path: Path, database_url: str, tiny_model_files) -> tuple[str, Pa
 
 
 @pytest.fixture
-def pair(tmp_path: Path, shared: tuple[str, Path]) -> Iterator[tuple[Instance, Instance]]:
+def pair(tmp_path: Path, shared: tuple[str, str]) -> Iterator[tuple[Instance, Instance]]:
     database_url, store = shared
     a, b = Instance("a", tmp_path, database_url, store), Instance("b", tmp_path, database_url, store)
     try:
@@ -152,12 +158,14 @@ def _rows(database_url: str, ids: list[str]) -> dict[str, dict[str, Any]]:
     return {job_id: found[job_id] for job_id in ids}
 
 
-def _stored_images(store: Path, job_id: str) -> list[str]:
-    folder = store / "jobs" / job_id
-    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+def _stored_images(store: str, job_id: str) -> list[str]:
+    from deploy.storage import open_store
+
+    prefix = f"jobs/{job_id}/"
+    return sorted(blob.key.removeprefix(prefix) for blob in open_store(store).list(prefix))
 
 
-def _exactly_once_and_visible_from_both(a: Instance, b: Instance, database_url: str, store: Path) -> None:
+def _exactly_once_and_visible_from_both(a: Instance, b: Instance, database_url: str, store: str) -> None:
     ids = [(a if i % 2 == 0 else b).submit(seed=100 + i, steps=6) for i in range(6)]
     done = [a.until(job_id, TERMINAL) for job_id in ids]
     assert [job["status"] for job in done] == ["succeeded"] * 6
@@ -197,7 +205,7 @@ def _progress_and_interrupt_from_the_other(a: Instance, b: Instance, database_ur
     assert len(job["images"]) < 3, "it stopped before its last batch"
 
 
-def _kill_one_mid_job(a: Instance, b: Instance, database_url: str, store: Path) -> None:
+def _kill_one_mid_job(a: Instance, b: Instance, database_url: str, store: str) -> None:
     victim_first = [a.submit(seed=300 + i, steps=60) for i in range(3)]  # 3 s each: one runs, two wait
     a.until(victim_first[0], {"running"})
     holder_id = _rows(database_url, [victim_first[0]])[victim_first[0]]["lease_owner"]
