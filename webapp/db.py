@@ -58,11 +58,31 @@ def _configure_postgresql(engine: Engine) -> None:
             cursor.execute("SET TIME ZONE 'UTC'")
         dbapi_connection.commit()
 
+    @event.listens_for(engine, "before_cursor_execute")
+    def _no_nul(_conn, _cursor, _statement, parameters, _context, _executemany) -> None:  # noqa: ANN001
+        # PostgreSQL refuses NUL in any text, even a lookup's parameter: a client's "a\x00b" (an id in a path, a
+        # name in a body) must be a 4xx naming the problem, not a driver error answered 500.
+        if _holds_nul(parameters):
+            from webapp.services.errors import InvalidInput
+
+            raise InvalidInput("the request holds a NUL character, which cannot be stored or looked up", field="body")
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # noqa: ANN001 - SQLAlchemy Connection
         if conn.get_execution_options().get("serialized_write"):
             conn.exec_driver_sql(f"SET LOCAL lock_timeout = {BUSY_TIMEOUT_MS}")
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK_KEY})")
+
+
+def _holds_nul(parameters: object) -> bool:
+    """True when a statement's parameters (a mapping, a sequence, or a list of either) hold a str with NUL."""
+    if isinstance(parameters, str):
+        return "\x00" in parameters
+    if isinstance(parameters, dict):
+        return any(_holds_nul(value) for value in parameters.values())
+    if isinstance(parameters, list | tuple):
+        return any(_holds_nul(value) for value in parameters)
+    return False
 
 
 class Database:

@@ -218,3 +218,18 @@ def test_a_user_name_with_a_nul_is_an_ordinary_failed_login(make_settings, datab
             assert c.get("/api/v1/me", auth=("ad\x00min", "not-the-password")).status_code == 401
     finally:
         studio.close()
+
+
+def test_a_nul_in_an_id_or_a_name_is_a_clear_4xx_on_every_database(make_settings, database_url):
+    """An id in a path or a name in a body holding NUL: PostgreSQL refuses such text even as a lookup's
+    parameter; the answer must be a 4xx naming the problem, never a 500."""
+    import app
+
+    studio = app.build(make_settings(database_url=database_url))
+    try:
+        with TestClient(studio.app, follow_redirects=False) as c:
+            auth = ("admin", ADMIN_PASSWORD)
+            job = c.get("/api/v1/jobs/ab%00cd", auth=auth)
+            assert 400 <= job.status_code < 500, job.text
+    finally:
+        studio.close()
