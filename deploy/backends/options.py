@@ -10,7 +10,7 @@ plane stores them encrypted (never in logs or API answers).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
@@ -27,6 +27,13 @@ class BackendOptions(BaseModel):
     """Common base: unknown fields are errors (a typo must not be silently ignored)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_autoscale: ClassVar[bool] = False
+    """Whether a deployment that does not say turns autoscaling on."""
+
+    def name_prefix(self, kind: str) -> str:
+        """The default endpoint name is ``<prefix>-<6 hex>``."""
+        return f"studio-{kind}"
 
     def check_deployment(self, *, name: str, min_instances: int, max_instances: int, autoscale: bool,
                          store: Any = None) -> None:
@@ -95,6 +102,8 @@ class HttpWorkerOptions(BackendOptions):
 class SageMakerOptions(BackendOptions):
     """An AWS SageMaker endpoint serving the studio's container (the studio's asset store must be on S3)."""
 
+    default_autoscale: ClassVar[bool] = True  # the seeds: "Enable Autoscaling" on by default
+
     endpoint_type: Literal["async", "realtime"] = Field(
         "async", description="async: queued in the cloud, scales to zero; realtime: answers within 60 s, ≥ 1 instance")
     instance_type: str = Field("ml.g5.2xlarge", description="e.g. ml.g5.2xlarge, ml.g4dn.xlarge")
@@ -119,6 +128,10 @@ class SageMakerOptions(BackendOptions):
     existing: bool = Field(False, description="use an endpoint created outside the studio (never scaled or "
                                               "deleted here)")
     sagemaker_name: str | None = Field(None, description="the SageMaker endpoint's name; default: this endpoint's")
+
+    def name_prefix(self, kind: str) -> str:
+        """``studio-async-<id>`` / ``studio-rt-<id>``, as ESD names its endpoints."""
+        return "studio-async" if self.endpoint_type == "async" else "studio-rt"
 
     @field_validator("endpoint_type", mode="before")
     @classmethod

@@ -152,3 +152,25 @@ def test_endpoints_created_outside_the_studio_are_listed_as_unmanaged(sagemaker_
     studio.endpoint_admin.delete(actor=admin, name="studio-uses-it")
     # an endpoint the studio did not create is never deleted by it
     assert moto_client("sagemaker", plane.moto).describe_endpoint(EndpointName="made-in-the-console")
+
+
+def test_defaults_as_the_seeds_name_them(sagemaker_data_plane, studio_factory):
+    """No name and no autoscale given: studio-async-<id> / studio-rt-<id>, ml.g5.2xlarge, one instance, autoscaling on."""
+    plane = sagemaker_data_plane
+    studio = studio_factory()
+    admin = studio.users.get_by_name("admin")
+    made = []
+    try:
+        for endpoint_type, prefix in (("async", "studio-async-"), ("Real-time", "studio-rt-")):
+            endpoint = studio.endpoint_admin.deploy(actor=admin, request=Deployment(
+                kind="sagemaker", options={"endpoint_type": endpoint_type, "state_seconds": 0.1,
+                                           "environment": {CONTAINER_URL_VARIABLE: plane.container.url}}))
+            made.append(endpoint.name)
+            assert endpoint.name.startswith(prefix) and endpoint.autoscale is True
+            assert (endpoint.min_instances, endpoint.max_instances) == (1, 1)
+            config = moto_client("sagemaker", plane.moto).describe_endpoint_config(EndpointConfigName=endpoint.name)
+            variant = config["ProductionVariants"][0]
+            assert (variant["InstanceType"], variant["InitialInstanceCount"]) == ("ml.g5.2xlarge", 1)
+    finally:
+        for name in made:
+            studio.endpoint_admin.delete(actor=admin, name=name, force=True)

@@ -179,3 +179,8 @@ def test_every_field_type_gets_its_widget_and_values_come_back_typed():
     with pytest.raises(InvalidInput) as caught:
         read_value(fields["ratio"], "half")
     assert caught.value.field == "options.ratio"
+
+
+def test_the_autoscale_box_follows_the_kinds_default(tab):
+    assert tab.autoscale_default("sagemaker")["value"] is True  # the seeds: autoscaling on by default
+    assert tab.autoscale_default("http")["value"] is False

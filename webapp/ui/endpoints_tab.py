@@ -87,6 +87,12 @@ class EndpointsTab:
         return [gr.update(visible=name == kind) for name in self.groups]
 
     @ui_errors
+    def autoscale_default(self, kind: str | None) -> Any:
+        """The Autoscale box follows the chosen kind's default (on for SageMaker, as the seeds have it)."""
+        model = options_model(kind) if kind else None
+        return gr.update(value=bool(getattr(model, "default_autoscale", False)))
+
+    @ui_errors
     def deploy(self, values: dict[Any, Any], request: gr.Request) -> tuple:
         """Values keyed by widget (Gradio passes a dict when inputs are a set); only the chosen kind's options
         are read."""
@@ -143,6 +149,7 @@ class EndpointsTab:
             trigger(self.refresh, None, listing, **private)
             trigger(self.unmanaged, None, [self.unmanaged_table, self.unmanaged_area], **private)
         self.kind.change(self.kind_changed, [self.kind], list(self.groups.values()), **private)
+        self.kind.change(self.autoscale_default, [self.kind], [self.autoscale], **private)
         inputs = {self.kind, self.name, self.min_instances, self.max_instances, self.autoscale}
         inputs |= {w for widgets in self.widgets.values() for w in widgets.values()}
         self.deploy_button.click(self.deploy, inputs, [*listing, self.name], **private)

@@ -70,7 +70,7 @@ def deployment_from_body(body: Any) -> Deployment:
         options = {key: body[key], **options}
     return Deployment(kind=kind, options=options, name=values.get("name"),  # type: ignore[arg-type]
                       min_instances=values.get("min_instances", 1), max_instances=values.get("max_instances", 1),
-                      autoscale=values.get("autoscale", False))
+                      autoscale=values.get("autoscale"))
 
 
 def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
@@ -85,7 +85,8 @@ def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
     @router.post("", status_code=201)
     def deploy(user: CurrentUser, body: Any = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         """Deploy an endpoint (administrators). Body: ``kind``, ``options`` (the kind's own), optional ``name``
-        (default ``studio-<kind>-<6 hex>``), ``min_instances``, ``max_instances``, ``autoscale``."""
+        (default ``studio-<kind>-<6 hex>``; SageMaker: ``studio-async-…`` / ``studio-rt-…``), ``min_instances``,
+        ``max_instances``, ``autoscale`` (default: on for SageMaker, off otherwise)."""
         return endpoint_item(admin.deploy(actor=user, request=deployment_from_body(body)), user)
 
     @router.delete("")

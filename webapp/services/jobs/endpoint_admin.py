@@ -50,7 +50,8 @@ class Deployment:
     name: str | None = None
     min_instances: int = 1
     max_instances: int = 1
-    autoscale: bool = False
+    autoscale: bool | None = None
+    """None: the kind's default (on for SageMaker, off otherwise)."""
 
 
 def shown_config(endpoint: Endpoint) -> dict[str, Any]:
@@ -105,11 +106,12 @@ class EndpointAdmin:
         if high < 1 or low > high:
             raise InvalidInput(f"`max_instances` must be at least 1 and at least `min_instances` ({low}), not {high}",
                                field="max_instances")
-        if not isinstance(request.autoscale, bool):
+        autoscale = parsed.default_autoscale if request.autoscale is None else request.autoscale
+        if not isinstance(autoscale, bool):
             raise InvalidInput(f"`autoscale` must be true or false, not {request.autoscale!r}", field="autoscale")
-        name = self._name(request.name, kind)
+        name = self._name(request.name, parsed.name_prefix(kind))
         try:
-            self._fleet.check_deployment(kind, options, name=name, bounds=(low, high, request.autoscale))
+            self._fleet.check_deployment(kind, options, name=name, bounds=(low, high, autoscale))
         except OptionsError as exc:
             raise InvalidInput(str(exc), field=exc.field) from None
 
@@ -117,16 +119,16 @@ class EndpointAdmin:
         token = self._secrets.seal(hidden) if hidden else None
         self._endpoints.add(Endpoint(
             name=name, kind=kind, status=EndpointStatus.CREATING, config_json=json.dumps(options, default=str),
-            secrets_token=token, min_instances=low, max_instances=high, autoscale=request.autoscale,
+            secrets_token=token, min_instances=low, max_instances=high, autoscale=autoscale,
             owner_id=actor.id))
-        status = self._fleet.start_endpoint(name, kind, {**options, **hidden}, bounds=(low, high, request.autoscale),
+        status = self._fleet.start_endpoint(name, kind, {**options, **hidden}, bounds=(low, high, autoscale),
                                             provision=True)
         log.info("endpoint %s (%s) deployed by %s: %s", name, kind, actor.username, status)
         return self._endpoints.get(actor=actor, name=name)
 
-    def _name(self, name: Any, kind: str) -> str:
+    def _name(self, name: Any, prefix: str) -> str:
         if name is None or name == "":
-            return f"studio-{kind}-{random_tokens.token_hex(3)}"
+            return f"{prefix}-{random_tokens.token_hex(3)}"
         if not isinstance(name, str):
             raise InvalidInput("`name` must be a string", field="name")
         if not NAME_RE.fullmatch(name):
