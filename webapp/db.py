@@ -18,6 +18,8 @@ the server's ``TimeZone`` is.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,14 +35,31 @@ BUSY_TIMEOUT_MS = 30_000
 WRITE_LOCK_KEY = 0x5354_5544_494F  # "STUDIO"
 
 
+def _enter_wal(cursor) -> None:  # noqa: ANN001 - DB-API cursor
+    """Switch to WAL. On a brand-new file several connections (instances starting together) race for the exclusive
+    lock the switch needs, and SQLite answers "database is locked" at once, without its busy handler: retry, bounded
+    by the busy timeout. Once the file is in WAL (the mode persists) the pragma takes no lock."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - DB-API object
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's implicit BEGIN is always DEFERRED).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        _enter_wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
