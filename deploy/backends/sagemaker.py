@@ -121,6 +121,7 @@ class SageMakerBackend(Backend):
         self._held: dict[str, _Held] = {}
         self._state: CloudState | None = None
         self._scaled = False
+        self._create_failed = False
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -262,8 +263,6 @@ class SageMakerBackend(Backend):
         self.trainings.stop()
         with self._lock:
             realtime = [job_id for job_id, held in self._held.items() if held.handle is None]
-            for job_id in realtime:
-                self._held.pop(job_id, None)
             self._held.clear()
         for job_id in realtime:
             self._emit(Failed(job_id=job_id, message=STOPPED_MESSAGE, kind="interrupted"))
@@ -386,13 +385,13 @@ class SageMakerBackend(Backend):
                 log.info("endpoint %s: SageMaker endpoint %s created (%s, %s)", self.name, self.plan.name,
                          self.plan.endpoint_type, self.plan.instance_type)
         except CloudError as exc:
+            self._create_failed = True
             self._set_state(CloudState(status="Failed", reason=f"creating it on SageMaker failed: {exc}"))
 
     def _observe(self) -> None:
         from deploy.sagemaker.control import CloudError
 
-        if self._state is not None and self._state.status == "Failed" and self._state.reason and \
-                self._state.reason.startswith("creating it"):
+        if self._create_failed:
             return  # nothing was created: nothing to watch
         try:
             cloud = self.control.describe(self.plan.name)

@@ -61,7 +61,7 @@ MAX_TAGS = 50  # per SageMaker resource, the studio's own two included
 
 _NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
 _ENV_KEY = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_ROLE_ARN = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+")
+ROLE_ARN = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+")
 _IMAGE_URI = re.compile(r"\S{1,255}")
 _INSTANCE_TYPE = re.compile(r"ml\.[a-z0-9]+\.[a-z0-9]+")
 _S3_PATH = re.compile(r"s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/\S*)?")
@@ -219,7 +219,7 @@ def validate_plan(plan: EndpointPlan) -> None:
     if plan.endpoint_type not in ("async", "realtime"):
         raise _fail("endpoint_type", f"must be 'async' or 'realtime', got {plan.endpoint_type!r}")
     _check_pattern("image_uri", plan.image_uri, _IMAGE_URI, "an image URI (ECR), at most 255 characters")
-    _check_pattern("role_arn", plan.role_arn, _ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+    _check_pattern("role_arn", plan.role_arn, ROLE_ARN, "an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
     _check_pattern("instance_type", plan.instance_type, _INSTANCE_TYPE, "a SageMaker instance type such as ml.g5.2xlarge")
     _check_int("initial_instances", plan.initial_instances, 1)
     _check_environment(plan.environment)

@@ -32,6 +32,7 @@ import boto3
 from botocore.exceptions import ClientError
 
 from deploy.container.train import HYPERPARAMETER_VALUE_MAX, HYPERPARAMETERS_MAX, payload_hyperparameters
+from deploy.sagemaker.control import ROLE_ARN
 from deploy.storage import BlobStore
 from deploy.trainer_process import TrainerFailure, parse_failure_reason
 from deploy.training_runner import job_keys
@@ -42,7 +43,6 @@ MODEL_ARCHIVE = "model.tar.gz"
 TERMINAL = frozenset({"Completed", "Failed", "Stopped"})
 
 _JOB_NAME = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}")
-_ROLE_ARN = re.compile(r"arn:aws[a-z\-]*:iam::\d{12}:role/?[a-zA-Z_0-9+=,.@\-/]+")
 _S3_URI = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>\S*)")
 _TAG = re.compile(r"[\w\s.:/=+\-@]*")
 _LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,199}\.safetensors")
@@ -184,7 +184,7 @@ def training_job_arguments(plan: TrainingPlan) -> dict[str, Any]:
             or any(c.isspace() for c in plan.image_uri):
         raise InvalidTrainingPlan(f"`image_uri` must be an image URI of at most 255 characters, not "
                                   f"{plan.image_uri!r}", "image_uri")
-    if not isinstance(plan.role_arn, str) or not _ROLE_ARN.fullmatch(plan.role_arn) or len(plan.role_arn) > 2048:
+    if not isinstance(plan.role_arn, str) or not ROLE_ARN.fullmatch(plan.role_arn) or len(plan.role_arn) > 2048:
         raise InvalidTrainingPlan(f"`role_arn` must be an IAM role ARN, not {plan.role_arn!r}", "role_arn")
     if not isinstance(plan.instance_type, str) or not re.fullmatch(r"ml\.[a-z0-9\-]+\.[a-z0-9]+", plan.instance_type):
         raise InvalidTrainingPlan(f"`instance_type` must look like ml.g5.2xlarge, not {plan.instance_type!r}",
