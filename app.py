@@ -37,6 +37,7 @@ from webapp.api.v1 import trainings as trainings_api  # noqa: E402
 from webapp.api.v1 import uploads as uploads_api  # noqa: E402
 from webapp.api.v1 import users as users_api  # noqa: E402
 from webapp.db import Database  # noqa: E402
+from webapp.services.audit import AuditLog  # noqa: E402
 from webapp.services.auth import AuthService  # noqa: E402
 from webapp.services.controlnet import ControlNetService  # noqa: E402
 from webapp.services.datasets import DatasetService, Limits  # noqa: E402
@@ -51,6 +52,7 @@ from webapp.services.models.wiring import ModelServices, build_model_services  #
 from webapp.services.options import OptionsService  # noqa: E402
 from webapp.services.passwords import Passwords  # noqa: E402
 from webapp.services.quota import DiskQuota  # noqa: E402
+from webapp.services.roles import RoleService  # noqa: E402
 from webapp.services.throttle import LoginThrottle  # noqa: E402
 from webapp.services.tokens import TokenService  # noqa: E402
 from webapp.services.trainings import TrainingRegistrar, TrainingService  # noqa: E402
@@ -104,6 +106,8 @@ class Studio:
     trainings: TrainingService | None = None
     training_registrar: TrainingRegistrar | None = None
     inventory: SageMakerInventory | None = None
+    roles: RoleService | None = None
+    audit: AuditLog | None = None
 
     def close(self) -> None:
         if self.idle is not None:
@@ -134,6 +138,8 @@ def build(settings: Settings) -> Studio:
 
     passwords = Passwords()
     users = UserService(db, passwords)
+    roles = RoleService(db)
+    audit_log = AuditLog(db)
     admin_password = settings.admin_password.get_secret_value() if settings.admin_password else None
     if settings.listens_publicly and admin_password is None and not users.has_admin():
         raise StartupRefused(
@@ -204,11 +210,11 @@ def build(settings: Settings) -> Studio:
     datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
     training_tab = TrainingTab(ui_ctx, trainings, datasets)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
-                           UsersTab(ui_ctx),
+                           UsersTab(ui_ctx, roles=roles),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
-        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota), users_api.build_router(users, auth),
+        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota, roles), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry), datasets_api.build_router(datasets),
         trainings_api.build_router(trainings),
@@ -232,7 +238,7 @@ def build(settings: Settings) -> Studio:
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
         endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets, trainings=trainings,
-        training_registrar=registrar, inventory=inventory,
+        training_registrar=registrar, inventory=inventory, roles=roles, audit=audit_log,
     )
 
 

@@ -100,6 +100,8 @@ def add_missing_enum_labels(conn: Connection) -> None:
 
 def _v1(conn: Connection) -> None:
     create_tables(conn, "user", "login_session")
+    # Release 1's users had a role (admin/user) that v17 turned into roles; the current table lacks the column.
+    add_column(conn, "user", "role", "VARCHAR(8)", "'USER'")
 
 
 def _v2(conn: Connection) -> None:
@@ -189,6 +191,47 @@ def _v16(conn: Connection) -> None:
     add_column(conn, "job", "registered_by", "VARCHAR(64)")
 
 
+def _v17(conn: Connection) -> None:
+    # Roles with resource:action permissions and quotas, allowed roles on shared things, scoped and expiring
+    # API tokens, the audit log, a UI language per user. The old user.role (admin/user) becomes the seeded
+    # Admin / Designer role.
+    import json
+
+    from webapp.services.access import SEEDED_ROLES, expand
+
+    create_tables(conn, "access_role", "access_role_member", "audit_event")
+    add_column(conn, "user", "language", "VARCHAR(16)")
+    add_column(conn, "user", "role_ids_json", "TEXT", "'[]'")
+    add_column(conn, "user", "permissions_json", "TEXT", "'[]'")
+    add_column(conn, "api_token", "expires_at", "TIMESTAMP")
+    add_column(conn, "api_token", "scopes_json", "TEXT")
+    for table in ("model", "dataset", "endpoint"):
+        add_column(conn, table, "allowed_roles", "VARCHAR(1024)", "''")
+        conn.execute(text(f'UPDATE "{table}" SET allowed_roles = \'\' WHERE allowed_roles IS NULL'))
+    role_ids: dict[str, int] = {}
+    for key, name, description, permissions in SEEDED_ROLES:
+        found = conn.execute(text("SELECT id FROM access_role WHERE name = :n"), {"n": name}).first()
+        if found is None:
+            conn.execute(text(
+                "INSERT INTO access_role (name, description, builtin, permissions_json, created_at, updated_at) "
+                "VALUES (:n, :d, :b, :p, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                {"n": name, "d": description, "b": key, "p": json.dumps(sorted(permissions))})
+            found = conn.execute(text("SELECT id FROM access_role WHERE name = :n"), {"n": name}).first()
+        role_ids[key] = int(found[0])
+    seeded = {key: permissions for key, _, _, permissions in SEEDED_ROLES}
+    columns = {c["name"] for c in inspect(conn).get_columns("user")}
+    if "role" in columns:
+        for user_id, old in conn.execute(text('SELECT id, role FROM "user"')).tuples():
+            key = "admin" if str(old).lower().endswith("admin") else "designer"
+            conn.execute(text("INSERT INTO access_role_member (user_id, role_id) VALUES (:u, :r)"),
+                         {"u": user_id, "r": role_ids[key]})
+            conn.execute(text('UPDATE "user" SET role_ids_json = :r, permissions_json = :p WHERE id = :u'),
+                         {"u": user_id, "r": json.dumps([role_ids[key]]), "p": json.dumps(sorted(expand(seeded[key])))})
+        conn.execute(text('ALTER TABLE "user" DROP COLUMN role'))
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("DROP TYPE IF EXISTS role"))
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -207,6 +250,7 @@ MIGRATIONS: list[Migration] = [
     Migration(14, "job leases: the instance holding a running job and until when", _v14),
     Migration(15, "import tasks: the instance home that runs each one", _v15),
     Migration(16, "trainings: the instance that registers a succeeded training's LoRAs", _v16),
+    Migration(17, "roles and permissions, allowed roles, scoped expiring API tokens, audit log, UI language", _v17),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

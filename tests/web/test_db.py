@@ -82,15 +82,20 @@ def test_upgrade_from_every_older_version_keeps_rows(db, start):
     from webapp.records import User
 
     schema.upgrade(db, target=start)
+    role = ("role, ", "'USER', ") if start < 17 else ("", "")  # v17 turned user.role into roles
     with db.write() as s:  # columns of the first schema version only
         s.connection().execute(text(
-            'INSERT INTO "user" (username, role, password_hash, created_at, password_changed_at) '
-            "VALUES ('kept', 'USER', 'h', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
+            f'INSERT INTO "user" (username, {role[0]}password_hash, created_at, password_changed_at) '
+            f"VALUES ('kept', {role[1]}'h', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"
         ))
     schema.upgrade(db)
     assert schema.current_version(db) == schema.LATEST
     with db.read() as s:
-        assert s.exec(select(User).where(User.username == "kept")).one().password_hash == "h"
+        kept = s.exec(select(User).where(User.username == "kept")).one()
+        assert kept.password_hash == "h"
+        if start < 17:
+            assert "model:list" in kept.permissions and "user:list" not in kept.permissions, \
+                "an old 'user' became a Designer"
         for table in schema.SQLModel.metadata.tables:
             s.connection().execute(text(f'SELECT COUNT(*) FROM "{table}"'))  # every table exists
 

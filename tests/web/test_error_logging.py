@@ -34,7 +34,7 @@ def test_a_ui_validation_error_is_one_line_without_traceback(studio, caplog, cap
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "admin", ADMIN_PASSWORD)
         capfd.readouterr()
-        done = queue_call(c, create, ["bob", SHORT_PASSWORD, "user"], session=f"s{create}")
+        done = queue_call(c, create, ["bob", SHORT_PASSWORD, []], session=f"s{create}")
     assert done["success"] is False and "password" in str(done["output"])
     (line,) = _lines(caplog, "password")
     assert line.levelno == logging.INFO and "create" in line.getMessage() and "admin" in line.getMessage()

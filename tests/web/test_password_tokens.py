@@ -87,7 +87,7 @@ def test_ui_handlers_take_the_checkbox(studio, alice):
     account.change_password("alice-new-pass-1", "alice-new-pass-2", "alice-new-pass-2", _request("alice"), True)
     assert studio.auth.user_for_api_token(kept) is None
 
-    users = UsersTab(ctx)
+    users = UsersTab(ctx, roles=studio.roles)
     kept = _token(studio, alice)
     users.reset_password("alice", "alice-new-pass-3", _request("admin"), False)
     assert studio.auth.user_for_api_token(kept) is not None

@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
 from tests.fixtures.gradio_queue import queue_messages
-from webapp.records import Role
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from webapp.ui.context import UiContext
 from webapp.ui.users_tab import UsersTab
@@ -30,7 +29,8 @@ def alice(studio, admin):
 def test_admin_creates_lists_resets_and_deletes(studio, admin, alice):
     names = [u.username for u in studio.users.list_users(actor=admin)]
     assert names == ["admin", "alice"]
-    assert studio.users.get_by_name("alice").role == Role.USER
+    assert [u.roles for u in studio.users.list_users(actor=admin)] == [["Admin"], ["Designer"]], \
+        "a new user gets the seeded Designer role, the first-start admin the Admin role"
 
     token, _ = studio.auth.login("alice", "alice-password")
     studio.users.reset_password(actor=admin, username="alice", new_password="new-alice-pass")
@@ -79,13 +79,13 @@ def test_non_admin_is_refused_by_the_service(studio, alice):
 
 
 def test_non_admin_calling_the_ui_handlers_directly_gets_an_error(studio, alice):
-    tab = UsersTab(UiContext(users=studio.users))
+    tab = UsersTab(UiContext(users=studio.users), roles=studio.roles)
     request = SimpleNamespace(username="alice")
-    with pytest.raises(gr.Error, match="not an administrator"):
+    with pytest.raises(gr.Error, match="lacks the permission"):
         tab.create("mallory", "mallory-pass", "admin", request)
-    with pytest.raises(gr.Error, match="not an administrator"):
+    with pytest.raises(gr.Error, match="lacks the permission"):
         tab.delete("admin", request)
-    with pytest.raises(gr.Error, match="not an administrator"):
+    with pytest.raises(gr.Error, match="lacks the permission"):
         tab.refresh(request)
     assert studio.users.get_by_name("mallory") is None
     rows, *_ = tab.refresh(SimpleNamespace(username="admin"))
@@ -107,14 +107,14 @@ def test_non_admin_over_gradio_http_is_refused(studio, alice):
     create = _fn_index(blocks, "create")
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "alice", "alice-password")
-        messages = queue_messages(c, create, ["mallory", "mallory-pass", "admin"], session=f"s{create}")
+        messages = queue_messages(c, create, ["mallory", "mallory-pass", ["Admin"]], session=f"s{create}")
     done = messages[-1]
     assert done["msg"] == "process_completed" and done["success"] is False
-    assert "not an administrator" in json.dumps(done)
+    assert "lacks the permission user:create" in json.dumps(done)
     assert studio.users.get_by_name("mallory") is None
 
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "admin", ADMIN_PASSWORD)
-        messages = queue_messages(c, create, ["carol", "carol-password", "user"], session=f"s{create}")
+        messages = queue_messages(c, create, ["carol", "carol-password", ["Designer"]], session=f"s{create}")
     assert messages[-1]["success"] is True
     assert studio.users.get_by_name("carol") is not None

@@ -1,5 +1,6 @@
 """Database tables (SQLModel). Importing this package registers every table on ``SQLModel.metadata``."""
 
+from webapp.records.access import AccessRole, AuditEvent, RoleMember
 from webapp.records.common import new_id, utcnow
 from webapp.records.datasets import Dataset, DatasetItem
 from webapp.records.imports import ImportTask, ScannedFile, TaskKind, TaskStatus, UploadSession, UploadStatus
@@ -7,13 +8,14 @@ from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatu
 from webapp.records.models import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.records.options import ServerOption, UserOption
 from webapp.records.tokens import ApiToken, ApiTokenPublic
-from webapp.records.users import LoginAttempt, LoginSession, Role, User, UserPublic
+from webapp.records.users import LoginAttempt, LoginSession, User, UserPublic
 
 __all__ = [
+    "AccessRole", "AuditEvent", "RoleMember",
     "Dataset", "DatasetItem",
     "Endpoint", "EndpointStatus", "Job", "JobMode", "JobStatus",
     "ApiToken", "ApiTokenPublic", "ServerOption", "UserOption",
-    "LoginAttempt", "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "Role", "User", "UserPublic", "Visibility",
+    "LoginAttempt", "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "User", "UserPublic", "Visibility",
     "new_id", "utcnow",
     "ImportTask", "ScannedFile", "TaskKind", "TaskStatus", "UploadSession", "UploadStatus",
 ]

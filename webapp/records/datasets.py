@@ -27,6 +27,8 @@ class Dataset(SQLModel, table=True):
     """Unique per owner."""
     owner_id: int | None = Field(default=None, foreign_key="user.id", index=True, ondelete="SET NULL")
     visibility: Visibility = Field(default=Visibility.PRIVATE)
+    allowed_roles: str = Field(default="", max_length=1024)
+    """Role ids as ``,3,7,``: who sees it when visibility is ``roles`` (``webapp.services.access``)."""
     image_count: int = 0
     bytes: int = Field(default=0, sa_type=BigInteger)
     """Images and caption files as stored (what the owner's disk quota counts)."""

@@ -221,6 +221,8 @@ class Endpoint(SQLModel, table=True):
     min_instances: int = 1
     max_instances: int = 1
     autoscale: bool = False
+    allowed_roles: str = Field(default="", max_length=1024)
+    """Role ids as ``,3,7,`` whose users may run jobs here; empty: every user holding ``endpoint:use``."""
     """Instance bounds and autoscaling as deployed (SageMaker scales within them; one-box kinds record them)."""
     secrets_token: str | None = Field(default=None, sa_column=Column(Text))
     """The options' secret fields as one Fernet token (webapp/services/secrets.py); ``config_json`` holds the

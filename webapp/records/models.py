@@ -46,6 +46,8 @@ class ModelStatus(StrEnum):
 class Visibility(StrEnum):
     PRIVATE = "private"
     EVERYONE = "everyone"
+    ROLES = "roles"
+    """The owner and users holding one of the item's ``allowed_roles``."""
 
 
 class ModelRecord(SQLModel, table=True):
@@ -85,6 +87,8 @@ class ModelRecord(SQLModel, table=True):
     """Where it came from (URL without credentials, server path)."""
     owner_id: int | None = Field(default=None, foreign_key="user.id", index=True, ondelete="SET NULL")
     visibility: Visibility = Field(default=Visibility.EVERYONE)
+    allowed_roles: str = Field(default="", max_length=1024)
+    """Role ids as ``,3,7,`` (``webapp.services.access.encode_roles``): who sees it when visibility is ``roles``."""
     description: str | None = None
     metadata_json: str | None = None
     """JSON: user metadata plus what the file says (safetensors metadata, LoRA rank, TI vectors ...)."""

@@ -7,8 +7,10 @@ enough (no password stretching needed) and a database leak does not hand out API
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
+from sqlalchemy import Column, Text
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import new_id, utcnow
@@ -26,10 +28,19 @@ class ApiToken(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     last_used_at: datetime | None = None
     revoked_at: datetime | None = None
+    expires_at: datetime | None = None
+    """After this the token is refused; None: until revoked."""
+    scopes_json: str | None = Field(default=None, sa_column=Column(Text))
+    """A JSON list of permissions the token is limited to (within its owner's, checked per request); None: the
+    owner's permissions."""
 
     @property
     def active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > utcnow())
+
+    @property
+    def scopes(self) -> list[str] | None:
+        return None if self.scopes_json is None else list(json.loads(self.scopes_json))
 
 
 class ApiTokenPublic(SQLModel):
@@ -41,3 +52,5 @@ class ApiTokenPublic(SQLModel):
     created_at: datetime
     last_used_at: datetime | None
     revoked_at: datetime | None
+    expires_at: datetime | None = None
+    scopes: list[str] | None = None

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from enum import StrEnum
 
-from sqlalchemy import Index
+from sqlalchemy import Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import utcnow
 
 
-class Role(StrEnum):
-    ADMIN = "admin"
-    USER = "user"
-
-
 class UserBase(SQLModel):
     username: str = Field(index=True, unique=True, max_length=64)
-    role: Role = Field(default=Role.USER)
 
 
 class User(UserBase, table=True):
@@ -26,15 +20,41 @@ class User(UserBase, table=True):
     password_hash: str
     created_at: datetime = Field(default_factory=utcnow)
     password_changed_at: datetime = Field(default_factory=utcnow)
+    language: str | None = Field(default=None, max_length=16)
+    """The UI language the user chose (``en``, ``zh-CN``, ``ja``); None follows the browser's."""
+    role_ids_json: str = Field(default="[]", sa_column=Column(Text, nullable=False, server_default="[]"))
+    permissions_json: str = Field(default="[]", sa_column=Column(Text, nullable=False, server_default="[]"))
+    """The user's roles and the union of their permissions, kept by ``RoleService`` in the transaction that
+    changes either (the truth is ``access_role_member`` + ``access_role``): any loaded row can be authorised
+    without another query. A scoped API token's request gets a copy narrowed to the token's scopes."""
+
+    @property
+    def role_ids(self) -> frozenset[int]:
+        return frozenset(json.loads(self.role_ids_json or "[]"))
+
+    @property
+    def permissions(self) -> frozenset[str]:
+        return frozenset(json.loads(self.permissions_json or "[]"))
 
     @property
     def is_admin(self) -> bool:
-        return self.role == Role.ADMIN
+        """Holds every permission (the seeded Admin role): server-wide settings, metrics, server paths."""
+        from webapp.services.access import ALL_PERMISSIONS  # the permission vocabulary lives with the rules
+        return self.permissions >= ALL_PERMISSIONS
+
+    def narrowed(self, scopes: frozenset[str]) -> User:
+        """A detached copy holding only the permissions also in ``scopes`` (a scoped API token's request)."""
+        from webapp.services.access import expand
+        copy = User.model_validate(self.model_dump())
+        copy.permissions_json = json.dumps(sorted(self.permissions & expand(scopes)))
+        return copy
 
 
 class UserPublic(UserBase):
     id: int
     created_at: datetime
+    language: str | None = None
+    roles: list[str] = []
 
 
 class LoginSession(SQLModel, table=True):

@@ -43,7 +43,8 @@ def _cookie(request: gr.Request) -> str | None:
 class AccountTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = False
+    permission: str | None = None
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService, quota: DiskQuota) -> None:
         self.ctx = ctx

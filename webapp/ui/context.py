@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
+from webapp.i18n import language_for, translate, use_language
 from webapp.records import User
 from webapp.services.errors import ServiceError
 from webapp.services.users import UserService
@@ -26,6 +27,13 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class UiContext:
     users: UserService
+
+    def language(self, request: gr.Request | None) -> str:
+        """The language to answer ``request`` in: the user's choice, else the browser's (Accept-Language)."""
+        username = getattr(request, "username", None) if request is not None else None
+        user = self.users.get_by_name(username) if username else None
+        headers = getattr(request, "headers", None) or {}
+        return language_for(user.language if user is not None else None, headers.get("accept-language"))
 
     def user(self, request: gr.Request | None) -> User:
         """The signed-in user behind a Gradio event (set by our auth_dependency)."""
@@ -42,29 +50,52 @@ def _expected(fn: Callable[..., Any], args: tuple, kwargs: dict, exc: ServiceErr
     request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
     user = getattr(request, "username", None) or "-"
     error = exc if isinstance(exc, gr.Error) else gr.Error(exc.message)
-    log.info("ui %s by %s: %s", fn.__qualname__, user, error.message)
+    log.info("ui %s by %s: %s", fn.__qualname__, user, error.message)  # logs stay in English
+    error.message = translate(error.message)
     error.print_exception = False
     return error
 
 
+def _language(args: tuple, kwargs: dict) -> str | None:
+    """The language of the handler's caller: its tab's ``ctx`` (the user's choice, else Accept-Language)."""
+    request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+    ctx = getattr(args[0], "ctx", None) if args else None
+    if request is None or not isinstance(ctx, UiContext):
+        return None
+    try:
+        return ctx.language(request)
+    except Exception:  # noqa: BLE001 - a language lookup must never fail the handler itself
+        log.debug("no language for %s", getattr(request, "username", None), exc_info=True)
+        return None
+
+
 def ui_errors(fn: F) -> F:
-    """Turn service errors into ``gr.Error`` popups naming the problem, each logged as one line."""
+    """Turn service errors into ``gr.Error`` popups naming the problem, each logged as one line; run the
+    handler in its caller's language (``webapp.i18n.current_language``), which its messages use."""
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                yield from fn(*args, **kwargs)
-            except (ServiceError, gr.Error) as exc:
-                raise _expected(fn, args, kwargs, exc) from None
+            language = _language(args, kwargs)
+            steps = fn(*args, **kwargs)
+            while True:  # each step in the language: Gradio may run the steps in different threads
+                with use_language(language):
+                    try:
+                        item = next(steps)
+                    except StopIteration as done:
+                        return done.value
+                    except (ServiceError, gr.Error) as exc:
+                        raise _expected(fn, args, kwargs, exc) from None
+                yield item
         gen_wrapper.__ui_errors__ = True  # type: ignore[attr-defined]
         return gen_wrapper  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (ServiceError, gr.Error) as exc:
-            raise _expected(fn, args, kwargs, exc) from None
+        with use_language(_language(args, kwargs)):
+            try:
+                return fn(*args, **kwargs)
+            except (ServiceError, gr.Error) as exc:
+                raise _expected(fn, args, kwargs, exc) from None
     wrapper.__ui_errors__ = True  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
 

@@ -35,7 +35,8 @@ LAYOUT_HELP = (
 class DatasetsTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = False
+    permission: str | None = "dataset:list"
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, datasets: DatasetService, *, max_file_bytes: int) -> None:
         self.ctx = ctx

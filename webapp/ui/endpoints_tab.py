@@ -17,6 +17,7 @@ import gradio as gr
 
 from deploy.backends.options import options_model
 from webapp.records import Endpoint
+from webapp.services.access import can
 from webapp.services.errors import ServiceError
 from webapp.services.jobs import Deployment, EndpointAdmin, EndpointService
 from webapp.services.jobs.cloud_inventory import SageMakerInventory
@@ -44,7 +45,8 @@ def _row(endpoint: Endpoint) -> list[Any]:
 class EndpointsTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = False
+    permission: str | None = "endpoint:list"
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, *, endpoints: EndpointService, admin: EndpointAdmin,
                  inventory: SageMakerInventory | None = None) -> None:
@@ -65,13 +67,13 @@ class EndpointsTab:
         rows = self.endpoints.list_endpoints(actor=user)
         deletable = [e.name for e in rows if not e.is_default]
         return ([_row(e) for e in rows], gr.update(choices=deletable, value=None),
-                gr.update(visible=user.is_admin))
+                gr.update(visible=can(user, "endpoint:create") or can(user, "endpoint:delete")))
 
     @ui_errors
     def unmanaged(self, request: gr.Request) -> tuple[Any, Any]:
         """The account's SageMaker endpoints no studio endpoint stands for (administrators, SageMaker in use)."""
         user = self.ctx.user(request)
-        if not user.is_admin or self.inventory is None or not self.inventory.enabled():
+        if not can(user, "endpoint:create") or self.inventory is None or not self.inventory.enabled():
             return gr.update(value=[]), gr.update(visible=False)
         try:
             clouds = self.inventory.unmanaged(actor=user)

@@ -78,7 +78,8 @@ def forward_non_images_js(editor_id: str, upload_id: str) -> str:
 class GenerateTab:
     """``mode`` is "txt2img" or "img2img"; ``senders`` are tabs whose "Send to img2img" land here."""
 
-    admin_only = False
+    permission: str | None = None
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, *, jobs: JobService, registry: Any, mode: str,
                  senders: Sequence[GenerateTab] = (), controlnet: ControlNetPanel | None = None) -> None:

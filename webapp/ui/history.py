@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from webapp.records import JobMode, JobStatus
+from webapp.services.access import can
 from webapp.services.jobs import JobService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.job_views import curl_command, details_markdown, gallery_html, infotext_of, outcome_html
@@ -77,7 +78,7 @@ class HistoryPanel:
         endpoints = [ANY, *self.jobs.endpoints.names()]
         checkpoints = [ANY, *self.jobs.checkpoints_used(actor=user, all_users=bool(all_users))]
         return (gr.update(choices=choices, value=current if current in ids else None), summary,
-                gr.update(choices=endpoints), gr.update(choices=checkpoints), gr.update(visible=user.is_admin))
+                gr.update(choices=endpoints), gr.update(choices=checkpoints), gr.update(visible=can(user, "inference:all")))
 
     @ui_errors
     def select(self, job_id: str | None, request: gr.Request) -> tuple:

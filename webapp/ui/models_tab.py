@@ -20,6 +20,7 @@ import gradio as gr
 from pipelines.images import open_image
 from pipelines.types import InvalidRequestError
 from webapp.records import ModelRecord, ModelStatus, ModelType, Visibility
+from webapp.services.access import can
 from webapp.services.models.registry import MAX_PREVIEW_BYTES
 from webapp.services.models.views import item_line, model_details
 from webapp.services.models.wiring import ModelServices
@@ -63,7 +64,8 @@ def _upload_block() -> str:
 class ModelsTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = False
+    permission: str | None = "model:list"
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, services: ModelServices) -> None:
         self.ctx = ctx
@@ -196,7 +198,7 @@ class ModelsTab:
     def on_open(self, request: gr.Request) -> tuple:
         """The "From server" tab and its import folders: administrators only (the service says which)."""
         user = self.ctx.user(request)
-        if not user.is_admin:
+        if not can(user, "model:all"):
             return gr.update(visible=False), ""
         roots = self.services.server.roots_for(user)
         listed = "\n".join(f"- `{root}`" for root in roots) or "- (none configured: see `--import-root`)"

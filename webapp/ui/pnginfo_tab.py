@@ -35,7 +35,8 @@ def _thumbnail(data: bytes) -> str:
 
 
 class PngInfoTab:
-    admin_only = False
+    permission: str | None = None
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, *, registry: Any, target: GenerateTab) -> None:
         self.ctx = ctx

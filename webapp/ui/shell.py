@@ -8,6 +8,7 @@ from typing import Protocol
 
 import gradio as gr
 
+from webapp.services.access import can
 from webapp.ui.context import UiContext, ui_errors
 
 # Logout is a POST to our own route (not Gradio's), then back to the login page.
@@ -18,7 +19,8 @@ LOGOUT_JS = """() => { fetch('/logout', {method: 'POST', credentials: 'same-orig
 class Tab(Protocol):
     """A tab module: ``build()`` creates its widgets and wires its events inside the page's ``gr.Tabs``."""
 
-    admin_only: bool
+    permission: str | None
+    """The permission a user needs to see the tab (None: every user). Hiding is cosmetic: services authorise."""
 
     def build(self) -> gr.Tab: ...
 
@@ -31,16 +33,16 @@ def build_ui(ctx: UiContext, tabs: Sequence[Tab]) -> gr.Blocks:
             logout = gr.Button("Logout", size="sm", scale=0, min_width=100, elem_id="logout-button")
         with gr.Tabs(elem_id="studio-tabs"):
             built = [(tab, tab.build()) for tab in tabs]
-        admin_tabs = [widget for tab, widget in built if tab.admin_only]
+        guarded = [(tab.permission, widget) for tab, widget in built if tab.permission is not None]
 
         @ui_errors
         def on_load(request: gr.Request) -> list:
             user = ctx.user(request)
             badge = " · administrator" if user.is_admin else ""
             header = f"Signed in as **{html.escape(user.username)}**{badge}"
-            return [header, *(gr.update(visible=user.is_admin) for _ in admin_tabs)]
+            return [header, *(gr.update(visible=can(user, permission)) for permission, _ in guarded)]
 
-        demo.load(on_load, None, [whoami, *admin_tabs], api_visibility="private")
+        demo.load(on_load, None, [whoami, *(widget for _, widget in guarded)], api_visibility="private")
         logout.click(None, js=LOGOUT_JS)
     demo.queue(default_concurrency_limit=16)
     return demo

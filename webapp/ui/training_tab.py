@@ -51,7 +51,8 @@ def _number(value: Any, digits: int = 4) -> str:
 class TrainingTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = False
+    permission: str | None = "training:list"
+    """Shown to users holding it (None: everyone)."""
 
     def __init__(self, ctx: UiContext, trainings: TrainingService, datasets: DatasetService) -> None:
         self.ctx = ctx

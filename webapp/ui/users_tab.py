@@ -1,44 +1,63 @@
-"""Users tab (administrators): list, create, reset password, delete."""
+"""Users tab (``user:*``): list, create with roles, change roles, reset password, delete."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from webapp.records import Role
+from webapp.services.roles import RoleService
 from webapp.ui.account_tab import REVOKE_TOKENS_LABEL
 from webapp.ui.context import UiContext, ui_errors
 
-HEADERS = ["User", "Role", "Created (UTC)"]
+HEADERS = ["User", "Roles", "Created (UTC)"]
 
 
 def _rows(ctx: UiContext, request: gr.Request) -> list[list[str]]:
     users = ctx.users.list_users(actor=ctx.user(request))
-    return [[u.username, u.role.value, u.created_at.strftime("%Y-%m-%d %H:%M")] for u in users]
-
-
-def _refresh(ctx: UiContext, request: gr.Request) -> tuple:
-    rows = _rows(ctx, request)
-    names = [r[0] for r in rows]
-    return rows, gr.update(choices=names, value=None), gr.update(choices=names, value=None)
+    return [[u.username, ", ".join(u.roles), u.created_at.strftime("%Y-%m-%d %H:%M")] for u in users]
 
 
 class UsersTab:
     """Widgets and handlers; handlers are methods so tests can call them as Gradio would."""
 
-    admin_only = True
+    permission: str | None = "user:list"
 
-    def __init__(self, ctx: UiContext) -> None:
+    def __init__(self, ctx: UiContext, *, roles: RoleService) -> None:
         self.ctx = ctx
+        self.roles = roles
+
+    def _refresh(self, request: gr.Request) -> tuple:
+        rows = _rows(self.ctx, request)
+        names = [r[0] for r in rows]
+        role_names = sorted(self.roles.role_names().values())
+        return (rows, gr.update(choices=names, value=None), gr.update(choices=names, value=None),
+                gr.update(choices=names, value=None), gr.update(choices=role_names), gr.update(choices=role_names))
 
     @ui_errors
     def refresh(self, request: gr.Request) -> tuple:
-        return _refresh(self.ctx, request)
+        return self._refresh(request)
 
     @ui_errors
-    def create(self, username: str, password: str, role: str, request: gr.Request) -> tuple:
-        user = self.ctx.users.create_user(actor=self.ctx.user(request), username=username, password=password, role=role)
+    def create(self, username: str, password: str, roles: list[str] | None, request: gr.Request) -> tuple:
+        user = self.ctx.users.create_user(actor=self.ctx.user(request), username=username, password=password,
+                                          roles=list(roles) if roles else None)
         gr.Info(f"Created user {user.username}")
-        return (*_refresh(self.ctx, request), "", "")
+        return (*self._refresh(request), "", "")
+
+    @ui_errors
+    def member_roles(self, username: str | None, request: gr.Request) -> dict:
+        """The chosen user's roles, to edit."""
+        if not username:
+            return gr.update(value=[])
+        users = {u.username: u for u in self.ctx.users.list_users(actor=self.ctx.user(request))}
+        return gr.update(value=users[username].roles if username in users else [])
+
+    @ui_errors
+    def set_roles(self, username: str | None, roles: list[str] | None, request: gr.Request) -> tuple:
+        if not username:
+            raise gr.Error("Choose the user whose roles to change")
+        names = self.roles.set_user_roles(actor=self.ctx.user(request), username=username, roles=list(roles or []))
+        gr.Info(f"Roles of {username}: {', '.join(names) or 'none'}")
+        return (_rows(self.ctx, request),)
 
     @ui_errors
     def reset_password(
@@ -58,7 +77,7 @@ class UsersTab:
             raise gr.Error("Choose the user to delete")
         self.ctx.users.delete_user(actor=self.ctx.user(request), username=username)
         gr.Info(f"Deleted user {username}")
-        return _refresh(self.ctx, request)
+        return self._refresh(request)
 
     def build(self) -> gr.Tab:
         with gr.Tab("Users", id="users", visible=False) as tab:
@@ -69,8 +88,15 @@ class UsersTab:
                     gr.Markdown("### Create user")
                     new_name = gr.Textbox(label="User name", elem_id="new-user-name")
                     new_password = gr.Textbox(label="Password", type="password", elem_id="new-user-password")
-                    new_role = gr.Radio([r.value for r in Role], value=Role.USER.value, label="Role")
+                    new_roles = gr.Dropdown(label="Roles (empty: Designer)", choices=[], multiselect=True,
+                                            allow_custom_value=True, elem_id="new-user-roles")
                     create = gr.Button("Create user", variant="primary", elem_id="create-user")
+                with gr.Column():
+                    gr.Markdown("### Roles")
+                    roles_name = gr.Dropdown(label="User", choices=[], elem_id="roles-user")
+                    roles_value = gr.Dropdown(label="Roles", choices=[], multiselect=True, allow_custom_value=True,
+                                              elem_id="roles-value")
+                    save_roles = gr.Button("Save roles", elem_id="save-roles")
                 with gr.Column():
                     gr.Markdown("### Reset password")
                     reset_name = gr.Dropdown(label="User", choices=[])
@@ -81,13 +107,14 @@ class UsersTab:
                     gr.Markdown("### Delete user")
                     delete_name = gr.Dropdown(label="User", choices=[])
                     delete = gr.Button("Delete user", variant="stop")
-        refresh.click(self.refresh, None, [table, reset_name, delete_name], api_visibility="private")
-        create.click(
-            self.create, [new_name, new_password, new_role], [table, reset_name, delete_name, new_name, new_password],
-            api_visibility="private",
-        )
+        outputs = [table, reset_name, delete_name, roles_name, new_roles, roles_value]
+        refresh.click(self.refresh, None, outputs, api_visibility="private")
+        create.click(self.create, [new_name, new_password, new_roles], [*outputs, new_name, new_password],
+                     api_visibility="private")
+        roles_name.change(self.member_roles, [roles_name], [roles_value], api_visibility="private")
+        save_roles.click(self.set_roles, [roles_name, roles_value], [table], api_visibility="private")
         reset.click(self.reset_password, [reset_name, reset_password, revoke_tokens], [reset_password],
                     api_visibility="private")
-        delete.click(self.delete, [delete_name], [table, reset_name, delete_name], api_visibility="private")
-        tab.select(self.refresh, None, [table, reset_name, delete_name], api_visibility="private")
+        delete.click(self.delete, [delete_name], outputs, api_visibility="private")
+        tab.select(self.refresh, None, outputs, api_visibility="private")
         return tab

@@ -11,15 +11,19 @@ from pydantic import BaseModel, Field
 
 from webapp.api.deps import CurrentUser
 from webapp.records import ApiTokenPublic
+from webapp.services.access import compact
 from webapp.services.quota import DiskQuota
+from webapp.services.roles import RoleService
 from webapp.services.tokens import TokenService
 
 
 class Me(BaseModel):
     id: int
     username: str
-    role: str
+    roles: list[str]
+    permissions: list[str]
     is_admin: bool
+    language: str | None
     created_at: datetime
 
 
@@ -36,7 +40,7 @@ class TokenCreated(ApiTokenPublic):
     token: str = Field(description="The token itself: shown only in this answer, never again")
 
 
-def build_router(tokens: TokenService, quota: DiskQuota) -> APIRouter:
+def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["account"])
 
     @router.get("/ping")
@@ -46,7 +50,8 @@ def build_router(tokens: TokenService, quota: DiskQuota) -> APIRouter:
 
     @router.get("/me")
     def me(user: CurrentUser) -> Me:
-        return Me(id=user.id, username=user.username, role=str(user.role), is_admin=user.is_admin,
+        return Me(id=user.id, username=user.username, roles=roles.roles_of([user.id])[user.id],
+                  permissions=compact(user.permissions), is_admin=user.is_admin, language=user.language,
                   created_at=user.created_at)
 
     @router.get("/me/disk")

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Body
 from deploy.backends.options import options_model
 from webapp.api.deps import CurrentUser
 from webapp.records import Endpoint, User
+from webapp.services.access import can
 from webapp.services.errors import InvalidInput
 from webapp.services.jobs.endpoint_admin import Deployment, EndpointAdmin, shown_config
 
@@ -41,7 +42,7 @@ def endpoint_item(endpoint: Endpoint, actor: User) -> dict[str, Any]:
         "min_instance_number": endpoint.min_instances, "max_instance_number": endpoint.max_instances,
         "autoscaling": endpoint.autoscale,
     }
-    if actor.is_admin:
+    if can(actor, "endpoint:update"):
         item["config"] = shown_config(endpoint)
     return item
 

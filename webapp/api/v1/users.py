@@ -12,15 +12,17 @@ from pydantic import BaseModel, Field, StrictBool
 
 from webapp.api.deps import CurrentUser
 from webapp.records import UserPublic
+from webapp.services.access import authorize
 from webapp.services.auth import AuthService
 from webapp.services.errors import InvalidInput, NotFound
-from webapp.services.users import UserService, require_admin
+from webapp.services.users import UserService
 
 
 class UserCreate(BaseModel):
     username: str
     password: str
-    role: str = "user"
+    roles: list[str] | None = Field(None, description="Role names; default: the seeded Designer role")
+    role: str | None = Field(None, description="Earlier releases' `admin` / `user` (Admin / Designer)")
 
 
 class PasswordReset(BaseModel):
@@ -41,8 +43,9 @@ def build_router(users: UserService, auth: AuthService) -> APIRouter:
 
     @router.post("", status_code=status.HTTP_201_CREATED)
     def create_user(user: CurrentUser, body: UserCreate) -> UserPublic:
-        created = users.create_user(actor=user, username=body.username, password=body.password, role=body.role)
-        return UserPublic.model_validate(created, from_attributes=True)
+        created = users.create_user(actor=user, username=body.username, password=body.password, role=body.role,
+                                    roles=body.roles)
+        return next(u for u in users.list_users(actor=user) if u.id == created.id)
 
     @router.delete("/{username}")
     def delete_user(user: CurrentUser, username: str) -> dict[str, Any]:
@@ -55,7 +58,7 @@ def build_router(users: UserService, auth: AuthService) -> APIRouter:
         """ESD's bulk form. Unknown names refuse the whole request; otherwise users are deleted in order."""
         if not body.user_name_list:
             raise InvalidInput("`user_name_list` must name at least one user", field="user_name_list")
-        require_admin(user)  # before looking names up: a non-admin must not learn which users exist
+        authorize(user, "user:delete")  # before looking names up: a non-admin must not learn which users exist
         missing = [name for name in body.user_name_list if users.get_by_name(name) is None]
         if missing:  # refuse the whole request before deleting anyone
             raise NotFound(f"no user named {', '.join(repr(m) for m in missing)}", field="user_name_list")

@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 from typing import IO
 
 from PIL import Image
-from sqlalchemy import func, or_
+from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import col, select
 
@@ -32,6 +32,7 @@ from pipelines.images import decode_image, resize_image
 from pipelines.types import InvalidRequestError
 from webapp.db import Database
 from webapp.records import Dataset, DatasetItem, User, Visibility, new_id, utcnow
+from webapp.services.access import authorize, can, visible
 from webapp.services.datasets import layout
 from webapp.services.datasets.layout import Limits, Plan, PlannedImage, SourceFile
 from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unavailable
@@ -61,13 +62,15 @@ def _parse_visibility(value: Visibility | str) -> Visibility:
 
 
 def can_see(actor: User, dataset: Dataset) -> bool:
-    return actor.is_admin or dataset.owner_id == actor.id or dataset.visibility == Visibility.EVERYONE
+    return can(actor, "dataset:list", dataset)
 
 
-def require_manage(actor: User, dataset: Dataset) -> None:
-    if actor.is_admin or (dataset.owner_id is not None and dataset.owner_id == actor.id):
+def require_manage(actor: User, dataset: Dataset, action: str = "update") -> None:
+    if can(actor, f"dataset:{action}", dataset):
         return
-    raise PermissionDenied(f"only the owner of dataset {dataset.name!r} or an administrator may change it",
+    if f"dataset:{action}" not in actor.permissions:
+        authorize(actor, f"dataset:{action}")
+    raise PermissionDenied(f"only the owner of dataset {dataset.name!r} or a holder of dataset:all may change it",
                            field="dataset_id")
 
 
@@ -188,9 +191,7 @@ class DatasetService:
 
     @staticmethod
     def _visible(statement, actor: User):  # noqa: ANN001, ANN205 - a SQLModel select
-        if actor.is_admin:
-            return statement
-        return statement.where(or_(Dataset.owner_id == actor.id, Dataset.visibility == Visibility.EVERYONE))
+        return statement.where(visible(actor, Dataset, "dataset"))
 
     def owner_names(self, datasets: list[Dataset]) -> dict[int, str]:
         return usernames(self._db, (d.owner_id for d in datasets))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from webapp.records import Dataset, DatasetItem, User
+from webapp.services.access import can
 
 
 def dataset_view(dataset: Dataset, *, actor: User, owner_name: str | None, location: str) -> dict[str, Any]:
@@ -14,7 +15,7 @@ def dataset_view(dataset: Dataset, *, actor: User, owner_name: str | None, locat
         "resolution": {"min_width": dataset.min_width, "min_height": dataset.min_height,
                        "max_width": dataset.max_width, "max_height": dataset.max_height},
         "source": dataset.source, "source_detail": dataset.source_detail, "location": location,
-        "can_manage": actor.is_admin or (dataset.owner_id is not None and dataset.owner_id == actor.id),
+        "can_manage": can(actor, "dataset:update", dataset),
         "created_at": dataset.created_at.isoformat(), "updated_at": dataset.updated_at.isoformat(),
     }
 

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from typing import Any
 
 from webapp.records import User
+from webapp.services.access import authorize
 from webapp.services.errors import Unavailable
 from webapp.services.jobs.endpoints import EndpointService
-from webapp.services.users import require_admin
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class SageMakerInventory:
 
     def unmanaged(self, *, actor: User, fresh: bool = False) -> list[Any]:
         """``CloudEndpoint``s no studio endpoint here stands for (sorted by name); [] when SageMaker is not used."""
-        require_admin(actor)
+        authorize(actor, "endpoint:create")
         if not self.enabled():
             return []
         with self._lock:

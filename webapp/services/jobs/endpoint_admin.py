@@ -23,6 +23,7 @@ from typing import Any
 
 from deploy.backends.options import OptionsError, option_kinds, parse_options, plain_options, secret_fields
 from webapp.records import Endpoint, EndpointStatus, User
+from webapp.services.access import authorize
 from webapp.services.errors import Conflict, InvalidInput, Unavailable
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
@@ -30,7 +31,6 @@ from webapp.services.jobs.queue import JobQueue
 from webapp.services.jobs.service import JobService
 from webapp.services.secrets import SecretBox
 from webapp.services.text import check_text
-from webapp.services.users import require_admin
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class EndpointAdmin:
 
     # -- deploy ---------------------------------------------------------------------------------------------
     def deploy(self, *, actor: User, request: Deployment) -> Endpoint:
-        require_admin(actor)
+        authorize(actor, "endpoint:create")
         check_text({"name": request.name, "kind": request.kind, "options": request.options})
         kind = request.kind
         if not isinstance(kind, str) or kind not in self.kinds():
@@ -124,6 +124,7 @@ class EndpointAdmin:
         status = self._fleet.start_endpoint(name, kind, {**options, **hidden}, bounds=(low, high, autoscale),
                                             provision=True)
         log.info("endpoint %s (%s) deployed by %s: %s", name, kind, actor.username, status)
+        self._endpoints.audit(actor, "endpoint.deploy", name, kind=kind, status=str(status))
         return self._endpoints.get(actor=actor, name=name)
 
     def _name(self, name: Any, prefix: str) -> str:
@@ -147,7 +148,7 @@ class EndpointAdmin:
 
     def delete_many(self, *, actor: User, names: list[str], force: bool = False) -> int:
         """Remove every endpoint in ``names`` (ESD deletes a list); all are checked before any goes."""
-        require_admin(actor)
+        authorize(actor, "endpoint:delete")
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
             raise InvalidInput("name at least one endpoint to delete", field="name")
         if not isinstance(force, bool):
@@ -167,6 +168,7 @@ class EndpointAdmin:
             moved_here = self._remove(name)
             log.info("endpoint %s deleted by %s; %d queued job(s) moved to the default endpoint", name,
                      actor.username, moved_here)
+            self._endpoints.audit(actor, "endpoint.delete", name, jobs_moved=moved_here, force=force)
             moved += moved_here
         return moved
 

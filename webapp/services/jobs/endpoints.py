@@ -19,8 +19,9 @@ from sqlmodel import select
 
 from webapp.db import Database
 from webapp.records import Endpoint, EndpointStatus, User, utcnow
+from webapp.services import audit
+from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, NotFound
-from webapp.services.users import require_admin
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,15 @@ class EndpointService:
             self._generation += 1
 
     # -- reads (any signed-in user) -------------------------------------------------------------------
-    def list_endpoints(self, *, actor: User) -> list[Endpoint]:  # noqa: ARG002 - every user may list
-        return list(self._rows())
+    def list_endpoints(self, *, actor: User) -> list[Endpoint]:
+        """The endpoints ``actor`` may see (``endpoint:list``; an endpoint naming allowed roles: those roles)."""
+        authorize(actor, "endpoint:list")
+        return [e for e in self._rows() if can(actor, "endpoint:list", e)]
 
-    def get(self, *, actor: User, name: str) -> Endpoint:  # noqa: ARG002
+    def get(self, *, actor: User, name: str) -> Endpoint:
+        authorize(actor, "endpoint:list")
         endpoint = self.find(name)
-        if endpoint is None:
+        if endpoint is None or not can(actor, "endpoint:list", endpoint):
             raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
                            field="endpoint")
         return endpoint
@@ -150,10 +154,15 @@ class EndpointService:
             s.add(endpoint)
         self._invalidate()
 
+    def audit(self, actor: User, action: str, target: str, **detail: Any) -> None:
+        """One audit-log event for an endpoint change made here or by ``EndpointAdmin``."""
+        audit.write(self._db, actor, action, target, **detail)
+
     def set_status_as(self, *, actor: User, name: str, status: EndpointStatus) -> Endpoint:
-        """An administrator takes an endpoint out of service (Stopped) or back (InService)."""
-        require_admin(actor)
+        """An operator (``endpoint:update``) takes an endpoint out of service (Stopped) or back (InService)."""
+        authorize(actor, "endpoint:update")
         self.get(actor=actor, name=name)
         self.set_status(name, status)
         log.info("endpoint %s set to %s by %s", name, status, actor.username)
+        self.audit(actor, "endpoint.status", name, status=str(status))
         return self.get(actor=actor, name=name)

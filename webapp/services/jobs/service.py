@@ -30,7 +30,8 @@ from deploy.storage import BlobNotFound, BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
 from webapp.records.jobs import ACTIVE_STATUSES, TERMINAL_STATUSES
-from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unavailable
+from webapp.services.access import authorize, can
+from webapp.services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from webapp.services.jobs.board import JobBoard
 from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
@@ -40,6 +41,11 @@ from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
 from webapp.services.quota import DiskQuota
 from webapp.services.text import check_text
+
+
+def job_resource(mode: JobMode | str | None) -> str:
+    """The permission resource a job falls under: ``training`` for trainings, else ``inference``."""
+    return "training" if str(mode) == JobMode.TRAIN.value or mode == JobMode.TRAIN else "inference"
 
 log = logging.getLogger(__name__)
 
@@ -407,7 +413,7 @@ class JobService:
 
     @staticmethod
     def _visible(actor: User, job: Job | None, job_id: str) -> Job:
-        if job is None or (job.owner_id != actor.id and not actor.is_admin):
+        if job is None or not can(actor, f"{job_resource(job.mode)}:list", job):
             raise NotFound(f"no job {job_id!r}", field="job_id")
         return job
 
@@ -431,10 +437,12 @@ class JobService:
         """
         if limit is not None and limit < 0 or offset < 0:
             raise InvalidInput("`limit` and `offset` must not be negative", field="limit" if offset >= 0 else "offset")
-        conditions = []
-        if not (all_users and actor.is_admin):
-            conditions.append(Job.owner_id == actor.id)
         modes = [mode] if isinstance(mode, str) or mode is None else list(mode)
+        resource = "training" if modes == ["train"] else "inference"
+        authorize(actor, f"{resource}:list")
+        conditions = []
+        if not (all_users and can(actor, f"{resource}:all")):
+            conditions.append(Job.owner_id == actor.id)
         parsed_modes = [m for m in (_parse_mode(m) for m in modes) if m is not None]
         if parsed_modes:
             conditions.append(Job.mode.in_(parsed_modes))  # type: ignore[attr-defined]
@@ -459,7 +467,7 @@ class JobService:
     def checkpoints_used(self, *, actor: User, all_users: bool = False) -> list[str]:
         """Checkpoint names in the actor's history (for the History filter)."""
         statement = select(Job.checkpoint).distinct().where(Job.checkpoint.is_not(None))  # type: ignore[union-attr]
-        if not (all_users and actor.is_admin):
+        if not (all_users and can(actor, "inference:all")):
             statement = statement.where(Job.owner_id == actor.id)
         with self._db.read() as s:
             return sorted(c for c in s.exec(statement).all() if c)
@@ -601,9 +609,8 @@ class JobService:
 
     def release_memory(self, *, actor: User) -> list[str]:
         """Every backend drops its loaded models (A1111 unload-checkpoint). Administrators only: it slows
-        the next job of every user. Returns the endpoints asked."""
-        if not actor.is_admin:
-            raise PermissionDenied("only administrators can unload the models of the server's backends")
+        the next job of every user (``endpoint:update``). Returns the endpoints asked."""
+        authorize(actor, "endpoint:update")
         return self.release_all_memory(reason=f"asked by {actor.username}")
 
     def release_all_memory(self, *, reason: str) -> list[str]:

@@ -19,6 +19,7 @@ from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility
+from webapp.services.access import authorize, can, visible
 from webapp.services.errors import InvalidInput, PermissionDenied
 
 MAX_NAME = 255
@@ -36,21 +37,22 @@ listed, as A1111 lists models before it hashes them, but not usable by a job unt
 # -- authorisation -------------------------------------------------------------------------------------
 
 def visible_to(statement: SelectOfScalar, actor: User) -> SelectOfScalar:
-    """Restrict a model query to what `actor` may see: own models and everyone-visible ones (admins: all)."""
-    if actor.is_admin:
-        return statement
-    return statement.where(or_(ModelRecord.owner_id == actor.id, ModelRecord.visibility == Visibility.EVERYONE))
+    """Restrict a model query to what `actor` may see (``webapp.services.access``: own models, shared ones;
+    ``model:all``: every one)."""
+    return statement.where(visible(actor, ModelRecord, "model"))
 
 
 def can_see(actor: User, record: ModelRecord) -> bool:
-    return actor.is_admin or record.owner_id == actor.id or record.visibility == Visibility.EVERYONE
+    return can(actor, "model:list", record)
 
 
-def require_manage(actor: User, record: ModelRecord) -> None:
-    """Renaming, deleting and previews: the owner or an administrator (server-scanned models: admins)."""
-    if actor.is_admin or (record.owner_id is not None and record.owner_id == actor.id):
+def require_manage(actor: User, record: ModelRecord, action: str = "update") -> None:
+    """Renaming, deleting and previews: the owner or a holder of ``model:all`` (server-scanned models: them)."""
+    if can(actor, f"model:{action}", record):
         return
-    raise PermissionDenied(f"only the owner of {record.name!r} or an administrator may change it")
+    if f"model:{action}" not in actor.permissions:
+        authorize(actor, f"model:{action}")
+    raise PermissionDenied(f"only the owner of {record.name!r} or a holder of model:all may change it")
 
 
 # -- names -----------------------------------------------------------------------------------------------

@@ -27,11 +27,12 @@ from pipelines.images import open_image
 from pipelines.types import InvalidRequestError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, User, Visibility, utcnow
+from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, InvalidInput, NotFound
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest, Progress
 from webapp.services.models.scan import ModelsDirScanner, ScanSummary
-from webapp.services.users import require_admin, usernames
+from webapp.services.users import usernames
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class ModelRegistry:
         caller gets a model of their own sharing the stored bytes).
         """
         if in_place and actor is not None:
-            require_admin(actor)
+            authorize(actor, "model:all")
         request = ImportRequest(
             owner=actor, declared_type=catalog.parse_type(declared_type) if declared_type else None,
             name=name, file_name=file_name, in_place=in_place, source=source,
@@ -165,7 +166,7 @@ class ModelRegistry:
         None at once, and the lists stay as they are (A1111 clients call refresh routinely and expect 200).
         Administrators always rescan.
         """
-        if actor.is_admin:
+        if can(actor, "model:all"):
             return self.scanner.rescan()
         with self._refresh_guard:
             now = time.monotonic()

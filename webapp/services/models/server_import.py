@@ -18,12 +18,12 @@ from typing import Any
 
 from pipelines.controlnet.folders import is_controlnet_folder
 from webapp.records import ImportTask, ModelType, TaskKind, User, Visibility
+from webapp.services.access import authorize
 from webapp.services.errors import InvalidInput, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
 from webapp.services.models.scan import is_a1111_folder, iter_model_files, walk_models, within_roots
 from webapp.services.models.tasks import ImportTasks, TaskContext
-from webapp.services.users import require_admin
 
 MAX_FILES = 10_000
 
@@ -48,7 +48,7 @@ class ServerImports:
 
     def roots_for(self, actor: User) -> list[Path]:
         """The import roots, for the administrator about to import (server paths: admins only)."""
-        require_admin(actor)
+        authorize(actor, "model:all")
         return list(self.roots)
 
     def check_path(self, text: str) -> Path:
@@ -68,7 +68,7 @@ class ServerImports:
         self, *, actor: User, paths: str | Sequence[str], declared_type: ModelType | str | None = None,
         in_place: bool = True, description: str | None = None, visibility: Visibility | str = Visibility.EVERYONE,
     ) -> ImportTask:
-        require_admin(actor)
+        authorize(actor, "model:all")
         model_type = catalog.parse_type(declared_type) if declared_type else None
         text, metadata = catalog.parse_description(description)
         vis = catalog.parse_visibility(visibility)

@@ -33,6 +33,7 @@ from sqlmodel import col, select, update
 
 from webapp.db import Database
 from webapp.records import ImportTask, TaskKind, TaskStatus, User, utcnow
+from webapp.services.access import can
 from webapp.services.errors import NotFound, ServiceError
 from webapp.services.jobs.leases import Instance
 from webapp.services.models.importer import Importer
@@ -147,13 +148,13 @@ class ImportTasks:
     def get(self, *, actor: User, task_id: str) -> ImportTask:
         with self._db.read() as s:
             task = s.get(ImportTask, task_id)
-        if task is None or not (actor.is_admin or task.owner_id == actor.id):
+        if task is None or not (can(actor, "model:all") or task.owner_id == actor.id):
             raise NotFound(f"no import task with id {task_id!r}", field="task_id")
         return task
 
     def list_tasks(self, *, actor: User, limit: int = 20, offset: int = 0) -> list[ImportTask]:
         statement = select(ImportTask).order_by(col(ImportTask.created_at).desc()).offset(offset).limit(limit)
-        if not actor.is_admin:
+        if not can(actor, "model:all"):
             statement = statement.where(ImportTask.owner_id == actor.id)
         with self._db.read() as s:
             return list(s.exec(statement))

@@ -41,6 +41,7 @@ from webapp.records import (
     Visibility,
     utcnow,
 )
+from webapp.services.access import can
 from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
@@ -151,7 +152,7 @@ class Uploads:
     def status(self, *, actor: User, upload_id: str) -> UploadSession:
         with self._db.read() as s:
             session = s.get(UploadSession, upload_id)
-        if session is None or not (actor.is_admin or session.owner_id == actor.id):
+        if session is None or not (can(actor, "model:all") or session.owner_id == actor.id):
             raise NotFound(f"no upload with id {upload_id!r}", field="upload_id")
         return session
 

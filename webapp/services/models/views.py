@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from webapp.records import ImportTask, ModelRecord, UploadSession, User
+from webapp.services.access import can
 from webapp.services.models.scan import ScanSummary
 
 
@@ -30,7 +31,7 @@ def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = Non
     }
     if record.source == "url":
         view["source_detail"] = record.source_detail  # stored redacted
-    if actor.is_admin:
+    if can(actor, "model:all"):
         view["local_path"] = record.local_path
         view["store_key"] = record.store_key
         view["source_detail"] = record.source_detail
@@ -53,7 +54,7 @@ def scan_view(summary: ScanSummary | None, *, actor: User) -> dict[str, Any]:
     if summary is None:
         return {"rescanned": False}
     view = {"rescanned": True, **summary.to_dict(), "not_models": len(summary.errors)}
-    if not actor.is_admin:
+    if not can(actor, "model:all"):
         del view["folder"], view["errors"]
     return view
 

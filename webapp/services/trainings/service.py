@@ -35,6 +35,7 @@ from webapp.records import (
     User,
     new_id,
 )
+from webapp.services.access import can
 from webapp.services.datasets import DatasetService
 from webapp.services.errors import Conflict, InvalidInput, NotFound, Unavailable
 from webapp.services.jobs import JobService, ProgressSnapshot
@@ -204,7 +205,7 @@ class TrainingService:
 
     def list_trainings(self, *, actor: User, limit: int | None = 100, offset: int = 0) -> tuple[list[Job], int]:
         """Trainings the actor may see, newest first: their own; administrators everyone's."""
-        return self._jobs.list_jobs(actor=actor, mode="train", limit=limit, offset=offset, all_users=actor.is_admin)
+        return self._jobs.list_jobs(actor=actor, mode="train", limit=limit, offset=offset, all_users=can(actor, "training:all"))
 
     def get(self, *, actor: User, job_id: str) -> Job:
         job = self._jobs.get(actor=actor, job_id=job_id)

@@ -1,0 +1,88 @@
+"""Translation catalogs: ``locales/<language>.json`` per language other than English, each with
+
+* ``"ui"``: exact English string → translation (labels, buttons, headings, fixed messages);
+* ``"messages"``: English message template → translation, where ``{0}``, ``{1}`` … stand for the values a message
+  carries (``"no user named {0}"`` → ``"找不到名为 {0} 的用户"``). A template is matched against the whole text;
+  the values are carried over unchanged, in the order the translation names them.
+
+English needs no catalog: the source strings are English.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+LOCALES = Path(__file__).parent / "locales"
+_PLACEHOLDER = re.compile(r"\{(\d+)\}")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    ui: dict[str, str]
+    templates: tuple[tuple[re.Pattern[str], str], ...]
+
+    def lookup(self, text: str) -> str | None:
+        if text in self.ui:
+            return self.ui[text]
+        for pattern, translation in self.templates:
+            match = pattern.fullmatch(text)
+            if match is not None:
+                return fill(translation, match.groups())
+        return None
+
+
+def fill(translation: str, values: tuple[str, ...]) -> str:
+    """Put the matched values where the translation names them (``{1} … {0}``)."""
+    def value(m: re.Match[str]) -> str:
+        index = int(m.group(1))
+        return values[index] if index < len(values) else m.group(0)
+    return _PLACEHOLDER.sub(value, translation)
+
+
+def template_pattern(template: str) -> re.Pattern[str]:
+    """``"no user named {0}"`` → a regex whose groups capture the values, in placeholder order."""
+    parts = _PLACEHOLDER.split(template)
+    pattern = ""
+    for index, part in enumerate(parts):
+        pattern += re.escape(part) if index % 2 == 0 else "(.*?)"
+    return re.compile(pattern, re.DOTALL)
+
+
+@functools.cache
+def load(language: str) -> Catalog | None:
+    path = LOCALES / f"{language}.json"
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    messages = data.get("messages", {})
+    # Longer templates first: the most specific one wins when several match.
+    ordered = sorted(messages.items(), key=lambda kv: -len(kv[0]))
+    return Catalog(ui=dict(data.get("ui", {})),
+                   templates=tuple((template_pattern(k), v) for k, v in ordered if _PLACEHOLDER.search(k)))
+
+
+def lookup(text: str, language: str) -> str:
+    if language == "en" or not text:
+        return text
+    catalog = load(language)
+    if catalog is None:
+        return text
+    found = catalog.lookup(text)
+    if found is None:
+        exact = load_messages_exact(language)
+        found = exact.get(text)
+    return text if found is None else found
+
+
+@functools.cache
+def load_messages_exact(language: str) -> dict[str, str]:
+    """Message entries without placeholders: matched exactly, like UI strings."""
+    path = LOCALES / f"{language}.json"
+    if not path.is_file():
+        return {}
+    messages = json.loads(path.read_text(encoding="utf-8")).get("messages", {})
+    return {k: v for k, v in messages.items() if not _PLACEHOLDER.search(k)}
