@@ -16,8 +16,10 @@ from typing import Any
 import gradio as gr
 
 from deploy.backends.base import engine_lists
+from webapp.i18n import translate
 from webapp.records import Endpoint, ModelRecord, ModelType, User
 from webapp.services.errors import ServiceError
+from webapp.ui.localize import text_of
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
@@ -249,7 +251,7 @@ class GenerationForm:
         def number(name: str) -> Any:
             """The value as typed; its range and type are checked by the shared validation."""
             if v[name] is None:
-                raise gr.Error(f"{self.c[name].label}: enter a number")
+                raise gr.Error(f"{translate(text_of(self.c[name].label))}: enter a number")
             return v[name]
 
         request: dict[str, Any] = {
