@@ -40,8 +40,9 @@ def build_ui(ctx: UiContext, tabs: Sequence[Tab]) -> gr.Blocks:
         @ui_errors
         def on_load(request: gr.Request) -> list:
             user = ctx.user(request)
-            badge = translate(" · administrator") if user.is_admin else ""
-            header = translate(f"Signed in as **{html.escape(user.username)}**") + badge
+            language = ctx.language(request)  # ui_errors finds a tab's ctx on its method; this is a closure
+            badge = translate(" · administrator", language) if user.is_admin else ""
+            header = translate(f"Signed in as **{html.escape(user.username)}**", language) + badge
             return [header, *(gr.update(visible=can(user, permission)) for permission, _ in guarded)]
 
         demo.load(on_load, None, [whoami, *(widget for _, widget in guarded)], api_visibility="private")
