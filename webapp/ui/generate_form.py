@@ -294,10 +294,10 @@ class GenerationForm:
         """`exc` with the message led by the label of the widget its field comes from (users see labels)."""
         name = _WIDGET_OF.get(exc.field or "", exc.field)
         component = self.c.get(name) if name else None
-        label = getattr(component, "label", None)
+        label = text_of(getattr(component, "label", None))  # the page holds an i18n key: its English
         if not label or exc.message.startswith(label):
             return exc
-        return type(exc)(f"{label}: {exc.message}", field=exc.field)
+        return type(exc)(f"{translate(label)}: {translate(exc.message)}", field=exc.field)
 
     # -- filling it from an infotext (PNG Info → txt2img) ------------------------------------------------
     def updates_from_fields(self, fields: dict[str, Any], checkpoint: str | None,
