@@ -10,8 +10,8 @@ Keys are a slug of the English text plus a short hash: Gradio's frontend cuts a 
 svelte-i18n reads dots as paths, so the text itself cannot be the key. Text a handler returns at run time is not
 touched here: handlers translate it with ``webapp.i18n.translate``.
 
-Gradio does not translate ``gr.Dataframe`` headers (tried in chromium: the key shows raw), so headers stay
-strings here and are translated by ``translate_headers`` where a handler fills a table.
+Gradio does not translate ``gr.Dataframe`` headers (tried in chromium: the key shows raw), so headers stay English
+strings here; a handler can send translated ones with the rows (``{"headers": [...], "data": rows}``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 import gradio as gr
 from gradio.i18n import I18nData
 
-from webapp.i18n import LANGUAGES, translate
+from webapp.i18n import LANGUAGES
 from webapp.i18n.catalog import ui_strings
 
 TEXT_PROPS = ("label", "info", "placeholder")
@@ -122,8 +122,3 @@ def text_of(value: Any) -> str:
     if isinstance(value, I18nData):
         return _ENGLISH.get(value.key, value.key)
     return "" if value is None else str(value)
-
-
-def translate_headers(headers: list[str]) -> list[str]:
-    """Dataframe headers in the current language (Gradio's i18n does not reach them)."""
-    return [translate(header) for header in headers]
