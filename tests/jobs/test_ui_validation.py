@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 
 from tests.conftest import ADMIN_PASSWORD, login
 from tests.fixtures.gradio_queue import queue_call
+from webapp.ui.localize import text_of
 
 
 def _blocks(studio: Any) -> gr.Blocks:
@@ -39,7 +40,8 @@ def _submit(studio: Any, by_label: dict[str, Any], session: str) -> dict:
         assert loaded["success"], loaded
         checkpoint = loaded["output"]["data"][0]["value"]
         values = {"Stable Diffusion checkpoint": checkpoint, "Endpoint": "local", **by_label}
-        data = [values.get(c.label, c.value) for c in submit.inputs]
+        # labels are i18n keys once the page is built (webapp/ui/localize.py); text_of gives their English
+        data = [values.get(text_of(c.label), c.value) for c in submit.inputs]
         return queue_call(client, submit_index, data, session)
 
 

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from tests.conftest import ADMIN_PASSWORD
 from webapp.ui.account_tab import AccountTab
 from webapp.ui.context import UiContext
+from webapp.ui.localize import text_of
 from webapp.ui.users_tab import UsersTab
 
 ALICE_PASSWORD = "alice-password"
@@ -101,4 +102,5 @@ def test_the_forms_have_a_revoke_checkbox_that_defaults_to_on(studio, tab, handl
     dep = next(d for d in blocks.fns.values()
                if isinstance(getattr(d.fn, "__self__", None), tab) and d.fn.__name__ == handler)
     boxes = [c for c in dep.inputs if isinstance(c, gr.Checkbox)]
-    assert [(b.label, b.value) for b in boxes] == [(REVOKE_LABEL, True)]
+    # labels are i18n keys once the page is built (webapp/ui/localize.py); text_of gives their English
+    assert [(text_of(b.label), b.value) for b in boxes] == [(REVOKE_LABEL, True)]

@@ -1,6 +1,9 @@
-"""Translation catalogs: ``locales/<language>.json`` per language other than English, each with
+"""Translation catalogs, per language other than English:
 
-* ``"ui"``: exact English string → translation (labels, buttons, headings, fixed messages);
+* ``locales/<language>.ui.json``: the UI's strings, English → translation (labels, buttons, headings, fixed and
+  templated messages of the UI's handlers); an entry naming ``{0}`` is a template like the messages below;
+* ``locales/<language>.json`` ``"ui"``: more exact strings (kept for compatibility; the ``.ui.json`` file wins);
+* ``locales/<language>.json`` ``"messages"``: the services' messages;
 * ``"messages"``: English message template → translation, where ``{0}``, ``{1}`` … stand for the values a message
   carries (``"no user named {0}"`` → ``"找不到名为 {0} 的用户"``). A template is matched against the whole text;
   the values are carried over unchanged, in the order the translation names them.
@@ -58,11 +61,21 @@ def load(language: str) -> Catalog | None:
     if not path.is_file():
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
-    messages = data.get("messages", {})
+    ui = {**data.get("ui", {}), **ui_strings(language)}
+    templates = {**data.get("messages", {}), **{k: v for k, v in ui.items() if _PLACEHOLDER.search(k)}}
     # Longer templates first: the most specific one wins when several match.
-    ordered = sorted(messages.items(), key=lambda kv: -len(kv[0]))
-    return Catalog(ui=dict(data.get("ui", {})),
+    ordered = sorted(templates.items(), key=lambda kv: -len(kv[0]))
+    return Catalog(ui={k: v for k, v in ui.items() if not _PLACEHOLDER.search(k)},
                    templates=tuple((template_pattern(k), v) for k, v in ordered if _PLACEHOLDER.search(k)))
+
+
+@functools.cache
+def ui_strings(language: str) -> dict[str, str]:
+    """``locales/<language>.ui.json``: the UI's English strings and templates → their translation."""
+    path = LOCALES / f"{language}.ui.json"
+    if not path.is_file():
+        return {}
+    return dict(json.loads(path.read_text(encoding="utf-8")))
 
 
 def lookup(text: str, language: str) -> str:

@@ -1,4 +1,4 @@
-"""Account tab (every user): personal API tokens and changing one's own password.
+"""Account tab (every user): personal API tokens, changing one's own password and the UI's language.
 
 A token is shown once, right after it is created; only its hash is kept. Scripts send it as
 ``Authorization: Bearer <token>``; clients that only speak HTTP Basic (webuiapi, SillyTavern) use the
@@ -11,12 +11,17 @@ import html
 
 import gradio as gr
 
+from webapp.i18n import LANGUAGES, translate
 from webapp.services.auth import AuthService
 from webapp.services.quota import DiskQuota, format_bytes
 from webapp.services.tokens import TokenService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.web.gate import SESSION_COOKIE
 
+BROWSER_LANGUAGE = "browser"
+LANGUAGE_CHOICES = [("Browser default", BROWSER_LANGUAGE), *((name, code) for code, name in LANGUAGES.items())]
+# The page reloads after a change so that every label switches (Gradio picks its language when it boots).
+RELOAD_JS = "() => { window.location.reload(); }"
 HEADERS = ["Name", "Token starts with", "Created (UTC)", "Last used (UTC)", "Status"]
 REVOKE_TOKENS_LABEL = "Also revoke API tokens"
 USAGE = """Use a token instead of your password in scripts and editors:
@@ -63,17 +68,18 @@ class AccountTab:
     def refresh(self, request: gr.Request) -> tuple:
         user = self.ctx.user(request)
         rows, choices = self._rows(request)
-        badge = " (administrator)" if user.is_admin else ""
+        badge = translate(" (administrator)") if user.is_admin else ""
         disk = self.quota.usage(actor=user)
-        of = f" of {format_bytes(disk.limit)}" if disk.limit is not None else " (no limit)"
-        whoami = f"Signed in as **{html.escape(user.username)}**{badge} · Disk used: {format_bytes(disk.used)}{of}"
+        of = translate(f" of {format_bytes(disk.limit)}") if disk.limit is not None else translate(" (no limit)")
+        whoami = translate(
+            f"Signed in as **{html.escape(user.username)}**{badge} · Disk used: {format_bytes(disk.used)}{of}")
         return whoami, rows, gr.update(choices=choices, value=None)
 
     @ui_errors
     def create(self, name: str, request: gr.Request) -> tuple:
         token, public = self.tokens.create(actor=self.ctx.user(request), name=name)
         rows, choices = self._rows(request)
-        gr.Info(f"Token {public.name!r} created: copy it now, it will not be shown again")
+        gr.Info(translate(f"Token {public.name!r} created: copy it now, it will not be shown again"))
         return gr.update(value=token, visible=True), "", rows, gr.update(choices=choices, value=None)
 
     @ui_errors
@@ -81,7 +87,7 @@ class AccountTab:
         if not token_id:
             raise gr.Error("Choose the token to revoke")
         revoked = self.tokens.revoke(actor=self.ctx.user(request), token_id=token_id)
-        gr.Info(f"Token {revoked.name!r} revoked")
+        gr.Info(translate(f"Token {revoked.name!r} revoked"))
         rows, choices = self._rows(request)
         return rows, gr.update(choices=choices, value=None)
 
@@ -97,9 +103,21 @@ class AccountTab:
             keep_session=_cookie(request), client_address=getattr(client, "host", None),
             revoke_tokens=bool(revoke_tokens),
         )
-        tokens = "your API tokens were revoked" if revoke_tokens else "your API tokens still work"
-        gr.Info(f"Password changed; your other sessions were signed out and {tokens}")
+        tokens = translate("your API tokens were revoked" if revoke_tokens else "your API tokens still work")
+        gr.Info(translate(f"Password changed; your other sessions were signed out and {tokens}"))
         return "", "", ""
+
+    @ui_errors
+    def language(self, request: gr.Request) -> str:
+        """The language choice shown: the user's, or the browser's default."""
+        return self.ctx.user(request).language or BROWSER_LANGUAGE
+
+    @ui_errors
+    def set_language(self, choice: str | None, request: gr.Request) -> str:
+        """Record the user's language (the browser default: none); the page then reloads in it."""
+        language = None if choice in (None, "", BROWSER_LANGUAGE) else choice
+        chosen = self.ctx.users.set_language(actor=self.ctx.user(request), language=language)
+        return chosen or BROWSER_LANGUAGE
 
     def build(self) -> gr.Tab:
         with gr.Tab("Account", id="account") as tab:
@@ -127,7 +145,14 @@ class AccountTab:
                     confirm = gr.Textbox(label="Confirm new password", type="password", elem_id="confirm-password")
                     revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL, elem_id="revoke-tokens-on-change")
                     change = gr.Button("Change password", elem_id="change-password")
+                    gr.Markdown("### Language")
+                    language = gr.Dropdown(LANGUAGE_CHOICES, value=BROWSER_LANGUAGE, label="Language of the studio",
+                                           interactive=True, elem_id="account-language")
+                    save_language = gr.Button("Save language", elem_id="save-language")
         tab.select(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
+        tab.select(self.language, None, [language], api_visibility="private")
+        save_language.click(self.set_language, [language], [language], api_visibility="private").success(
+            None, js=RELOAD_JS)
         refresh.click(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
         create.click(self.create, [name], [shown, name, table, revoke_choice], api_visibility="private")
         revoke.click(self.revoke, [revoke_choice], [table, revoke_choice], api_visibility="private")

@@ -19,6 +19,7 @@ from PIL import Image
 from pipelines.controlnet import preprocessors
 from pipelines.controlnet.infotext import units_from_infotext
 from pipelines.controlnet.units import ControlMode, HiresOption, ResizeMode
+from webapp.i18n import translate
 from webapp.records import ModelType
 from webapp.services.controlnet import ControlNetService
 from webapp.ui.context import UiContext, ui_errors
@@ -81,7 +82,7 @@ class ControlNetPanel:
                                     processor_res=processor_res, threshold_a=threshold_a,
                                     threshold_b=threshold_b, field_prefix="ControlNet ")
         if found.warnings:
-            gr.Warning("; ".join(found.warnings))
+            gr.Warning("; ".join(translate(warning) for warning in found.warnings))
         with Image.open(io.BytesIO(found.images[0])) as result:
             result.load()
             return result

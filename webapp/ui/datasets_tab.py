@@ -15,6 +15,7 @@ import gradio as gr
 
 from pipelines.images import decode_image
 from pipelines.types import InvalidRequestError
+from webapp.i18n import translate
 from webapp.records import Visibility
 from webapp.services.datasets import RESIZE_MODES, Created, DatasetService
 from webapp.services.datasets.layout import SourceFile
@@ -102,7 +103,7 @@ class DatasetsTab:
             try:
                 image = decode_image(data, item.relative_path)
             except InvalidRequestError as exc:
-                gr.Warning(f"{item.relative_path} not shown: {exc}")
+                gr.Warning(translate(f"{item.relative_path} not shown: {exc}"))
                 continue
             label = f"{item.relative_path}: {item.caption}" if item.caption is not None else \
                 f"{item.relative_path} (no caption)"
@@ -131,7 +132,7 @@ class DatasetsTab:
             raise gr.Error("Click an image in the gallery first")
         item = self.datasets.set_caption(actor=self.ctx.user(request), dataset_id=dataset_id, item_id=item_id,
                                          caption=caption)
-        gr.Info(f"Caption of {item.relative_path} saved")
+        gr.Info(translate(f"Caption of {item.relative_path} saved"))
 
     @ui_errors
     def resize_dataset(self, dataset_id: str | None, width: float | None, height: float | None, mode: str, name: str,
@@ -150,7 +151,7 @@ class DatasetsTab:
         user = self.ctx.user(request)
         name = self.datasets.get(actor=user, dataset_id=dataset_id).name
         self.datasets.delete(actor=user, dataset_id=dataset_id)
-        gr.Info(f"Deleted dataset {name}")
+        gr.Info(translate(f"Deleted dataset {name}"))
         rows, choices = self.refresh(request)
         return rows, gr.update(choices=choices["choices"], value=None)
 

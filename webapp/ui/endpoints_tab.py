@@ -16,6 +16,7 @@ from typing import Any
 import gradio as gr
 
 from deploy.backends.options import options_model
+from webapp.i18n import translate
 from webapp.records import Endpoint
 from webapp.services.access import can
 from webapp.services.errors import ServiceError
@@ -110,9 +111,9 @@ class EndpointsTab:
                               autoscale=bool(values.get(self.autoscale)))
         endpoint = self.admin.deploy(actor=self.ctx.user(request), request=request_)
         if endpoint.error:
-            gr.Warning(f"Endpoint {endpoint.name} is {endpoint.status}: {endpoint.error}")
+            gr.Warning(translate(f"Endpoint {endpoint.name} is {endpoint.status}: {endpoint.error}"))
         else:
-            gr.Info(f"Endpoint {endpoint.name} is {endpoint.status}")
+            gr.Info(translate(f"Endpoint {endpoint.name} is {endpoint.status}"))
         return (*self.refresh(request), "")
 
     @ui_errors
@@ -122,7 +123,7 @@ class EndpointsTab:
         if not confirmed:
             raise gr.Error(f"Tick the box to confirm deleting {name}")
         moved = self.admin.delete(actor=self.ctx.user(request), name=name, force=bool(force))
-        gr.Info(f"Deleted endpoint {name}; {moved} queued job(s) moved to the default endpoint")
+        gr.Info(translate(f"Deleted endpoint {name}; {moved} queued job(s) moved to the default endpoint"))
         return (*self.refresh(request), False, False)
 
     # -- layout -----------------------------------------------------------------------------------------------

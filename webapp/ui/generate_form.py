@@ -16,8 +16,10 @@ from typing import Any
 import gradio as gr
 
 from deploy.backends.base import engine_lists
+from webapp.i18n import translate
 from webapp.records import Endpoint, ModelRecord, ModelType, User
 from webapp.services.errors import ServiceError
+from webapp.ui.localize import text_of
 
 RESIZE_MODES = ["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 MASKED_CONTENT = ["fill", "original", "latent noise", "latent nothing"]
@@ -249,7 +251,7 @@ class GenerationForm:
         def number(name: str) -> Any:
             """The value as typed; its range and type are checked by the shared validation."""
             if v[name] is None:
-                raise gr.Error(f"{self.c[name].label}: enter a number")
+                raise gr.Error(f"{translate(text_of(self.c[name].label))}: enter a number")
             return v[name]
 
         request: dict[str, Any] = {
@@ -292,10 +294,10 @@ class GenerationForm:
         """`exc` with the message led by the label of the widget its field comes from (users see labels)."""
         name = _WIDGET_OF.get(exc.field or "", exc.field)
         component = self.c.get(name) if name else None
-        label = getattr(component, "label", None)
+        label = text_of(getattr(component, "label", None))  # the page holds an i18n key: its English
         if not label or exc.message.startswith(label):
             return exc
-        return type(exc)(f"{label}: {exc.message}", field=exc.field)
+        return type(exc)(f"{translate(label)}: {translate(exc.message)}", field=exc.field)
 
     # -- filling it from an infotext (PNG Info → txt2img) ------------------------------------------------
     def updates_from_fields(self, fields: dict[str, Any], checkpoint: str | None,

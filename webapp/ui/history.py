@@ -13,6 +13,7 @@ from typing import Any
 
 import gradio as gr
 
+from webapp.i18n import translate
 from webapp.records import JobMode, JobStatus
 from webapp.services.access import can
 from webapp.services.jobs import JobService
@@ -94,7 +95,7 @@ class HistoryPanel:
         if not job_id:
             raise gr.Error("Choose a job in the history first")
         self.jobs.delete(actor=self.ctx.user(request), job_id=job_id)
-        gr.Info("Job deleted with its images")
+        gr.Info(translate("Job deleted with its images"))
         return None, "", "", "", gr.update(visible=False, value="")
 
     @ui_errors

@@ -19,6 +19,7 @@ import gradio as gr
 
 from pipelines.images import open_image
 from pipelines.types import InvalidRequestError
+from webapp.i18n import translate
 from webapp.records import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.services.access import can
 from webapp.services.models.registry import MAX_PREVIEW_BYTES
@@ -100,9 +101,9 @@ class ModelsTab:
     def rescan(self, type_: str, status: str, base: str, query: str, request: gr.Request) -> tuple:
         summary = self.registry.refresh(actor=self.ctx.user(request))
         if summary is None:
-            gr.Info("The models folder was rescanned moments ago; this is the current list")
+            gr.Info(translate("The models folder was rescanned moments ago; this is the current list"))
         elif summary.folder:
-            gr.Info(f"Models folder rescanned: {summary.line}")
+            gr.Info(translate(f"Models folder rescanned: {summary.line}"))
         return self.refresh(type_, status, base, query, request)
 
     @ui_errors
@@ -129,7 +130,7 @@ class ModelsTab:
                     image = stored.copy()
             except (InvalidRequestError, OSError) as exc:
                 log.warning("model %s: stored preview not shown: %s", record.id, exc)
-                gr.Warning(f"The stored preview image was not shown: {exc}")
+                gr.Warning(translate(f"The stored preview image was not shown: {exc}"))
         return (gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image,
                 model_details(record, actor=user))
 
@@ -141,7 +142,7 @@ class ModelsTab:
             raise gr.Error("Choose a model in the table first")
         record = self.registry.update(actor=self.ctx.user(request), model_id=model_id, name=name,
                                       description=description, visibility=visibility)
-        gr.Info(f"Saved {record.type.label} {record.name}")
+        gr.Info(translate(f"Saved {record.type.label} {record.name}"))
 
     @ui_errors
     def delete(self, model_id: str | None, request: gr.Request) -> tuple:
@@ -150,7 +151,7 @@ class ModelsTab:
         user = self.ctx.user(request)
         record = self.registry.get(actor=user, model_id=model_id)
         self.registry.delete(actor=user, model_id=model_id)
-        gr.Info(f"Deleted {record.type.label} {record.name}")
+        gr.Info(translate(f"Deleted {record.type.label} {record.name}"))
         return None, "", "", Visibility.EVERYONE.value, None, None
 
     @ui_errors
@@ -161,7 +162,7 @@ class ModelsTab:
             raise gr.Error("Drop an image on the preview first")
         data = read_upload(image_path, max_bytes=MAX_PREVIEW_BYTES, what="preview image")
         self.registry.set_preview(actor=self.ctx.user(request), model_id=model_id, data=data)
-        gr.Info("Preview image saved")
+        gr.Info(translate("Preview image saved"))
 
     # -- imports -----------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from webapp.i18n import translate
 from webapp.services.access import ACTIONS, DESCRIPTIONS, RESOURCES, can
 from webapp.services.audit import AuditFilter, AuditLog
 from webapp.services.roles import QUOTA_FIELDS, QUOTA_LABELS, RoleService, RoleView
@@ -78,7 +79,7 @@ class RolesPanel:
         view = self.roles.create_role(actor=self.ctx.user(request), name=name, description=description,
                                       permissions=_permissions(groups),
                                       **{f: _quota(q) for f, q in zip(QUOTA_FIELDS, quotas, strict=True)})
-        gr.Info(f"Created role {view.name}")
+        gr.Info(translate(f"Created role {view.name}"))
         return self._listing(request, view.name)
 
     @ui_errors
@@ -90,7 +91,7 @@ class RolesPanel:
         view = self.roles.update_role(actor=self.ctx.user(request), role=selected, name=name,
                                       description=description, permissions=_permissions(groups),
                                       **{f: _quota(q) for f, q in zip(QUOTA_FIELDS, quotas, strict=True)})
-        gr.Info(f"Saved role {view.name}")
+        gr.Info(translate(f"Saved role {view.name}"))
         return self._listing(request, view.name)
 
     @ui_errors
@@ -98,7 +99,7 @@ class RolesPanel:
         if not selected:
             raise gr.Error("Choose the role to delete")
         self.roles.delete_role(actor=self.ctx.user(request), role=selected)
-        gr.Info(f"Deleted role {selected}")
+        gr.Info(translate(f"Deleted role {selected}"))
         return self._listing(request)
 
     # -- audit log -------------------------------------------------------------------------------------------

@@ -8,8 +8,10 @@ from typing import Protocol
 
 import gradio as gr
 
+from webapp.i18n import translate
 from webapp.services.access import can
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.localize import localize
 
 # Logout is a POST to our own route (not Gradio's), then back to the login page.
 LOGOUT_JS = """() => { fetch('/logout', {method: 'POST', credentials: 'same-origin'})
@@ -38,11 +40,13 @@ def build_ui(ctx: UiContext, tabs: Sequence[Tab]) -> gr.Blocks:
         @ui_errors
         def on_load(request: gr.Request) -> list:
             user = ctx.user(request)
-            badge = " · administrator" if user.is_admin else ""
-            header = f"Signed in as **{html.escape(user.username)}**{badge}"
+            language = ctx.language(request)  # ui_errors finds a tab's ctx on its method; this is a closure
+            badge = translate(" · administrator", language) if user.is_admin else ""
+            header = translate(f"Signed in as **{html.escape(user.username)}**", language) + badge
             return [header, *(gr.update(visible=can(user, permission)) for permission, _ in guarded)]
 
         demo.load(on_load, None, [whoami, *(widget for _, widget in guarded)], api_visibility="private")
         logout.click(None, js=LOGOUT_JS)
     demo.queue(default_concurrency_limit=16)
+    localize(demo)  # every fixed English text → an i18n key Gradio resolves in the browser's language
     return demo

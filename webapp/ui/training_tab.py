@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from training.config import BASE_TYPES
+from webapp.i18n import translate
 from webapp.records import Job, JobStatus
 from webapp.services.datasets import DatasetService
 from webapp.services.jobs import ProgressSnapshot
@@ -168,7 +169,7 @@ class TrainingTab:
         if not job_id:
             raise gr.Error("Choose a training first")
         self.trainings.stop(actor=self.ctx.user(request), job_id=job_id)
-        gr.Info("Stopping: a running training stops at the next step; saved epochs are kept")
+        gr.Info(translate("Stopping: a running training stops at the next step; saved epochs are kept"))
 
     @ui_errors
     def resume_training(self, job_id: str | None, request: gr.Request) -> tuple:
@@ -176,7 +177,7 @@ class TrainingTab:
             raise gr.Error("Choose a training first")
         job = self.trainings.resume(actor=self.ctx.user(request), job_id=job_id)
         rows, choices = self.refresh_trainings(request)
-        gr.Info(f"Resumed as a new training ({job.id})")
+        gr.Info(translate(f"Resumed as a new training ({job.id})"))
         return rows, gr.update(choices=choices["choices"], value=job.id)
 
     @ui_errors
@@ -184,7 +185,7 @@ class TrainingTab:
         if not job_id:
             raise gr.Error("Choose a training first")
         self.trainings.delete(actor=self.ctx.user(request), job_id=job_id)
-        gr.Info("Training deleted (LoRAs registered as models stay)")
+        gr.Info(translate("Training deleted (LoRAs registered as models stay)"))
         rows, choices = self.refresh_trainings(request)
         return rows, gr.update(choices=choices["choices"], value=None)
 

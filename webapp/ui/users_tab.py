@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
+from webapp.i18n import translate
 from webapp.services.audit import AuditLog
 from webapp.services.roles import RoleService
 from webapp.ui.account_tab import REVOKE_TOKENS_LABEL
@@ -43,7 +44,7 @@ class UsersTab:
     def create(self, username: str, password: str, roles: list[str] | None, request: gr.Request) -> tuple:
         user = self.ctx.users.create_user(actor=self.ctx.user(request), username=username, password=password,
                                           roles=list(roles) if roles else None)
-        gr.Info(f"Created user {user.username}")
+        gr.Info(translate(f"Created user {user.username}"))
         return (*self._refresh(request), "", "")
 
     @ui_errors
@@ -59,7 +60,8 @@ class UsersTab:
         if not username:
             raise gr.Error("Choose the user whose roles to change")
         names = self.roles.set_user_roles(actor=self.ctx.user(request), username=username, roles=list(roles or []))
-        gr.Info(f"Roles of {username}: {', '.join(names) or 'none'}")
+        listed = ", ".join(names) if names else translate("no roles")
+        gr.Info(translate(f"Roles of {username}: {listed}"))
         return (_rows(self.ctx, request),)
 
     @ui_errors
@@ -70,8 +72,8 @@ class UsersTab:
             raise gr.Error("Choose the user whose password to reset")
         self.ctx.users.reset_password(actor=self.ctx.user(request), username=username, new_password=password,
                                       revoke_tokens=bool(revoke_tokens))
-        tokens = "their API tokens were revoked" if revoke_tokens else "their API tokens still work"
-        gr.Info(f"Password of {username} reset; their sessions were ended and {tokens}")
+        tokens = translate("their API tokens were revoked" if revoke_tokens else "their API tokens still work")
+        gr.Info(translate(f"Password of {username} reset; their sessions were ended and {tokens}"))
         return ("",)
 
     @ui_errors
@@ -79,7 +81,7 @@ class UsersTab:
         if not username:
             raise gr.Error("Choose the user to delete")
         self.ctx.users.delete_user(actor=self.ctx.user(request), username=username)
-        gr.Info(f"Deleted user {username}")
+        gr.Info(translate(f"Deleted user {username}"))
         return self._refresh(request)
 
     def build(self) -> gr.Tab:

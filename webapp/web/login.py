@@ -10,9 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from webapp.i18n import language_for, translate
 from webapp.services.auth import AuthService
 from webapp.services.errors import NotAuthenticated, Throttled
 from webapp.web.gate import SESSION_COOKIE, client_address, scope_user
+from webapp.web.language import LANGUAGE_COOKIE
 
 UI_PATH = "/ui/"
 _PAGE = Template(resources.files("webapp.web").joinpath("templates/login.html").read_text(encoding="utf-8"))
@@ -25,9 +27,25 @@ def safe_next(target: str | None) -> str:
     return target
 
 
-def _page(*, error: str | None = None, username: str = "", next_path: str = UI_PATH, status: int = 200) -> HTMLResponse:
-    block = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
-    body = _PAGE.substitute(error_block=block, username=html.escape(username), next=html.escape(next_path))
+def page_language(request: Request) -> str:
+    """The login page's language: the last signed-in user's choice (the ``studio_lang`` cookie), else the
+    browser's."""
+    return language_for(request.cookies.get(LANGUAGE_COOKIE), request.headers.get("accept-language"))
+
+
+def _page(
+    request: Request, *, error: str | None = None, username: str = "", next_path: str = UI_PATH, status: int = 200,
+) -> HTMLResponse:
+    lang = page_language(request)
+
+    def t(text: str) -> str:
+        return html.escape(translate(text, lang))
+    block = f'<p class="error" role="alert">{t(error)}</p>' if error else ""
+    body = _PAGE.substitute(
+        lang=lang, error_block=block, username=html.escape(username), next=html.escape(next_path),
+        title=t("Sign in · the studio"), heading=t("the studio"), username_label=t("User name"),
+        password_label=t("Password"), submit=t("Sign in"),
+    )
     return HTMLResponse(body, status_code=status, headers={"cache-control": "no-store"})
 
 
@@ -42,7 +60,7 @@ def build_login_router(auth: AuthService, *, secure_cookie: bool) -> APIRouter:
     def login_page(request: Request, next: str | None = None) -> Response:  # noqa: A002 - query name
         if scope_user(request.scope) is not None:
             return RedirectResponse(safe_next(next), status_code=303)
-        return _page(next_path=safe_next(next))
+        return _page(request, next_path=safe_next(next))
 
     @router.post("/login", include_in_schema=False)
     def login_submit(
@@ -58,11 +76,11 @@ def build_login_router(auth: AuthService, *, secure_cookie: bool) -> APIRouter:
                 user_agent=request.headers.get("user-agent"),
             )
         except Throttled as exc:
-            response = _page(error=exc.message, username=username, next_path=target, status=429)
+            response = _page(request, error=exc.message, username=username, next_path=target, status=429)
             response.headers["retry-after"] = str(exc.retry_after)
             return response
         except NotAuthenticated as exc:
-            return _page(error=exc.message, username=username, next_path=target, status=401)
+            return _page(request, error=exc.message, username=username, next_path=target, status=401)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE, token, max_age=int(auth.session_ttl.total_seconds()), httponly=True,

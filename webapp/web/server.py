@@ -17,6 +17,7 @@ from webapp.web.docs import install_docs
 from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.headers import SecurityHeaders
+from webapp.web.language import UiLanguage
 from webapp.web.limits import BodySizeLimit
 from webapp.web.login import UI_PATH, build_login_router
 from webapp.web.metrics import MetricsAccess, MetricsScrape, build_metrics_router
@@ -80,8 +81,10 @@ def create_app(
     gr.mount_gradio_app(
         app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
         max_file_size=uploads.max_bytes if uploads is not None else None,
+        i18n=getattr(ui, "i18n_instance", None),  # set by webapp.ui.localize
     )
     guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
+    app.add_middleware(UiLanguage, path=UI_PATH)  # inside the gate: it reads the signed-in user's language
     app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))
     if metrics is not None and metrics.token is not None:  # just outside the gate: the scraper is no user
         app.add_middleware(MetricsScrape, access=metrics)
