@@ -10,9 +10,10 @@ from typing import Annotated
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from webapp.i18n import translate
 from webapp.services.auth import AuthService
 from webapp.services.errors import NotAuthenticated, Throttled
-from webapp.web.gate import SESSION_COOKIE, client_address, scope_user
+from webapp.web.gate import SESSION_COOKIE, client_address, scope_language, scope_user
 
 UI_PATH = "/ui/"
 _PAGE = Template(resources.files("webapp.web").joinpath("templates/login.html").read_text(encoding="utf-8"))
@@ -58,11 +59,13 @@ def build_login_router(auth: AuthService, *, secure_cookie: bool) -> APIRouter:
                 user_agent=request.headers.get("user-agent"),
             )
         except Throttled as exc:
-            response = _page(error=exc.message, username=username, next_path=target, status=429)
+            error = translate(exc.message, scope_language(request.scope))
+            response = _page(error=error, username=username, next_path=target, status=429)
             response.headers["retry-after"] = str(exc.retry_after)
             return response
         except NotAuthenticated as exc:
-            return _page(error=exc.message, username=username, next_path=target, status=401)
+            error = translate(exc.message, scope_language(request.scope))
+            return _page(error=error, username=username, next_path=target, status=401)
         response = RedirectResponse(target, status_code=303)
         response.set_cookie(
             SESSION_COOKIE, token, max_age=int(auth.session_ttl.total_seconds()), httponly=True,
