@@ -210,7 +210,7 @@ def build(settings: Settings) -> Studio:
     datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
     training_tab = TrainingTab(ui_ctx, trainings, datasets)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
-                           UsersTab(ui_ctx, roles=roles),
+                           UsersTab(ui_ctx, roles=roles, audit=audit_log),
                            AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [

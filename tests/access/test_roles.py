@@ -203,3 +203,19 @@ def test_quotas_and_bad_role_input(users, roles, admin):
     quotas = roles.effective_quotas(alice)
     assert quotas["max_jobs_per_day"] == 100, "the most generous role wins"
     assert quotas["max_queued_jobs"] is None, "a role without a limit leaves it unlimited"
+
+
+def test_jobs_are_never_shared_and_endpoints_follow_allowed_roles(users, roles, admin):
+    from webapp.records import Endpoint, Job, JobMode
+
+    team = roles.create_role(actor=admin, name="Team", permissions=["endpoint:list", "endpoint:use",
+                                                                    "inference:list"])
+    alice = users.create_user(actor=admin, username="alice", password=PASSWORD)
+    tina = users.create_user(actor=admin, username="tina", password=PASSWORD, roles=["Team"])
+    job = Job(id="j1", owner_id=alice.id, mode=JobMode.TXT2IMG, request_json="{}", endpoint="local")
+    assert can(alice, "inference:list", job) and not can(tina, "inference:list", job)
+    assert can(admin, "inference:list", job)
+    open_endpoint = Endpoint(name="open", kind="fake")
+    team_endpoint = Endpoint(name="team", kind="fake", allowed_roles=encode_roles([team.id]))
+    assert can(alice, "endpoint:use", open_endpoint) and not can(alice, "endpoint:use", team_endpoint)
+    assert can(tina, "endpoint:use", team_endpoint) and can(admin, "endpoint:use", team_endpoint)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import datetime
 
@@ -9,6 +10,12 @@ from sqlalchemy import Column, Index, Text
 from sqlmodel import Field, SQLModel
 
 from webapp.records.common import utcnow
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(text: str) -> frozenset:
+    """A mirrored JSON list as a set (a few distinct values: one per combination of roles)."""
+    return frozenset(json.loads(text))
 
 
 class UserBase(SQLModel):
@@ -30,11 +37,11 @@ class User(UserBase, table=True):
 
     @property
     def role_ids(self) -> frozenset[int]:
-        return frozenset(json.loads(self.role_ids_json or "[]"))
+        return _parsed(self.role_ids_json or "[]")
 
     @property
     def permissions(self) -> frozenset[str]:
-        return frozenset(json.loads(self.permissions_json or "[]"))
+        return _parsed(self.permissions_json or "[]")
 
     @property
     def is_admin(self) -> bool:

@@ -28,6 +28,8 @@ ALL_PERMISSIONS = frozenset(f"{r}:{a}" for r in RESOURCES for a in ACTIONS)
 
 OWNED = frozenset({"model", "dataset", "inference", "training"})
 """Resources whose items belong to a user (an endpoint's ``owner_id`` records who deployed it, nothing more)."""
+SHAREABLE = frozenset({"model", "dataset"})
+"""Owned resources an owner may share (``visibility`` everyone / roles); jobs and trainings stay their owner's."""
 
 DESCRIPTIONS = {
     "user": "user accounts", "role": "roles and their permissions", "model": "models (checkpoints, LoRAs, …)",
@@ -83,10 +85,14 @@ def decode_roles(value: str | None) -> frozenset[int]:
 
 # -- the rule -------------------------------------------------------------------------------------------------
 
-def _shared_with(actor: User, item: Any) -> bool:
+def _shared_with(actor: User, resource: str, item: Any) -> bool:
+    """Whether ``item`` is shared with ``actor``: an endpoint naming no roles or one of theirs; a model or dataset
+    visible to everyone, or to one of their roles. Jobs and trainings are never shared."""
     allowed = decode_roles(getattr(item, "allowed_roles", None))
-    if not hasattr(item, "visibility"):  # endpoints: open to every user of endpoints unless roles are named
+    if resource == "endpoint":
         return not allowed or bool(allowed & actor.role_ids)
+    if resource not in SHAREABLE:
+        return False
     if item.visibility == Visibility.EVERYONE:
         return True
     return item.visibility == Visibility.ROLES and bool(allowed & actor.role_ids)
@@ -108,7 +114,7 @@ def can(actor: User, permission: str, item: Any = None) -> bool:
     owner = getattr(item, "owner_id", None)
     if resource in OWNED and owner is not None and owner == actor.id:
         return True
-    return action in ("list", "use") and _shared_with(actor, item)
+    return action in ("list", "use") and _shared_with(actor, resource, item)
 
 
 def authorize(actor: User, permission: str, item: Any = None, *, what: str | None = None) -> None:
@@ -133,11 +139,11 @@ def visible(actor: User, table: Any, resource: str, action: str = "list") -> Col
     shared: list[ColumnElement[bool]] = []
     if action in ("list", "use"):
         by_role = [table.allowed_roles.contains(f",{r},") for r in sorted(actor.role_ids)]
-        if hasattr(table, "visibility"):
+        if resource in SHAREABLE:
             shared.append(table.visibility == Visibility.EVERYONE)
             if by_role:
                 shared.append(and_(table.visibility == Visibility.ROLES, or_(*by_role)))
-        elif hasattr(table, "allowed_roles"):
+        elif resource == "endpoint":
             shared.append(or_(table.allowed_roles == "", table.allowed_roles.is_(None), *by_role))
     mine = [table.owner_id == actor.id] if resource in OWNED else []
     conditions = [*mine, *shared]

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gradio as gr
 
+from webapp.services.audit import AuditLog
 from webapp.services.roles import RoleService
 from webapp.ui.account_tab import REVOKE_TOKENS_LABEL
 from webapp.ui.context import UiContext, ui_errors
+from webapp.ui.roles_panel import RolesPanel
 
 HEADERS = ["User", "Roles", "Created (UTC)"]
 
@@ -21,9 +23,10 @@ class UsersTab:
 
     permission: str | None = "user:list"
 
-    def __init__(self, ctx: UiContext, *, roles: RoleService) -> None:
+    def __init__(self, ctx: UiContext, *, roles: RoleService, audit: AuditLog | None = None) -> None:
         self.ctx = ctx
         self.roles = roles
+        self.panel = RolesPanel(ctx, roles=roles, audit=audit) if audit is not None else None
 
     def _refresh(self, request: gr.Request) -> tuple:
         rows = _rows(self.ctx, request)
@@ -80,33 +83,42 @@ class UsersTab:
         return self._refresh(request)
 
     def build(self) -> gr.Tab:
-        with gr.Tab("Users", id="users", visible=False) as tab:
-            table = gr.Dataframe(headers=HEADERS, interactive=False, label="Users", elem_id="users-table")
-            refresh = gr.Button("Refresh", size="sm")
-            with gr.Row():
-                with gr.Column():
-                    gr.Markdown("### Create user")
-                    new_name = gr.Textbox(label="User name", elem_id="new-user-name")
-                    new_password = gr.Textbox(label="Password", type="password", elem_id="new-user-password")
-                    new_roles = gr.Dropdown(label="Roles (empty: Designer)", choices=[], multiselect=True,
-                                            allow_custom_value=True, elem_id="new-user-roles")
-                    create = gr.Button("Create user", variant="primary", elem_id="create-user")
-                with gr.Column():
-                    gr.Markdown("### Roles")
-                    roles_name = gr.Dropdown(label="User", choices=[], elem_id="roles-user")
-                    roles_value = gr.Dropdown(label="Roles", choices=[], multiselect=True, allow_custom_value=True,
-                                              elem_id="roles-value")
-                    save_roles = gr.Button("Save roles", elem_id="save-roles")
-                with gr.Column():
-                    gr.Markdown("### Reset password")
-                    reset_name = gr.Dropdown(label="User", choices=[])
-                    reset_password = gr.Textbox(label="New password", type="password")
-                    revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL)
-                    reset = gr.Button("Reset password")
-                with gr.Column():
-                    gr.Markdown("### Delete user")
-                    delete_name = gr.Dropdown(label="User", choices=[])
-                    delete = gr.Button("Delete user", variant="stop")
+        with gr.Tab("Users", id="users", visible=False) as tab, gr.Tabs(elem_id="users-subtabs"):
+            with gr.Tab("Accounts", id="users-accounts") as accounts:
+                outputs = self._build_accounts()
+            if self.panel is not None:
+                self.panel.build_roles()
+                self.panel.build_audit()
+        gr.on([tab.select, accounts.select], self.refresh, None, outputs, api_visibility="private")
+        return tab
+
+    def _build_accounts(self) -> list:
+        table = gr.Dataframe(headers=HEADERS, interactive=False, label="Users", elem_id="users-table")
+        refresh = gr.Button("Refresh", size="sm")
+        with gr.Row():
+            with gr.Column():
+                gr.Markdown("### Create user")
+                new_name = gr.Textbox(label="User name", elem_id="new-user-name")
+                new_password = gr.Textbox(label="Password", type="password", elem_id="new-user-password")
+                new_roles = gr.Dropdown(label="Roles (empty: Designer)", choices=[], multiselect=True,
+                                        allow_custom_value=True, elem_id="new-user-roles")
+                create = gr.Button("Create user", variant="primary", elem_id="create-user")
+            with gr.Column():
+                gr.Markdown("### Roles")
+                roles_name = gr.Dropdown(label="User", choices=[], elem_id="roles-user")
+                roles_value = gr.Dropdown(label="Roles", choices=[], multiselect=True, allow_custom_value=True,
+                                          elem_id="roles-value")
+                save_roles = gr.Button("Save roles", elem_id="save-roles")
+            with gr.Column():
+                gr.Markdown("### Reset password")
+                reset_name = gr.Dropdown(label="User", choices=[])
+                reset_password = gr.Textbox(label="New password", type="password")
+                revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL)
+                reset = gr.Button("Reset password")
+            with gr.Column():
+                gr.Markdown("### Delete user")
+                delete_name = gr.Dropdown(label="User", choices=[])
+                delete = gr.Button("Delete user", variant="stop")
         outputs = [table, reset_name, delete_name, roles_name, new_roles, roles_value]
         refresh.click(self.refresh, None, outputs, api_visibility="private")
         create.click(self.create, [new_name, new_password, new_roles], [*outputs, new_name, new_password],
@@ -116,5 +128,4 @@ class UsersTab:
         reset.click(self.reset_password, [reset_name, reset_password, revoke_tokens], [reset_password],
                     api_visibility="private")
         delete.click(self.delete, [delete_name], outputs, api_visibility="private")
-        tab.select(self.refresh, None, outputs, api_visibility="private")
-        return tab
+        return outputs
