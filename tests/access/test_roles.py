@@ -53,7 +53,7 @@ def fresh(users: UserService, user: User) -> User:
 def test_seeded_roles_and_defaults(users, roles, admin):
     views = {r.name: r for r in roles.list_roles(actor=admin)}
     assert set(views) == {"Admin", "Designer", "IT Operator"}
-    assert ALL_PERMISSIONS <= admin.permissions and views["Admin"].members == 1
+    assert admin.permissions >= ALL_PERMISSIONS and views["Admin"].members == 1
     alice = users.create_user(actor=admin, username="alice", password=PASSWORD)
     assert roles.roles_of([alice.id])[alice.id] == ["Designer"]
     assert can(alice, "inference:create") and can(alice, "endpoint:use")

@@ -72,7 +72,7 @@ def test_other_users_are_refused_and_nothing_changes(studio, panel):
     assert studio.roles.roles_of([studio.users.get_by_name("dora").id]) == {
         studio.users.get_by_name("dora").id: ["Designer"]}
     rows, = tab.set_roles("dora", ["Designer", "IT Operator"], request("admin"))
-    assert ["dora", "Designer, IT Operator"] == next(r[:2] for r in rows if r[0] == "dora")
+    assert next(r[:2] for r in rows if r[0] == "dora") == ["dora", "Designer, IT Operator"]
 
 
 def test_bad_input_names_the_problem(studio, panel):

@@ -13,6 +13,7 @@ English needs no catalog: the source strings are English.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -27,15 +28,33 @@ _PLACEHOLDER = re.compile(r"\{(\d+)\}")
 class Catalog:
     ui: dict[str, str]
     templates: tuple[tuple[re.Pattern[str], str], ...]
+    exact: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Messages without values, matched whole like UI strings."""
 
     def lookup(self, text: str) -> str | None:
         if text in self.ui:
             return self.ui[text]
+        return self.message(text, depth=1)
+
+    def message(self, text: str, depth: int = 0) -> str | None:
+        """``text`` as a message: its exact entry, else the first template matching it. A value that is itself
+        a message (``"config: {0}"`` around a config error) is translated too, ``depth`` levels down."""
+        if text in self.exact:
+            return self.exact[text]
+        if len(text) > _MAX_MESSAGE:
+            return None
         for pattern, translation in self.templates:
             match = pattern.fullmatch(text)
             if match is not None:
-                return fill(translation, match.groups())
+                values = match.groups()
+                if depth > 0:
+                    values = tuple(self.message(v, depth - 1) or v if _WORDS.search(v) else v for v in values)
+                return fill(translation, values)
         return None
+
+
+_MAX_MESSAGE = 4000  # longer texts are data (a traceback, a document), not a message to match
+_WORDS = re.compile(r"[A-Za-z]{2,}\s+[A-Za-z]{2,}")  # a value worth matching: words, not a name or a number
 
 
 def fill(translation: str, values: tuple[str, ...]) -> str:
@@ -62,11 +81,14 @@ def load(language: str) -> Catalog | None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     ui = {**data.get("ui", {}), **ui_strings(language)}
-    templates = {**data.get("messages", {}), **{k: v for k, v in ui.items() if _PLACEHOLDER.search(k)}}
+    # A template not translated yet is listed with null by the extractor: it is left in English.
+    messages = {k: v for k, v in data.get("messages", {}).items() if v}
+    templates = {**messages, **{k: v for k, v in ui.items() if _PLACEHOLDER.search(k)}}
     # Longer templates first: the most specific one wins when several match.
-    ordered = sorted(templates.items(), key=lambda kv: -len(kv[0]))
+    ordered = sorted(templates.items(), key=lambda kv: (-len(kv[0]), kv[0]))
     return Catalog(ui={k: v for k, v in ui.items() if not _PLACEHOLDER.search(k)},
-                   templates=tuple((template_pattern(k), v) for k, v in ordered if _PLACEHOLDER.search(k)))
+                   templates=tuple((template_pattern(k), v) for k, v in ordered if _PLACEHOLDER.search(k)),
+                   exact={k: v for k, v in messages.items() if not _PLACEHOLDER.search(k)})
 
 
 @functools.cache
@@ -85,17 +107,4 @@ def lookup(text: str, language: str) -> str:
     if catalog is None:
         return text
     found = catalog.lookup(text)
-    if found is None:
-        exact = load_messages_exact(language)
-        found = exact.get(text)
     return text if found is None else found
-
-
-@functools.cache
-def load_messages_exact(language: str) -> dict[str, str]:
-    """Message entries without placeholders: matched exactly, like UI strings."""
-    path = LOCALES / f"{language}.json"
-    if not path.is_file():
-        return {}
-    messages = json.loads(path.read_text(encoding="utf-8")).get("messages", {})
-    return {k: v for k, v in messages.items() if not _PLACEHOLDER.search(k)}

@@ -1,4 +1,5 @@
-"""Translate service errors into JSON responses at the HTTP edge (one log line each, no traceback)."""
+"""Translate service errors into JSON responses at the HTTP edge (one log line each, no traceback), with
+``detail`` in the caller's language: the signed-in user's choice, else the request's Accept-Language."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from webapp.i18n import translate
 from webapp.services.errors import ServiceError, Throttled
-from webapp.web.gate import scope_user
+from webapp.web.gate import scope_language, scope_user
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,9 @@ class EscapedJSONResponse(JSONResponse):
         return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def service_error_response(exc: ServiceError) -> JSONResponse:
-    body: dict = {"error": type(exc).__name__, "detail": exc.message}
+def service_error_response(exc: ServiceError, language: str = "en") -> JSONResponse:
+    """``detail`` in ``language`` (``webapp.i18n``); ``error``, ``field`` and the status stay as they are."""
+    body: dict = {"error": type(exc).__name__, "detail": translate(exc.message, language)}
     if exc.field:
         body["field"] = exc.field
     headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Throttled) else None
@@ -48,8 +51,8 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        log_refusal(request, exc.status, exc.message)
-        return service_error_response(exc)
+        log_refusal(request, exc.status, exc.message)  # logs stay in English
+        return service_error_response(exc, scope_language(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:

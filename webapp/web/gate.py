@@ -23,6 +23,7 @@ from urllib.parse import quote
 
 import anyio
 
+from webapp.i18n import language_for, translate
 from webapp.records import User
 from webapp.services.auth import AuthService
 from webapp.services.errors import NotAuthenticated, Throttled
@@ -49,6 +50,13 @@ Send = Callable[[dict], Awaitable[None]]
 
 def scope_user(scope: Scope) -> User | None:
     return scope.get(SCOPE_USER)
+
+
+def scope_language(scope: Scope) -> str:
+    """The language to answer a request in: the signed-in user's choice, else its ``Accept-Language``; English
+    when neither asks for another (scripts and A1111 clients send no Accept-Language)."""
+    user = scope_user(scope)
+    return language_for(getattr(user, "language", None), _header(scope, b"accept-language"))
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -107,7 +115,8 @@ class AuthGate:
         try:
             user = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
         except Throttled as exc:
-            await self._reply(send, 429, {"detail": exc.message}, [(b"retry-after", str(exc.retry_after).encode())])
+            await self._reply(send, 429, {"detail": translate(exc.message, scope_language(scope))},
+                              [(b"retry-after", str(exc.retry_after).encode())])
             return
         except NotAuthenticated as exc:
             await self._deny(scope, send, path, exc.message)
@@ -160,9 +169,10 @@ class AuthGate:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 4000 + status})
             return
-        body: dict[str, Any] = {"detail": message}
+        detail = translate(message, scope_language(scope))  # no user yet: the request's Accept-Language
+        body: dict[str, Any] = {"detail": detail}
         if path.startswith(("/sdapi/", "/internal/")):  # A1111 clients parse its error shape (a1111-api.md §1)
-            body = {"error": "HTTPException", "detail": message, "body": "", "errors": f"{status}: {message}"}
+            body = {"error": "HTTPException", "detail": detail, "body": "", "errors": f"{status}: {message}"}
         await self._reply(send, status, body, headers or [])
 
     @staticmethod

@@ -23,8 +23,10 @@ from fastapi.routing import APIRoute
 
 from pipelines.errors import PipelineError
 from pipelines.types import InvalidRequestError
+from webapp.i18n import translate
 from webapp.services.errors import ServiceError, Throttled
 from webapp.web.errors import field_of, log_refusal
+from webapp.web.gate import scope_language
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +58,21 @@ def validation_response(exc: RequestValidationError) -> JSONResponse:
     return JSONResponse(a1111_body("RequestValidationError", detail, "; ".join(messages), field=field), 422)
 
 
-def error_response(exc: Exception) -> JSONResponse:
+def error_response(exc: Exception, language: str = "en") -> JSONResponse:
+    """A1111's shape; ``detail`` in ``language`` when it is text (``errors`` keeps the exception's own text)."""
+    def human(text: Any) -> Any:
+        return translate(text, language) if isinstance(text, str) else text
+
     if isinstance(exc, A1111Error):
-        return JSONResponse(a1111_body(exc.error, exc.detail, str(exc), field=exc.field), exc.status)
+        return JSONResponse(a1111_body(exc.error, human(exc.detail), str(exc), field=exc.field), exc.status)
     if isinstance(exc, ServiceError):
         headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Throttled) else None
-        return JSONResponse(a1111_body(type(exc).__name__, exc.message, exc.message, field=exc.field),
+        return JSONResponse(a1111_body(type(exc).__name__, human(exc.message), exc.message, field=exc.field),
                             exc.status, headers=headers)
     if isinstance(exc, InvalidRequestError):
-        return JSONResponse(a1111_body(type(exc).__name__, str(exc), str(exc), field=exc.field), 422)
+        return JSONResponse(a1111_body(type(exc).__name__, human(str(exc)), str(exc), field=exc.field), 422)
     if isinstance(exc, HTTPException):
-        return JSONResponse(a1111_body("HTTPException", exc.detail, f"{exc.status_code}: {exc.detail}"),
+        return JSONResponse(a1111_body("HTTPException", human(exc.detail), f"{exc.status_code}: {exc.detail}"),
                             exc.status_code, headers=exc.headers)
     if isinstance(exc, PipelineError):
         return JSONResponse(a1111_body(type(exc).__name__, str(exc), str(exc)), 500)
@@ -87,8 +93,13 @@ class A1111Route(APIRoute):
                 response = validation_response(exc)
             except Exception as exc:  # noqa: BLE001 - every failure must reach the client in A1111's shape
                 response = error_response(exc)
-            if response.status_code < 500:  # expected (bad input, refused): one line; bugs were logged above
-                log_refusal(request, response.status_code, json.loads(response.body).get("detail"))
+                if response.status_code < 500:  # expected (bad input, refused): one line, in English
+                    log_refusal(request, response.status_code, json.loads(response.body).get("detail"))
+                    language = scope_language(request.scope)
+                    if language != "en":
+                        response = error_response(exc, language)
+                return response
+            log_refusal(request, response.status_code, json.loads(response.body).get("detail"))
             return response
 
         return a1111_handler
