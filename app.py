@@ -46,6 +46,7 @@ from webapp.services.idle import ActivityClock, IdleWatcher  # noqa: E402
 from webapp.services.jobs import EndpointAdmin, Fleet, JobService, build_jobs  # noqa: E402
 from webapp.services.jobs.cloud_inventory import SageMakerInventory  # noqa: E402
 from webapp.services.jobs.leases import Instance  # noqa: E402
+from webapp.services.jobs.quotas import JobQuotas  # noqa: E402
 from webapp.services.metrics import JobMetrics  # noqa: E402
 from webapp.services.models import ModelRegistry  # noqa: E402
 from webapp.services.models.wiring import ModelServices, build_model_services  # noqa: E402
@@ -163,7 +164,9 @@ def build(settings: Settings) -> Studio:
         db, users, passwords, throttle, session_ttl=timedelta(hours=settings.session_ttl_hours), tokens=tokens,
     )
     auth.purge_expired()
-    quota = DiskQuota(db, limit_bytes=int(settings.user_quota_gb * 1024**3))
+    quota = DiskQuota(db, limit_bytes=int(settings.user_quota_gb * 1024**3),
+                      role_limit_mb=lambda user: roles.effective_quotas(user)["max_storage_mb"])
+    job_quotas = JobQuotas(db, limits=roles.effective_quotas, disk=quota)
     instance = Instance.of_data_dir(settings.data_dir)  # who this process is to the jobs and imports it owns
     model_services = build_model_services(settings, db, store, quota, instance=instance)
     datasets = DatasetService(db, store, quota, Limits(
@@ -178,7 +181,7 @@ def build(settings: Settings) -> Studio:
                                   instance=instance)
     built_jobs = build_jobs(settings=settings, db=db, store=store, registry=model_services.registry,
                             model_files=model_files, quota=quota, observers=(metrics, activity, registrar),
-                            instance=instance)
+                            instance=instance, quotas=job_quotas)
     jobs, fleet, endpoint_admin = built_jobs.service, built_jobs.fleet, built_jobs.admin
     inventory = built_jobs.inventory
     idle = IdleWatcher(activity=activity, jobs=jobs, unload_after_seconds=settings.idle_unload_minutes * 60,
@@ -211,10 +214,10 @@ def build(settings: Settings) -> Studio:
     training_tab = TrainingTab(ui_ctx, trainings, datasets)
     ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
                            UsersTab(ui_ctx, roles=roles, audit=audit_log),
-                           AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota)])
+                           AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota, job_quotas=job_quotas)])
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
-        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota, roles), users_api.build_router(users, auth),
+        *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota, roles, job_quotas), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry), datasets_api.build_router(datasets),
         trainings_api.build_router(trainings),

@@ -232,6 +232,11 @@ def _v17(conn: Connection) -> None:
             conn.execute(text("DROP TYPE IF EXISTS role"))
 
 
+def _v18(conn: Connection) -> None:
+    # Quotas per role: GPU-seconds per day sum the run time of an owner's jobs finished today (ix_job_owner_finished).
+    create_missing_indexes(conn)
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -251,6 +256,7 @@ MIGRATIONS: list[Migration] = [
     Migration(15, "import tasks: the instance home that runs each one", _v15),
     Migration(16, "trainings: the instance that registers a succeeded training's LoRAs", _v16),
     Migration(17, "roles and permissions, allowed roles, scoped expiring API tokens, audit log, UI language", _v17),
+    Migration(18, "job quotas per role: an index for the GPU-seconds an owner's jobs ran today", _v18),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -62,6 +62,8 @@ class Job(SQLModel, table=True):
         Index("ix_job_owner_created", "owner_id", "created_at"),
         # disk quota: an owner's total from the index alone (the rows hold large request texts)
         Index("ix_job_owner_bytes", "owner_id", "stored_bytes"),
+        # GPU-seconds per day: an owner's jobs that finished since a time, with their start, from the index alone
+        Index("ix_job_owner_finished", "owner_id", "finished_at", "started_at"),
         # reaper: running jobs whose lease ran out
         Index("ix_job_lease", "status", "lease_expires_at"),
     )

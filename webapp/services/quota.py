@@ -15,12 +15,14 @@ asset store — so asking costs four indexed SUM queries:
 
 A user who is over the limit can still see, download and delete what they have; new jobs and new
 model files are refused with 413 naming the field ``quota`` (a 4xx: deleting old results fixes it,
-and clients do not retry it as they would a 5xx such as 507). Administrators are not limited: they own
-the disk. A per-user limit can later replace ``limit_for``'s single setting.
+and clients do not retry it as they would a 5xx such as 507). The limit is the tighter of the server's
+``user_quota_gb`` (every user but administrators: they own the disk) and the user's roles' ``max_storage_mb``
+(the most generous of their roles, ``RoleService.effective_quotas``); the message names which one it is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func
@@ -53,31 +55,44 @@ def format_bytes(n: int) -> str:
 
 
 class DiskQuota:
-    def __init__(self, db: Database, *, limit_bytes: int) -> None:
+    def __init__(self, db: Database, *, limit_bytes: int,
+                 role_limit_mb: Callable[[User], int | None] | None = None) -> None:
         if limit_bytes < 0:
             raise ValueError("limit_bytes must be >= 0 (0: unlimited)")
         self._db = db
         self._limit = limit_bytes
+        self._role_limit_mb = role_limit_mb
+        """The user's roles' ``max_storage_mb`` (None: unlimited)."""
+
+    def limit_and_source(self, user: User) -> tuple[int | None, str | None]:
+        """The user's limit in bytes (None: unlimited) and where it comes from, for messages."""
+        found: list[tuple[int, str]] = []
+        if not user.is_admin and self._limit > 0:
+            found.append((self._limit, "the server's user_quota_gb"))
+        role_mb = self._role_limit_mb(user) if self._role_limit_mb is not None else None
+        if role_mb is not None:
+            found.append((int(role_mb) * 2**20, "your roles' max_storage_mb"))
+        if not found:
+            return None, None
+        return min(found, key=lambda pair: pair[0])
 
     def limit_for(self, user: User) -> int | None:
-        if user.is_admin or self._limit == 0:
-            return None
-        return self._limit
+        return self.limit_and_source(user)[0]
 
     def usage(self, *, actor: User) -> DiskUsage:
         return DiskUsage(used=self._used(actor.id), limit=self.limit_for(actor))
 
     def check(self, user: User, *, adding: int = 0, what: str = "a new job") -> None:
         """Refuse when ``user`` is already at the limit, or ``adding`` more bytes would take them past it."""
-        limit = self.limit_for(user)
+        limit, source = self.limit_and_source(user)
         if limit is None:
             return
         used = self._used(user.id)
         if used + adding > limit or used >= limit:
             need = f"{what} ({format_bytes(adding)}) " if adding else f"{what} "
             raise QuotaExceeded(
-                f"{need}does not fit your disk quota: you use {format_bytes(used)} of {format_bytes(limit)}; "
-                "delete old jobs or models you imported to make room")
+                f"{need}does not fit your disk quota ({source}): you use {format_bytes(used)} of "
+                f"{format_bytes(limit)}; delete old jobs or models you imported to make room")
 
     def _used(self, user_id: int) -> int:
         with self._db.read() as s:

@@ -13,6 +13,7 @@ import gradio as gr
 
 from webapp.i18n import LANGUAGES, translate
 from webapp.services.auth import AuthService
+from webapp.services.jobs.quotas import JobQuotas, describe
 from webapp.services.quota import DiskQuota, format_bytes
 from webapp.services.tokens import TokenService
 from webapp.ui.context import UiContext, ui_errors
@@ -51,11 +52,13 @@ class AccountTab:
     permission: str | None = None
     """Shown to users holding it (None: everyone)."""
 
-    def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService, quota: DiskQuota) -> None:
+    def __init__(self, ctx: UiContext, *, tokens: TokenService, auth: AuthService, quota: DiskQuota,
+                 job_quotas: JobQuotas | None = None) -> None:
         self.ctx = ctx
         self.tokens = tokens
         self.auth = auth
         self.quota = quota
+        self.job_quotas = job_quotas
 
     def _rows(self, request: gr.Request) -> tuple[list[list[str]], list[tuple[str, str]]]:
         tokens = self.tokens.list_tokens(actor=self.ctx.user(request))
@@ -73,6 +76,8 @@ class AccountTab:
         of = translate(f" of {format_bytes(disk.limit)}") if disk.limit is not None else translate(" (no limit)")
         whoami = translate(
             f"Signed in as **{html.escape(user.username)}**{badge} · Disk used: {format_bytes(disk.used)}{of}")
+        if self.job_quotas is not None:
+            whoami += "\n\n" + describe(self.job_quotas.usage(actor=user)[:3])  # the jobs' (disk is above)
         return whoami, rows, gr.update(choices=choices, value=None)
 
     @ui_errors

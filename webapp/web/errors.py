@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from webapp.i18n import translate
-from webapp.services.errors import ServiceError, Throttled
+from webapp.services.errors import ServiceError
 from webapp.web.gate import scope_language, scope_user
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,8 @@ def service_error_response(exc: ServiceError, language: str = "en") -> JSONRespo
     body: dict = {"error": type(exc).__name__, "detail": translate(exc.message, language)}
     if exc.field:
         body["field"] = exc.field
-    headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Throttled) else None
+    retry_after = getattr(exc, "retry_after", None)  # Throttled, and the daily job quotas
+    headers = {"retry-after": str(retry_after)} if retry_after is not None else None
     return JSONResponse(body, status_code=exc.status, headers=headers)
 
 

@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 from pipelines.errors import PipelineError
 from pipelines.types import InvalidRequestError
 from webapp.i18n import translate
-from webapp.services.errors import ServiceError, Throttled
+from webapp.services.errors import ServiceError
 from webapp.web.errors import field_of, log_refusal
 from webapp.web.gate import scope_language
 
@@ -66,7 +66,8 @@ def error_response(exc: Exception, language: str = "en") -> JSONResponse:
     if isinstance(exc, A1111Error):
         return JSONResponse(a1111_body(exc.error, human(exc.detail), str(exc), field=exc.field), exc.status)
     if isinstance(exc, ServiceError):
-        headers = {"retry-after": str(exc.retry_after)} if isinstance(exc, Throttled) else None
+        retry_after = getattr(exc, "retry_after", None)  # Throttled, and the daily job quotas
+        headers = {"retry-after": str(retry_after)} if retry_after is not None else None
         return JSONResponse(a1111_body(type(exc).__name__, human(exc.message), exc.message, field=exc.field),
                             exc.status, headers=headers)
     if isinstance(exc, InvalidRequestError):

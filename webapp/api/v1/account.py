@@ -1,4 +1,4 @@
-"""``/api/v1`` for the caller's own account: who am I, disk use, API tokens; and ``/api/v1/ping`` (ESD's
+"""``/api/v1`` for the caller's own account: who am I, disk use, quotas, API tokens; and ``/api/v1/ping`` (ESD's
 health check)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 from webapp.api.deps import CurrentUser
 from webapp.records import ApiTokenPublic
 from webapp.services.access import compact
+from webapp.services.jobs.quotas import JobQuotas
 from webapp.services.quota import DiskQuota
 from webapp.services.roles import RoleService
 from webapp.services.tokens import TokenService
@@ -32,6 +33,13 @@ class DiskUse(BaseModel):
     limit_bytes: int | None = Field(description="Your disk quota; null: unlimited")
 
 
+class QuotaView(BaseModel):
+    limit: float | None = Field(description="null: unlimited. Storage in MB")
+    used: float
+    resets_at: datetime | None = Field(description="When a daily quota starts again (00:00 UTC); null otherwise")
+    source: str | None = Field(None, description="Storage: where its limit comes from (the server, your roles)")
+
+
 class TokenCreate(BaseModel):
     name: str = Field(description="What the token is for, e.g. 'laptop scripts'")
 
@@ -40,7 +48,8 @@ class TokenCreated(ApiTokenPublic):
     token: str = Field(description="The token itself: shown only in this answer, never again")
 
 
-def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService) -> APIRouter:
+def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService,
+                 job_quotas: JobQuotas | None = None) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["account"])
 
     @router.get("/ping")
@@ -59,6 +68,14 @@ def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService) -> 
         """What you store against your disk quota; over it, new jobs and model uploads get 413 (``quota``)."""
         usage = quota.usage(actor=user)
         return DiskUse(used_bytes=usage.used, limit_bytes=usage.limit)
+
+    @router.get("/me/quotas")
+    def quotas(user: CurrentUser) -> dict[str, QuotaView]:
+        """Your quotas (the most generous of your roles'; storage also the server's) and what you use of them:
+        ``max_queued_jobs``, ``max_jobs_per_day``, ``max_gpu_seconds_per_day``, ``max_storage_mb``. A job over one
+        of the job quotas is refused with 429 naming it (with ``Retry-After`` for the daily ones)."""
+        uses = job_quotas.usage(actor=user) if job_quotas is not None else []
+        return {u.name: QuotaView(limit=u.limit, used=u.used, resets_at=u.resets_at, source=u.source) for u in uses}
 
     @router.get("/tokens")
     def list_tokens(user: CurrentUser, include_revoked: bool = True) -> list[ApiTokenPublic]:

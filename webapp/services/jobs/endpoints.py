@@ -21,7 +21,7 @@ from webapp.db import Database
 from webapp.records import Endpoint, EndpointStatus, User, utcnow
 from webapp.services import audit
 from webapp.services.access import authorize, can
-from webapp.services.errors import Conflict, NotFound
+from webapp.services.errors import Conflict, NotFound, PermissionDenied
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +87,24 @@ class EndpointService:
         return rows[0].name if rows else None
 
     def resolve(self, *, actor: User, name: str | None) -> Endpoint:
-        """The endpoint a new job goes to: the named one, or the default; it must be in service (a
-        ``Degraded`` one accepts jobs too: they wait until it is healthy again)."""
+        """The endpoint a new job goes to: the named one, or the default; ``actor`` must hold ``endpoint:use`` on it
+        (an endpoint naming allowed roles: one of them) and it must be in service (a ``Degraded`` one accepts jobs
+        too: they wait until it is healthy again). The default is never swapped for another one the actor may use:
+        a job goes where its sender chose, or is refused naming ``endpoint``."""
+        implicit = not name
         if not name:
             name = self.default_name()
             if name is None:
                 raise Conflict("no endpoint is configured to run jobs", field="endpoint")
         endpoint = self.get(actor=actor, name=name)
+        if not can(actor, "endpoint:use", endpoint):
+            which = f"the default endpoint {name!r}" if implicit else f"endpoint {name!r}"
+            if "endpoint:use" not in actor.permissions:
+                raise PermissionDenied(f"{actor.username!r} lacks the permission endpoint:use, needed to send jobs "
+                                       f"to {which}", field="endpoint")
+            choose = "; choose an endpoint you may use" if implicit else ""
+            raise PermissionDenied(f"{actor.username!r} may not use {which} (endpoint:use): it is reserved for "
+                                   f"other roles{choose}", field="endpoint")
         if endpoint.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
             detail = f": {endpoint.error}" if endpoint.error else ""
             raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -85,9 +85,13 @@ class JobQueue:
         """Told of every change after it is committed (metrics, the idle watcher): see ``observers.py``."""
 
     # -- in ---------------------------------------------------------------------------------------------
-    def enqueue(self, job: Job) -> Job:
-        """Insert ``job`` as queued unless its owner is at the per-user cap (checked in the same transaction)."""
+    def enqueue(self, job: Job, *, admit: Callable[[Session], None] | None = None) -> Job:
+        """Insert ``job`` as queued unless its owner is at the per-user cap or ``admit`` (the owner's role quotas)
+        refuses; both are checked in the same write transaction as the insert, so parallel submits cannot both
+        take the last slot."""
         with self.db.write() as s:
+            if admit is not None:
+                admit(s)
             queued = s.exec(select(func.count()).select_from(Job).where(
                 Job.owner_id == job.owner_id, Job.status == QUEUED)).one()
             if queued >= self.max_queued_per_user:

@@ -5,7 +5,8 @@ is the one place that reads it: nulls and unknown keys are ignored, ``override_s
 checkpoint, VAE and clip skip, legacy ``sampler_index`` is honoured, ``mask`` turns img2img into
 inpaint, and every model (checkpoint, VAE, refiner, the LoRAs, hypernetworks and embeddings the
 prompts name) is resolved through the registry *as the submitting user*, so nobody runs a model they
-cannot see. Validation uses the engine's own rules (pipelines.types) without importing torch.
+cannot see, and each must be one they may use (``model:use``, ``webapp.services.access``: their own, shared
+with them, or any with ``model:all``); a model they may not use is refused naming it. Validation uses the engine's own rules (pipelines.types) without importing torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pipelines.controlnet.units import FIELD_PREFIX, ControlUnit, parse_indexed_
 from pipelines.prompts import parse_extra_networks, referenced_words
 from pipelines.types import GenerationRequest, InvalidRequestError, RequestLimits
 from webapp.records import JobMode, ModelRecord, ModelType, User
-from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.access import can
+from webapp.services.errors import InvalidInput, NotFound, PermissionDenied
 from webapp.services.text import check_text
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ class RequestResolver:
         units, warnings = self._units(request)
         controlnets = tuple(self._controlnet(actor, index, unit, checkpoint) for index, unit in units)
         models = JobModels(
-            checkpoint=self._spec(checkpoint),
+            checkpoint=self._spec(actor, checkpoint, "sd_model_checkpoint"),
             vae=vae,
             companion_vae=self._companion_vae(actor, checkpoint, vae),
             refiner=self._refiner(actor, request),
@@ -164,7 +166,13 @@ class RequestResolver:
                            controlnet_units=tuple(unit for _, unit in units), warnings=tuple(warnings))
 
     # -- models --------------------------------------------------------------------------------------
-    def _spec(self, record: ModelRecord) -> ModelSpec:
+    def _spec(self, actor: User, record: ModelRecord, field: str) -> ModelSpec:
+        """The job's spec of a model ``actor`` found; refused (``field``) unless they may use it."""
+        if not can(actor, "model:use", record):
+            lacks = "model:use" not in actor.permissions
+            raise PermissionDenied(
+                f"{actor.username!r} lacks the permission model:use, needed for {record.type} {record.name!r}" if lacks
+                else f"{actor.username!r} may not use {record.type} {record.name!r} (model:use)", field=field)
         if not record.sha256:
             raise InvalidInput(f"model {record.name!r} has no hash yet: its file is still being registered (hashed); "
                                "try again when it is listed with a hash", field="model")
@@ -202,18 +210,19 @@ class RequestResolver:
         record = self._find(actor, ModelType.VAE, str(ref))
         if record is None:
             raise NotFound(f"VAE {ref!r} not found (use 'Automatic', 'None' or a registered VAE)", field="sd_vae")
-        return self._spec(record)
+        return self._spec(actor, record, "sd_vae")
 
     def _companion_vae(self, actor: User, checkpoint: ModelRecord, vae: ModelSpec | str) -> ModelSpec | None:
         """A1111's "Automatic": a VAE named like the checkpoint (``model.vae.pt`` beside ``model.safetensors``).
         One listing, matched here: this runs for every job."""
         if vae != VAE_AUTOMATIC:
             return None
-        by_name = {r.name.lower(): r for r in self.registry.list_models(actor=actor, type=ModelType.VAE)}
+        by_name = {r.name.lower(): r for r in self.registry.list_models(actor=actor, type=ModelType.VAE)
+                   if can(actor, "model:use", r)}  # chosen by the server, not named: one they may not use is skipped
         for name in (f"{checkpoint.name}.vae", checkpoint.name):
             record = by_name.get(name.lower())
             if record is not None:
-                return self._spec(record)
+                return self._spec(actor, record, "sd_vae")
         return None
 
     def _refiner(self, actor: User, request: Mapping[str, Any]) -> ModelSpec | None:
@@ -223,7 +232,7 @@ class RequestResolver:
         record = self._find(actor, ModelType.CHECKPOINT, str(ref))
         if record is None:
             raise NotFound(f"refiner checkpoint {ref!r} not found", field="refiner_checkpoint")
-        return self._spec(record)
+        return self._spec(actor, record, "refiner_checkpoint")
 
     def _tagged(self, actor: User, model_type: ModelType, request: GenerationRequest, attr: str) -> dict[str, ModelSpec]:
         """Networks named by ``<lora:...>`` / ``<hypernet:...>`` tags; unknown names are left to the engine,
@@ -239,7 +248,7 @@ class RequestResolver:
                     continue
                 record = self._find(actor, model_type, call.name)
                 if record is not None:
-                    found[call.name] = self._spec(record)
+                    found[call.name] = self._spec(actor, record, "prompt")
         return found
 
     def _embeddings(self, actor: User, request: GenerationRequest) -> dict[str, ModelSpec]:
@@ -248,7 +257,7 @@ class RequestResolver:
         if not text.strip():
             return {}
         records = {r.name: r for r in self.registry.list_models(actor=actor, type=ModelType.EMBEDDING)}
-        return {name: self._spec(records[name]) for name in referenced_words(text, list(records))}
+        return {name: self._spec(actor, records[name], "prompt") for name in referenced_words(text, list(records))}
 
     # -- ControlNet ----------------------------------------------------------------------------------
     def _units(self, request: Mapping[str, Any]) -> tuple[list[tuple[int, ControlUnit]], list[str]]:
@@ -279,7 +288,7 @@ class RequestResolver:
         if unit_base and checkpoint_base and unit_base != checkpoint_base:
             raise InvalidInput(f"ControlNet unit {index} ({record.name}) is {unit_base} but the checkpoint is "
                                f"{checkpoint_base}", field=field)
-        return self._spec(record)
+        return self._spec(actor, record, field)
 
 
 def base_family(base: str | None) -> str | None:

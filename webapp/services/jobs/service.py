@@ -1,10 +1,14 @@
 """JobService: the one way in for every generation (UI, /sdapi/v1, /api/v1), and the way to follow it.
 
 ``submit`` validates the A1111-shaped request, resolves its models as the submitting user, enforces
-the per-user cap and the disk quota (``webapp/services/quota.py``), stores the input images in the asset
-store (``inputs.py``) and enqueues; the endpoint's dispatcher does the rest. Authorisation lives here:
-only the owner or an administrator sees, cancels or deletes a job, and anyone else gets NotFound — never
-403 — so job ids reveal nothing.
+the per-user cap, the role quotas (``quotas.py``) and the disk quota (``webapp/services/quota.py``), stores
+the input images in the asset store (``inputs.py``) and enqueues; the endpoint's dispatcher does the rest.
+
+Authorisation lives here (``webapp.services.access``): submitting needs ``inference:create`` (a training
+``training:create``), ``endpoint:use`` on the endpoint (``EndpointService.resolve``) and ``model:use`` on every
+model (``RequestResolver``); cancelling, interrupting and skipping need ``…:update`` on the job, deleting
+``…:delete``. A job the actor may not see (``…:list``: their own, or everyone's with ``…:all``) is NotFound —
+never 403 — so job ids reveal nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import anyio
 from sqlalchemy import func, update
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from deploy.backends.base import Backend
 from deploy.backends.messages import JobModels
@@ -37,6 +41,7 @@ from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.inputs import INPUTS_PREFIX, JobInputs
 from webapp.services.jobs.queue import JobQueue, Recovery
+from webapp.services.jobs.quotas import JobQuotas
 from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
 from webapp.services.quota import DiskQuota
@@ -142,10 +147,13 @@ class _Follow:
 
 class JobService:
     def __init__(self, *, db: Database, store: BlobStore, queue: JobQueue, board: JobBoard,
-                 endpoints: EndpointService, resolver: RequestResolver, quota: DiskQuota | None = None) -> None:
+                 endpoints: EndpointService, resolver: RequestResolver, quota: DiskQuota | None = None,
+                 quotas: JobQuotas | None = None) -> None:
         self._db = db
         self._store = store
         self._quota = quota
+        self.quotas = quotas
+        """The role quotas on jobs (None: none apply)."""
         self.queue = queue
         self.board = board
         self.endpoints = endpoints
@@ -314,6 +322,7 @@ class JobService:
     def submit(self, *, actor: User, mode: str, request: dict, endpoint: str | None = None,
                task_id: str | None = None) -> Job:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
+        authorize(actor, "inference:create")
         check_text({"endpoint": endpoint, "task_id": task_id})
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         self._check_running_here(target.name)
@@ -332,6 +341,7 @@ class JobService:
         job.stored_bytes = staged.stored_bytes
         if self._quota is not None:
             self._quota.check(actor)
+        admit = self._admission(actor)
         try:
             self.inputs.write(staged)  # before the row commits: a queued job always finds its inputs
         except StorageError as exc:
@@ -341,7 +351,7 @@ class JobService:
         try:
             with self._wiring:
                 self._check_running_here(target.name)  # again: it may have been deleted meanwhile
-                self.queue.enqueue(job)
+                self.queue.enqueue(job, admit=admit)
         except BaseException:
             self.inputs.delete(staged.keys)  # a refused submit leaves nothing behind
             raise
@@ -366,6 +376,7 @@ class JobService:
         job_kind = get_kind(kind)
         if job_kind.name == GENERATE:
             raise InvalidInput("generation jobs are submitted with `submit`", field="kind")
+        authorize(actor, f"{job_resource(job_kind.modes[0])}:create")
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         declared = target.capabilities.get("kinds") or [GENERATE]
         if job_kind.name not in declared:
@@ -389,14 +400,23 @@ class JobService:
             job.id = job_id
         if self._quota is not None:
             self._quota.check(actor)
+        admit = self._admission(actor)
         with self._wiring:
             self._check_running_here(target.name)
-            self.queue.enqueue(job)
+            self.queue.enqueue(job, admit=admit)
         log.info("job %s (%s) queued by %s on %s", job.id, job.kind, actor.username, target.name)
         dispatcher = self._dispatchers.get(target.name)
         if dispatcher is not None:
             dispatcher.wake()
         return job
+
+    def _admission(self, actor: User) -> Callable[[Session], None] | None:
+        """The role-quota check ``JobQueue.enqueue`` runs in the transaction that inserts the job (the limits are
+        read now, before it: a role edited meanwhile applies from the next submit)."""
+        if self.quotas is None:
+            return None
+        quotas, limits = self.quotas, self.quotas.limits(actor)
+        return lambda s: quotas.admit(s, actor, limits)
 
     def _check_running_here(self, endpoint: str) -> None:
         if self._started and endpoint not in self._dispatchers:
@@ -581,6 +601,11 @@ class JobService:
     def cancel(self, *, actor: User, job_id: str) -> Job:
         """Cancel a queued job now, or stop a running one within one sampling step. Finished jobs are left."""
         job = self.get(actor=actor, job_id=job_id)
+        authorize(actor, f"{job_resource(job.mode)}:update", job, what=f"job {job.id}")
+        self._cancel(actor, job)
+        return self.get(actor=actor, job_id=job_id)
+
+    def _cancel(self, actor: User, job: Job) -> None:
         if job.status == JobStatus.QUEUED and self.queue.cancel_queued(job.id, f"cancelled by {actor.username}"):
             self.board.finish(job.id)
             log.info("job %s cancelled by %s while queued", job.id, actor.username)
@@ -589,13 +614,13 @@ class JobService:
             if dispatcher is not None and job.id in dispatcher.in_flight():
                 dispatcher.cancel(job.id)  # another instance's dispatcher finds the flag when it renews its lease
             log.info("job %s: cancel requested by %s while running", job.id, actor.username)
-        return self.get(actor=actor, job_id=job_id)
 
     def delete(self, *, actor: User, job_id: str) -> None:
         """Delete the job and its images (a running job is cancelled first)."""
         job = self.get(actor=actor, job_id=job_id)
+        authorize(actor, f"{job_resource(job.mode)}:delete", job, what=f"job {job.id}")
         if job.status in ACTIVE_STATUSES:
-            self.cancel(actor=actor, job_id=job_id)
+            self._cancel(actor, job)
         with self._db.write() as s:
             row = s.get(Job, job.id)
             keys = [*row.image_keys, *row.artifact_keys, *self.inputs.keys_of(row)] if row is not None else []
@@ -650,6 +675,7 @@ class JobService:
         job = self.current_job(actor=actor)
         if job is None or job.status != JobStatus.RUNNING:
             return None
+        authorize(actor, f"{job_resource(job.mode)}:update", job, what=f"job {job.id}")
         dispatcher = self._dispatchers.get(job.endpoint)
         if dispatcher is not None and dispatcher.skip(job.id):
             log.info("job %s: %s skipped its current batch", job.id, actor.username)

@@ -23,6 +23,7 @@ from webapp.services.jobs.fleet import LOCAL_ENDPOINT, Fleet
 from webapp.services.jobs.leases import Instance
 from webapp.services.jobs.observers import JobObserver
 from webapp.services.jobs.queue import JobQueue
+from webapp.services.jobs.quotas import JobQuotas
 from webapp.services.jobs.requests import Registry, RequestResolver
 from webapp.services.jobs.service import JobService
 from webapp.services.quota import DiskQuota
@@ -78,7 +79,8 @@ class Jobs:
 
 def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: Registry,
                model_files: ModelFiles | None, quota: DiskQuota | None = None,
-               observers: Sequence[JobObserver] = (), instance: Instance | None = None) -> Jobs:
+               observers: Sequence[JobObserver] = (), instance: Instance | None = None,
+               quotas: JobQuotas | None = None) -> Jobs:
     """Queue, board, endpoints, the local endpoint's backend and dispatcher, the stored endpoints', and the
     service over them.
 
@@ -94,7 +96,8 @@ def build_jobs(*, settings: Settings, db: Database, store: BlobStore, registry: 
                      lease_seconds=settings.job_lease_seconds)
     endpoints = EndpointService(db)
     service = JobService(db=db, store=store, queue=queue, board=board, endpoints=endpoints,
-                         resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota)
+                         resolver=RequestResolver(registry, limits=settings.request_limits), quota=quota,
+                         quotas=quotas)
     secrets = SecretBox(settings.data_dir / KEY_FILE)
     fleet = Fleet(db=db, service=service, endpoints=endpoints, queue=queue, store=store, board=board,
                   model_files=model_files, secrets=secrets,

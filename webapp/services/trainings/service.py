@@ -7,8 +7,11 @@ generation's. Everything is checked before anything is stored, so a refused trai
 model must be a checkpoint the actor can see whose architecture matches the base type, the dataset one they
 can see with images, the config valid for that base (every bad key named), the output name a plain file name.
 
-Who sees what follows the job service: owners and administrators; anyone else gets NotFound. Files (LoRAs,
-samples, the log) are read only by artifact key of a job the actor may see.
+Authorisation (``webapp.services.access``): creating or resuming needs ``training:create``, ``model:use`` on the
+base checkpoint, ``dataset:use`` on the dataset and ``endpoint:use`` on the endpoint; stopping ``training:update``
+and deleting ``training:delete`` (the job service checks both). Who sees what follows the job service: owners
+and holders of ``training:all``; anyone else gets NotFound. Files (LoRAs, samples, the log) are read only by
+artifact key of a job the actor may see.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ from webapp.records import (
     User,
     new_id,
 )
-from webapp.services.access import can
+from webapp.services.access import authorize, can
 from webapp.services.datasets import DatasetService
-from webapp.services.errors import Conflict, InvalidInput, NotFound, Unavailable
+from webapp.services.errors import Conflict, InvalidInput, NotFound, PermissionDenied, Unavailable
 from webapp.services.jobs import JobService, ProgressSnapshot
 from webapp.services.models import ModelRegistry
 
@@ -138,6 +141,9 @@ class TrainingService:
             record = self._registry.find(actor=actor, type=ModelType.CHECKPOINT, ref=ref.strip())
         if record is None or record.type != ModelType.CHECKPOINT:
             raise InvalidInput(f"no checkpoint {ref!r} (give a checkpoint's id or name)", field="base_model")
+        if not can(actor, "model:use", record):
+            raise PermissionDenied(f"{actor.username!r} may not use checkpoint {record.name!r} (model:use)",
+                                   field="base_model")
         if record.status != ModelStatus.ACTIVE or not record.sha256:
             raise InvalidInput(f"checkpoint {record.name!r} is {record.status.value}, not usable yet",
                                field="base_model")
@@ -160,6 +166,9 @@ class TrainingService:
             dataset = self._datasets.get(actor=actor, dataset_id=dataset_id.strip())
         except NotFound:
             raise InvalidInput(f"no dataset with id {dataset_id!r}", field="dataset_id") from None
+        if not can(actor, "dataset:use", dataset):
+            raise PermissionDenied(f"{actor.username!r} may not use dataset {dataset.name!r} (dataset:use)",
+                                   field="dataset_id")
         if dataset.image_count < 1:
             raise InvalidInput(f"dataset {dataset.name!r} has no images", field="dataset_id")
         return dataset
@@ -182,6 +191,7 @@ class TrainingService:
                config: str | Mapping[str, Any] | None = None, output_name: str | None = None,
                endpoint: str | None = None) -> Job:
         """Check everything, then queue a ``train_lora`` job (the payload of the training contract)."""
+        authorize(actor, "training:create")
         _check_base_type(base_type)
         checked = self.parse(config, base_type, output_name)
         record = self.base_model(actor=actor, base_type=base_type, ref=base_model)
@@ -288,6 +298,7 @@ class TrainingService:
         old job's state, epoch LoRAs and samples are copied to the new job's place before the new job can be
         claimed, so the resumed training's LoRAs are every epoch's."""
         old = self.get(actor=actor, job_id=job_id)
+        authorize(actor, "training:create")
         if old.status not in RESUMABLE:
             raise Conflict(f"training {job_id!r} is {old.status}; only stopped or failed trainings resume",
                            field="job_id")
