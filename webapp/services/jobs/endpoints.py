@@ -66,7 +66,8 @@ class EndpointService:
         authorize(actor, "endpoint:list")
         endpoint = self.find(name)
         if endpoint is None or not can(actor, "endpoint:list", endpoint):
-            raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
+            usable = [e.name for e in self._rows() if can(actor, "endpoint:list", e)]
+            raise NotFound(f"no endpoint named {name!r}; available: {', '.join(usable) or '(none)'}",
                            field="endpoint")
         return endpoint
 
@@ -91,20 +92,21 @@ class EndpointService:
         (an endpoint naming allowed roles: one of them) and it must be in service (a ``Degraded`` one accepts jobs
         too: they wait until it is healthy again). The default is never swapped for another one the actor may use:
         a job goes where its sender chose, or is refused naming ``endpoint``."""
-        implicit = not name
-        if not name:
-            name = self.default_name()
-            if name is None:
+        if name:
+            endpoint = self.get(actor=actor, name=name)  # NotFound unless they may see it
+            which = f"endpoint {name!r}"
+        else:
+            default = self.default_name()
+            if default is None:
                 raise Conflict("no endpoint is configured to run jobs", field="endpoint")
-        endpoint = self.get(actor=actor, name=name)
+            name, which = default, f"the default endpoint {default!r}"
+            endpoint = self.find(default) or self.get(actor=actor, name=default)
         if not can(actor, "endpoint:use", endpoint):
-            which = f"the default endpoint {name!r}" if implicit else f"endpoint {name!r}"
             if "endpoint:use" not in actor.permissions:
                 raise PermissionDenied(f"{actor.username!r} lacks the permission endpoint:use, needed to send jobs "
                                        f"to {which}", field="endpoint")
-            choose = "; choose an endpoint you may use" if implicit else ""
             raise PermissionDenied(f"{actor.username!r} may not use {which} (endpoint:use): it is reserved for "
-                                   f"other roles{choose}", field="endpoint")
+                                   "other roles; choose an endpoint you may use", field="endpoint")
         if endpoint.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
             detail = f": {endpoint.error}" if endpoint.error else ""
             raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")

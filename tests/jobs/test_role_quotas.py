@@ -1,0 +1,227 @@
+"""Quotas per role on jobs: queued jobs, jobs per day, GPU-seconds per day (and storage, through the disk quota).
+
+The limits are the most generous of the user's roles; a refusal is 429 ``JobQuotaExceeded`` naming the quota and
+when it frees (Retry-After over HTTP for the daily ones), on every path, and stores nothing; the check and the
+insert share one write transaction, so parallel submits cannot both take the last slot."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import gradio as gr
+import pytest
+
+from tests.jobs.conftest import add_user, txt2img
+from tests.jobs.test_job_access import count, http, member, parked, role
+from webapp.records import Job, JobStatus
+from webapp.services.errors import JobQuotaExceeded
+from webapp.services.jobs.quotas import gpu_seconds, in_words, next_midnight
+from webapp.services.quota import QuotaExceeded
+from webapp.ui.account_tab import AccountTab
+from webapp.ui.context import UiContext
+
+BASICS = ["inference:list", "inference:create", "inference:update", "inference:delete", "endpoint:list",
+          "endpoint:use", "model:list", "model:use"]
+
+
+def quota_role(studio: Any, name: str, **quotas: int | None) -> Any:
+    """Role ``name`` with exactly ``quotas`` (other quotas unlimited)."""
+    found = role(studio, name, BASICS)
+    values = {"max_queued_jobs": None, "max_jobs_per_day": None, "max_gpu_seconds_per_day": None,
+              "max_storage_mb": None, **quotas}
+    return studio.roles.update_role(actor=studio.admin, role=found.id, **values)
+
+
+def test_queued_jobs_quota_counts_queued_and_running_and_frees_as_they_finish(fake_studio):
+    quota_role(fake_studio, "Two at once", max_queued_jobs=2)
+    quinn = member(fake_studio, "quinn", "Two at once")
+    jobs = fake_studio.jobs
+    with parked(fake_studio) as parking:
+        first = jobs.submit(actor=quinn, mode="txt2img", request=txt2img(), endpoint=parking)
+        jobs.submit(actor=quinn, mode="txt2img", request=txt2img(), endpoint=parking)
+        before = count(fake_studio)
+        with pytest.raises(JobQuotaExceeded) as refused:
+            jobs.submit(actor=quinn, mode="txt2img", request=txt2img())
+        assert refused.value.field == "max_queued_jobs" and refused.value.status == 429
+        assert "2 of 2" in refused.value.message and "frees as your jobs finish" in refused.value.message
+        assert refused.value.resets_at is None and refused.value.retry_after is None
+        with http(fake_studio, "quinn") as client:
+            answer = client.post("/api/v1/jobs", json={"mode": "txt2img", "request": txt2img()})
+            assert answer.status_code == 429 and answer.json()["field"] == "max_queued_jobs", answer.text
+            assert "retry-after" not in answer.headers
+            a1111 = client.post("/sdapi/v1/txt2img", json=txt2img())
+            assert a1111.status_code == 429 and a1111.json()["error"] == "JobQuotaExceeded", a1111.text
+        assert count(fake_studio) == before, "refused jobs leave no row"
+        jobs.cancel(actor=quinn, job_id=first.id)  # a finished job frees its slot
+    jobs.submit(actor=quinn, mode="txt2img", request=txt2img())
+
+
+def test_jobs_per_day_name_the_reset_at_midnight_utc_on_every_path(fake_studio):
+    from tests.jobs.test_job_access import form
+    from tests.jobs.test_ui import Tabs, req
+
+    quota_role(fake_studio, "Two a day", max_jobs_per_day=2)
+    dana = member(fake_studio, "dana", "Two a day")
+    jobs = fake_studio.jobs
+    for _ in range(2):
+        done = jobs.submit(actor=dana, mode="txt2img", request=txt2img())
+        jobs.wait(actor=dana, job_id=done.id, timeout=30)
+    before = count(fake_studio)
+    with pytest.raises(JobQuotaExceeded) as refused:
+        jobs.submit(actor=dana, mode="txt2img", request=txt2img())
+    now = datetime.now(UTC)
+    assert refused.value.field == "max_jobs_per_day" and "2 of 2" in refused.value.message
+    assert refused.value.resets_at == next_midnight(now) and "resets at 00:00 UTC, in " in refused.value.message
+    assert abs(refused.value.retry_after - (next_midnight(now) - now).total_seconds()) < 5
+    tabs = Tabs(fake_studio)
+    with pytest.raises(gr.Error, match="max_jobs_per_day"):
+        tabs.txt2img.submit(form(tabs, fake_studio), req(dana))
+    with http(fake_studio, "dana") as client:
+        answer = client.post("/api/v1/jobs", json={"mode": "txt2img", "request": txt2img()})
+        assert answer.status_code == 429 and answer.json()["field"] == "max_jobs_per_day", answer.text
+        assert abs(int(answer.headers["retry-after"]) - (next_midnight(now) - now).total_seconds()) < 5
+        a1111 = client.post("/sdapi/v1/txt2img", json=txt2img())
+        assert a1111.status_code == 429 and "retry-after" in a1111.headers
+        shown = client.get("/api/v1/me/quotas").json()
+    assert count(fake_studio) == before
+    assert shown["max_jobs_per_day"]["limit"] == 2 and shown["max_jobs_per_day"]["used"] == 2
+    assert shown["max_jobs_per_day"]["resets_at"].startswith(next_midnight(now).strftime("%Y-%m-%dT00:00:00"))
+    assert shown["max_queued_jobs"] == {"limit": None, "used": 0, "resets_at": None, "source": None}
+
+
+def test_the_most_generous_role_wins_and_an_unlimited_role_is_never_refused(fake_studio):
+    quota_role(fake_studio, "One a day", max_jobs_per_day=1, max_queued_jobs=5)
+    quota_role(fake_studio, "Three a day", max_jobs_per_day=3, max_queued_jobs=1)
+    gene = member(fake_studio, "gene", "One a day", "Three a day")
+    assert fake_studio.roles.effective_quotas(gene)["max_jobs_per_day"] == 3
+    assert fake_studio.roles.effective_quotas(gene)["max_queued_jobs"] == 5
+    jobs = fake_studio.jobs
+    for _ in range(3):
+        jobs.wait(actor=gene, job_id=jobs.submit(actor=gene, mode="txt2img", request=txt2img()).id, timeout=30)
+    with pytest.raises(JobQuotaExceeded, match="3 of 3"):
+        jobs.submit(actor=gene, mode="txt2img", request=txt2img())
+
+    quota_role(fake_studio, "Unlimited helpers")  # a role without a limit lifts it
+    free = member(fake_studio, "fran", "One a day", "Unlimited helpers")
+    for _ in range(3):
+        jobs.wait(actor=free, job_id=jobs.submit(actor=free, mode="txt2img", request=txt2img()).id, timeout=30)
+
+    admin = fake_studio.admin  # the seeded Admin role has no limits, whatever other roles say
+    quota_role(fake_studio, "Nothing at all", max_queued_jobs=0, max_jobs_per_day=0, max_gpu_seconds_per_day=0)
+    fake_studio.roles.set_user_roles(actor=admin, username="admin", roles=["Admin", "Nothing at all"])
+    try:
+        with parked(fake_studio) as parking:
+            for _ in range(4):
+                jobs.submit(actor=fake_studio.users.get_by_name("admin"), mode="txt2img", request=txt2img(),
+                            endpoint=parking)
+    finally:
+        fake_studio.roles.set_user_roles(actor=admin, username="admin", roles=["Admin"])
+
+
+def test_gpu_seconds_are_the_run_time_of_todays_finished_jobs(fake_studio):
+    quota_role(fake_studio, "One GPU-second", max_gpu_seconds_per_day=1)
+    gus = member(fake_studio, "gus", "One GPU-second")
+    jobs = fake_studio.jobs
+    # the fake backend sleeps 5 ms a step: 2 batches of 150 steps run for 1.5 s
+    job = jobs.submit(actor=gus, mode="txt2img", request=txt2img(steps=150, n_iter=2))
+    done = jobs.wait(actor=gus, job_id=job.id, timeout=60)
+    assert done.status == JobStatus.SUCCEEDED
+    ran = (done.finished_at - done.started_at).total_seconds()
+    assert ran >= 1.0
+    used = next(u for u in jobs.quotas.usage(actor=gus) if u.name == "max_gpu_seconds_per_day")
+    assert used.used == pytest.approx(ran, abs=0.05) and used.limit == 1
+    before = count(fake_studio)
+    with pytest.raises(JobQuotaExceeded) as refused:
+        jobs.submit(actor=gus, mode="txt2img", request=txt2img())
+    assert refused.value.field == "max_gpu_seconds_per_day" and "of 1 today" in refused.value.message
+    assert refused.value.resets_at == next_midnight(datetime.now(UTC))
+    assert count(fake_studio) == before
+
+
+def test_gpu_seconds_count_only_todays_part_of_a_job_and_running_ones_until_now(fake_studio):
+    """A job that started before midnight counts from 00:00; a running one counts until now."""
+    alice = add_user(fake_studio, "alice")
+    now = datetime.now(UTC)
+    midnight = next_midnight(now) - timedelta(days=1)
+    with parked(fake_studio) as parking:
+        old = fake_studio.jobs.submit(actor=alice, mode="txt2img", request=txt2img(), endpoint=parking)
+        running = fake_studio.jobs.submit(actor=alice, mode="txt2img", request=txt2img(), endpoint=parking)
+        with fake_studio.db.write() as s:
+            row = s.get(Job, old.id)
+            row.status, row.started_at, row.finished_at = JobStatus.SUCCEEDED, midnight - timedelta(hours=2), \
+                midnight + timedelta(seconds=30)
+            s.add(row)
+            row = s.get(Job, running.id)
+            row.status, row.started_at = JobStatus.RUNNING, now - timedelta(seconds=20)
+            row.lease_owner = fake_studio.jobs.queue.instance.id  # held by this instance: the reaper leaves it
+            row.lease_expires_at = now + timedelta(hours=1)
+            s.add(row)
+        with fake_studio.db.read() as s:
+            assert gpu_seconds(s, alice.id, midnight, now) == pytest.approx(50, abs=0.01)
+        with fake_studio.db.write() as s:  # as the dispatcher would have left it
+            row = s.get(Job, running.id)
+            row.status, row.finished_at = JobStatus.CANCELLED, now
+            s.add(row)
+
+
+def test_parallel_submits_cannot_both_take_the_last_slot(fake_studio):
+    quota_role(fake_studio, "Single slot", max_queued_jobs=1)
+    pat = member(fake_studio, "pat", "Single slot")
+    outcomes: list[str] = []
+    start = threading.Barrier(6)
+
+    def submit() -> None:
+        start.wait()
+        try:
+            fake_studio.jobs.submit(actor=pat, mode="txt2img", request=txt2img(), endpoint="parking")
+            outcomes.append("queued")
+        except JobQuotaExceeded:
+            outcomes.append("refused")
+
+    with parked(fake_studio):
+        threads = [threading.Thread(target=submit) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(outcomes) == ["queued"] + ["refused"] * 5
+        assert fake_studio.jobs.list_jobs(actor=pat)[1] == 1
+
+
+def test_storage_quota_is_the_tighter_of_the_server_and_the_roles(fake_studio):
+    quota_role(fake_studio, "No room", max_storage_mb=0)
+    nora = member(fake_studio, "nora", "No room")
+    before = count(fake_studio)
+    with pytest.raises(QuotaExceeded, match="your roles' max_storage_mb") as refused:
+        fake_studio.jobs.submit(actor=nora, mode="txt2img", request=txt2img())
+    assert refused.value.status == 413 and refused.value.field == "quota"
+    assert count(fake_studio) == before
+    with http(fake_studio, "nora") as client:
+        assert client.post("/api/v1/jobs", json={"mode": "txt2img", "request": txt2img()}).status_code == 413
+        assert client.get("/api/v1/me/disk").json()["limit_bytes"] == 0
+        storage = client.get("/api/v1/me/quotas").json()["max_storage_mb"]
+    assert storage["limit"] == 0 and storage["source"] == "your roles' max_storage_mb"
+
+    quota_role(fake_studio, "Lots of room", max_storage_mb=10**9)  # looser than the server's 50 GB: the server's
+    lots = member(fake_studio, "lotte", "Lots of room")
+    limit, source = fake_studio.quota.limit_and_source(lots)
+    assert limit == 50 * 1024**3 and source == "the server's user_quota_gb"
+
+
+def test_the_account_tab_shows_the_job_quotas(fake_studio):
+    quota_role(fake_studio, "Shown", max_queued_jobs=5, max_jobs_per_day=100)
+    member(fake_studio, "shaun", "Shown")
+    studio = fake_studio.studio
+    tab = AccountTab(UiContext(users=studio.users), tokens=studio.tokens, auth=studio.auth, quota=studio.quota,
+                     job_quotas=studio.jobs.quotas)
+    whoami, _, _ = tab.refresh(gr.Request(username="shaun"))
+    assert "queued jobs 0 of 5" in whoami and "jobs per day 0 of 100" in whoami
+    assert "GPU-seconds per day 0 (no limit)" in whoami and "00:00 UTC" in whoami
+
+
+def test_reset_times_in_words():
+    assert in_words(3 * 3600 + 12 * 60 + 5) == "3 h 12 min"
+    assert in_words(12 * 60) == "12 min" and in_words(40) == "40 s"
+    assert next_midnight(datetime(2024, 2, 29, 23, 59, tzinfo=UTC)) == datetime(2024, 3, 1, tzinfo=UTC)
