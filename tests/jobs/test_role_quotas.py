@@ -2,7 +2,8 @@
 
 The limits are the most generous of the user's roles; a refusal is 429 ``JobQuotaExceeded`` naming the quota and
 when it frees (Retry-After over HTTP for the daily ones), on every path, and stores nothing; the check and the
-insert share one write transaction, so parallel submits cannot both take the last slot."""
+insert share one write transaction, so parallel submits cannot both take the last slot. On SQLite and PostgreSQL
+(the GPU-seconds sum is spelled per dialect)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import gradio as gr
 import pytest
 
+from tests.fixtures.postgres import DATABASE_KINDS
 from tests.jobs.conftest import add_user, txt2img
 from tests.jobs.test_job_access import count, http, member, parked, role
 from webapp.records import Job, JobStatus
@@ -24,6 +26,11 @@ from webapp.ui.context import UiContext
 
 BASICS = ["inference:list", "inference:create", "inference:update", "inference:delete", "endpoint:list",
           "endpoint:use", "model:list", "model:use"]
+
+
+@pytest.fixture(scope="module", params=DATABASE_KINDS)
+def fake_studio_database(request) -> str:
+    return request.param
 
 
 def quota_role(studio: Any, name: str, **quotas: int | None) -> Any:
