@@ -3,6 +3,7 @@ against the checkpoint's base, and carried (units and model files, in unit order
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -13,7 +14,9 @@ from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility
 from webapp.services.errors import InvalidInput
 from webapp.services.jobs.requests import RequestResolver
 
-ALICE, BOB = User(id=1, username="alice"), User(id=2, username="bob")
+_MODEL_USERS = json.dumps(["model:list", "model:use"])  # the resolver checks model:use on every model
+ALICE = User(id=1, username="alice", permissions_json=_MODEL_USERS)
+BOB = User(id=2, username="bob", permissions_json=_MODEL_USERS)
 
 
 def _record(name: str, model_type: ModelType, base: str, sha: str, owner: int | None = None,

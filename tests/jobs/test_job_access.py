@@ -72,11 +72,18 @@ def endpoint_roles(studio: Any, name: str, role_ids: list[int]) -> Iterator[None
         endpoints.stored(fresh=True)
 
 
+class ParkedBackend(FakeBackend):
+    """Reports itself unhealthy, so the fleet's health check keeps its dispatcher held (it resumes healthy ones)."""
+
+    def health(self) -> tuple[bool, str | None]:
+        return False, "parked by the test"
+
+
 @contextmanager
 def parked(studio: Any) -> Iterator[str]:
-    """An endpoint (yields its name) whose dispatcher claims nothing: jobs sent there stay queued. Not the local
-    one: the fleet's health check resumes a held dispatcher it runs."""
-    with extra_endpoint(studio, "parking", FakeBackend("parking")) as dispatcher:
+    """An endpoint (yields its name) whose dispatcher claims nothing: jobs sent there stay queued (its endpoint
+    shows Degraded, which still accepts jobs)."""
+    with extra_endpoint(studio, "parking", ParkedBackend("parking")) as dispatcher:
         dispatcher.hold()
         yield "parking"
 

@@ -77,7 +77,8 @@ class AccountTab:
         whoami = translate(
             f"Signed in as **{html.escape(user.username)}**{badge} · Disk used: {format_bytes(disk.used)}{of}")
         if self.job_quotas is not None:
-            whoami += "\n\n" + describe(self.job_quotas.usage(actor=user)[:3])  # the jobs' (disk is above)
+            jobs = [u for u in self.job_quotas.usage(actor=user) if u.name != "max_storage_mb"]  # disk: above
+            whoami += "\n\n" + describe(jobs)
         return whoami, rows, gr.update(choices=choices, value=None)
 
     @ui_errors
