@@ -118,7 +118,7 @@ class JobQuotas:
             return
         now = self._clock()
         midnight, resets = next_midnight(now) - timedelta(days=1), next_midnight(now)
-        wait = f"resets at 00:00 UTC, in {in_words((resets - now).total_seconds())}"
+        left = in_words((resets - now).total_seconds())
         retry_after = max(1, int((resets - now).total_seconds()) + 1)
         queued = limits.get("max_queued_jobs")
         if queued is not None and (used := active_jobs(s, user.id)) >= queued:
@@ -129,12 +129,12 @@ class JobQuotas:
         if per_day is not None and (used := jobs_since(s, user.id, midnight)) >= per_day:
             raise JobQuotaExceeded(
                 f"your roles allow {per_day} jobs per day (max_jobs_per_day) and you submitted {used} of {per_day} "
-                f"today; {wait}", quota="max_jobs_per_day", resets_at=resets, retry_after=retry_after)
+                f"today; resets at 00:00 UTC, in {left}", quota="max_jobs_per_day", resets_at=resets, retry_after=retry_after)
         gpu = limits.get("max_gpu_seconds_per_day")
         if gpu is not None and (ran := gpu_seconds(s, user.id, midnight, now)) >= gpu:
             raise JobQuotaExceeded(
                 f"your roles allow {gpu} GPU-seconds per day (max_gpu_seconds_per_day) and your jobs ran "
-                f"{ran:.0f} of {gpu} today; {wait}", quota="max_gpu_seconds_per_day", resets_at=resets,
+                f"{ran:.0f} of {gpu} today; resets at 00:00 UTC, in {left}", quota="max_gpu_seconds_per_day", resets_at=resets,
                 retry_after=retry_after)
 
     def usage(self, *, actor: User) -> list[QuotaUse]:
