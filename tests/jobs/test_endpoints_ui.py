@@ -108,7 +108,7 @@ def test_non_admin_calling_deploy_over_gradio_http_is_refused(fake_studio):
     with TestClient(studio.app, follow_redirects=False) as c:
         login(c, "alice", USER_PASSWORD)
         done = queue_messages(c, index, data, session="endpoints-deploy")[-1]
-    assert done["success"] is False and "not an administrator" in json.dumps(done)
+    assert done["success"] is False and "lacks the permission endpoint:create" in json.dumps(done)
     assert studio.jobs.endpoints.find("over-http") is None
 
 
