@@ -261,7 +261,7 @@ def test_endpoints_recorded_before_version_8_read_with_one_instance_and_no_secre
     try:
         schema.upgrade(db, target=7)
         with db.write() as s:  # the endpoint table as version 7 made it (today's v4 creates the newer one)
-            for column in ("min_instances", "max_instances", "autoscale", "secrets_token"):
+            for column in ("min_instances", "max_instances", "autoscale", "secrets_token", "allowed_roles"):
                 s.connection().execute(text(f'ALTER TABLE endpoint DROP COLUMN "{column}"'))
             s.connection().execute(text(
                 "INSERT INTO endpoint (name, kind, status, remote, is_default, config_json, capabilities_json, "
@@ -271,5 +271,6 @@ def test_endpoints_recorded_before_version_8_read_with_one_instance_and_no_secre
         with db.read() as s:
             row = s.get(Endpoint, "older")
             assert (row.min_instances, row.max_instances, row.autoscale, row.secrets_token) == (1, 1, False, None)
+            assert row.allowed_roles == ""  # v17: open to every user of endpoints
     finally:
         db.dispose()

@@ -26,7 +26,7 @@ def test_server_import_streams_lines_then_table_filters(mstudio, tiny, import_ro
     tab = _tab(mstudio)
     lora = shutil.copy(tiny.lora, import_root / "style.safetensors")
     vae = shutil.copy(tiny.vae, import_root / "tinyvae.safetensors")
-    lines = list(tab.import_server(f"{lora}\n{vae}", AUTO, "in place", '{"description": "mine"}', "everyone", ADMIN))
+    lines = list(tab.import_server(f"{lora}\n{vae}", AUTO, "in place", '{"description": "mine"}', "everyone", [], ADMIN))
     assert "style: done — registered in place" in lines[-1] and "— succeeded: 2 of 2 file(s) imported" in lines[-1]
     rows, bases, choices = tab.refresh(ALL, ALL, ALL, "", ADMIN)
     assert sorted(r[0] for r in rows) == ["style", "tinyvae"]
@@ -44,7 +44,7 @@ def test_non_admins_cannot_import_from_the_server_even_by_calling_the_handler(ms
     tab = _tab(mstudio)
     lora = shutil.copy(tiny.lora, import_root / "style.safetensors")
     with pytest.raises(gr.Error, match="lacks the permission"):
-        list(tab.import_server(str(lora), AUTO, "in place", "", "everyone", SimpleNamespace(username="alice")))
+        list(tab.import_server(str(lora), AUTO, "in place", "", "everyone", [], SimpleNamespace(username="alice")))
     assert tab.on_open(SimpleNamespace(username="alice"))[0]["visible"] is False
     assert tab.on_open(ADMIN)[0]["visible"] is True
 
@@ -53,12 +53,12 @@ def test_url_import_lines_and_bad_input(build_studio, tiny):
     with serve_files({"style.safetensors": tiny.lora}) as files:
         studio = build_studio(url_import_allow=[f"127.0.0.1:{files.port}"])
         tab = _tab(studio)
-        lines = list(tab.import_urls(f"{files.base}/files/style.safetensors", "lora", "", "everyone", ADMIN))
+        lines = list(tab.import_urls(f"{files.base}/files/style.safetensors", "lora", "", "everyone", [], ADMIN))
         assert "style: done — imported" in lines[-1]
         with pytest.raises(gr.Error, match="not valid JSON"):
-            list(tab.import_urls(f"{files.base}/files/style.safetensors", "lora", "{oops", "everyone", ADMIN))
+            list(tab.import_urls(f"{files.base}/files/style.safetensors", "lora", "{oops", "everyone", [], ADMIN))
         with pytest.raises(gr.Error, match="loopback"):
-            list(tab.import_urls("http://127.0.0.1:1/x.safetensors", "lora", "", "everyone", ADMIN))
+            list(tab.import_urls("http://127.0.0.1:1/x.safetensors", "lora", "", "everyone", [], ADMIN))
 
 
 def test_select_rename_preview_and_delete(mstudio, tiny, tmp_path, monkeypatch):
@@ -69,16 +69,17 @@ def test_select_rename_preview_and_delete(mstudio, tiny, tmp_path, monkeypatch):
     tab = _tab(mstudio)
     admin = mstudio.users.get_by_name("admin")
     record = mstudio.models.register_file(actor=admin, path=tiny.lora)
-    selected, name, description, visibility, image, details = tab.show(record.id, ADMIN)
+    selected, name, description, visibility, roles, image, details = tab.show(record.id, ADMIN)
     assert (name, visibility, image) == ("style", "everyone", None)
-    tab.save(record.id, "styles/ink", "an ink look", "private", ADMIN)
+    assert roles["visible"] is False and roles["value"] == []
+    tab.save(record.id, "styles/ink", "an ink look", "private", [], ADMIN)
     assert mstudio.models.get(actor=admin, model_id=record.id).name == "styles/ink"
     with pytest.raises(gr.Error, match="contains"):
-        tab.save(record.id, "bad:name", "", "private", ADMIN)
+        tab.save(record.id, "bad:name", "", "private", [], ADMIN)
     picture = tmp_path / "preview.png"
     Image.new("RGB", (4, 4), "green").save(picture)
     tab.set_preview(record.id, str(picture), ADMIN)
-    assert tab.show(record.id, ADMIN)[4].size == (4, 4)
+    assert tab.show(record.id, ADMIN)[5].size == (4, 4)
     alice = make_user(mstudio)
     assert alice is not None
     with pytest.raises(gr.Error):  # private now: alice cannot even see it

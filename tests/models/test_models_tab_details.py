@@ -90,5 +90,5 @@ def test_a_stored_preview_that_is_a_decompression_bomb_is_not_decoded(build_stud
         row = s.get(ModelRecord, record.id)
         row.preview_key = "previews/models/old.png"
         s.add(row)
-    _id, name, _description, _visibility, image, details = _tab(studio).show(record.id, ADMIN)
+    _id, name, _description, _visibility, _roles, image, details = _tab(studio).show(record.id, ADMIN)
     assert image is None and name == record.name and details["id"] == record.id

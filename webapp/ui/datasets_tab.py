@@ -16,11 +16,12 @@ import gradio as gr
 from pipelines.images import decode_image
 from pipelines.types import InvalidRequestError
 from webapp.i18n import translate
-from webapp.records import Visibility
+from webapp.records import Dataset, Visibility
 from webapp.services.datasets import RESIZE_MODES, Created, DatasetService
 from webapp.services.datasets.layout import SourceFile
 from webapp.services.datasets.views import resolution_text
 from webapp.services.quota import format_bytes
+from webapp.services.sharing import choices, names_of
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.files import read_upload, upload_path
 
@@ -31,6 +32,21 @@ LAYOUT_HELP = (
     "same-name `.txt` caption. Images at the top level (or uploaded as single files) go to one folder "
     "`<repeats>_<dataset name>` with the repeats below. PNG, JPEG, WebP and BMP images."
 )
+
+
+def _shared_with(visibility: str | None, roles: list[str] | None) -> list[str] | None:
+    """The roles dropdown counts only with visibility "roles" (it is hidden otherwise and may hold old picks)."""
+    return list(roles or []) if visibility == Visibility.ROLES.value else None
+
+
+def _roles_shown(visibility: str | None) -> dict:
+    return gr.update(visible=visibility == Visibility.ROLES.value)
+
+
+def _shown_visibility(dataset: Dataset, names: dict[int, str]) -> str:
+    if dataset.visibility != Visibility.ROLES:
+        return dataset.visibility.value
+    return f"roles: {', '.join(names_of(dataset.allowed_roles, names))}"
 
 
 class DatasetsTab:
@@ -50,28 +66,30 @@ class DatasetsTab:
     def refresh(self, request: gr.Request) -> tuple:
         user = self.ctx.user(request)
         found = self.datasets.list_datasets(actor=user, limit=1000)
-        owners = self.datasets.owner_names(found)
+        owners, names = self.datasets.owner_names(found), self.datasets.role_names()
         rows = [[d.name, d.image_count, resolution_text(d), format_bytes(d.bytes), owners.get(d.owner_id, "?"),
-                 d.visibility.value, d.source, d.created_at.strftime("%Y-%m-%d %H:%M")] for d in found]
+                 _shown_visibility(d, names), d.source, d.created_at.strftime("%Y-%m-%d %H:%M")] for d in found]
         choices = [(f"{d.name} ({owners.get(d.owner_id, '?')})", d.id) for d in found]
         return rows, gr.update(choices=choices)
 
     # -- create --------------------------------------------------------------------------------------------
 
     @ui_errors
-    def create_dataset(self, name: str, repeats: float | None, visibility: str, files: list[str] | None,
-               zip_path: str | None, request: gr.Request) -> tuple:
+    def create_dataset(self, name: str, repeats: float | None, visibility: str, roles: list[str] | None,
+                       files: list[str] | None, zip_path: str | None, request: gr.Request) -> tuple:
         user = self.ctx.user(request)
         if bool(files) == bool(zip_path):
             raise gr.Error("Choose either images and captions, or one zip")
+        allowed = _shared_with(visibility, roles)
         if zip_path:
             with upload_path(zip_path).open("rb") as handle:
                 created = self.datasets.create_from_zip(actor=user, name=name, zip_file=handle,
-                                                        repeats=int(repeats or 1), visibility=visibility)
+                                                        repeats=int(repeats or 1), visibility=visibility,
+                                                        allowed_roles=allowed)
         else:
             sources = [self._source(path) for path in files or []]
             created = self.datasets.create(actor=user, name=name, files=sources, repeats=int(repeats or 1),
-                                           visibility=visibility)
+                                           visibility=visibility, allowed_roles=allowed)
         rows, choices = self.refresh(request)
         return self._created_text(created), rows, gr.update(choices=choices["choices"], value=created.dataset.id)
 
@@ -136,13 +154,42 @@ class DatasetsTab:
 
     @ui_errors
     def resize_dataset(self, dataset_id: str | None, width: float | None, height: float | None, mode: str, name: str,
-               visibility: str, request: gr.Request) -> tuple:
+                       visibility: str, roles: list[str] | None, request: gr.Request) -> tuple:
         if not dataset_id:
             raise gr.Error("Choose a dataset first")
         created = self.datasets.resize(actor=self.ctx.user(request), dataset_id=dataset_id, width=int(width or 0),
-                                       height=int(height or 0), mode=mode, name=name or None, visibility=visibility)
+                                       height=int(height or 0), mode=mode, name=name or None, visibility=visibility,
+                                       allowed_roles=_shared_with(visibility, roles))
         rows, choices = self.refresh(request)
         return self._created_text(created), rows, gr.update(choices=choices["choices"], value=created.dataset.id)
+
+    @ui_errors
+    def sharing_of(self, dataset_id: str | None, request: gr.Request) -> tuple:
+        """The chosen dataset's visibility and allowed roles, for the Sharing row."""
+        if not dataset_id:
+            return Visibility.PRIVATE.value, gr.update(value=[], visible=False)
+        dataset = self.datasets.get(actor=self.ctx.user(request), dataset_id=dataset_id)
+        names = self.datasets.role_names()
+        return dataset.visibility.value, gr.update(value=names_of(dataset.allowed_roles, names), choices=choices(names),
+                                                   visible=dataset.visibility == Visibility.ROLES)
+
+    @ui_errors
+    def share(self, dataset_id: str | None, visibility: str, roles: list[str] | None, request: gr.Request) -> tuple:
+        """Change who sees the dataset (its owner, or ``dataset:all``)."""
+        if not dataset_id:
+            raise gr.Error("Choose a dataset first")
+        dataset = self.datasets.update(actor=self.ctx.user(request), dataset_id=dataset_id, visibility=visibility,
+                                       allowed_roles=_shared_with(visibility, roles))
+        gr.Info(translate(f"Dataset {dataset.name} is now visible to {_shown_visibility(dataset, self.datasets.role_names())}"))
+        rows, listed = self.refresh(request)
+        return rows, listed
+
+    @ui_errors
+    def role_choices(self, request: gr.Request) -> tuple:
+        """The roles the sharing dropdowns offer (names; the service resolves and checks them)."""
+        self.ctx.user(request)
+        offered = choices(self.datasets.role_names())
+        return tuple(gr.update(choices=offered) for _ in range(3))
 
     @ui_errors
     def delete_dataset(self, dataset_id: str | None, request: gr.Request) -> tuple:
@@ -167,6 +214,8 @@ class DatasetsTab:
                     name = gr.Textbox(label="Dataset name", elem_id="datasets-name")
                     repeats = gr.Number(1, label="Repeats (top-level images)", precision=0, minimum=1)
                     visibility = gr.Dropdown(visibilities, value=Visibility.PRIVATE.value, label="Visible to")
+                    roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                        elem_id="datasets-roles")
                 with gr.Row():
                     files = gr.File(label="Images and .txt captions", file_count="multiple", type="filepath",
                                     file_types=["image", ".txt"], elem_id="datasets-files")
@@ -197,19 +246,32 @@ class DatasetsTab:
                     mode = gr.Radio(list(RESIZE_MODES), value="crop", label="Mode")
                     new_name = gr.Textbox(label="New name (optional)")
                     new_vis = gr.Dropdown(visibilities, value=Visibility.PRIVATE.value, label="Visible to")
+                    new_roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False)
                 resize = gr.Button("Resize into a new dataset")
+            with gr.Row():
+                share_vis = gr.Dropdown(visibilities, value=Visibility.PRIVATE.value, label="Visible to",
+                                        elem_id="datasets-share-visibility")
+                share_roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                          elem_id="datasets-share-roles")
+                share = gr.Button("Save sharing", size="sm", scale=0, min_width=140)
             delete = gr.Button("Delete dataset", variant="stop", size="sm")
 
         shown = [summary, location, gallery, page_label, item_id, caption]
         tab.select(self.refresh, None, [table, selected], **private)
+        tab.select(self.role_choices, None, [roles, new_roles, share_roles], **private)
+        for chooser, dropdown in ((visibility, roles), (new_vis, new_roles), (share_vis, share_roles)):
+            chooser.change(_roles_shown, [chooser], [dropdown], **private)
+        selected.change(self.sharing_of, [selected], [share_vis, share_roles], **private)
+        share.click(self.share, [selected, share_vis, share_roles], [table, selected], **private)
         refresh.click(self.refresh, None, [table, selected], **private)
-        create.click(self.create_dataset, [name, repeats, visibility, files, zip_file], [created, table, selected], **private)
+        create.click(self.create_dataset, [name, repeats, visibility, roles, files, zip_file], [created, table, selected],
+                     **private)
         selected.change(self.show, [selected, page], shown, **private)
         page.submit(self.show, [selected, page], shown, **private)
         gallery.select(self.select_item, [selected, page], [item_id, caption], **private)
         save_caption.click(self.save_caption, [selected, item_id, caption], None, **private).then(
             self.show, [selected, page], shown, **private)
-        resize.click(self.resize_dataset, [selected, width, height, mode, new_name, new_vis], [created, table, selected],
-                     **private)
+        resize.click(self.resize_dataset, [selected, width, height, mode, new_name, new_vis, new_roles],
+                     [created, table, selected], **private)
         delete.click(self.delete_dataset, [selected], [table, selected], **private)
         return tab

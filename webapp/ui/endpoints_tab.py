@@ -22,10 +22,11 @@ from webapp.services.access import can
 from webapp.services.errors import ServiceError
 from webapp.services.jobs import Deployment, EndpointAdmin, EndpointService
 from webapp.services.jobs.cloud_inventory import SageMakerInventory
+from webapp.services.sharing import choices, names_of
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.options_form import OptionField, build_widget, describe, read_value
 
-HEADERS = ["Name", "Kind", "Status", "Remote", "Slots", "Instances", "Updated (UTC)", "Error"]
+HEADERS = ["Name", "Kind", "Status", "Remote", "Slots", "Instances", "Updated (UTC)", "Error", "Allowed roles"]
 FORCE_LABEL = "Even while jobs run on it (a SageMaker endpoint's running jobs are lost and run again elsewhere)"
 CONFIRM_LABEL = "Yes, delete it (running jobs go back to the queue; queued ones move to the default endpoint)"
 
@@ -33,14 +34,15 @@ CONFIRM_LABEL = "Yes, delete it (running jobs go back to the queue; queued ones 
 UNMANAGED_HEADERS = ["Name", "Status", "Type", "Instances", "Tagged by a studio", "Created (UTC)"]
 
 
-def _row(endpoint: Endpoint) -> list[Any]:
+def _row(endpoint: Endpoint, names: dict[int, str]) -> list[Any]:
     instances = f"{endpoint.min_instances}–{endpoint.max_instances}" + (" autoscale" if endpoint.autoscale else "")
     current = endpoint.capabilities.get("extra", {}).get("current_instances")
     if current is not None:
         instances = f"{current} now · {instances}"
     return [endpoint.name + (" (default)" if endpoint.is_default else ""), endpoint.kind, str(endpoint.status),
             "yes" if endpoint.remote else "no", endpoint.capabilities.get("slots", ""), instances,
-            endpoint.updated_at.strftime("%Y-%m-%d %H:%M:%S"), endpoint.error or ""]
+            endpoint.updated_at.strftime("%Y-%m-%d %H:%M:%S"), endpoint.error or "",
+            ", ".join(names_of(endpoint.allowed_roles, names)) or "everyone"]
 
 
 class EndpointsTab:
@@ -67,8 +69,40 @@ class EndpointsTab:
         user = self.ctx.user(request)
         rows = self.endpoints.list_endpoints(actor=user)
         deletable = [e.name for e in rows if not e.is_default]
-        return ([_row(e) for e in rows], gr.update(choices=deletable, value=None),
+        names = self.endpoints.role_names()
+        return ([_row(e, names) for e in rows], gr.update(choices=deletable, value=None),
                 gr.update(visible=can(user, "endpoint:create") or can(user, "endpoint:delete")))
+
+    @ui_errors
+    def roles_editor(self, request: gr.Request) -> tuple:
+        """The Allowed roles editor: shown to holders of endpoint:update, with the endpoints they see and every
+        role (the deploy form's roles dropdown gets the same choices)."""
+        user = self.ctx.user(request)
+        offered = choices(self.endpoints.role_names())
+        if not can(user, "endpoint:update"):
+            return gr.update(visible=False), gr.update(choices=[], value=None), gr.update(choices=offered, value=[]), \
+                gr.update(choices=offered)
+        listed = [e.name for e in self.endpoints.list_endpoints(actor=user)]
+        return (gr.update(visible=True), gr.update(choices=listed, value=None), gr.update(choices=offered, value=[]),
+                gr.update(choices=offered))
+
+    @ui_errors
+    def roles_of(self, name: str | None, request: gr.Request) -> Any:
+        """The chosen endpoint's allowed roles, to edit."""
+        if not name:
+            return gr.update(value=[])
+        endpoint = self.endpoints.get(actor=self.ctx.user(request), name=name)
+        return gr.update(value=names_of(endpoint.allowed_roles, self.endpoints.role_names()))
+
+    @ui_errors
+    def save_roles(self, name: str | None, roles: list[str] | None, request: gr.Request) -> tuple:
+        """Restrict the endpoint to users of ``roles`` (none: every user of endpoints); endpoint:update."""
+        if not name:
+            raise gr.Error("Choose the endpoint whose allowed roles to change")
+        endpoint = self.endpoints.set_allowed_roles(actor=self.ctx.user(request), name=name, roles=list(roles or []))
+        shown = ", ".join(names_of(endpoint.allowed_roles, self.endpoints.role_names())) or "every user of endpoints"
+        gr.Info(translate(f"Endpoint {name} is now open to {shown}"))
+        return self.refresh(request)
 
     @ui_errors
     def unmanaged(self, request: gr.Request) -> tuple[Any, Any]:
@@ -108,7 +142,8 @@ class EndpointsTab:
         request_ = Deployment(kind=kind, options=options, name=(values.get(self.name) or "").strip() or None,
                               min_instances=_whole(values.get(self.min_instances)),
                               max_instances=_whole(values.get(self.max_instances)),
-                              autoscale=bool(values.get(self.autoscale)))
+                              autoscale=bool(values.get(self.autoscale)),
+                              allowed_roles=tuple(values.get(self.deploy_roles) or ()))
         endpoint = self.admin.deploy(actor=self.ctx.user(request), request=request_)
         if endpoint.error:
             gr.Warning(translate(f"Endpoint {endpoint.name} is {endpoint.status}: {endpoint.error}"))
@@ -140,6 +175,15 @@ class EndpointsTab:
                     self.confirm = gr.Checkbox(label=CONFIRM_LABEL, value=False, elem_id="endpoint-delete-confirm")
                     self.force = gr.Checkbox(label=FORCE_LABEL, value=False, elem_id="endpoint-delete-force")
                     delete = gr.Button("Delete endpoint", variant="stop", elem_id="endpoint-delete")
+            with gr.Column(visible=False, elem_id="endpoints-roles") as self.roles_area:
+                gr.Markdown("### Allowed roles\nOnly users holding one of these roles see and use the endpoint; "
+                            "none: every user of endpoints.")
+                with gr.Row():
+                    self.roles_endpoint = gr.Dropdown(label="Endpoint", choices=[], elem_id="endpoint-roles-name")
+                    self.roles_value = gr.Dropdown(label="Allowed roles", choices=[], value=[], multiselect=True,
+                                                   elem_id="endpoint-roles-value")
+                    save_roles = gr.Button("Save allowed roles", size="sm", scale=0, min_width=160,
+                                           elem_id="endpoint-roles-save")
             with gr.Column(visible=False, elem_id="endpoints-unmanaged") as self.unmanaged_area:
                 gr.Markdown("### SageMaker endpoints not managed by this studio\nCreated outside the studio (or by one "
                             "whose database is gone). Deploy a `sagemaker` endpoint with `existing` ticked and "
@@ -151,9 +195,13 @@ class EndpointsTab:
         for trigger in (tab.select, refresh.click):
             trigger(self.refresh, None, listing, **private)
             trigger(self.unmanaged, None, [self.unmanaged_table, self.unmanaged_area], **private)
+            trigger(self.roles_editor, None, [self.roles_area, self.roles_endpoint, self.roles_value,
+                                              self.deploy_roles], **private)
+        self.roles_endpoint.change(self.roles_of, [self.roles_endpoint], [self.roles_value], **private)
+        save_roles.click(self.save_roles, [self.roles_endpoint, self.roles_value], listing, **private)
         self.kind.change(self.kind_changed, [self.kind], list(self.groups.values()), **private)
         self.kind.change(self.autoscale_default, [self.kind], [self.autoscale], **private)
-        inputs = {self.kind, self.name, self.min_instances, self.max_instances, self.autoscale}
+        inputs = {self.kind, self.name, self.min_instances, self.max_instances, self.autoscale, self.deploy_roles}
         inputs |= {w for widgets in self.widgets.values() for w in widgets.values()}
         self.deploy_button.click(self.deploy, inputs, [*listing, self.name], **private)
         delete.click(self.delete, [self.delete_name, self.confirm, self.force], [*listing, self.confirm, self.force],
@@ -177,6 +225,8 @@ class EndpointsTab:
             self.max_instances = gr.Number(label="Max instances", value=1, precision=0, minimum=0,
                                            elem_id="endpoint-max")
             self.autoscale = gr.Checkbox(label="Autoscale", value=False, elem_id="endpoint-autoscale")
+        self.deploy_roles = gr.Dropdown(label="Allowed roles (none: every user of endpoints)", choices=[], value=[],
+                                        multiselect=True, elem_id="endpoint-allowed-roles")
         self.deploy_button = gr.Button("Deploy endpoint", variant="primary", elem_id="endpoint-deploy")
 
 

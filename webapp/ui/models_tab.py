@@ -25,6 +25,7 @@ from webapp.services.access import can
 from webapp.services.models.registry import MAX_PREVIEW_BYTES
 from webapp.services.models.views import item_line, model_details
 from webapp.services.models.wiring import ModelServices
+from webapp.services.sharing import choices, names_of
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.files import read_upload
 
@@ -47,8 +48,26 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
+def _shared_with(visibility: str | None, roles: list[str] | None) -> list[str] | None:
+    """The roles dropdown counts only with visibility "roles" (it is hidden otherwise and may hold old picks)."""
+    return list(roles or []) if visibility == Visibility.ROLES.value else None
+
+
+def _shown_visibility(visibility: Visibility, allowed_roles: str, names: dict[int, str]) -> str:
+    """The table's Visibility cell: "roles: Team, Design" for a model shared with roles."""
+    if visibility != Visibility.ROLES:
+        return visibility.value
+    return f"roles: {', '.join(names_of(allowed_roles, names))}"
+
+
+def roles_shown(visibility: str | None) -> dict:
+    """The roles dropdown is shown when "roles" is chosen."""
+    return gr.update(visible=visibility == Visibility.ROLES.value)
+
+
 def _upload_block() -> str:
     options = "".join(f'<option value="{html.escape(v)}">{html.escape(label)}</option>' for label, v in TYPE_CHOICES)
+    # the browser upload offers no roles picker: share an uploaded model with roles from the table below
     visibility = "".join(f'<option value="{v}">{v}</option>' for v in (Visibility.EVERYONE, Visibility.PRIVATE))
     return (
         '<div class="studio-uploader">'
@@ -83,11 +102,11 @@ class ModelsTab:
             status=None if status in (ALL, "", None) else status, base=None if base in (ALL, "", None) else base,
             query=query or None, limit=1000,
         )
-        owners = self.registry.owner_names(records)
+        owners, names = self.registry.owner_names(records), self.registry.role_names()
         return records, [[
             r.name, r.type.label, r.base or "", r.status.value + (f": {r.failure_reason}" if r.failure_reason else ""),
             _size(r.size) if r.size else "", owners.get(r.owner_id, "server" if r.owner_id is None else "?"),
-            r.visibility.value, "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"),
+            _shown_visibility(r.visibility, r.allowed_roles, names), "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"),
         ] for r in records]
 
     @ui_errors
@@ -119,7 +138,7 @@ class ModelsTab:
     @ui_errors
     def show(self, model_id: str | None, request: gr.Request) -> tuple:
         if not model_id:
-            return None, "", "", Visibility.EVERYONE.value, None, None
+            return None, "", "", Visibility.EVERYONE.value, gr.update(value=[], visible=False), None, None
         user = self.ctx.user(request)
         record = self.registry.get(actor=user, model_id=model_id)
         preview = self.registry.preview(actor=user, model_id=model_id)
@@ -131,17 +150,22 @@ class ModelsTab:
             except (InvalidRequestError, OSError) as exc:
                 log.warning("model %s: stored preview not shown: %s", record.id, exc)
                 gr.Warning(translate(f"The stored preview image was not shown: {exc}"))
-        return (gr.update(value=record.id), record.name, record.description or "", record.visibility.value, image,
-                model_details(record, actor=user))
+        names = self.registry.role_names()
+        roles = gr.update(value=names_of(record.allowed_roles, names), choices=choices(names),
+                          visible=record.visibility == Visibility.ROLES)
+        return (gr.update(value=record.id), record.name, record.description or "", record.visibility.value, roles,
+                image, model_details(record, actor=user))
 
     # -- actions on one model ------------------------------------------------------------------------------
 
     @ui_errors
-    def save(self, model_id: str | None, name: str, description: str, visibility: str, request: gr.Request) -> None:
+    def save(self, model_id: str | None, name: str, description: str, visibility: str, roles: list[str] | None,
+             request: gr.Request) -> None:
         if not model_id:
             raise gr.Error("Choose a model in the table first")
         record = self.registry.update(actor=self.ctx.user(request), model_id=model_id, name=name,
-                                      description=description, visibility=visibility)
+                                      description=description, visibility=visibility,
+                                      allowed_roles=_shared_with(visibility, roles))
         gr.Info(translate(f"Saved {record.type.label} {record.name}"))
 
     @ui_errors
@@ -152,7 +176,7 @@ class ModelsTab:
         record = self.registry.get(actor=user, model_id=model_id)
         self.registry.delete(actor=user, model_id=model_id)
         gr.Info(translate(f"Deleted {record.type.label} {record.name}"))
-        return None, "", "", Visibility.EVERYONE.value, None, None
+        return None, "", "", Visibility.EVERYONE.value, gr.update(value=[], visible=False), None, None
 
     @ui_errors
     def set_preview(self, model_id: str | None, image_path: str | None, request: gr.Request) -> None:
@@ -181,18 +205,20 @@ class ModelsTab:
 
     @ui_errors
     def import_server(self, paths: str, type_: str, mode: str, description: str, visibility: str,
-                      request: gr.Request) -> Iterator[str]:
+                      roles: list[str] | None, request: gr.Request) -> Iterator[str]:
         task = self.services.server.start(
             actor=self.ctx.user(request), paths=paths, declared_type=None if type_ in (AUTO, "", None) else type_,
             in_place=mode == "in place", description=description, visibility=visibility,
+            allowed_roles=_shared_with(visibility, roles),
         )
         yield from self._follow(task.id, request)
 
     @ui_errors
-    def import_urls(self, urls: str, type_: str, description: str, visibility: str,
+    def import_urls(self, urls: str, type_: str, description: str, visibility: str, roles: list[str] | None,
                     request: gr.Request) -> Iterator[str]:
         task = self.services.urls.start(actor=self.ctx.user(request), urls=urls, declared_type=type_,
-                                        description=description, visibility=visibility)
+                                        description=description, visibility=visibility,
+                                        allowed_roles=_shared_with(visibility, roles))
         yield from self._follow(task.id, request)
 
     @ui_errors
@@ -204,6 +230,13 @@ class ModelsTab:
         roots = self.services.server.roots_for(user)
         listed = "\n".join(f"- `{root}`" for root in roots) or "- (none configured: see `--import-root`)"
         return gr.update(visible=True), f"Import folders on this server:\n\n{listed}"
+
+    @ui_errors
+    def role_choices(self, request: gr.Request) -> tuple:
+        """The roles the sharing dropdowns offer (names; the service resolves and checks them)."""
+        self.ctx.user(request)
+        offered = choices(self.registry.role_names())
+        return tuple(gr.update(choices=offered) for _ in range(3))
 
     # -- layout --------------------------------------------------------------------------------------------
 
@@ -221,6 +254,8 @@ class ModelsTab:
                         server_mode = gr.Radio(["in place", "copy into the store"], value="in place",
                                                label="Register")
                         server_vis = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                        server_roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                                   elem_id="models-server-roles")
                     server_desc = gr.Textbox(label='Description (optional; text or JSON like {"description": "..."})')
                     server_go = gr.Button("Import from server", variant="primary")
                     server_out = gr.Textbox(label="Progress", lines=4, interactive=False)
@@ -233,6 +268,8 @@ class ModelsTab:
                     with gr.Row():
                         url_type = gr.Dropdown(TYPE_CHOICES, value=ModelType.CHECKPOINT.value, label="Type")
                         url_vis = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                        url_roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                                elem_id="models-url-roles")
                     url_desc = gr.Textbox(label='Models description (optional; JSON like {"description": "..."})')
                     url_go = gr.Button("Import from URLs", variant="primary")
                     url_out = gr.Textbox(label="Progress", lines=4, interactive=False)
@@ -250,7 +287,11 @@ class ModelsTab:
                     selected = gr.Dropdown(label="Model", choices=[], elem_id="models-selected")
                     new_name = gr.Textbox(label="Name")
                     description = gr.Textbox(label="Description", lines=2)
-                    visibility = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to")
+                    with gr.Row():
+                        visibility = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to",
+                                                 elem_id="models-visibility")
+                        roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                            elem_id="models-roles")
                     with gr.Row():
                         save = gr.Button("Save name / description", size="sm")
                         delete = gr.Button("Delete model", variant="stop", size="sm")
@@ -261,7 +302,7 @@ class ModelsTab:
 
         filters = [f_type, f_status, f_base, f_query]
         table_out = [table, f_base, selected]
-        detail_out = [selected, new_name, description, visibility, preview, details]
+        detail_out = [selected, new_name, description, visibility, roles, preview, details]
         private = {"api_visibility": "private"}
         refresh.click(self.rescan, filters, table_out, **private)
         for control in (f_type, f_status, f_base):
@@ -269,15 +310,19 @@ class ModelsTab:
         f_query.submit(self.refresh, filters, table_out, **private)
         tab.select(self.refresh, filters, table_out, **private)
         tab.select(self.on_open, None, [server_tab, server_roots], **private)
+        tab.select(self.role_choices, None, [roles, server_roles, url_roles], **private)
+        for chooser, dropdown in ((visibility, roles), (server_vis, server_roles), (url_vis, url_roles)):
+            chooser.change(roles_shown, [chooser], [dropdown], **private)
         uploader.change(self.refresh, filters, table_out, **private)
         table.select(self.on_select, None, detail_out, **private)
         selected.input(self.show, [selected], detail_out, **private)
-        save.click(self.save, [selected, new_name, description, visibility], None, **private).then(
+        save.click(self.save, [selected, new_name, description, visibility, roles], None, **private).then(
             self.refresh, filters, table_out, **private)
         delete.click(self.delete, [selected], detail_out, **private).then(self.refresh, filters, table_out, **private)
         set_preview.click(self.set_preview, [selected, preview], None, **private)
-        server_go.click(self.import_server, [server_paths, server_type, server_mode, server_desc, server_vis],
+        server_go.click(self.import_server, [server_paths, server_type, server_mode, server_desc, server_vis,
+                                             server_roles],
                         [server_out], **private).then(self.refresh, filters, table_out, **private)
-        url_go.click(self.import_urls, [url_list, url_type, url_desc, url_vis], [url_out], **private).then(
+        url_go.click(self.import_urls, [url_list, url_type, url_desc, url_vis, url_roles], [url_out], **private).then(
             self.refresh, filters, table_out, **private)
         return tab

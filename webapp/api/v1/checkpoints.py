@@ -18,6 +18,7 @@ from webapp.api.deps import CurrentUser
 from webapp.api.v1.inferences import envelope
 from webapp.records import ModelRecord, ModelType, User
 from webapp.services.errors import InvalidInput, NotFound
+from webapp.services.models.catalog import require_manage
 
 _BY_FOLDER = {t.a1111_folder.lower(): t for t in ModelType}
 
@@ -95,14 +96,16 @@ def build_router(registry: Any) -> APIRouter:
         """Delete models and their files; an unknown id refuses the whole request."""
         if not body.checkpoint_id_list:
             raise InvalidInput("`checkpoint_id_list` must name at least one checkpoint", field="checkpoint_id_list")
-        missing = []
+        missing, found = [], []
         for model_id in body.checkpoint_id_list:
             try:
-                registry.get(actor=user, model_id=model_id)
+                found.append(registry.get(actor=user, model_id=model_id))
             except NotFound:
                 missing.append(model_id)
         if missing:
             raise NotFound(f"no checkpoint {', '.join(map(repr, missing))}", field="checkpoint_id_list")
+        for record in found:  # every one may be deleted by the caller, or none is
+            require_manage(user, record, "delete")
         for model_id in body.checkpoint_id_list:
             registry.delete(actor=user, model_id=model_id)
         return envelope({"deleted": body.checkpoint_id_list}, "checkpoints deleted")

@@ -20,6 +20,7 @@ from webapp.services.datasets import Created, DatasetService
 from webapp.services.datasets.layout import SourceFile
 from webapp.services.datasets.views import dataset_view, item_view
 from webapp.services.errors import InvalidInput
+from webapp.services.sharing import role_list
 
 MAX_PAGE = 200
 
@@ -28,9 +29,13 @@ class CaptionUpdate(BaseModel):
     caption: str
 
 
+ROLES_HELP = "Role names (or ids) who see the dataset when `visibility` is `roles`; refused with another visibility"
+
+
 class DatasetUpdate(BaseModel):
     name: str | None = None
     visibility: Visibility | None = None
+    allowed_roles: list[str | int] | None = Field(None, description=ROLES_HELP)
 
 
 class ResizeRequest(BaseModel):
@@ -39,6 +44,7 @@ class ResizeRequest(BaseModel):
     mode: str = Field("crop", description="crop (cover, centred crop), fit (fit inside, fill the bands) or stretch")
     name: str | None = Field(None, description="Name of the new dataset (default: '<name> <W>x<H>')")
     visibility: Visibility = Visibility.PRIVATE
+    allowed_roles: list[str | int] | None = Field(None, description=ROLES_HELP)
 
 
 def _upload_source(upload: UploadFile) -> SourceFile:
@@ -68,7 +74,7 @@ def build_router(datasets: DatasetService) -> APIRouter:
 
     def view(dataset: Any, user: Any) -> dict[str, Any]:
         return dataset_view(dataset, actor=user, owner_name=datasets.owner_names([dataset]).get(dataset.owner_id),
-                            location=datasets.location(dataset, actor=user))
+                            location=datasets.location(dataset, actor=user), role_names=datasets.role_names())
 
     def created_view(created: Created, user: Any) -> dict[str, Any]:
         return {**view(created.dataset, user), "warnings": created.warnings}
@@ -78,6 +84,8 @@ def build_router(datasets: DatasetService) -> APIRouter:
         user: CurrentUser, name: Annotated[str, Form()], repeats: Annotated[int, Form()] = 1,
         visibility: Annotated[str, Form()] = Visibility.PRIVATE.value,
         captions: Annotated[str | None, Form(description="JSON object: image file name → caption")] = None,
+        allowed_roles: Annotated[str | None, Form(description="Comma-separated role names, with visibility "
+                                                              "`roles`")] = None,
         files: Annotated[list[UploadFile] | None, File(description="images and .txt captions")] = None,
         zip: Annotated[UploadFile | None, File(description="a zip in kohya's layout")] = None,  # noqa: A002
     ) -> dict[str, Any]:
@@ -86,11 +94,13 @@ def build_router(datasets: DatasetService) -> APIRouter:
             raise InvalidInput("send either `files` or one `zip`", field="files" if zip is None else "zip")
         if zip is not None:
             created = await run_in_threadpool(datasets.create_from_zip, actor=user, name=name, zip_file=zip.file,
-                                              repeats=repeats, visibility=visibility)
+                                              repeats=repeats, visibility=visibility,
+                                              allowed_roles=role_list(allowed_roles))
         else:
             sources = [_upload_source(f) for f in files or []]
             created = await run_in_threadpool(datasets.create, actor=user, name=name, files=sources, repeats=repeats,
-                                              visibility=visibility, captions=_captions(captions))
+                                              visibility=visibility, captions=_captions(captions),
+                                              allowed_roles=role_list(allowed_roles))
         return await run_in_threadpool(created_view, created, user)
 
     @router.get("")
@@ -98,10 +108,10 @@ def build_router(datasets: DatasetService) -> APIRouter:
                       offset: int = Query(0, ge=0)) -> dict[str, Any]:
         """Datasets the caller may see (own + shared; admins: all)."""
         found = datasets.list_datasets(actor=user, limit=limit, offset=offset)
-        owners = datasets.owner_names(found)
+        owners, roles = datasets.owner_names(found), datasets.role_names()
         return {
-            "items": [dataset_view(d, actor=user, owner_name=owners.get(d.owner_id), location=datasets.location(d, actor=user))
-                      for d in found],
+            "items": [dataset_view(d, actor=user, owner_name=owners.get(d.owner_id),
+                                   location=datasets.location(d, actor=user), role_names=roles) for d in found],
             "total": datasets.count_datasets(actor=user), "limit": limit, "offset": offset,
         }
 
@@ -115,8 +125,8 @@ def build_router(datasets: DatasetService) -> APIRouter:
 
     @router.patch("/{dataset_id}")
     def update_dataset(user: CurrentUser, dataset_id: str, body: DatasetUpdate) -> dict[str, Any]:
-        return view(datasets.update(actor=user, dataset_id=dataset_id, name=body.name, visibility=body.visibility),
-                    user)
+        return view(datasets.update(actor=user, dataset_id=dataset_id, name=body.name, visibility=body.visibility,
+                                    allowed_roles=body.allowed_roles), user)
 
     @router.get("/{dataset_id}/items/{item_id}/image")
     def get_image(user: CurrentUser, dataset_id: str, item_id: str) -> Response:
@@ -132,7 +142,8 @@ def build_router(datasets: DatasetService) -> APIRouter:
     def resize(user: CurrentUser, dataset_id: str, body: ResizeRequest) -> dict[str, Any]:
         """Every image at ``width`` x ``height`` in a NEW dataset of the caller's; the source is unchanged."""
         created = datasets.resize(actor=user, dataset_id=dataset_id, width=body.width, height=body.height,
-                                  mode=body.mode, name=body.name, visibility=body.visibility)
+                                  mode=body.mode, name=body.name, visibility=body.visibility,
+                                  allowed_roles=body.allowed_roles)
         return created_view(created, user)
 
     @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)

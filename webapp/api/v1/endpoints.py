@@ -10,9 +10,11 @@ administrators only (it may name accounts or hosts), with secret options masked:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, Body
+from pydantic import BaseModel, Field
 
 from deploy.backends.options import options_model
 from webapp.api.deps import CurrentUser
@@ -20,21 +22,28 @@ from webapp.records import Endpoint, User
 from webapp.services.access import can
 from webapp.services.errors import InvalidInput
 from webapp.services.jobs.endpoint_admin import Deployment, EndpointAdmin, shown_config
+from webapp.services.sharing import names_of, role_list
 
-FIELDS = ("name", "kind", "options", "min_instances", "max_instances", "autoscale")
+FIELDS = ("name", "kind", "options", "min_instances", "max_instances", "autoscale", "allowed_roles")
 ESD_ALIASES = {"endpoint_name": "name", "min_instance_number": "min_instances", "max_instance_number": "max_instances",
                "autoscaling_enabled": "autoscale"}
 ESD_OPTIONS = ("instance_type", "initial_instance_count", "endpoint_type")
 """ESD fields that are options of cloud kinds; accepted where the kind's options model has a field so named."""
 
 
-def endpoint_item(endpoint: Endpoint, actor: User) -> dict[str, Any]:
+class AllowedRoles(BaseModel):
+    allowed_roles: list[str | int] = Field(description="Role names (or ids); empty: every holder of endpoint:use")
+
+
+def endpoint_item(endpoint: Endpoint, actor: User, role_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """``allowed_roles``: role names (``role_names``: id → name); empty: open to every holder of endpoint:use."""
     capabilities = endpoint.capabilities
     item: dict[str, Any] = {
         "name": endpoint.name, "kind": endpoint.kind, "status": str(endpoint.status), "remote": endpoint.remote,
         "is_default": endpoint.is_default, "capabilities": capabilities, "error": endpoint.error,
         "min_instances": endpoint.min_instances, "max_instances": endpoint.max_instances,
-        "autoscale": endpoint.autoscale, "created_at": endpoint.created_at, "updated_at": endpoint.updated_at,
+        "autoscale": endpoint.autoscale, "allowed_roles": names_of(endpoint.allowed_roles, role_names or {}),
+        "created_at": endpoint.created_at, "updated_at": endpoint.updated_at,
         # ESD vocabulary
         "endpoint_name": endpoint.name, "endpoint_status": str(endpoint.status),
         "endpoint_type": "Async" if endpoint.remote else "Real-time",
@@ -71,7 +80,7 @@ def deployment_from_body(body: Any) -> Deployment:
         options = {key: body[key], **options}
     return Deployment(kind=kind, options=options, name=values.get("name"),  # type: ignore[arg-type]
                       min_instances=values.get("min_instances", 1), max_instances=values.get("max_instances", 1),
-                      autoscale=values.get("autoscale"))
+                      autoscale=values.get("autoscale"), allowed_roles=tuple(role_list(values.get("allowed_roles")) or ()))
 
 
 def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
@@ -80,15 +89,17 @@ def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
 
     @router.get("")
     def list_endpoints(user: CurrentUser) -> dict[str, Any]:
-        items = [endpoint_item(e, user) for e in endpoints.list_endpoints(actor=user)]
+        names = endpoints.role_names()
+        items = [endpoint_item(e, user, names) for e in endpoints.list_endpoints(actor=user)]
         return {"endpoints": items, "total": len(items)}
 
     @router.post("", status_code=201)
     def deploy(user: CurrentUser, body: Any = Body(...)) -> dict[str, Any]:  # noqa: B008 - FastAPI's idiom
         """Deploy an endpoint (administrators). Body: ``kind``, ``options`` (the kind's own), optional ``name``
         (default ``studio-<kind>-<6 hex>``; SageMaker: ``studio-async-…`` / ``studio-rt-…``), ``min_instances``,
-        ``max_instances``, ``autoscale`` (default: on for SageMaker, off otherwise)."""
-        return endpoint_item(admin.deploy(actor=user, request=deployment_from_body(body)), user)
+        ``max_instances``, ``autoscale`` (default: on for SageMaker, off otherwise), ``allowed_roles`` (role names
+        whose users may see and use it; default: every holder of endpoint:use)."""
+        return endpoint_item(admin.deploy(actor=user, request=deployment_from_body(body)), user, endpoints.role_names())
 
     @router.delete("")
     def delete_listed(user: CurrentUser, body: Any = Body(...)) -> dict[str, Any]:  # noqa: B008
@@ -101,7 +112,14 @@ def build_router(endpoints: Any, admin: EndpointAdmin) -> APIRouter:
 
     @router.get("/{name}")
     def get_endpoint(user: CurrentUser, name: str) -> dict[str, Any]:
-        return endpoint_item(endpoints.get(actor=user, name=name), user)
+        return endpoint_item(endpoints.get(actor=user, name=name), user, endpoints.role_names())
+
+    @router.put("/{name}/allowed_roles")
+    def set_allowed_roles(user: CurrentUser, name: str, body: AllowedRoles) -> dict[str, Any]:
+        """Who may see and use the endpoint (``endpoint:update``): users holding one of ``allowed_roles`` (names);
+        an empty list opens it to every holder of endpoint:use. Each change is written to the audit log."""
+        endpoint = endpoints.set_allowed_roles(actor=user, name=name, roles=body.allowed_roles)
+        return endpoint_item(endpoint, user, endpoints.role_names())
 
     @router.delete("/{name}")
     def delete(user: CurrentUser, name: str, force: bool = False) -> dict[str, Any]:

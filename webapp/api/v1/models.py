@@ -20,10 +20,15 @@ from webapp.services.models.wiring import ModelServices
 MAX_PAGE = 500
 
 
+ROLES_HELP = ("Role names (or ids) who see the model when `visibility` is `roles`; refused with another "
+              "visibility")
+
+
 class ModelUpdate(BaseModel):
     name: str | None = None
     description: str | None = None
     visibility: Visibility | None = None
+    allowed_roles: list[str | int] | None = Field(None, description=ROLES_HELP)
     metadata: dict[str, Any] | None = None
 
 
@@ -33,6 +38,7 @@ class ServerImportRequest(BaseModel):
     in_place: bool = Field(True, description="Reference the files where they are instead of copying them")
     description: str | None = Field(None, description='Plain text or JSON such as {"description": "..."}')
     visibility: Visibility = Visibility.EVERYONE
+    allowed_roles: list[str | int] | None = Field(None, description=ROLES_HELP)
 
 
 class UrlImportRequest(BaseModel):
@@ -40,6 +46,7 @@ class UrlImportRequest(BaseModel):
     type: ModelType
     description: str | None = Field(None, description='Plain text or JSON such as {"description": "..."}')
     visibility: Visibility = Visibility.EVERYONE
+    allowed_roles: list[str | int] | None = Field(None, description=ROLES_HELP)
 
 
 def build_router(services: ModelServices) -> APIRouter:
@@ -47,7 +54,8 @@ def build_router(services: ModelServices) -> APIRouter:
     router = APIRouter(prefix="/api/v1/models", tags=["models"])
 
     def view(record: Any, user: Any) -> dict[str, Any]:
-        return model_view(record, actor=user, owner_name=registry.owner_names([record]).get(record.owner_id))
+        return model_view(record, actor=user, owner_name=registry.owner_names([record]).get(record.owner_id),
+                          role_names=registry.role_names())
 
     @router.get("")
     def list_models(
@@ -59,9 +67,9 @@ def build_router(services: ModelServices) -> APIRouter:
         wanted = None if status in (None, "", "all") else status
         records = registry.list_models(actor=user, type=type, status=wanted, base=base, query=q, limit=limit,
                                        offset=offset)
-        owners = registry.owner_names(records)
+        owners, roles = registry.owner_names(records), registry.role_names()
         return {
-            "items": [model_view(r, actor=user, owner_name=owners.get(r.owner_id)) for r in records],
+            "items": [model_view(r, actor=user, owner_name=owners.get(r.owner_id), role_names=roles) for r in records],
             "total": registry.count_models(actor=user, type=type, status=wanted, base=base, query=q),
             "limit": limit, "offset": offset,
         }
@@ -75,13 +83,14 @@ def build_router(services: ModelServices) -> APIRouter:
     @router.post("/import/server", status_code=status.HTTP_202_ACCEPTED)
     def import_server(user: CurrentUser, body: ServerImportRequest) -> dict[str, Any]:
         task = services.server.start(actor=user, paths=body.paths, declared_type=body.type, in_place=body.in_place,
-                                     description=body.description, visibility=body.visibility)
+                                     description=body.description, visibility=body.visibility,
+                                     allowed_roles=body.allowed_roles)
         return task_view(task)
 
     @router.post("/import/url", status_code=status.HTTP_202_ACCEPTED)
     def import_url(user: CurrentUser, body: UrlImportRequest) -> dict[str, Any]:
         task = services.urls.start(actor=user, urls=body.urls, declared_type=body.type, description=body.description,
-                                   visibility=body.visibility)
+                                   visibility=body.visibility, allowed_roles=body.allowed_roles)
         return task_view(task)
 
     @router.get("/{model_id}")
@@ -91,7 +100,8 @@ def build_router(services: ModelServices) -> APIRouter:
     @router.patch("/{model_id}")
     def update_model(user: CurrentUser, model_id: str, body: ModelUpdate) -> dict[str, Any]:
         record = registry.update(actor=user, model_id=model_id, name=body.name, description=body.description,
-                                 visibility=body.visibility, metadata=body.metadata)
+                                 visibility=body.visibility, metadata=body.metadata,
+                                 allowed_roles=body.allowed_roles)
         return view(record, user)
 
     @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)

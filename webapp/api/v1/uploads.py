@@ -33,6 +33,8 @@ class UploadCreate(BaseModel):
     name: str | None = None
     description: str | None = None
     visibility: Visibility = Visibility.EVERYONE
+    allowed_roles: list[str | int] | None = Field(None, description="Role names (or ids) who see the model when "
+                                                  "`visibility` is `roles`")
     sha256: str | None = Field(None, description="Optional: checked against the received bytes before import")
 
 
@@ -56,7 +58,8 @@ def build_router(uploads: Uploads) -> APIRouter:
     @router.post("", status_code=status.HTTP_201_CREATED)
     def create(user: CurrentUser, body: UploadCreate) -> dict[str, Any]:
         session = uploads.create(actor=user, file_name=body.file_name, size=body.size, type=body.type, name=body.name,
-                                 description=body.description, visibility=body.visibility, sha256=body.sha256)
+                                 description=body.description, visibility=body.visibility, sha256=body.sha256,
+                                 allowed_roles=body.allowed_roles)
         return upload_view(session, chunk_size=CHUNK_HINT)
 
     @router.get("/{upload_id}")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -32,6 +32,7 @@ from pipelines.images import decode_image, resize_image
 from pipelines.types import InvalidRequestError
 from webapp.db import Database
 from webapp.records import Dataset, DatasetItem, User, Visibility, new_id, utcnow
+from webapp.services import sharing
 from webapp.services.access import authorize, can, visible
 from webapp.services.datasets import layout
 from webapp.services.datasets.layout import Limits, Plan, PlannedImage, SourceFile
@@ -51,14 +52,6 @@ MIN_SIDE, MAX_SIDE = 64, 4096
 class Created:
     dataset: Dataset
     warnings: list[str] = field(default_factory=list)
-
-
-def _parse_visibility(value: Visibility | str) -> Visibility:
-    try:
-        return Visibility(value)
-    except ValueError:
-        choices = ", ".join(v.value for v in Visibility)
-        raise InvalidInput(f"`visibility` must be one of {choices} but is {value!r}", field="visibility") from None
 
 
 def can_see(actor: User, dataset: Dataset) -> bool:
@@ -86,22 +79,27 @@ class DatasetService:
     def create(
         self, *, actor: User, name: str, files: list[tuple[str, bytes]] | list[SourceFile], repeats: int | str = 1,
         visibility: Visibility | str = Visibility.PRIVATE, captions: dict[str, str] | None = None,
+        allowed_roles: Sequence[str | int] | None = None,
     ) -> Created:
         """A dataset from uploaded files: images (optionally in ``<N>_<name>/`` folders) and ``.txt`` captions,
-        and/or ``captions`` by image file name."""
+        and/or ``captions`` by image file name (``dataset:create``)."""
+        authorize(actor, "dataset:create")
         sources = [f if isinstance(f, SourceFile) else layout.uploaded([f])[0] for f in files]
         return self._create(actor=actor, name=name, sources=sources, repeats=repeats, visibility=visibility,
-                            captions=captions, source="upload", field_name="files")
+                            allowed_roles=allowed_roles, captions=captions, source="upload", field_name="files")
 
     def create_from_zip(
         self, *, actor: User, name: str, zip_file: IO[bytes], repeats: int | str = 1,
-        visibility: Visibility | str = Visibility.PRIVATE,
+        visibility: Visibility | str = Visibility.PRIVATE, allowed_roles: Sequence[str | int] | None = None,
     ) -> Created:
-        """A dataset from a zip (a seekable file object) in kohya's layout; see `layout` for the rules."""
+        """A dataset from a zip (a seekable file object) in kohya's layout; see `layout` for the rules
+        (``dataset:create``)."""
+        authorize(actor, "dataset:create")
         self._check_new(actor, name)
+        self._sharing(visibility, allowed_roles)  # bad sharing is refused before the zip is read
         sources = layout.zip_sources(zip_file, self.limits)
         return self._create(actor=actor, name=name, sources=sources, repeats=repeats, visibility=visibility,
-                            captions=None, source="zip", field_name="zip")
+                            allowed_roles=allowed_roles, captions=None, source="zip", field_name="zip")
 
     def _check_new(self, actor: User, name: str) -> str:
         cleaned = layout.check_dataset_name(name)
@@ -111,12 +109,19 @@ class DatasetService:
         self._quota.check(actor, what="a new dataset")
         return cleaned
 
+    def _sharing(self, visibility: Visibility | str | None, allowed_roles: Sequence[str | int] | None,
+                 current: tuple[Visibility, str] | None = None) -> tuple[Visibility, str]:
+        """Visibility and stored allowed roles (``webapp.services.sharing``); datasets are private by default."""
+        with self._db.read() as s:
+            return sharing.resolve(s, visibility=visibility, allowed_roles=allowed_roles, current=current,
+                                   default=Visibility.PRIVATE)
+
     def _create(self, *, actor: User, name: str, sources: list[SourceFile], repeats: int | str,
-                visibility: Visibility | str, captions: dict[str, str] | None, source: str,
-                field_name: str) -> Created:
+                visibility: Visibility | str, allowed_roles: Sequence[str | int] | None,
+                captions: dict[str, str] | None, source: str, field_name: str) -> Created:
         cleaned = self._check_new(actor, name)
         count = layout.check_repeats(repeats)
-        wanted = _parse_visibility(visibility)
+        wanted = self._sharing(visibility, allowed_roles)
         found = layout.plan(sources, dataset_name=cleaned, repeats=count, limits=self.limits, captions=captions,
                             field_name=field_name)
         self._quota.check(actor, adding=found.total_bytes, what="the dataset")
@@ -155,11 +160,12 @@ class DatasetService:
         except StorageError as exc:
             raise Unavailable(f"the asset store refused {image.folder}/{image.file_name}: {exc}") from exc
 
-    def _record(self, actor: User, dataset_id: str, name: str, visibility: Visibility, found: Plan, *,
+    def _record(self, actor: User, dataset_id: str, name: str, sharing_: tuple[Visibility, str], found: Plan, *,
                 source: str, source_detail: str | None = None) -> Dataset:
         widths = [i.width for i in found.images]
         heights = [i.height for i in found.images]
-        dataset = Dataset(id=dataset_id, name=name, owner_id=actor.id, visibility=visibility,
+        dataset = Dataset(id=dataset_id, name=name, owner_id=actor.id, visibility=sharing_[0],
+                          allowed_roles=sharing_[1],
                           image_count=len(found.images), bytes=found.total_bytes, min_width=min(widths),
                           max_width=max(widths), min_height=min(heights), max_height=max(heights), source=source,
                           source_detail=source_detail)
@@ -195,6 +201,10 @@ class DatasetService:
 
     def owner_names(self, datasets: list[Dataset]) -> dict[int, str]:
         return usernames(self._db, (d.owner_id for d in datasets))
+
+    def role_names(self) -> dict[int, str]:
+        """Id → name of every role: labels for datasets' allowed roles and the choices for sharing."""
+        return sharing.role_names(self._db)
 
     def get(self, *, actor: User, dataset_id: str) -> Dataset:
         with self._db.read() as s:
@@ -277,10 +287,12 @@ class DatasetService:
         return current
 
     def update(self, *, actor: User, dataset_id: str, name: str | None = None,
-               visibility: Visibility | str | None = None) -> Dataset:
-        """Rename or share; the stored folders keep their names (they are the dataset's layout)."""
+               visibility: Visibility | str | None = None,
+               allowed_roles: Sequence[str | int] | None = None) -> Dataset:
+        """Rename or share (``dataset:update`` on it: the owner, or ``dataset:all``); the stored folders keep their
+        names (they are the dataset's layout). Sharing follows ``webapp.services.sharing``."""
         dataset = self.get(actor=actor, dataset_id=dataset_id)
-        require_manage(actor, dataset)
+        require_manage(actor, dataset, "update")
         try:
             with self._db.write() as s:
                 row = s.get(Dataset, dataset_id)
@@ -288,8 +300,10 @@ class DatasetService:
                     raise NotFound(f"no dataset with id {dataset_id!r}", field="dataset_id")
                 if name is not None:
                     row.name = layout.check_dataset_name(name)
-                if visibility is not None:
-                    row.visibility = _parse_visibility(visibility)
+                if visibility is not None or allowed_roles is not None:
+                    row.visibility, row.allowed_roles = sharing.resolve(
+                        s, visibility=visibility, allowed_roles=allowed_roles,
+                        current=(row.visibility, row.allowed_roles))
                 row.updated_at = utcnow()
                 s.add(row)
         except IntegrityError:
@@ -297,9 +311,9 @@ class DatasetService:
         return row
 
     def delete(self, *, actor: User, dataset_id: str) -> None:
-        """Delete the rows, then every blob under the dataset's prefix."""
+        """Delete the rows, then every blob under the dataset's prefix (``dataset:delete`` on it)."""
         dataset = self.get(actor=actor, dataset_id=dataset_id)
-        require_manage(actor, dataset)
+        require_manage(actor, dataset, "delete")
         with self._db.write() as s:
             for item in s.exec(select(DatasetItem).where(DatasetItem.dataset_id == dataset_id)):
                 s.delete(item)
@@ -311,12 +325,14 @@ class DatasetService:
         log.info("dataset %s (%r) deleted by %s", dataset_id, dataset.name, actor.username)
 
     def resize(self, *, actor: User, dataset_id: str, width: int, height: int, mode: str = "crop",
-               name: str | None = None, visibility: Visibility | str = Visibility.PRIVATE) -> Created:
+               name: str | None = None, visibility: Visibility | str = Visibility.PRIVATE,
+               allowed_roles: Sequence[str | int] | None = None) -> Created:
         """A NEW dataset of ``actor``'s with every image at ``width`` x ``height`` (captions and folders kept).
 
         JPEG images stay JPEG; the others become PNG (the file extension follows, the caption name does not
         change). The source is left as it is.
         """
+        authorize(actor, "dataset:create")
         source = self.get(actor=actor, dataset_id=dataset_id)
         for value, label in ((width, "width"), (height, "height")):
             if not isinstance(value, int) or not MIN_SIDE <= value <= MAX_SIDE or value % 8:
@@ -328,7 +344,7 @@ class DatasetService:
         if mode not in RESIZE_MODES:
             raise InvalidInput(f"`mode` must be one of {', '.join(RESIZE_MODES)} but is {mode!r}", field="mode")
         new_name = self._check_new(actor, name if name and name.strip() else f"{source.name} {width}x{height}")
-        wanted = _parse_visibility(visibility)
+        wanted = self._sharing(visibility, allowed_roles)
         with self._db.read() as s:
             items = list(s.exec(select(DatasetItem).where(DatasetItem.dataset_id == dataset_id)
                                 .order_by(col(DatasetItem.folder), col(DatasetItem.file_name))))

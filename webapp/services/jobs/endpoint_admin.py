@@ -52,6 +52,8 @@ class Deployment:
     max_instances: int = 1
     autoscale: bool | None = None
     """None: the kind's default (on for SageMaker, off otherwise)."""
+    allowed_roles: tuple[str | int, ...] = ()
+    """Role names (or ids) whose users may see and use the endpoint; empty: every holder of ``endpoint:use``."""
 
 
 def shown_config(endpoint: Endpoint) -> dict[str, Any]:
@@ -110,6 +112,7 @@ class EndpointAdmin:
         if not isinstance(autoscale, bool):
             raise InvalidInput(f"`autoscale` must be true or false, not {request.autoscale!r}", field="autoscale")
         name = self._name(request.name, parsed.name_prefix(kind))
+        roles = self._endpoints.encode_allowed_roles(request.allowed_roles)
         try:
             self._fleet.check_deployment(kind, options, name=name, bounds=(low, high, autoscale))
         except OptionsError as exc:
@@ -120,12 +123,16 @@ class EndpointAdmin:
         self._endpoints.add(Endpoint(
             name=name, kind=kind, status=EndpointStatus.CREATING, config_json=json.dumps(options, default=str),
             secrets_token=token, min_instances=low, max_instances=high, autoscale=autoscale,
-            owner_id=actor.id))
+            allowed_roles=roles, owner_id=actor.id))
         status = self._fleet.start_endpoint(name, kind, {**options, **hidden}, bounds=(low, high, autoscale),
                                             provision=True)
         log.info("endpoint %s (%s) deployed by %s: %s", name, kind, actor.username, status)
-        self._endpoints.audit(actor, "endpoint.deploy", name, kind=kind, status=str(status))
-        return self._endpoints.get(actor=actor, name=name)
+        self._endpoints.audit(actor, "endpoint.deploy", name, kind=kind, status=str(status),
+                              allowed_roles=self._endpoints.allowed_role_names(roles))
+        deployed = self._endpoints.find(name)  # not `get`: the deployer need not be among its allowed roles
+        if deployed is None:
+            raise Conflict(f"endpoint {name!r} was removed while it was being deployed", field="name")
+        return deployed
 
     def _name(self, name: Any, prefix: str) -> str:
         if name is None or name == "":

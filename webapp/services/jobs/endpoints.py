@@ -12,14 +12,14 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlmodel import select
 
 from webapp.db import Database
 from webapp.records import Endpoint, EndpointStatus, User, utcnow
-from webapp.services import audit
+from webapp.services import audit, sharing
 from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, NotFound, PermissionDenied
 
@@ -170,6 +170,44 @@ class EndpointService:
     def audit(self, actor: User, action: str, target: str, **detail: Any) -> None:
         """One audit-log event for an endpoint change made here or by ``EndpointAdmin``."""
         audit.write(self._db, actor, action, target, **detail)
+
+    # -- allowed roles (``endpoint:update``) -----------------------------------------------------------------
+    def encode_allowed_roles(self, roles: Sequence[str | int] | None) -> str:
+        """Role names or ids → the stored ``,3,7,``; unknown roles are named (``allowed_roles``)."""
+        listed = sharing.role_list(roles) or []
+        with self._db.read() as s:
+            return sharing.encode_named(s, listed)
+
+    def role_names(self) -> dict[int, str]:
+        return sharing.role_names(self._db)
+
+    def allowed_role_names(self, stored: str | None) -> list[str]:
+        """An endpoint's allowed roles by name (empty: open to every holder of ``endpoint:use``)."""
+        return sharing.names_of(stored, self.role_names()) if stored else []
+
+    def set_allowed_roles(self, *, actor: User, name: str, roles: Sequence[str | int] | None) -> Endpoint:
+        """Who may see and use the endpoint: users holding one of ``roles`` (names or ids); none: every holder of
+        ``endpoint:use``. Needs ``endpoint:update``; each change is audited with the roles before and after."""
+        authorize(actor, "endpoint:update")
+        self.get(actor=actor, name=name)
+        listed = sharing.role_list(roles) or []
+        names = self.role_names()
+        with self._db.write() as s:
+            endpoint = s.get(Endpoint, name)
+            if endpoint is None:
+                raise NotFound(f"no endpoint named {name!r}", field="endpoint")
+            before, after = endpoint.allowed_roles, sharing.encode_named(s, listed)
+            endpoint.allowed_roles, endpoint.updated_at = after, utcnow()
+            s.add(endpoint)
+            audit.record(s, actor, "endpoint.allowed_roles", name, before=sharing.names_of(before, names),
+                         after=sharing.names_of(after, names))
+        self._invalidate()
+        log.info("endpoint %s allowed roles set to %s by %s", name, sharing.names_of(after, names) or "everyone",
+                 actor.username)
+        found = self.find(name)
+        if found is None:
+            raise NotFound(f"no endpoint named {name!r}", field="endpoint")
+        return found
 
     def set_status_as(self, *, actor: User, name: str, status: EndpointStatus) -> Endpoint:
         """An operator (``endpoint:update``) takes an endpoint out of service (Stopped) or back (InService)."""

@@ -34,6 +34,7 @@ from sqlmodel import select
 from deploy.storage import BlobStore, StorageError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility, utcnow
+from webapp.services import sharing
 from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
 from webapp.services.quota import DiskQuota
@@ -92,6 +93,8 @@ class ImportRequest:
     source: str = "upload"
     source_detail: str | None = None
     visibility: Visibility = Visibility.EVERYONE
+    allowed_roles: str | None = None
+    """Stored form (``,3,7,``) for visibility ``roles``; None: what the reserved row holds (a new row: none)."""
     description: str | None = None
     metadata: dict[str, Any] | None = None
     reserved_id: str | None = None
@@ -232,6 +235,14 @@ class Importer:
     def _sha_lock(self, sha256: str) -> threading.Lock:
         with self._locks_guard:
             return self._sha_locks.setdefault(sha256, threading.Lock())
+
+    def resolve_sharing(self, visibility: Visibility | str | None, allowed_roles: sharing.RoleNames | None,
+                current: tuple[Visibility, str] | None = None) -> tuple[Visibility, str]:
+        """A new (or, with ``current``, an existing) model's visibility and stored allowed roles, checked
+        (``webapp.services.sharing``); models are visible to everyone unless told otherwise."""
+        with self._db.read() as s:
+            return sharing.resolve(s, visibility=visibility, allowed_roles=allowed_roles, current=current,
+                                   default=Visibility.EVERYONE)
 
     def import_file(self, path: Path, request: ImportRequest, *, progress: Progress | None = None) -> ImportOutcome:
         """Register the file at `path` (which the caller keeps or deletes; in-place files are referenced)."""
@@ -419,6 +430,8 @@ class Importer:
                 record.source_detail = request.source_detail
                 record.owner_id = request.owner.id if request.owner is not None else None
                 record.visibility = request.visibility
+                if request.allowed_roles is not None:
+                    record.allowed_roles = request.allowed_roles
                 record.description = request.description
                 record.metadata_json = json.dumps(metadata, default=str)
                 s.add(record)
@@ -432,7 +445,7 @@ class Importer:
 
     def reserve(self, *, owner: User | None, model_type: ModelType, file_name: str, name: str | None,
                 source: str, source_detail: str | None, visibility: Visibility, description: str | None,
-                local_path: str | None = None) -> ModelRecord:
+                local_path: str | None = None, allowed_roles: str = "") -> ModelRecord:
         """An ``Initial`` row shown in the table while the bytes arrive (or, in place at `local_path`, while
         the file is hashed); holds the name."""
         with self._db.write() as s:
@@ -446,7 +459,7 @@ class Importer:
             record = ModelRecord(
                 name=wanted, type=model_type, status=ModelStatus.INITIAL, file_name=file_name, source=source,
                 source_detail=source_detail, owner_id=owner.id if owner else None, visibility=visibility,
-                description=description, local_path=local_path,
+                allowed_roles=allowed_roles, description=description, local_path=local_path,
             )
             s.add(record)
             s.flush()

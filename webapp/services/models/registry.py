@@ -14,7 +14,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from pipelines.images import open_image
 from pipelines.types import InvalidRequestError
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ScannedFile, User, Visibility, utcnow
+from webapp.services import sharing
 from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, InvalidInput, NotFound
 from webapp.services.models import catalog
@@ -119,6 +120,10 @@ class ModelRegistry:
     def owner_names(self, records: list[ModelRecord]) -> dict[int, str]:
         return usernames(self._db, (r.owner_id for r in records))
 
+    def role_names(self) -> dict[int, str]:
+        """Id → name of every role: labels for models' allowed roles and the choices for sharing."""
+        return sharing.role_names(self._db)
+
     @staticmethod
     def file_ref(record: ModelRecord) -> ModelFileRef:
         """What a job message carries so a worker can materialise and verify the file."""
@@ -135,6 +140,7 @@ class ModelRegistry:
         name: str | None = None, in_place: bool = False, visibility: Visibility | str = Visibility.EVERYONE,
         description: str | None = None, metadata: dict[str, Any] | None = None, source: str = "server",
         file_name: str | None = None, progress: Progress | None = None,
+        allowed_roles: Sequence[str | int] | None = None,
     ) -> ModelRecord:
         """Register one local file synchronously (the core of every import path and of test fixtures).
 
@@ -144,13 +150,16 @@ class ModelRegistry:
         model is returned if the caller may see it; another user's private model is never revealed (the
         caller gets a model of their own sharing the stored bytes).
         """
+        if actor is not None:
+            authorize(actor, "model:create")
         if in_place and actor is not None:
             authorize(actor, "model:all")
+        vis, roles = self.importer.resolve_sharing(visibility, allowed_roles)
         request = ImportRequest(
             owner=actor, declared_type=catalog.parse_type(declared_type) if declared_type else None,
             name=name, file_name=file_name, in_place=in_place, source=source,
             source_detail=str(path) if source == "server" else None,
-            visibility=catalog.parse_visibility(visibility), description=description, metadata=metadata,
+            visibility=vis, allowed_roles=roles, description=description, metadata=metadata,
         )
         return self.importer.import_file(Path(path), request, progress=progress).record
 
@@ -180,13 +189,19 @@ class ModelRegistry:
     def update(
         self, *, actor: User, model_id: str, name: str | None = None, description: str | None = None,
         visibility: Visibility | str | None = None, metadata: dict[str, Any] | None = None,
+        allowed_roles: Sequence[str | int] | None = None,
     ) -> ModelRecord:
-        """Rename, describe, share: owners and admins."""
+        """Rename, describe, share (``model:update`` on the model: its owner, or ``model:all``). Sharing follows
+        ``webapp.services.sharing``: ``allowed_roles`` (names or ids) go with visibility ``roles``."""
         with self._db.write() as s:
             record = s.get(ModelRecord, model_id)
             if record is None or not catalog.can_see(actor, record):
                 raise NotFound(f"no model with id {model_id!r}", field="model_id")
-            catalog.require_manage(actor, record)
+            catalog.require_manage(actor, record, "update")
+            if visibility is not None or allowed_roles is not None:
+                record.visibility, record.allowed_roles = sharing.resolve(
+                    s, visibility=visibility, allowed_roles=allowed_roles,
+                    current=(record.visibility, record.allowed_roles))
             if name is not None:
                 new_name = catalog.check_name(name)
                 if new_name != record.name and catalog.name_taken(s, record.type, new_name, except_id=record.id):
@@ -196,8 +211,6 @@ class ModelRegistry:
                 record.name = new_name
             if description is not None:
                 record.description = description.strip() or None
-            if visibility is not None:
-                record.visibility = catalog.parse_visibility(visibility)
             if metadata is not None:
                 current = json.loads(record.metadata_json or "{}")
                 current.update({k: v for k, v in metadata.items() if k != "file"})
@@ -213,7 +226,7 @@ class ModelRegistry:
         scan leaves the file alone until it changes.
         """
         record = self.get(actor=actor, model_id=model_id)
-        catalog.require_manage(actor, record)
+        catalog.require_manage(actor, record, "delete")
         if self._in_use is not None and (user := self._in_use(record)):
             raise Conflict(f"{record.name!r} cannot be deleted: it is used by {user}", field="model_id")
         with self._db.write() as s:

@@ -67,11 +67,13 @@ class ServerImports:
     def start(
         self, *, actor: User, paths: str | Sequence[str], declared_type: ModelType | str | None = None,
         in_place: bool = True, description: str | None = None, visibility: Visibility | str = Visibility.EVERYONE,
+        allowed_roles: Sequence[str | int] | None = None,
     ) -> ImportTask:
-        authorize(actor, "model:all")
+        authorize(actor, "model:create")
+        authorize(actor, "model:all")  # server paths: only for those who manage every model
         model_type = catalog.parse_type(declared_type) if declared_type else None
         text, metadata = catalog.parse_description(description)
-        vis = catalog.parse_visibility(visibility)
+        vis, roles = self._importer.resolve_sharing(visibility, allowed_roles)
         items: list[dict[str, Any]] = []
         for entry in parse_paths(paths):
             path = self.check_path(entry)
@@ -82,7 +84,8 @@ class ServerImports:
         if len(items) > MAX_FILES:
             raise InvalidInput(f"{len(items)} files in one import; at most {MAX_FILES}", field="paths")
         params = {"paths": parse_paths(paths), "type": model_type.value if model_type else None,
-                  "in_place": in_place, "description": text, "metadata": metadata, "visibility": vis.value}
+                  "in_place": in_place, "description": text, "metadata": metadata, "visibility": vis.value,
+                  "allowed_roles": roles}
         return self._tasks.submit(kind=TaskKind.SERVER, owner=actor, params=params, items=items)
 
     def _expand(self, path: Path, model_type: ModelType | None) -> list[dict[str, Any]]:
@@ -111,7 +114,8 @@ class ServerImports:
                 outcome = self._importer.import_file(path, ImportRequest(
                     owner=ctx.owner, declared_type=ModelType(item["type"]) if item.get("type") else None,
                     file_name=item.get("file_name"), in_place=bool(params["in_place"]), source="server",
-                    source_detail=str(path), visibility=visibility, description=params.get("description"),
+                    source_detail=str(path), visibility=visibility,
+                    allowed_roles=params.get("allowed_roles", ""), description=params.get("description"),
                     metadata=params.get("metadata"),
                 ), progress=ctx.progress_callback(index))
             except ServiceError as exc:

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, timedelta
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from webapp.records import (
     Visibility,
     utcnow,
 )
-from webapp.services.access import can
+from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
@@ -112,8 +112,10 @@ class Uploads:
     def create(
         self, *, actor: User, file_name: str, size: int, type: ModelType | str | None, name: str | None = None,
         description: str | None = None, visibility: Visibility | str = Visibility.EVERYONE,
-        sha256: str | None = None,
+        sha256: str | None = None, allowed_roles: Sequence[str | int] | None = None,
     ) -> UploadSession:
+        """Start an upload (``model:create``); ``allowed_roles`` name who sees it with visibility ``roles``."""
+        authorize(actor, "model:create")
         self._expire_stale()
         file_name = _clean_file_name(file_name)
         if not type:
@@ -129,9 +131,10 @@ class Uploads:
         if sha256 is not None and not (len(sha256) == 64 and all(c in "0123456789abcdef" for c in sha256.lower())):
             raise InvalidInput("`sha256` must be 64 hex digits", field="sha256")
         text, metadata = catalog.parse_description(description)
-        vis = catalog.parse_visibility(visibility)
+        vis, roles = self._importer.resolve_sharing(visibility, allowed_roles)
         reserved = self._importer.reserve(owner=actor, model_type=model_type, file_name=file_name, name=name,
-                                          source="upload", source_detail=None, visibility=vis, description=text)
+                                          source="upload", source_detail=None, visibility=vis, description=text,
+                                          allowed_roles=roles)
         session = UploadSession(owner_id=actor.id, file_name=file_name, size=size, type=model_type, name=name,
                                 description=text, visibility=vis, sha256=sha256.lower() if sha256 else None,
                                 model_id=reserved.id)
@@ -300,12 +303,14 @@ class Uploads:
         with self._db.read() as s:
             session = s.get(UploadSession, upload_id) if upload_id else None
             owner = s.get(User, session.owner_id) if session is not None else None
+            previous = s.get(ModelRecord, session.model_id) if session is not None and session.model_id else None
         if session is None or not self._path(session).is_file():
             return
         try:
             reserved = self._importer.reserve(
                 owner=owner, model_type=session.type, file_name=session.file_name, name=session.name, source="upload",
                 source_detail=None, visibility=session.visibility, description=session.description,
+                allowed_roles=previous.allowed_roles if previous is not None else "",
             )
         except ServiceError:
             reserved = None

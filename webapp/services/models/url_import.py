@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -24,6 +24,7 @@ import httpx
 from pydantic import SecretStr
 
 from webapp.records import ImportTask, ModelType, TaskKind, User, Visibility
+from webapp.services.access import authorize
 from webapp.services.errors import InvalidInput, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
@@ -138,14 +139,16 @@ class UrlImports:
 
     def start(
         self, *, actor: User, urls: str | list[str], declared_type: ModelType | str, description: str | None = None,
-        visibility: Visibility | str = Visibility.EVERYONE,
+        visibility: Visibility | str = Visibility.EVERYONE, allowed_roles: Sequence[str | int] | None = None,
     ) -> ImportTask:
-        """Validate the list now (bad scheme, literal private address → 422), download in the background."""
+        """Validate the list now (bad scheme, literal private address → 422), download in the background
+        (``model:create``)."""
+        authorize(actor, "model:create")
         if not declared_type:
             raise InvalidInput("choose the model `type` of the files behind these URLs", field="type")
         model_type = catalog.parse_type(declared_type)
         text, metadata = catalog.parse_description(description)
-        vis = catalog.parse_visibility(visibility)
+        vis, roles = self._importer.resolve_sharing(visibility, allowed_roles)
         targets: list[str] = []
         items: list[dict[str, Any]] = []
         for raw in parse_url_list(urls):
@@ -161,7 +164,7 @@ class UrlImports:
             items.append({"source": redact_url(url), "type": model_type.value})
         has_secrets = any(redact_url(u) != u for u in targets)
         params = {"urls": [i["source"] for i in items], "type": model_type.value, "description": text,
-                  "metadata": metadata, "visibility": vis.value, "resumable": not has_secrets}
+                  "metadata": metadata, "visibility": vis.value, "allowed_roles": roles, "resumable": not has_secrets}
         payload = targets if has_secrets else None
         return self._tasks.submit(kind=TaskKind.URL, owner=actor, params=params, items=items, payload=payload)
 
@@ -183,7 +186,7 @@ class UrlImports:
                     record = self._importer.reserve(
                         owner=ctx.owner, model_type=model_type, file_name=file_name, name=None, source="url",
                         source_detail=shown, visibility=Visibility(ctx.params["visibility"]),
-                        description=ctx.params.get("description"),
+                        description=ctx.params.get("description"), allowed_roles=ctx.params.get("allowed_roles", ""),
                     )
                     reserved.append(record.id)
                     ctx.update(index, reserved_id=record.id, file_name=file_name, model_name=record.name)
@@ -194,6 +197,7 @@ class UrlImports:
                     outcome = self._importer.import_file(path, ImportRequest(
                         owner=ctx.owner, declared_type=model_type, file_name=file_name, source="url",
                         source_detail=shown, visibility=Visibility(ctx.params["visibility"]),
+                        allowed_roles=ctx.params.get("allowed_roles", ""),
                         description=ctx.params.get("description"), metadata=ctx.params.get("metadata"),
                         reserved_id=reserved[0],
                     ), progress=ctx.progress_callback(index))

@@ -7,14 +7,18 @@ asset-store keys are shown to administrators only.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from webapp.records import ImportTask, ModelRecord, UploadSession, User
 from webapp.services.access import can
 from webapp.services.models.scan import ScanSummary
+from webapp.services.sharing import names_of
 
 
-def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = None) -> dict[str, Any]:
+def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = None,
+               role_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+    """``allowed_roles``: role names (``role_names``: id → name, as ``ModelRegistry.role_names`` gives)."""
     try:
         metadata = json.loads(record.metadata_json) if record.metadata_json else {}
     except json.JSONDecodeError:
@@ -25,7 +29,8 @@ def model_view(record: ModelRecord, *, actor: User, owner_name: str | None = Non
         "size": record.size, "sha256": record.sha256, "autov2": record.autov2, "legacy_hash": record.legacy_hash,
         "lora_hash": record.lora_hash, "source_sha256": record.source_sha256, "file_format": record.file_format,
         "file_name": record.file_name, "source": record.source, "in_place": record.local_path is not None,
-        "owner": owner_name, "visibility": record.visibility.value, "description": record.description,
+        "owner": owner_name, "visibility": record.visibility.value,
+        "allowed_roles": names_of(record.allowed_roles, role_names or {}), "description": record.description,
         "metadata": metadata, "has_preview": record.preview_key is not None,
         "created_at": record.created_at.isoformat(), "updated_at": record.updated_at.isoformat(),
     }
