@@ -41,7 +41,7 @@ from webapp.records import (
     Visibility,
     utcnow,
 )
-from webapp.services.access import can
+from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, InvalidInput, NotFound, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
@@ -114,6 +114,7 @@ class Uploads:
         description: str | None = None, visibility: Visibility | str = Visibility.EVERYONE,
         sha256: str | None = None,
     ) -> UploadSession:
+        authorize(actor, "model:create")
         self._expire_stale()
         file_name = _clean_file_name(file_name)
         if not type:

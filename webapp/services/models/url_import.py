@@ -24,6 +24,7 @@ import httpx
 from pydantic import SecretStr
 
 from webapp.records import ImportTask, ModelType, TaskKind, User, Visibility
+from webapp.services.access import authorize
 from webapp.services.errors import InvalidInput, ServiceError
 from webapp.services.models import catalog
 from webapp.services.models.importer import Importer, ImportRequest
@@ -141,6 +142,7 @@ class UrlImports:
         visibility: Visibility | str = Visibility.EVERYONE,
     ) -> ImportTask:
         """Validate the list now (bad scheme, literal private address → 422), download in the background."""
+        authorize(actor, "model:create")
         if not declared_type:
             raise InvalidInput("choose the model `type` of the files behind these URLs", field="type")
         model_type = catalog.parse_type(declared_type)
