@@ -2,7 +2,8 @@
 
 A token is shown once, right after it is created; only its hash is kept. Scripts send it as
 ``Authorization: Bearer <token>``; clients that only speak HTTP Basic (webuiapi, SillyTavern) use the
-user's own name and password instead.
+user's own name and password instead. A token may be limited to some of the user's permissions (scopes:
+then it works on the APIs only) and may expire.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ import html
 
 import gradio as gr
 
+from webapp.records import ApiTokenPublic, User, utcnow
+from webapp.services.access import ACTIONS, RESOURCES
 from webapp.services.auth import AuthService
 from webapp.services.quota import DiskQuota, format_bytes
-from webapp.services.tokens import TokenService
+from webapp.services.tokens import MAX_EXPIRY_DAYS, TokenService
 from webapp.ui.context import UiContext, ui_errors
 from webapp.web.gate import SESSION_COOKIE
 
-HEADERS = ["Name", "Token starts with", "Created (UTC)", "Last used (UTC)", "Status"]
+HEADERS = ["Name", "Token starts with", "Created (UTC)", "Last used (UTC)", "Status", "Scopes", "Expires (UTC)"]
 REVOKE_TOKENS_LABEL = "Also revoke API tokens"
 USAGE = """Use a token instead of your password in scripts and editors:
 
@@ -26,11 +29,39 @@ curl -H "Authorization: Bearer stk_..." http://<server>/sdapi/v1/options
 ```
 
 Clients that only support a user name and password (webuiapi, SillyTavern, Open WebUI) work with your
-own login. A revoked token stops working at once."""
+own login. A revoked token stops working at once.
+
+**Scopes** limit a token to some of your permissions (always within the ones you hold at each request);
+a scoped token works on the APIs only, not in this UI. Leave them empty for a token that can do what you
+can. **Expires in days** bounds its life (at most 365); empty: until revoked."""
 
 
 def _when(value) -> str:  # noqa: ANN001 - datetime or None
     return value.strftime("%Y-%m-%d %H:%M") if value else "never"
+
+
+def _status(token: ApiTokenPublic) -> str:
+    if token.revoked_at:
+        return "revoked " + _when(token.revoked_at)
+    if token.expires_at is not None and token.expires_at <= utcnow():
+        return "expired"
+    return "active"
+
+
+def scope_choices(user: User) -> list[str]:
+    """The permissions a token of ``user`` may be limited to: each one they hold, ``x:all`` first."""
+    held = user.permissions
+    return [f"{r}:{a}" for r in RESOURCES for a in ("all", *ACTIONS[:-1]) if f"{r}:{a}" in held]
+
+
+def _days(value: float | str | None) -> float | None:
+    """The Expires box: empty is None (no expiry); the service checks the range."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"Expires in days must be a number, not {value!r}") from None
 
 
 def _cookie(request: gr.Request) -> str | None:
@@ -54,8 +85,9 @@ class AccountTab:
 
     def _rows(self, request: gr.Request) -> tuple[list[list[str]], list[tuple[str, str]]]:
         tokens = self.tokens.list_tokens(actor=self.ctx.user(request))
-        rows = [[t.name, f"{t.prefix}…", _when(t.created_at), _when(t.last_used_at),
-                 "revoked " + _when(t.revoked_at) if t.revoked_at else "active"] for t in tokens]
+        rows = [[t.name, f"{t.prefix}…", _when(t.created_at), _when(t.last_used_at), _status(t),
+                 ", ".join(t.scopes) if t.scopes is not None else "all of yours",
+                 _when(t.expires_at) if t.expires_at else "never"] for t in tokens]
         choices = [(f"{t.name} ({t.prefix}…)", t.id) for t in tokens if t.revoked_at is None]
         return rows, choices
 
@@ -70,8 +102,17 @@ class AccountTab:
         return whoami, rows, gr.update(choices=choices, value=None)
 
     @ui_errors
-    def create(self, name: str, request: gr.Request) -> tuple:
-        token, public = self.tokens.create(actor=self.ctx.user(request), name=name)
+    def scope_options(self, request: gr.Request) -> dict:
+        """The Scopes box's choices: the caller's own permissions."""
+        return gr.update(choices=scope_choices(self.ctx.user(request)))
+
+    @ui_errors
+    def create(self, name: str, request: gr.Request, scopes: list[str] | None = None,
+               expires_in_days: float | str | None = None) -> tuple:
+        """``scopes`` and ``expires_in_days`` come after ``request`` so earlier callers (name only) keep working."""
+        token, public = self.tokens.create(actor=self.ctx.user(request), name=name,
+                                           scopes=list(scopes) if scopes else None,
+                                           expires_in_days=_days(expires_in_days))
         rows, choices = self._rows(request)
         gr.Info(f"Token {public.name!r} created: copy it now, it will not be shown again")
         return gr.update(value=token, visible=True), "", rows, gr.update(choices=choices, value=None)
@@ -115,6 +156,12 @@ class AccountTab:
                         name = gr.Textbox(label="New token name", placeholder="e.g. laptop scripts",
                                           elem_id="token-name", scale=3)
                         create = gr.Button("Create token", variant="primary", elem_id="create-token", scale=1)
+                    with gr.Row():
+                        scopes = gr.Dropdown(label="Scopes (empty: all of your permissions)", choices=[],
+                                             multiselect=True, elem_id="token-scopes", scale=3)
+                        expires = gr.Number(label=f"Expires in days (empty: never; at most {MAX_EXPIRY_DAYS})",
+                                            value=None, minimum=0, maximum=MAX_EXPIRY_DAYS,
+                                            elem_id="token-expires", scale=1)
                     shown = gr.Textbox(label="Your new token (shown only once: copy it now)", visible=False,
                                        interactive=False, buttons=["copy"], elem_id="new-token")
                     with gr.Row():
@@ -128,8 +175,10 @@ class AccountTab:
                     revoke_tokens = gr.Checkbox(value=True, label=REVOKE_TOKENS_LABEL, elem_id="revoke-tokens-on-change")
                     change = gr.Button("Change password", elem_id="change-password")
         tab.select(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
+        tab.select(self.scope_options, None, [scopes], api_visibility="private")
         refresh.click(self.refresh, None, [whoami, table, revoke_choice], api_visibility="private")
-        create.click(self.create, [name], [shown, name, table, revoke_choice], api_visibility="private")
+        create.click(self.create, [name, scopes, expires], [shown, name, table, revoke_choice],
+                     api_visibility="private")
         revoke.click(self.revoke, [revoke_choice], [table, revoke_choice], api_visibility="private")
         change.click(self.change_password, [current, new, confirm, revoke_tokens], [current, new, confirm],
                      api_visibility="private")
