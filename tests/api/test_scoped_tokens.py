@@ -58,6 +58,24 @@ def test_a_scoped_token_of_an_admin_reaches_only_its_scopes(fake_studio):
     assert listed[0]["scopes"] == ["inference:list"] and "token" not in listed[0]
 
 
+def test_submitting_a_job_needs_inference_create_and_endpoint_use(fake_studio):
+    c = fake_studio.client
+    job = {"mode": "txt2img", "request": {"prompt": "a bridge", "steps": 2, "width": 64, "height": 64}}
+
+    def token(scopes: list[str]) -> dict[str, str]:
+        return bearer(c.post("/api/v1/tokens", auth=ALICE, json={"name": "jobs", "scopes": scopes}).json()["token"])
+
+    before = c.get("/api/v1/jobs", auth=ALICE).json()["total"]
+    reader = c.post("/api/v1/jobs", headers=token(["inference:list"]), json=job)
+    assert reader.status_code == 403 and "inference:create" in reader.json()["detail"], reader.text
+    no_endpoint = c.post("/api/v1/jobs", headers=token(["inference:list", "inference:create"]), json=job)
+    assert no_endpoint.status_code == 403 and "endpoint:use" in no_endpoint.json()["detail"], no_endpoint.text
+    assert c.get("/api/v1/jobs", auth=ALICE).json()["total"] == before
+    runner = c.post("/api/v1/jobs", headers=token(["inference:list", "inference:create", "endpoint:use", "model:list", "model:use"]),
+                    json=job)
+    assert runner.status_code == 201, runner.text
+
+
 def test_scopes_beyond_the_owners_are_refused_and_nothing_is_stored(fake_studio):
     c = fake_studio.client
     before = len(_token_rows(fake_studio, "alice"))

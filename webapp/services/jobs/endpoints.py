@@ -93,7 +93,11 @@ class EndpointService:
             name = self.default_name()
             if name is None:
                 raise Conflict("no endpoint is configured to run jobs", field="endpoint")
-        endpoint = self.get(actor=actor, name=name)
+        authorize(actor, "endpoint:use")  # running jobs on it, not listing it (a scoped API token may hold only this)
+        endpoint = self.find(name)
+        if endpoint is None or not can(actor, "endpoint:use", endpoint):
+            raise NotFound(f"no endpoint named {name!r}; available: {', '.join(self.names()) or '(none)'}",
+                           field="endpoint")
         if endpoint.status not in (EndpointStatus.IN_SERVICE, EndpointStatus.DEGRADED):
             detail = f": {endpoint.error}" if endpoint.error else ""
             raise Conflict(f"endpoint {name!r} is {endpoint.status}, not InService{detail}", field="endpoint")

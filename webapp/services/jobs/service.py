@@ -315,6 +315,7 @@ class JobService:
                task_id: str | None = None) -> Job:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
         check_text({"endpoint": endpoint, "task_id": task_id})
+        authorize(actor, "inference:create")
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         self._check_running_here(target.name)
         prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)  # the one validation
@@ -366,6 +367,7 @@ class JobService:
         job_kind = get_kind(kind)
         if job_kind.name == GENERATE:
             raise InvalidInput("generation jobs are submitted with `submit`", field="kind")
+        authorize(actor, f"{job_resource(job_kind.modes[0])}:create")
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         declared = target.capabilities.get("kinds") or [GENERATE]
         if job_kind.name not in declared:
