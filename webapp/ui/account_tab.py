@@ -33,7 +33,7 @@ own login. A revoked token stops working at once.
 
 **Scopes** limit a token to some of your permissions (always within the ones you hold at each request);
 a scoped token works on the APIs only, not in this UI. Leave them empty for a token that can do what you
-can. **Expires in days** bounds its life (at most 365); empty: until revoked."""
+can. **Expires in days** bounds its life (at most 365); 0: until revoked."""
 
 
 def _when(value) -> str:  # noqa: ANN001 - datetime or None
@@ -55,13 +55,15 @@ def scope_choices(user: User) -> list[str]:
 
 
 def _days(value: float | str | None) -> float | None:
-    """The Expires box: empty is None (no expiry); the service checks the range."""
+    """The Expires box: 0 or empty is None (no expiry; Gradio's Number sends 0 when cleared); the service
+    checks the range."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     try:
-        return float(value)
+        days = float(value)
     except (TypeError, ValueError):
         raise gr.Error(f"Expires in days must be a number, not {value!r}") from None
+    return None if days == 0 else days
 
 
 def _cookie(request: gr.Request) -> str | None:
@@ -159,8 +161,8 @@ class AccountTab:
                     with gr.Row():
                         scopes = gr.Dropdown(label="Scopes (empty: all of your permissions)", choices=[],
                                              multiselect=True, elem_id="token-scopes", scale=3)
-                        expires = gr.Number(label=f"Expires in days (empty: never; at most {MAX_EXPIRY_DAYS})",
-                                            value=None, minimum=0, maximum=MAX_EXPIRY_DAYS,
+                        expires = gr.Number(label=f"Expires in days (0: never; at most {MAX_EXPIRY_DAYS})",
+                                            value=0, minimum=0, maximum=MAX_EXPIRY_DAYS,
                                             elem_id="token-expires", scale=1)
                     shown = gr.Textbox(label="Your new token (shown only once: copy it now)", visible=False,
                                        interactive=False, buttons=["copy"], elem_id="new-token")
