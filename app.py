@@ -26,12 +26,14 @@ from webapp import schema  # noqa: E402
 from webapp.api import sdapi  # noqa: E402
 from webapp.api.sdapi import controlnet as controlnet_api  # noqa: E402
 from webapp.api.v1 import account as account_api  # noqa: E402
+from webapp.api.v1 import audit as audit_api  # noqa: E402
 from webapp.api.v1 import checkpoints as checkpoints_api  # noqa: E402
 from webapp.api.v1 import datasets as datasets_api  # noqa: E402
 from webapp.api.v1 import endpoints as endpoints_api  # noqa: E402
 from webapp.api.v1 import inferences as inferences_api  # noqa: E402
 from webapp.api.v1 import jobs as jobs_api  # noqa: E402
 from webapp.api.v1 import models as models_api  # noqa: E402
+from webapp.api.v1 import roles as roles_api  # noqa: E402
 from webapp.api.v1 import tasks as tasks_api  # noqa: E402
 from webapp.api.v1 import trainings as trainings_api  # noqa: E402
 from webapp.api.v1 import uploads as uploads_api  # noqa: E402
@@ -220,7 +222,7 @@ def build(settings: Settings) -> Studio:
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota, roles, job_quotas), users_api.build_router(users, auth),
         endpoints_api.build_router(jobs.endpoints, endpoint_admin), inferences_api.build_router(jobs),
         checkpoints_api.build_router(model_services.registry), datasets_api.build_router(datasets),
-        trainings_api.build_router(trainings),
+        trainings_api.build_router(trainings), roles_api.build_router(roles), audit_api.build_router(audit_log),
         controlnet_api.build_router(controlnet, settings.controlnet_unit_count),
     ]
     routers += [models_api.build_router(model_services), uploads_api.build_router(model_services.uploads),

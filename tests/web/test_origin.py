@@ -51,7 +51,7 @@ def _create_token_index(studio) -> int:
 
 def _join(client: TestClient, studio, session: str, name: str, headers: dict[str, str]):
     return client.post("/ui/gradio_api/queue/join", headers=headers, json={
-        "data": [name], "fn_index": _create_token_index(studio), "session_hash": session, "event_data": None,
+        "data": [name, [], None], "fn_index": _create_token_index(studio), "session_hash": session, "event_data": None,
         "trigger_id": None,
     })
 

@@ -22,7 +22,7 @@ from webapp.records import LoginSession, User, utcnow
 from webapp.services.errors import InvalidInput, NotAuthenticated
 from webapp.services.passwords import Passwords, check_password_policy
 from webapp.services.throttle import LoginThrottle
-from webapp.services.tokens import TokenService, revoke_all
+from webapp.services.tokens import TokenIdentity, TokenService, revoke_all
 from webapp.services.users import UserService
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,16 @@ class AuthService:
                     self._cache.popitem(last=False)
         return user
 
+    def identify_api_token(self, token: str) -> TokenIdentity | None:
+        """Who a personal API token (``Authorization: Bearer``) acts as, or None when unknown or revoked;
+        raises ``NotAuthenticated`` ("expired API token") once it has expired. A scoped token's user is
+        narrowed to its scopes (``TokenService.identify``)."""
+        return self._tokens.identify(token) if self._tokens is not None and token else None
+
     def user_for_api_token(self, token: str) -> User | None:
-        """The user behind a personal API token (``Authorization: Bearer``), or None."""
-        return self._tokens.user_for_token(token) if self._tokens is not None and token else None
+        """The user behind a personal API token, narrowed to its scopes, or None (``identify_api_token``)."""
+        identity = self.identify_api_token(token)
+        return identity.user if identity is not None else None
 
     def forget_credentials(self, user_id: int | None = None) -> None:
         """Drop cached Basic credentials of one user (or everyone's)."""

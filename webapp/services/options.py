@@ -19,6 +19,7 @@ from sqlmodel import delete, select
 
 from webapp.db import Database
 from webapp.records import ModelRecord, ModelStatus, ModelType, ServerOption, User, UserOption, utcnow
+from webapp.services import audit
 from webapp.services.a1111_options import API_RESTRICTED, DEFAULTS, DERIVED, SAMPLES_FORMATS
 from webapp.services.errors import InvalidInput, NotFound
 from webapp.services.text import check_text
@@ -233,6 +234,9 @@ class OptionsService:
                 if value != fallback:  # a value equal to the layer below needs no row
                     extra = {} if actor.is_admin else {"user_id": actor.id}
                     s.add(row_type(key=key, value_json=json.dumps(value), updated_at=utcnow(), **extra))
+            if changed and actor.is_admin:  # server defaults change every user's options: audited
+                audit.record(s, actor, "options.defaults", "server defaults",
+                             changed={key: stored[key] for key in changed})
         if changed:
             scope = "server defaults" if actor.is_admin else "own options"
             log.info("%s changed %s: %s", actor.username, scope, ", ".join(changed))

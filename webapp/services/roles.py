@@ -111,6 +111,14 @@ def resolve_roles(s: Session, names_or_ids: Sequence[str | int], *, field: str =
     return found
 
 
+def find_role(s: Session, role: str | int) -> AccessRole:
+    """One role by name or id; NotFound (404) naming it when there is none."""
+    try:
+        return resolve_roles(s, [role], field="role")[0]
+    except InvalidInput:
+        raise NotFound(f"no role named {str(role)!r}", field="role") from None
+
+
 def require_grantable(actor: User, permissions: Iterable[str], *, field: str = "permissions") -> None:
     lacking = sorted(expand(permissions) - actor.permissions)
     if lacking:
@@ -190,7 +198,7 @@ class RoleService:
     def get_role(self, *, actor: User, role: str | int) -> RoleView:
         authorize(actor, "role:list")
         with self._db.read() as s:
-            found = resolve_roles(s, [role], field="role")[0]
+            found = find_role(s, role)
             members = s.exec(select(func.count()).select_from(RoleMember).where(RoleMember.role_id == found.id)).one()
             return _view(found, members)
 
@@ -216,7 +224,7 @@ class RoleService:
         authorize(actor, "role:update")
         limits = _check_quotas(quotas)
         with self._db.write() as s:
-            found = resolve_roles(s, [role], field="role")[0]
+            found = find_role(s, role)
             before = role_permissions(found)
             changes: dict[str, object] = {}
             if name is not None and _check_name(name) != found.name:
@@ -246,10 +254,11 @@ class RoleService:
             audit.record(s, actor, "role.update", found.name, **changes)
             return _view(found, len(members))
 
-    def delete_role(self, *, actor: User, role: str | int) -> None:
+    def delete_role(self, *, actor: User, role: str | int) -> str:
+        """Delete a role; returns its name."""
         authorize(actor, "role:delete")
         with self._db.write() as s:
-            found = resolve_roles(s, [role], field="role")[0]
+            found = find_role(s, role)
             require_grantable(actor, role_permissions(found))
             members = [m.user_id for m in s.exec(select(RoleMember).where(RoleMember.role_id == found.id))]
             s.exec(delete(RoleMember).where(RoleMember.role_id == found.id))
@@ -264,6 +273,7 @@ class RoleService:
             refresh_users(s, members)
             ensure_an_admin_remains(s)
             audit.record(s, actor, "role.delete", found.name, members=len(members))
+            return found.name
 
     def set_user_roles(self, *, actor: User, username: str, roles: Sequence[str | int]) -> list[str]:
         """Give ``username`` exactly these roles (names or ids); returns their names."""

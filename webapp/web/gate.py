@@ -4,6 +4,10 @@ Identity comes from the session cookie (browsers) or an ``Authorization`` header
 with the user's own login, or ``Bearer <token>`` with a personal API token). The user is put in the
 ASGI scope under ``studio.user`` for the routes, the API dependencies and Gradio's ``auth_dependency``.
 
+A scoped API token (``webapp.services.tokens``) acts as its owner narrowed to its scopes; it is for the APIs
+only and is refused on the Gradio UI's paths, whose handlers look the user up by name (``UiContext.user``) and
+would act with the owner's every permission.
+
 Every request except a Bearer one must come from the server's own origin (``origin.OriginPolicy``):
 browsers attach cookies and cached Basic credentials to requests other pages start, never a Bearer
 token, so that one check covers every route, the login form (login CSRF) and Gradio's queue alike.
@@ -91,10 +95,12 @@ def client_address(scope: Scope) -> str | None:
 
 
 class AuthGate:
-    def __init__(self, app: Callable, auth: AuthService, origins: OriginPolicy | None = None) -> None:
+    def __init__(self, app: Callable, auth: AuthService, origins: OriginPolicy | None = None,
+                 ui_path: str = "/ui") -> None:
         self.app = app
         self.auth = auth
         self.origins = origins or OriginPolicy()
+        self.ui_path = ui_path.rstrip("/")
         self._limiters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per event loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -113,7 +119,7 @@ class AuthGate:
         if limiter is None:
             limiter = self._limiters[loop] = anyio.CapacityLimiter(_IDENTIFY_LIMITER_TOKENS)
         try:
-            user = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
+            user, scopes = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
         except Throttled as exc:
             await self._reply(send, 429, {"detail": translate(exc.message, scope_language(scope))},
                               [(b"retry-after", str(exc.retry_after).encode())])
@@ -124,21 +130,27 @@ class AuthGate:
         if user is None and path not in PUBLIC_PATHS:
             await self._deny(scope, send, path, "Not authenticated")
             return
+        if scopes is not None and (path == self.ui_path or path.startswith(self.ui_path + "/")):
+            log.warning("refused %s %s: scoped API token of %s", scope.get("method", "websocket"), path, user.username)
+            await self._refuse(scope, send, path, 403, "a scoped API token is for the APIs only, not the UI "
+                               f"({self.ui_path}/), whose handlers would act with the owner's every permission")
+            return
         scope[SCOPE_USER] = user
         await self.app(scope, receive, send)
 
-    def _identify(self, scope: Scope) -> User | None:
+    def _identify(self, scope: Scope) -> tuple[User | None, frozenset[str] | None]:
+        """The caller and, for a scoped API token, its scopes (None: the user's own permissions)."""
         authorization = _header(scope, b"authorization")
         if authorization:
             _, _, value = authorization.partition(" ")
             if _scheme(scope) == "basic":
-                return self._basic(value.strip(), scope)
+                return self._basic(value.strip(), scope), None
             if _scheme(scope) == "bearer":
-                user = self.auth.user_for_api_token(value.strip())
-                if user is None:
+                identity = self.auth.identify_api_token(value.strip())
+                if identity is None:
                     raise NotAuthenticated("Invalid or revoked API token")
-                return user
-        return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE))
+                return identity.user, identity.scopes
+        return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE)), None
 
     def _basic(self, value: str, scope: Scope) -> User:
         try:

@@ -85,7 +85,7 @@ def create_app(
     )
     guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
     app.add_middleware(UiLanguage, path=UI_PATH)  # inside the gate: it reads the signed-in user's language
-    app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins))
+    app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins), ui_path=UI_PATH)
     if metrics is not None and metrics.token is not None:  # just outside the gate: the scraper is no user
         app.add_middleware(MetricsScrape, access=metrics)
     app.add_middleware(ForwardedHeaders, trusted_hosts=forwarded_allow_ips or [])  # before the gate reads them

@@ -15,7 +15,7 @@ from webapp.services.access import compact
 from webapp.services.jobs.quotas import JobQuotas
 from webapp.services.quota import DiskQuota
 from webapp.services.roles import RoleService
-from webapp.services.tokens import TokenService
+from webapp.services.tokens import MAX_EXPIRY_DAYS, TokenService
 
 
 class Me(BaseModel):
@@ -42,6 +42,13 @@ class QuotaView(BaseModel):
 
 class TokenCreate(BaseModel):
     name: str = Field(description="What the token is for, e.g. 'laptop scripts'")
+    scopes: list[str] | None = Field(
+        None, description="Permissions (resource:action, e.g. ['inference:list', 'inference:create']) the token is "
+                          "limited to, each one you hold; null: your own permissions. Checked again at each request "
+                          "against your permissions then")
+    expires_in_days: float | None = Field(
+        None, description=f"Days until the token stops working (more than 0, at most {MAX_EXPIRY_DAYS}); null: "
+                          "until revoked")
 
 
 class TokenCreated(ApiTokenPublic):
@@ -84,8 +91,10 @@ def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService,
 
     @router.post("/tokens", status_code=status.HTTP_201_CREATED)
     def create_token(user: CurrentUser, body: TokenCreate) -> TokenCreated:
-        """A new personal token; send it as ``Authorization: Bearer <token>``."""
-        token, public = tokens.create(actor=user, name=body.name)
+        """A new personal token; send it as ``Authorization: Bearer <token>``. A scoped token works on the APIs
+        only (the UI refuses it with 403)."""
+        token, public = tokens.create(actor=user, name=body.name, scopes=body.scopes,
+                                      expires_in_days=body.expires_in_days)
         return TokenCreated(token=token, **public.model_dump())
 
     @router.delete("/tokens/{token_id}")
