@@ -324,7 +324,6 @@ class JobService:
         """Validate, resolve models as ``actor``, enforce the cap, enqueue; returns the queued job."""
         authorize(actor, "inference:create")
         check_text({"endpoint": endpoint, "task_id": task_id})
-        authorize(actor, "inference:create")
         target = self.endpoints.resolve(actor=actor, name=endpoint)
         self._check_running_here(target.name)
         prepared = self.resolver.prepare(actor=actor, mode=mode, request=request)  # the one validation
