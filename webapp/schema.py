@@ -237,6 +237,11 @@ def _v18(conn: Connection) -> None:
     create_missing_indexes(conn)
 
 
+def _v19(conn: Connection) -> None:
+    # Quotas per role: what deleted jobs and requeued attempts used today still counts (the quota_usage ledger).
+    create_tables(conn, "quota_usage")
+
+
 # Append only. Versions are assigned per feature; a gap is harmless on fresh databases.
 MIGRATIONS: list[Migration] = [
     Migration(1, "users and login sessions", _v1),
@@ -257,6 +262,7 @@ MIGRATIONS: list[Migration] = [
     Migration(16, "trainings: the instance that registers a succeeded training's LoRAs", _v16),
     Migration(17, "roles and permissions, allowed roles, scoped expiring API tokens, audit log, UI language", _v17),
     Migration(18, "job quotas per role: an index for the GPU-seconds an owner's jobs ran today", _v18),
+    Migration(19, "job quotas per role: a ledger of what deleted jobs and requeued attempts used today", _v19),
 ]
 LATEST = max(m.version for m in MIGRATIONS)  # entries may land out of order; upgrade() sorts
 

@@ -2,8 +2,9 @@
 
 The limits are the most generous of the user's roles; a refusal is 429 ``JobQuotaExceeded`` naming the quota and
 when it frees (Retry-After over HTTP for the daily ones), on every path, and stores nothing; the check and the
-insert share one write transaction, so parallel submits cannot both take the last slot. On SQLite and PostgreSQL
-(the GPU-seconds sum is spelled per dialect)."""
+insert share one write transaction, so parallel submits cannot both take the last slot. Deleting today's jobs or
+requeueing a running one gives no daily quota back (the ``quota_usage`` ledger). On SQLite and PostgreSQL (the
+GPU-seconds sum is spelled per dialect)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from typing import Any
 
 import gradio as gr
 import pytest
+from sqlmodel import select
 
 from tests.fixtures.postgres import DATABASE_KINDS
 from tests.jobs.conftest import add_user, txt2img
 from tests.jobs.test_job_access import count, http, member, parked, role
-from webapp.records import Job, JobStatus
+from webapp.records import Job, JobStatus, QuotaUsage
 from webapp.services.errors import JobQuotaExceeded
-from webapp.services.jobs.quotas import gpu_seconds, in_words, next_midnight
+from webapp.services.jobs.leases import Instance
+from webapp.services.jobs.quotas import JOB_QUOTAS, gpu_seconds, in_words, next_midnight, recorded
 from webapp.services.quota import QuotaExceeded
 from webapp.ui.account_tab import AccountTab
 from webapp.ui.context import UiContext
@@ -226,6 +229,133 @@ def test_the_account_tab_shows_the_job_quotas(fake_studio):
     whoami, _, _ = tab.refresh(gr.Request(username="shaun"))
     assert "queued jobs 0 of 5" in whoami and "jobs per day 0 of 100" in whoami
     assert "GPU-seconds per day 0 (no limit)" in whoami and "00:00 UTC" in whoami
+
+
+def shown_quotas(studio: Any, username: str) -> dict[str, Any]:
+    with http(studio, username) as client:
+        answer = client.get("/api/v1/me/quotas")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def ledger(studio: Any, owner_id: int) -> tuple[int, float]:
+    """The owner's ``quota_usage`` row of today (0, 0.0 when none)."""
+    with studio.db.read() as s:
+        return recorded(s, owner_id, datetime.now(UTC).date())
+
+
+def test_deleting_todays_jobs_gives_no_jobs_per_day_back(fake_studio):
+    from tests.jobs.test_ui import req
+    from webapp.ui.context import UiContext as Context
+    from webapp.ui.history import HistoryPanel
+
+    quota_role(fake_studio, "Two a day, deleting", max_jobs_per_day=2)
+    della = member(fake_studio, "della", "Two a day, deleting")
+    jobs = fake_studio.jobs
+    done = [jobs.wait(actor=della, job_id=jobs.submit(actor=della, mode="txt2img", request=txt2img()).id, timeout=30)
+            for _ in range(2)]
+    history = HistoryPanel(Context(users=fake_studio.users), jobs, "txt2img", ("txt2img",))
+    history.delete(done[0].id, req(della))  # the UI's delete ...
+    with http(fake_studio, "della") as client:  # ... and the ESD bulk delete both end in JobService.delete
+        answer = client.request("DELETE", "/api/v1/inferences", json={"inference_id_list": [done[1].id]})
+        assert answer.status_code == 200, answer.text
+    assert jobs.list_jobs(actor=della)[1] == 0
+    assert ledger(fake_studio, della.id) == (2, pytest.approx(sum(
+        (job.finished_at - job.started_at).total_seconds() for job in done), abs=0.01))
+    before = count(fake_studio)
+    with pytest.raises(JobQuotaExceeded) as refused:
+        jobs.submit(actor=della, mode="txt2img", request=txt2img())
+    assert refused.value.field == "max_jobs_per_day" and "you submitted 2 of 2 today" in refused.value.message
+    with http(fake_studio, "della") as client:
+        answer = client.post("/api/v1/jobs", json={"mode": "txt2img", "request": txt2img()})
+        assert answer.status_code == 429 and answer.json()["field"] == "max_jobs_per_day", answer.text
+    assert count(fake_studio) == before, "the refused submits left no row"
+    shown = shown_quotas(fake_studio, "della")
+    assert shown["max_jobs_per_day"]["used"] == 2 and shown["max_jobs_per_day"]["limit"] == 2
+
+
+def test_a_deleted_jobs_run_time_still_counts_today(fake_studio):
+    quota_role(fake_studio, "One GPU-second, deleting", max_gpu_seconds_per_day=1)
+    gwen = member(fake_studio, "gwen", "One GPU-second, deleting")
+    jobs = fake_studio.jobs
+    job = jobs.submit(actor=gwen, mode="txt2img", request=txt2img(steps=150, n_iter=2))  # runs for 1.5 s
+    done = jobs.wait(actor=gwen, job_id=job.id, timeout=60)
+    ran = (done.finished_at - done.started_at).total_seconds()
+    assert done.status == JobStatus.SUCCEEDED and ran >= 1.0
+    with http(fake_studio, "gwen") as client:
+        assert client.delete(f"/api/v1/jobs/{job.id}").status_code == 204
+    assert jobs.list_jobs(actor=gwen)[1] == 0
+    used = {u.name: u.used for u in jobs.quotas.usage(actor=gwen)}
+    assert used["max_gpu_seconds_per_day"] == pytest.approx(ran, abs=0.05) and used["max_jobs_per_day"] == 1
+    before = count(fake_studio)
+    with pytest.raises(JobQuotaExceeded) as refused:
+        jobs.submit(actor=gwen, mode="txt2img", request=txt2img())
+    assert refused.value.field == "max_gpu_seconds_per_day" and f"ran {ran:.0f} of 1 today" in refused.value.message
+    assert count(fake_studio) == before
+    shown = shown_quotas(fake_studio, "gwen")["max_gpu_seconds_per_day"]
+    assert shown["used"] == used["max_gpu_seconds_per_day"] and shown["limit"] == 1
+
+
+def test_a_requeued_attempts_run_time_counts(fake_studio):
+    """The reaper (the instance died: counted to its lease's expiry) and a requeue by the running instance (counted
+    to now) clear ``started_at``; the attempt's time today stays counted, and one that ended yesterday adds nothing."""
+    ray = add_user(fake_studio, "ray")
+    queue = fake_studio.jobs.queue
+    now = datetime.now(UTC)
+    midnight = next_midnight(now) - timedelta(days=1)
+    with parked(fake_studio) as parking:
+        died, handed_back, yesterday = (
+            fake_studio.jobs.submit(actor=ray, mode="txt2img", request=txt2img(), endpoint=parking) for _ in range(3))
+        dead = Instance()
+        with fake_studio.db.write() as s:
+            for job_id, started, holder, expires in (
+                    (died.id, now - timedelta(seconds=20), dead.id, now - timedelta(seconds=5)),
+                    (handed_back.id, now - timedelta(seconds=10), queue.instance.id, now + timedelta(hours=1)),
+                    (yesterday.id, midnight - timedelta(hours=2), dead.id, midnight - timedelta(hours=1))):
+                row = s.get(Job, job_id)
+                row.status, row.started_at, row.attempts = JobStatus.RUNNING, started, 1
+                row.lease_owner, row.lease_expires_at = holder, expires
+                s.add(row)
+        fake_studio.jobs.reap()  # the lease reaper may have been first: either way the two dead ones are requeued
+        assert queue.requeue(handed_back.id, refund_attempt=False, reason="the backend lost it") == JobStatus.QUEUED
+        for job in (died, handed_back, yesterday):
+            found = fake_studio.jobs.get(actor=ray, job_id=job.id)
+            assert found.status == JobStatus.QUEUED and found.started_at is None
+        jobs, seconds = ledger(fake_studio, ray.id)
+        assert jobs == 0 and seconds == pytest.approx(15 + 10, abs=1.0)
+        used = {u.name: u.used for u in fake_studio.jobs.quotas.usage(actor=ray)}
+        assert used["max_gpu_seconds_per_day"] == pytest.approx(seconds, abs=0.1)
+        assert used["max_jobs_per_day"] == 3, "a requeued job is still one submission"
+        assert shown_quotas(fake_studio, "ray")["max_gpu_seconds_per_day"]["used"] == used["max_gpu_seconds_per_day"]
+
+
+def test_a_job_from_yesterday_deleted_today_gives_the_ledger_only_todays_part(fake_studio):
+    yves = add_user(fake_studio, "yves")
+    jobs = fake_studio.jobs
+    now = datetime.now(UTC)
+    midnight = next_midnight(now) - timedelta(days=1)
+    with parked(fake_studio) as parking:
+        old, across = (jobs.submit(actor=yves, mode="txt2img", request=txt2img(), endpoint=parking) for _ in range(2))
+        with fake_studio.db.write() as s:
+            for job_id, started, finished in ((old.id, midnight - timedelta(hours=2), midnight - timedelta(hours=1)),
+                                              (across.id, midnight - timedelta(minutes=30), midnight + timedelta(seconds=30))):
+                row = s.get(Job, job_id)
+                row.status, row.created_at = JobStatus.SUCCEEDED, midnight - timedelta(hours=3)
+                row.started_at, row.finished_at = started, finished
+                s.add(row)
+            s.add(QuotaUsage(owner_id=yves.id, day=(midnight - timedelta(days=1)).date(), jobs=7, gpu_seconds=99.0))
+        before = {u.name: u.used for u in jobs.quotas.usage(actor=yves)}
+        assert before["max_jobs_per_day"] == 0 and before["max_gpu_seconds_per_day"] == 30
+
+        jobs.delete(actor=yves, job_id=old.id)
+        assert ledger(fake_studio, yves.id) == (0, 0.0), "nothing of it counted today"
+        jobs.delete(actor=yves, job_id=across.id)
+        assert ledger(fake_studio, yves.id) == (0, pytest.approx(30, abs=0.01)), "only the run time after 00:00"
+        after = {u.name: u.used for u in jobs.quotas.usage(actor=yves)}
+        assert {name: after[name] for name in JOB_QUOTAS} == {name: before[name] for name in JOB_QUOTAS}
+        with fake_studio.db.read() as s:
+            days = s.exec(select(QuotaUsage.day).where(QuotaUsage.owner_id == yves.id)).all()
+        assert days == [midnight.date()], "writing today's row dropped yesterday's"
 
 
 def test_reset_times_in_words():

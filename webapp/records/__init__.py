@@ -7,6 +7,7 @@ from webapp.records.imports import ImportTask, ScannedFile, TaskKind, TaskStatus
 from webapp.records.jobs import Endpoint, EndpointStatus, Job, JobMode, JobStatus
 from webapp.records.models import ModelRecord, ModelStatus, ModelType, Visibility
 from webapp.records.options import ServerOption, UserOption
+from webapp.records.quotas import QuotaUsage
 from webapp.records.tokens import ApiToken, ApiTokenPublic
 from webapp.records.users import LoginAttempt, LoginSession, User, UserPublic
 
@@ -14,7 +15,7 @@ __all__ = [
     "AccessRole", "AuditEvent", "RoleMember",
     "Dataset", "DatasetItem",
     "Endpoint", "EndpointStatus", "Job", "JobMode", "JobStatus",
-    "ApiToken", "ApiTokenPublic", "ServerOption", "UserOption",
+    "ApiToken", "ApiTokenPublic", "QuotaUsage", "ServerOption", "UserOption",
     "LoginAttempt", "LoginSession", "ModelRecord", "ModelStatus", "ModelType", "User", "UserPublic", "Visibility",
     "new_id", "utcnow",
     "ImportTask", "ScannedFile", "TaskKind", "TaskStatus", "UploadSession", "UploadStatus",

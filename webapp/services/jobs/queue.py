@@ -40,6 +40,7 @@ from webapp.records import Job, JobStatus, utcnow
 from webapp.services.errors import Throttled
 from webapp.services.jobs.leases import Instance
 from webapp.services.jobs.observers import FinishedJob, JobObserver, notify, seconds_between
+from webapp.services.jobs.quotas import attempt_today, record_usage
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +257,9 @@ class JobQueue:
                          "finished, so it was given up — it may be what stops the server")
             job.finished_at = utcnow()
         else:
+            # the attempt's run time leaves the row with its started_at: the quota ledger keeps today's part
+            now = utcnow()
+            record_usage(s, job.owner_id, now, gpu_seconds=attempt_today(job, now))
             job.status, job.started_at, job.worker = QUEUED, None, None
             job.remote_handle_json, job.lease_owner = None, None
             job.progress, job.step, job.steps, job.eta_seconds = 0.0, 0, 0, None

@@ -32,7 +32,7 @@ from deploy.backends.messages import JobModels
 from deploy.jobkinds import GENERATE, get_kind
 from deploy.storage import BlobNotFound, BlobStore, StorageError
 from webapp.db import Database
-from webapp.records import Job, JobMode, JobStatus, ModelRecord, User
+from webapp.records import Job, JobMode, JobStatus, ModelRecord, User, utcnow
 from webapp.records.jobs import ACTIVE_STATUSES, TERMINAL_STATUSES
 from webapp.services.access import authorize, can
 from webapp.services.errors import Conflict, InvalidInput, NotFound, Unavailable
@@ -41,7 +41,7 @@ from webapp.services.jobs.dispatcher import Dispatcher
 from webapp.services.jobs.endpoints import EndpointService
 from webapp.services.jobs.inputs import INPUTS_PREFIX, JobInputs
 from webapp.services.jobs.queue import JobQueue, Recovery
-from webapp.services.jobs.quotas import JobQuotas
+from webapp.services.jobs.quotas import JobQuotas, keep_usage_of_deleted
 from webapp.services.jobs.readable import readable
 from webapp.services.jobs.requests import RequestResolver
 from webapp.services.quota import DiskQuota
@@ -625,6 +625,7 @@ class JobService:
             row = s.get(Job, job.id)
             keys = [*row.image_keys, *row.artifact_keys, *self.inputs.keys_of(row)] if row is not None else []
             if row is not None:
+                keep_usage_of_deleted(s, row, utcnow())  # deleting today's jobs gives no daily quota back
                 s.delete(row)
         keys += [blob.key for blob in self._store.list(f"jobs/{job.id}/")]  # state a worker kept to resume from
         for key in dict.fromkeys(keys):
