@@ -358,6 +358,16 @@ def test_a_job_from_yesterday_deleted_today_gives_the_ledger_only_todays_part(fa
         assert days == [midnight.date()], "writing today's row dropped yesterday's"
 
 
+def test_deleting_a_user_deletes_their_ledger_rows(fake_studio):
+    leah = add_user(fake_studio, "leah")
+    job = fake_studio.jobs.submit(actor=leah, mode="txt2img", request=txt2img())
+    fake_studio.jobs.delete(actor=leah, job_id=job.id)
+    assert ledger(fake_studio, leah.id)[0] == 1
+    fake_studio.users.delete_user(actor=fake_studio.admin, username="leah")
+    with fake_studio.db.read() as s:
+        assert s.exec(select(QuotaUsage).where(QuotaUsage.owner_id == leah.id)).all() == []
+
+
 def test_reset_times_in_words():
     assert in_words(3 * 3600 + 12 * 60 + 5) == "3 h 12 min"
     assert in_words(12 * 60) == "12 min" and in_words(40) == "40 s"
