@@ -18,7 +18,7 @@ The ledger keeps deleting or requeueing a job from giving quota back: the write 
 submission if created today, its run time within today), and the one that puts a running job back in the queue
 (``JobQueue`` requeue and reap, which clear ``started_at``) adds that attempt's run time within today
 (``attempt_today``; an attempt its instance died in ends at its lease's expiry at the latest). Writing a row drops
-the rows of earlier days, so the table holds at most one row per owner.
+every row of an earlier day, so the table stays small: the rows of the last day anything was written.
 
 ``admit`` runs inside the write transaction that inserts the job (``JobQueue.enqueue``). Write transactions run
 one at a time (``Database.write``), so two submits in parallel cannot both take the last slot.
@@ -151,7 +151,7 @@ def record_usage(s: Session, owner_id: int, now: datetime, *, jobs: int = 0, gpu
     if jobs <= 0 and gpu_seconds <= 0:
         return
     today = _utc(now).date()
-    s.exec(delete(QuotaUsage).where(QuotaUsage.day < today))  # type: ignore[call-overload,arg-type]
+    s.exec(delete(QuotaUsage).where(QuotaUsage.day < today))  # type: ignore[call-overload]
     # Write transactions run one at a time (``Database.write``): no other writer adds the row between the two.
     found = s.exec(update(QuotaUsage).where(  # type: ignore[call-overload]
         QuotaUsage.owner_id == owner_id, QuotaUsage.day == today).values(
@@ -209,9 +209,9 @@ class JobQuotas:
                 "running; frees as your jobs finish (or cancel one)", quota="max_queued_jobs")
         per_day, gpu = limits.get("max_jobs_per_day"), limits.get("max_gpu_seconds_per_day")
         submitted, ran = used_today(s, user.id, now) if per_day is not None or gpu is not None else (0, 0.0)
-        if per_day is not None and (used := submitted) >= per_day:
+        if per_day is not None and submitted >= per_day:
             raise JobQuotaExceeded(
-                f"your roles allow {per_day} jobs per day (max_jobs_per_day) and you submitted {used} of {per_day} "
+                f"your roles allow {per_day} jobs per day (max_jobs_per_day) and you submitted {submitted} of {per_day} "
                 f"today; resets at 00:00 UTC, in {left}", quota="max_jobs_per_day", resets_at=resets, retry_after=retry_after)
         if gpu is not None and ran >= gpu:
             raise JobQuotaExceeded(
