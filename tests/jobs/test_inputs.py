@@ -148,7 +148,7 @@ def test_the_job_runs_with_the_bytes_and_deleting_it_deletes_its_inputs(studio, 
 def test_a_refused_submit_leaves_no_blobs(studio, monkeypatch):
     before = _inputs(studio)
 
-    def full(job: Job) -> Job:
+    def full(job: Job, **_: Any) -> Job:  # enqueue(job, admit=...) since role quotas
         raise Throttled("full", retry_after=1)
 
     monkeypatch.setattr(studio.jobs.queue, "enqueue", full)
