@@ -56,6 +56,7 @@ class PeakRss:
 @pytest.mark.slow
 def test_fullsize_sd15_checkpoint_generates(tmp_path: Path, record_property):
     path = tmp_path / "sd15-random-fp16.safetensors"
+    baseline = psutil.Process().memory_info().rss  # what earlier tests of this session left in the process
     with PeakRss() as rss:
         started = time.perf_counter()
         write_random_ldm(SHIPPED_ROOT / "sd15", path, dtype=torch.float16, seed=1)
@@ -74,8 +75,12 @@ def test_fullsize_sd15_checkpoint_generates(tmp_path: Path, record_property):
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all() and image.std() > 0
     timings = {"write_s": written - started, "load_s": loaded - written, "generate_s": generated - loaded,
                "total_s": generated - started, "peak_rss_gib": rss.peak / 2**30,
+               "baseline_rss_gib": baseline / 2**30, "load_rss_gib": (rss.peak - baseline) / 2**30,
                "file_gib": path.stat().st_size / 2**30}
     for key, value in timings.items():
         record_property(key, round(value, 2))
     logger.warning("full-size SD1.5: %s", ", ".join(f"{k}={v:.2f}" for k, v in timings.items()))
-    assert rss.peak < 8 * 2**30, f"peak RSS {rss.peak / 2**30:.2f} GiB"
+    # What writing, loading (fp32) and generating take on top of the process (6.3 GiB measured alone): within
+    # 7 GiB. The whole process's peak also holds what earlier tests of the session left (0.5-1.7 GiB), which
+    # says nothing about the loader, so it is recorded, not asserted.
+    assert rss.peak - baseline < 7 * 2**30, f"peak RSS {rss.peak / 2**30:.2f} GiB over {baseline / 2**30:.2f}"

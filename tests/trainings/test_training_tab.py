@@ -13,6 +13,7 @@ import pytest
 from tests.trainings.conftest import dataset_of, user
 from webapp.records import JobStatus
 from webapp.ui.context import UiContext
+from webapp.ui.localize import text_of
 from webapp.ui.training_tab import HEADERS, TrainingTab
 
 ALICE, BOB = SimpleNamespace(username="alice"), SimpleNamespace(username="bob")
@@ -91,5 +92,5 @@ def test_the_tab_is_mounted_in_the_page(tstudio):
     names = {getattr(dep.fn, "__name__", "") for dep in blocks.fns.values() if dep.fn is not None}
     assert {"create_training", "show_training", "format_training_config", "stop_training", "resume_training",
             "delete_training", "refresh_training_form"} <= names
-    labels = {getattr(block, "label", None) for block in blocks.blocks.values()}
+    labels = {text_of(getattr(block, "label", None)) for block in blocks.blocks.values()}  # the page holds i18n keys
     assert "Training" in labels and "Config (TOML, kohya keys)" in labels

@@ -39,6 +39,7 @@ def _shared_with(visibility: str | None, roles: list[str] | None) -> list[str] |
     return list(roles or []) if visibility == Visibility.ROLES.value else None
 
 
+@ui_errors
 def _roles_shown(visibility: str | None) -> dict:
     return gr.update(visible=visibility == Visibility.ROLES.value)
 

@@ -60,6 +60,7 @@ def _shown_visibility(visibility: Visibility, allowed_roles: str, names: dict[in
     return f"roles: {', '.join(names_of(allowed_roles, names))}"
 
 
+@ui_errors
 def roles_shown(visibility: str | None) -> dict:
     """The roles dropdown is shown when "roles" is chosen."""
     return gr.update(visible=visibility == Visibility.ROLES.value)
