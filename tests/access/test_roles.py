@@ -8,8 +8,6 @@ import json
 import pytest
 from sqlmodel import select
 
-from webapp import schema
-from webapp.db import Database
 from webapp.records import AuditEvent, ModelRecord, ModelType, User, Visibility
 from webapp.services.access import ALL_PERMISSIONS, can, encode_roles, visible
 from webapp.services.audit import AuditFilter, AuditLog
@@ -19,14 +17,6 @@ from webapp.services.roles import RoleService
 from webapp.services.users import UserService
 
 PASSWORD = "a-long-enough-password"
-
-
-@pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    schema.upgrade(database)
-    yield database
-    database.engine.dispose()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from webapp import schema
 from webapp.db import Database
 from webapp.records import Visibility
 from webapp.services import sharing
@@ -14,14 +13,6 @@ from webapp.services.errors import InvalidInput
 from webapp.services.passwords import Passwords
 from webapp.services.roles import RoleService
 from webapp.services.users import UserService
-
-
-@pytest.fixture
-def db(database_url):
-    database = Database(database_url)
-    schema.upgrade(database)
-    yield database
-    database.engine.dispose()
 
 
 @pytest.fixture

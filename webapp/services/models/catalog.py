@@ -18,9 +18,10 @@ from sqlalchemy import and_, func, or_
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import SelectOfScalar
 
-from webapp.records import ModelRecord, ModelStatus, ModelType, User, Visibility
+from webapp.records import ModelRecord, ModelStatus, ModelType, User
 from webapp.services.access import authorize, can, visible
 from webapp.services.errors import InvalidInput, PermissionDenied
+from webapp.services.sharing import parse_visibility  # noqa: F401 - catalog.parse_visibility callers
 
 MAX_NAME = 255
 _FORBIDDEN_NAME_CHARS = "<>:[]\\\"|?*"
@@ -249,9 +250,3 @@ def parse_description(text: str | None) -> tuple[str | None, dict[str, Any] | No
     return (description.strip() or None) if description else None, (value or None)
 
 
-def parse_visibility(value: Visibility | str) -> Visibility:
-    try:
-        return Visibility(str(value).strip().lower())
-    except ValueError:
-        choices = ", ".join(v.value for v in Visibility)
-        raise InvalidInput(f"`visibility` must be one of {choices}, not {value!r}", field="visibility") from None
