@@ -35,14 +35,6 @@ LEGACY_ROLES = {"admin": "admin", "user": "designer"}
 """The two roles of earlier releases (API ``role``) → the seeded role (``AccessRole.builtin``) they became."""
 
 
-def require_admin(actor: User) -> None:
-    """Holds every permission (server-wide settings that no resource:action names)."""
-    if not actor.is_admin:
-        authorize(actor, "user:all")  # names a permission the caller lacks
-        authorize(actor, "role:all")
-        raise NotFound("administrators only")  # pragma: no cover - holding user:all and role:all but not all
-
-
 def check_language(language: str | None) -> str | None:
     if language in (None, "", "auto"):
         return None
