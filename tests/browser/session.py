@@ -29,3 +29,28 @@ def set_number(page: Any, selector: str, value: float) -> None:
     field = page.locator(f"{selector} input[type=number]")
     field.fill(str(value))
     field.press("Enter")
+
+
+def choose_history_entry(page: Any, tab: str, label: str, timeout_s: float = 90.0) -> None:
+    """Open ``tab``'s History list and choose the entry whose label holds ``label``.
+
+    The list follows a finished job through a refresh queued behind the job's own events; on a busy machine that
+    refresh can come late, so the user's way round it is taken: press Refresh and look again.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    jobs = page.locator(f"#{tab}-history-jobs input")
+    while True:
+        jobs.click()
+        entry = page.get_by_role("option").filter(has_text=label)
+        try:
+            entry.wait_for(timeout=10_000)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            jobs.press("Escape")
+            page.click(f"#{tab}-history-refresh")
+            continue
+        entry.click()
+        return

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.browser.session import set_number, signed_in_page
+from tests.browser.session import choose_history_entry, set_number, signed_in_page
 from tests.fixtures.studio_models import model_studio, tiny_model_files  # noqa: F401 - fixtures
 from tests.live import serve
 
@@ -57,13 +57,7 @@ def test_generate_see_history_and_reproduce_with_curl(browser, server, model_stu
     assert shown.status == 200 and shown.headers["content-type"] == "image/png"
     job_id = src.split("/")[3]
 
-    history = page.locator("#txt2img-history-jobs")
-    page.wait_for_function(
-        "(id) => [...document.querySelectorAll('#txt2img-history-jobs input')].some(i => true)", arg=job_id)
-    history.locator("input").click()
-    entry = page.get_by_role("option").filter(has_text=f"-txt2img-succeeded-{job_id}")
-    entry.wait_for(timeout=30_000)
-    entry.click()
+    choose_history_entry(page, "txt2img", f"-txt2img-succeeded-{job_id}")
     page.locator(f'#txt2img-history-images img[src="{src}"]').wait_for(timeout=30_000)
 
     page.click("#txt2img-history-api")

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-from tests.browser.session import set_number, signed_in_page
+from tests.browser.session import choose_history_entry, set_number, signed_in_page
 from tests.conftest import ADMIN_PASSWORD
 from tests.fixtures.moto_server import moto_server  # noqa: F401 - fixture
 from tests.fixtures.sagemaker_router import CONTAINER_URL_VARIABLE, ROLE_ARN, sagemaker_data_plane  # noqa: F401
@@ -116,8 +116,7 @@ def test_deploy_on_sagemaker_then_generate_on_cloud(browser, cloud_studio, sagem
             job = cloud_studio.jobs.get(actor=cloud_studio.users.get_by_name("admin"), job_id=job_id)
             assert job.endpoint == NAME and job.worker == NAME and job.remote_handle is not None
 
-            page.locator("#txt2img-history-jobs input").click()
-            page.get_by_role("option").filter(has_text=f"-txt2img-succeeded-{job_id}").click()
+            choose_history_entry(page, "txt2img", f"-txt2img-succeeded-{job_id}")
             details = page.locator("#txt2img-history-details")
             details.get_by_text(NAME, exact=True).wait_for(timeout=30_000)
             assert "Endpoint" in details.inner_text()

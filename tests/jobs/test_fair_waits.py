@@ -58,6 +58,14 @@ def _running(studio: ModelStudio, job_id: str) -> None:
         time.sleep(0.02)
 
 
+def _queued(studio: ModelStudio, username: str) -> None:
+    user = add_user(studio, username)
+    deadline = time.monotonic() + 30
+    while not studio.jobs.list_jobs(actor=user, status=JobStatus.QUEUED.value, limit=1)[1]:
+        assert time.monotonic() < deadline, f"{username}'s job never reached the queue"
+        time.sleep(0.02)
+
+
 async def _timed(coro: Any) -> tuple[float, Any]:
     start = time.monotonic()
     value = await coro
@@ -125,7 +133,7 @@ def test_one_users_blocking_txt2img_requests_do_not_delay_another_users(live):
 
             async def bob_once_a_slot_frees() -> tuple[float, httpx.Response]:
                 mine = asyncio.create_task(client.post("/sdapi/v1/txt2img", json=quick, headers=bob))
-                await asyncio.sleep(0.5)
+                await asyncio.to_thread(_queued, studio, "bob")  # waiting when the slot frees, not after
                 await asyncio.to_thread(studio.jobs.cancel, actor=studio.admin, job_id=long.id)
                 return await _timed(mine)
 
