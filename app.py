@@ -16,6 +16,7 @@ from datetime import timedelta
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the product runs air-gapped: never reach for the hub
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
@@ -73,6 +74,7 @@ from webapp.ui.shell import build_ui  # noqa: E402
 from webapp.ui.training_tab import TrainingTab  # noqa: E402
 from webapp.ui.users_tab import UsersTab  # noqa: E402
 from webapp.web.files import build_files_router  # noqa: E402
+from webapp.web.lazy_ui import LazyUi  # noqa: E402
 from webapp.web.metrics import MetricsAccess  # noqa: E402
 from webapp.web.server import UiUploads, create_app, use_gradio_temp_dir  # noqa: E402
 
@@ -111,6 +113,7 @@ class Studio:
     inventory: SageMakerInventory | None = None
     roles: RoleService | None = None
     audit: AuditLog | None = None
+    ui: LazyUi | None = None
 
     def close(self) -> None:
         if self.idle is not None:
@@ -198,25 +201,30 @@ def build(settings: Settings) -> Studio:
         concurrency=settings.controlnet_detect_concurrency)
     sdapi_ctx = sdapi.SdapiContext(settings=settings, options=options, registry=model_services.registry, jobs=jobs)
 
-    use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
+    gradio_temp = use_gradio_temp_dir(settings.data_dir / "tmp" / "gradio")  # before any Gradio component is built
     ui_ctx = UiContext(users=users)
-    def controlnet_panel(mode: str) -> ControlNetPanel:
-        return ControlNetPanel(ui_ctx, controlnet, model_services.registry, mode=mode,
-                               unit_count=settings.controlnet_unit_count,
-                               max_image_bytes=int(settings.ui_max_file_mb * 1024**2))
 
-    txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img",
-                          controlnet=controlnet_panel("txt2img"))
-    img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img", senders=[txt2img],
-                          controlnet=controlnet_panel("img2img"))
-    pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
-    models_tab = ModelsTab(ui_ctx, model_services)
-    endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin, inventory=inventory)
-    datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
-    training_tab = TrainingTab(ui_ctx, trainings, datasets)
-    ui = build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
-                           UsersTab(ui_ctx, roles=roles, audit=audit_log),
-                           AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota, job_quotas=job_quotas)])
+    def build_page() -> gr.Blocks:  # on first use (LazyUi): API-only use never pays for the page
+        os.environ["GRADIO_TEMP_DIR"] = str(gradio_temp)  # this studio's, should another have been built since
+
+        def controlnet_panel(mode: str) -> ControlNetPanel:
+            return ControlNetPanel(ui_ctx, controlnet, model_services.registry, mode=mode,
+                                   unit_count=settings.controlnet_unit_count,
+                                   max_image_bytes=int(settings.ui_max_file_mb * 1024**2))
+
+        txt2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="txt2img",
+                              controlnet=controlnet_panel("txt2img"))
+        img2img = GenerateTab(ui_ctx, jobs=jobs, registry=model_services.registry, mode="img2img",
+                              senders=[txt2img], controlnet=controlnet_panel("img2img"))
+        pnginfo = PngInfoTab(ui_ctx, registry=model_services.registry, target=txt2img)
+        models_tab = ModelsTab(ui_ctx, model_services)
+        endpoints_tab = EndpointsTab(ui_ctx, endpoints=jobs.endpoints, admin=endpoint_admin, inventory=inventory)
+        datasets_tab = DatasetsTab(ui_ctx, datasets, max_file_bytes=int(settings.ui_max_file_mb * 1024**2))
+        training_tab = TrainingTab(ui_ctx, trainings, datasets)
+        return build_ui(ui_ctx, [txt2img, img2img, pnginfo, models_tab, datasets_tab, training_tab, endpoints_tab,
+                                 UsersTab(ui_ctx, roles=roles, audit=audit_log),
+                                 AccountTab(ui_ctx, tokens=tokens, auth=auth, quota=quota, job_quotas=job_quotas)])
+
     routers = [jobs_api.build_router(jobs), build_files_router(jobs)]
     routers += [
         *sdapi.build_routers(sdapi_ctx), account_api.build_router(tokens, quota, roles, job_quotas), users_api.build_router(users, auth),
@@ -229,7 +237,7 @@ def build(settings: Settings) -> Studio:
                 tasks_api.build_router(model_services.tasks)]
     ui_uploads = UiUploads(max_bytes=int(settings.ui_max_file_mb * 1024**2),
                            max_age_seconds=settings.ui_temp_max_age_hours * 3600)
-    app = create_app(auth=auth, ui=ui, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads,
+    app = create_app(auth=auth, ui=build_page, secure_cookie=settings.cookie_secure, routers=routers, uploads=ui_uploads,
                      allowed_origins=settings.allowed_origins, forwarded_allow_ips=settings.forwarded_allow_ips,
                      max_body_bytes=int(settings.max_body_mb * 2**20),
                      metrics=MetricsAccess(render=metrics.render, token=settings.metrics_token))
@@ -243,7 +251,7 @@ def build(settings: Settings) -> Studio:
         tokens=tokens, models=model_services.registry, model_services=model_services, jobs=jobs,
         options=options, quota=quota, controlnet=controlnet, fleet=fleet,
         endpoint_admin=endpoint_admin, metrics=metrics, idle=idle, datasets=datasets, trainings=trainings,
-        training_registrar=registrar, inventory=inventory, roles=roles, audit=audit_log,
+        training_registrar=registrar, inventory=inventory, roles=roles, audit=audit_log, ui=app.state.ui,
     )
 
 
@@ -278,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         start_cpu_threads()  # on the main thread, before a worker thread's first job (see its docstring)
     import uvicorn
 
+    if studio.ui is not None:
+        studio.ui.ready()  # the page before the first visitor, not at their first request
     log.info("serving on http://%s:%d/ (data dir %s)", settings.host, settings.port, settings.data_dir)
     try:
         # proxy_headers off: the app applies forwarded_allow_ips itself (web/proxy.py); uvicorn's own copy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from webapp.web.errors import install_error_handlers
 from webapp.web.gate import AuthGate, scope_user
 from webapp.web.headers import SecurityHeaders
 from webapp.web.language import UiLanguage
+from webapp.web.lazy_ui import LazyUi
 from webapp.web.limits import BodySizeLimit
 from webapp.web.login import UI_PATH, build_login_router
 from webapp.web.metrics import MetricsAccess, MetricsScrape, build_metrics_router
@@ -61,13 +62,29 @@ def use_gradio_temp_dir(folder: Path) -> Path:
 
 
 def create_app(
-    *, auth: AuthService, ui: gr.Blocks, secure_cookie: bool = False, routers: Iterable[APIRouter] = (),
+    *, auth: AuthService, ui: Callable[[], gr.Blocks], secure_cookie: bool = False,
+    routers: Iterable[APIRouter] = (),
     allowed_origins: Iterable[str] = (), forwarded_allow_ips: list[str] | None = None,
     max_body_bytes: int | None = None,
     uploads: UiUploads | None = None,
     metrics: MetricsAccess | None = None,
 ) -> FastAPI:
-    app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None)
+    """The studio's app; ``ui`` builds the Gradio page, on first use (``app.state.ui``: see webapp/web/lazy_ui.py)."""
+
+    def mount(host: FastAPI, page: gr.Blocks) -> None:
+        if uploads is not None:
+            # Gradio's cleaner is a Blocks setting (``delete_cache``) that App.create_app reads when it is mounted.
+            page.delete_cache = uploads.delete_cache
+        gr.mount_gradio_app(
+            host, page, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
+            max_file_size=uploads.max_bytes if uploads is not None else None,
+            i18n=getattr(page, "i18n_instance", None),  # set by webapp.ui.localize
+        )
+        guard_uploads(page)  # handlers get uploaded files only, never a server path a client names
+
+    lazy_ui = LazyUi(ui, mount, UI_PATH.rstrip("/"))
+    app = FastAPI(title="the studio", version="0.1.0", docs_url=None, redoc_url=None, lifespan=lazy_ui.lifespan)
+    app.state.ui = lazy_ui
     install_docs(app)  # self-hosted Swagger UI (no CDN)
     install_error_handlers(app)
     app.include_router(build_login_router(auth, secure_cookie=secure_cookie))
@@ -75,15 +92,7 @@ def create_app(
         app.include_router(router)
     if metrics is not None:
         app.include_router(build_metrics_router(metrics))
-    if uploads is not None:
-        # Gradio's cleaner is a Blocks setting (``delete_cache``) that App.create_app reads when it is mounted.
-        ui.delete_cache = uploads.delete_cache
-    gr.mount_gradio_app(
-        app, ui, path=UI_PATH.rstrip("/"), auth_dependency=gradio_user, footer_links=[], ssr_mode=False,
-        max_file_size=uploads.max_bytes if uploads is not None else None,
-        i18n=getattr(ui, "i18n_instance", None),  # set by webapp.ui.localize
-    )
-    guard_uploads(ui)  # handlers get uploaded files only, never a server path a client names
+    app.mount(UI_PATH.rstrip("/"), lazy_ui)
     app.add_middleware(UiLanguage, path=UI_PATH)  # inside the gate: it reads the signed-in user's language
     app.add_middleware(AuthGate, auth=auth, origins=OriginPolicy(allowed_origins), ui_path=UI_PATH)
     if metrics is not None and metrics.token is not None:  # just outside the gate: the scraper is no user
