@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cached_property
+
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -23,7 +25,11 @@ class Passwords:
 
     def __init__(self, hasher: PasswordHasher | None = None) -> None:
         self._hasher = hasher or PasswordHasher()
-        self._dummy = self._hasher.hash("not a real password, only for timing")
+
+    @cached_property
+    def _dummy(self) -> str:
+        """Made at the first unknown user's login, not at start (a hash costs as much as a login)."""
+        return self._hasher.hash("not a real password, only for timing")
 
     def hash(self, password: str) -> str:
         return self._hasher.hash(password)
