@@ -17,7 +17,7 @@ PASSWORD = "audit-api-password-1"
 def events(fake_studio):
     """Changes by the admin and by alice, made once for the module."""
     c = fake_studio.client
-    start = datetime.now(UTC) - timedelta(seconds=1)
+    start = datetime.now(UTC)  # after alice's and bob's creation (the studio's fixture), before these
     assert c.post("/api/v1/users", auth=ADMIN, json={"username": "auditee", "password": PASSWORD}).status_code == 201
     assert c.post("/api/v1/roles", auth=ADMIN, json={"name": "Audit team", "permissions": ["model:list"]}).status_code == 201
     assert c.put("/api/v1/users/auditee/roles", auth=ADMIN, json={"roles": ["Audit team"]}).status_code == 200
