@@ -142,7 +142,9 @@ def build(settings: Settings) -> Studio:
     store_options = {"endpoint_url": settings.store_endpoint_url} if is_s3 and settings.store_endpoint_url else {}
     store = open_store(settings.store_url, **store_options)
 
-    passwords = Passwords()
+    passwords = Passwords.with_cost(memory_kib=settings.password_hash_memory_kib,
+                                    time_cost=settings.password_hash_time_cost,
+                                    parallelism=settings.password_hash_parallelism)
     users = UserService(db, passwords)
     roles = RoleService(db)
     audit_log = AuditLog(db)

@@ -45,7 +45,25 @@ class Settings(BaseSettings):
     login_max_failures_per_user: int = Field(5, ge=1)
     login_max_failures_per_address: int = Field(20, ge=1)
     login_window_seconds: int = Field(300, ge=1)
+    password_hash_memory_kib: int = Field(65536, ge=7168, le=4 * 1024**2)
+    """argon2id memory per password hash, in KiB (argon2-cffi's default, 64 MiB). With the time cost it sets
+    what a login costs here and what a guess costs an attacker holding the database; OWASP's minimums are
+    equivalent pairs such as 19456 KiB × 2 passes or 7168 KiB × 5. Stored hashes made with other values are
+    re-made at their user's next successful login."""
+    password_hash_time_cost: int = Field(3, ge=1, le=20)
+    """argon2id passes per password hash (argon2-cffi's default, 3)."""
+    password_hash_parallelism: int = Field(4, ge=1, le=16)
+    """argon2id lanes per password hash (argon2-cffi's default, 4)."""
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check_password_hash_cost(self) -> Settings:
+        floor = 7168 * 5  # OWASP's lightest pair; every pair it lists holds at least this much memory × passes
+        if self.password_hash_memory_kib * self.password_hash_time_cost < floor:
+            raise ValueError(
+                f"password_hash_memory_kib × password_hash_time_cost must be at least {floor} (e.g. 19456 × 2), "
+                f"got {self.password_hash_memory_kib} × {self.password_hash_time_cost}")
+        return self
 
     # -- models (registry, imports, cache) ----------------------------------------------------------
     models_dir: Path | None = None

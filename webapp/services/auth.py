@@ -76,6 +76,7 @@ class AuthService:
             log.warning("failed login for %r from %s", username, client_address)
             raise NotAuthenticated("Incorrect username or password")
         self._throttle.succeeded(attempt)
+        self._users.rehash_if_needed(user, password)
         return user
 
     def verify_basic(self, username: str, password: str, *, client_address: str | None) -> User:

@@ -26,6 +26,11 @@ class Passwords:
     def __init__(self, hasher: PasswordHasher | None = None) -> None:
         self._hasher = hasher or PasswordHasher()
 
+    @classmethod
+    def with_cost(cls, *, memory_kib: int, time_cost: int, parallelism: int) -> Passwords:
+        """argon2id with these parameters (the settings' ``password_hash_*``)."""
+        return cls(PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism))
+
     @cached_property
     def _dummy(self) -> str:
         """Made at the first unknown user's login, not at start (a hash costs as much as a login)."""

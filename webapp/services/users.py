@@ -8,7 +8,7 @@ import re
 import secrets
 from collections.abc import Iterable, Sequence
 
-from sqlmodel import Session, col, delete, select
+from sqlmodel import Session, col, delete, select, update
 
 from webapp.db import Database
 from webapp.i18n import LANGUAGES
@@ -148,6 +148,20 @@ class UserService:
             revoked = revoke_all(s, user.id) if revoke_tokens else 0
             audit.record(s, actor, "user.password_reset", username, tokens_revoked=revoked)
         log.info("password of %s reset by %s (%d API tokens revoked)", username, actor.username, revoked)
+
+    def rehash_if_needed(self, user: User, password: str) -> bool:
+        """After ``password`` was verified for ``user``: store a new hash when the stored one was made with other
+        argon2 parameters than the configured ones. Not a password change: sessions and tokens stay; True when
+        rewritten."""
+        if not user.password_hash or not self._passwords.needs_rehash(user.password_hash):
+            return False
+        fresh = self._passwords.hash(password)
+        with self._db.write() as s:  # only if the hash is still the one verified (no reset in between)
+            rewritten = s.exec(update(User).where(  # type: ignore[call-overload]
+                User.id == user.id, User.password_hash == user.password_hash).values(password_hash=fresh)).rowcount
+        if rewritten:
+            log.info("password hash of %s re-made with the configured argon2 parameters", user.username)
+        return bool(rewritten)
 
     # -- bootstrap ------------------------------------------------------------------------------------
     def has_admin(self) -> bool:
