@@ -19,10 +19,26 @@ from tests.tiny import ldm
 HINT_CHANNELS = (8, 8, 16, 16)
 
 
+def _without_adapters(unet: torch.nn.Module) -> torch.nn.Module:
+    """``unet`` itself, or — when an engine has run LoRAs on it (the test worlds' pipelines are shared, and the
+    engine keeps its peft adapters loaded, disabled, between jobs) — a copy with only its base weights."""
+    from diffusers import UNet2DConditionModel
+
+    state = unet.state_dict()
+    if not any(".base_layer." in key for key in state):
+        return unet
+    base = {key.replace(".base_layer.", "."): value for key, value in state.items()
+            if ".lora_" not in key}
+    plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(base, strict=True)
+    return plain.eval()
+
+
 def tiny_controlnet(unet: torch.nn.Module, *, seed: int = 7):
     """A ControlNet for the tiny `unet` (SD1.5 or SDXL), non-zero zero-convs, eval mode."""
     from diffusers import ControlNetModel
 
+    unet = _without_adapters(unet)
     torch.manual_seed(seed)
     donor = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
     overrides: dict = {"norm_num_groups": 32}
