@@ -137,6 +137,26 @@ def test_an_expired_token_gets_401(fake_studio):
     assert c.get("/sdapi/v1/options", headers=bearer(token)).status_code == 401
 
 
+def test_a_token_made_with_an_expiring_token_expires_no_later_than_it(fake_studio):
+    from datetime import datetime
+
+    c = fake_studio.client
+    parent = c.post("/api/v1/tokens", auth=ALICE, json={"name": "for a day", "expires_in_days": 1}).json()
+    parent_expiry = datetime.fromisoformat(parent["expires_at"])
+    forever = c.post("/api/v1/tokens", headers=bearer(parent["token"]), json={"name": "no expiry asked"})
+    assert forever.status_code == 201, forever.text
+    assert datetime.fromisoformat(forever.json()["expires_at"]) == parent_expiry
+    longer = c.post("/api/v1/tokens", headers=bearer(parent["token"]), json={"name": "month", "expires_in_days": 30})
+    assert datetime.fromisoformat(longer.json()["expires_at"]) == parent_expiry
+    shorter = c.post("/api/v1/tokens", headers=bearer(parent["token"]), json={"name": "hour", "expires_in_days": 0.04})
+    assert datetime.fromisoformat(shorter.json()["expires_at"]) < parent_expiry, "an earlier expiry is kept"
+    unbounded = c.post("/api/v1/tokens", auth=ALICE, json={"name": "password-made"})  # no token: nothing to inherit
+    assert unbounded.json()["expires_at"] is None
+    for made in (forever, longer, shorter, unbounded):
+        assert c.delete(f"/api/v1/tokens/{made.json()['id']}", auth=ALICE).status_code == 200
+    assert c.delete(f"/api/v1/tokens/{parent['id']}", auth=ALICE).status_code == 200
+
+
 @pytest.mark.parametrize(("days", "problem"), [(0, "more than 0"), (-3, "more than 0"), (366, "at most 365"),
                                                 ("soon", "expires_in_days")])
 def test_expiry_is_bounded(fake_studio, days, problem):

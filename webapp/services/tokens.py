@@ -64,6 +64,8 @@ class TokenIdentity:
 
     user: User
     scopes: frozenset[str] | None
+    expires_at: datetime | None = None
+    """When the token stops working (None: until revoked); a token it makes never outlives it."""
 
 
 def check_scopes(actor: User, owner: User, scopes: Iterable[str] | None) -> list[str] | None:
@@ -125,17 +127,20 @@ class TokenService:
 
     def create(self, *, actor: User, name: str, scopes: Iterable[str] | None = None,
                expires_in_days: float | None = None, expires_at: datetime | None = None,
-               ) -> tuple[str, ApiTokenPublic]:
+               not_after: datetime | None = None) -> tuple[str, ApiTokenPublic]:
         """A new token for ``actor``; the plain token is returned only here and never stored.
 
         ``scopes`` (permissions within the caller's) limit what it may do, None: the owner's permissions;
-        ``expires_in_days`` or ``expires_at`` bound its life (at most ``MAX_EXPIRY_DAYS``), None: until revoked."""
+        ``expires_in_days`` or ``expires_at`` bound its life (at most ``MAX_EXPIRY_DAYS``), None: until revoked;
+        ``not_after`` (the expiry of the token the caller used) caps it: a token never outlives the one that made it."""
         name = (name or "").strip()
         if not name:
             raise InvalidInput("`name` must say what the token is for (e.g. 'laptop scripts')", field="name")
         if len(name) > MAX_NAME_LENGTH:
             raise InvalidInput(f"`name` must be at most {MAX_NAME_LENGTH} characters", field="name")
         expiry = check_expiry(expires_in_days, expires_at)
+        if not_after is not None and (expiry is None or expiry > not_after):
+            expiry = not_after
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         with self._db.write() as s:
             owner = s.get(User, actor.id)
@@ -205,9 +210,9 @@ class TokenService:
                     s.add(fresh)
         scopes = record.scopes
         if scopes is None:
-            return TokenIdentity(user=user, scopes=None)
+            return TokenIdentity(user=user, scopes=None, expires_at=record.expires_at)
         allowed = frozenset(scopes)
-        return TokenIdentity(user=user.narrowed(allowed), scopes=allowed)
+        return TokenIdentity(user=user.narrowed(allowed), scopes=allowed, expires_at=record.expires_at)
 
     def user_for_token(self, token: str) -> User | None:
         """The (narrowed) user behind a Bearer token, or None when unknown or revoked (``identify``)."""

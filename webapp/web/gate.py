@@ -22,6 +22,7 @@ import json
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SESSION_COOKIE = "studio_session"
 SCOPE_USER = "studio.user"
+SCOPE_TOKEN_EXPIRY = "studio.token_expires_at"  # set when the caller used an API token that expires
 PUBLIC_PATHS = frozenset({"/login", "/favicon.ico"})
 # Paths whose clients are scripts: they get a Basic challenge instead of a redirect to the login page.
 API_PREFIXES = ("/sdapi/", "/api/", "/internal/", "/controlnet/", "/agent-scheduler/", "/docs", "/openapi.json",
@@ -54,6 +56,11 @@ Send = Callable[[dict], Awaitable[None]]
 
 def scope_user(scope: Scope) -> User | None:
     return scope.get(SCOPE_USER)
+
+
+def scope_token_expiry(scope: Scope) -> datetime | None:
+    """When the API token the caller used expires (None: no token, or one that does not expire)."""
+    return scope.get(SCOPE_TOKEN_EXPIRY)
 
 
 def scope_language(scope: Scope) -> str:
@@ -119,7 +126,7 @@ class AuthGate:
         if limiter is None:
             limiter = self._limiters[loop] = anyio.CapacityLimiter(_IDENTIFY_LIMITER_TOKENS)
         try:
-            user, scopes = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
+            user, scopes, token_expiry = await anyio.to_thread.run_sync(self._identify, scope, limiter=limiter)
         except Throttled as exc:
             await self._reply(send, 429, {"detail": translate(exc.message, scope_language(scope))},
                               [(b"retry-after", str(exc.retry_after).encode())])
@@ -136,21 +143,24 @@ class AuthGate:
                                f"({self.ui_path}/), whose handlers would act with the owner's every permission")
             return
         scope[SCOPE_USER] = user
+        if token_expiry is not None:
+            scope[SCOPE_TOKEN_EXPIRY] = token_expiry
         await self.app(scope, receive, send)
 
-    def _identify(self, scope: Scope) -> tuple[User | None, frozenset[str] | None]:
-        """The caller and, for a scoped API token, its scopes (None: the user's own permissions)."""
+    def _identify(self, scope: Scope) -> tuple[User | None, frozenset[str] | None, datetime | None]:
+        """The caller; for a scoped API token its scopes (None: the user's own permissions); for an API token
+        its expiry (None: none, or no token)."""
         authorization = _header(scope, b"authorization")
         if authorization:
             _, _, value = authorization.partition(" ")
             if _scheme(scope) == "basic":
-                return self._basic(value.strip(), scope), None
+                return self._basic(value.strip(), scope), None, None
             if _scheme(scope) == "bearer":
                 identity = self.auth.identify_api_token(value.strip())
                 if identity is None:
                     raise NotAuthenticated("Invalid or revoked API token")
-                return identity.user, identity.scopes
-        return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE)), None
+                return identity.user, identity.scopes, identity.expires_at
+        return self.auth.user_for_token(_cookie(scope, SESSION_COOKIE)), None, None
 
     def _basic(self, value: str, scope: Scope) -> User:
         try:

@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import APIRouter, status
 from pydantic import BaseModel, Field
 
-from webapp.api.deps import CurrentUser
+from webapp.api.deps import CurrentUser, TokenExpiry
 from webapp.records import ApiTokenPublic
 from webapp.services.access import compact
 from webapp.services.jobs.quotas import JobQuotas
@@ -90,11 +90,11 @@ def build_router(tokens: TokenService, quota: DiskQuota, roles: RoleService,
         return tokens.list_tokens(actor=user, include_revoked=include_revoked)
 
     @router.post("/tokens", status_code=status.HTTP_201_CREATED)
-    def create_token(user: CurrentUser, body: TokenCreate) -> TokenCreated:
+    def create_token(user: CurrentUser, body: TokenCreate, made_with: TokenExpiry) -> TokenCreated:
         """A new personal token; send it as ``Authorization: Bearer <token>``. A scoped token works on the APIs
-        only (the UI refuses it with 403)."""
+        only (the UI refuses it with 403). Made with an expiring token, it expires no later than that one."""
         token, public = tokens.create(actor=user, name=body.name, scopes=body.scopes,
-                                      expires_in_days=body.expires_in_days)
+                                      expires_in_days=body.expires_in_days, not_after=made_with)
         return TokenCreated(token=token, **public.model_dump())
 
     @router.delete("/tokens/{token_id}")
