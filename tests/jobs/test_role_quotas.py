@@ -200,6 +200,36 @@ def test_parallel_submits_cannot_both_take_the_last_slot(fake_studio):
         assert fake_studio.jobs.list_jobs(actor=pat)[1] == 1
 
 
+def test_parallel_submits_cannot_all_fit_under_a_storage_limit_only_one_fits(fake_studio):
+    quota_role(fake_studio, "One MiB", max_storage_mb=1)
+    dora = member(fake_studio, "dora", "One MiB")
+    outcomes: list[str] = []
+    start = threading.Barrier(6)
+
+    def submit() -> None:
+        start.wait()
+        try:
+            fake_studio.jobs.submit(actor=dora, mode="txt2img", request=txt2img(), endpoint="parking")
+            outcomes.append("queued")
+        except QuotaExceeded:
+            outcomes.append("refused")
+
+    with parked(fake_studio):
+        first = fake_studio.jobs.submit(actor=dora, mode="txt2img", request=txt2img(), endpoint="parking")
+        with fake_studio.db.write() as s:  # dora is one byte under her limit: one more job fits, not two
+            row = s.get(Job, first.id)
+            row.stored_bytes = 2**20 - 1 - sum(j.stored_bytes for j in s.exec(
+                select(Job).where(Job.owner_id == dora.id, Job.id != first.id)))
+            s.add(row)
+        threads = [threading.Thread(target=submit) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(outcomes) == ["queued"] + ["refused"] * 5
+        assert fake_studio.jobs.list_jobs(actor=dora)[1] == 2
+
+
 def test_storage_quota_is_the_tighter_of_the_server_and_the_roles(fake_studio):
     quota_role(fake_studio, "No room", max_storage_mb=0)
     nora = member(fake_studio, "nora", "No room")

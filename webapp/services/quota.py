@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import func
-from sqlmodel import select
+from sqlmodel import Session, select
 
 from webapp.db import Database
 from webapp.records import Dataset, Job, ModelRecord, ModelStatus, UploadSession, UploadStatus, User
@@ -87,7 +87,20 @@ class DiskQuota:
         limit, source = self.limit_and_source(user)
         if limit is None:
             return
-        used = self._used(user.id)
+        with self._db.read() as s:
+            self._refuse_if_full(s, user.id, limit, source, adding, what)
+
+    def admission(self, user: User, *, what: str = "a new job") -> Callable[[Session], None] | None:
+        """``check`` for the write transaction that inserts the new row (None: no limit). The limit is read now;
+        the usage inside that transaction, so parallel submits each see the ones committed before them."""
+        limit, source = self.limit_and_source(user)
+        if limit is None:
+            return None
+        return lambda s: self._refuse_if_full(s, user.id, limit, source, 0, what)
+
+    def _refuse_if_full(self, s: Session, user_id: int, limit: int, source: str | None, adding: int,
+                        what: str) -> None:
+        used = self._used_in(s, user_id)
         if used + adding > limit or used >= limit:
             need = f"{what} ({format_bytes(adding)}) " if adding else f"{what} "
             raise QuotaExceeded(
@@ -96,11 +109,15 @@ class DiskQuota:
 
     def _used(self, user_id: int) -> int:
         with self._db.read() as s:
-            jobs = s.exec(select(func.coalesce(func.sum(Job.stored_bytes), 0)).where(Job.owner_id == user_id)).one()
-            models = s.exec(select(func.coalesce(func.sum(ModelRecord.size), 0)).where(
-                ModelRecord.owner_id == user_id, ModelRecord.store_key.is_not(None),  # type: ignore[union-attr]
-                ModelRecord.status != ModelStatus.INITIAL)).one()
-            uploads = s.exec(select(func.coalesce(func.sum(UploadSession.size), 0)).where(
-                UploadSession.owner_id == user_id, UploadSession.status == UploadStatus.OPEN)).one()
-            datasets = s.exec(select(func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.owner_id == user_id)).one()
+            return self._used_in(s, user_id)
+
+    @staticmethod
+    def _used_in(s: Session, user_id: int) -> int:
+        jobs = s.exec(select(func.coalesce(func.sum(Job.stored_bytes), 0)).where(Job.owner_id == user_id)).one()
+        models = s.exec(select(func.coalesce(func.sum(ModelRecord.size), 0)).where(
+            ModelRecord.owner_id == user_id, ModelRecord.store_key.is_not(None),  # type: ignore[union-attr]
+            ModelRecord.status != ModelStatus.INITIAL)).one()
+        uploads = s.exec(select(func.coalesce(func.sum(UploadSession.size), 0)).where(
+            UploadSession.owner_id == user_id, UploadSession.status == UploadStatus.OPEN)).one()
+        datasets = s.exec(select(func.coalesce(func.sum(Dataset.bytes), 0)).where(Dataset.owner_id == user_id)).one()
         return int(jobs) + int(models) + int(uploads) + int(datasets)

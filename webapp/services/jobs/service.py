@@ -340,7 +340,7 @@ class JobService:
         job.request_json, job.engine_request_json = staged.request_json, staged.engine_request_json
         job.stored_bytes = staged.stored_bytes
         if self._quota is not None:
-            self._quota.check(actor)
+            self._quota.check(actor)  # early, before the inputs are written; again in the insert's transaction
         admit = self._admission(actor)
         try:
             self.inputs.write(staged)  # before the row commits: a queued job always finds its inputs
@@ -411,12 +411,23 @@ class JobService:
         return job
 
     def _admission(self, actor: User) -> Callable[[Session], None] | None:
-        """The role-quota check ``JobQueue.enqueue`` runs in the transaction that inserts the job (the limits are
-        read now, before it: a role edited meanwhile applies from the next submit)."""
-        if self.quotas is None:
+        """The disk and role-quota checks ``JobQueue.enqueue`` runs in the transaction that inserts the job (the
+        limits are read now, before it: a role edited meanwhile applies from the next submit; the usage inside it,
+        so parallel submits cannot all fit under a limit that only one of them fits)."""
+        checks: list[Callable[[Session], None]] = []
+        if self._quota is not None and (disk := self._quota.admission(actor)) is not None:
+            checks.append(disk)
+        if self.quotas is not None:
+            quotas, limits = self.quotas, self.quotas.limits(actor)
+            checks.append(lambda s: quotas.admit(s, actor, limits))
+        if not checks:
             return None
-        quotas, limits = self.quotas, self.quotas.limits(actor)
-        return lambda s: quotas.admit(s, actor, limits)
+
+        def admit(s: Session) -> None:
+            for check in checks:
+                check(s)
+
+        return admit
 
     def _check_running_here(self, endpoint: str) -> None:
         if self._started and endpoint not in self._dispatchers:
