@@ -176,44 +176,38 @@ def test_gpu_seconds_count_only_todays_part_of_a_job_and_running_ones_until_now(
             s.add(row)
 
 
-def test_parallel_submits_cannot_both_take_the_last_slot(fake_studio):
-    quota_role(fake_studio, "Single slot", max_queued_jobs=1)
-    pat = member(fake_studio, "pat", "Single slot")
+def _submit_at_once(studio: Any, actor: Any, refusal: type[Exception], n: int = 6) -> list[str]:
+    """``n`` submits by ``actor`` to the parked endpoint, started together; each one's outcome, sorted."""
     outcomes: list[str] = []
-    start = threading.Barrier(6)
+    start = threading.Barrier(n)
 
     def submit() -> None:
         start.wait()
         try:
-            fake_studio.jobs.submit(actor=pat, mode="txt2img", request=txt2img(), endpoint="parking")
+            studio.jobs.submit(actor=actor, mode="txt2img", request=txt2img(), endpoint="parking")
             outcomes.append("queued")
-        except JobQuotaExceeded:
+        except refusal:
             outcomes.append("refused")
 
+    threads = [threading.Thread(target=submit) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    return sorted(outcomes)
+
+
+def test_parallel_submits_cannot_both_take_the_last_slot(fake_studio):
+    quota_role(fake_studio, "Single slot", max_queued_jobs=1)
+    pat = member(fake_studio, "pat", "Single slot")
     with parked(fake_studio):
-        threads = [threading.Thread(target=submit) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert sorted(outcomes) == ["queued"] + ["refused"] * 5
+        assert _submit_at_once(fake_studio, pat, JobQuotaExceeded) == ["queued"] + ["refused"] * 5
         assert fake_studio.jobs.list_jobs(actor=pat)[1] == 1
 
 
 def test_parallel_submits_cannot_all_fit_under_a_storage_limit_only_one_fits(fake_studio):
     quota_role(fake_studio, "One MiB", max_storage_mb=1)
     dora = member(fake_studio, "dora", "One MiB")
-    outcomes: list[str] = []
-    start = threading.Barrier(6)
-
-    def submit() -> None:
-        start.wait()
-        try:
-            fake_studio.jobs.submit(actor=dora, mode="txt2img", request=txt2img(), endpoint="parking")
-            outcomes.append("queued")
-        except QuotaExceeded:
-            outcomes.append("refused")
-
     with parked(fake_studio):
         first = fake_studio.jobs.submit(actor=dora, mode="txt2img", request=txt2img(), endpoint="parking")
         with fake_studio.db.write() as s:  # dora is one byte under her limit: one more job fits, not two
@@ -221,12 +215,7 @@ def test_parallel_submits_cannot_all_fit_under_a_storage_limit_only_one_fits(fak
             row.stored_bytes = 2**20 - 1 - sum(j.stored_bytes for j in s.exec(
                 select(Job).where(Job.owner_id == dora.id, Job.id != first.id)))
             s.add(row)
-        threads = [threading.Thread(target=submit) for _ in range(6)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-        assert sorted(outcomes) == ["queued"] + ["refused"] * 5
+        assert _submit_at_once(fake_studio, dora, QuotaExceeded) == ["queued"] + ["refused"] * 5
         assert fake_studio.jobs.list_jobs(actor=dora)[1] == 2
 
 
