@@ -47,6 +47,33 @@ def test_upload_a_lora_through_the_models_tab(browser, studio, lora_file):
     assert record is not None and record.size == lora_file.stat().st_size
 
 
+def test_an_upload_shared_with_a_role_is_stored_with_that_role(browser, studio, lora_file):
+    admin = studio.users.get_by_name("admin")
+    inkers = studio.roles.create_role(actor=admin, name="Inkers", permissions=["model:list", "model:use"])
+    with serve(studio.app) as base:
+        context, page = signed_in_page(browser, base, "admin", ADMIN_PASSWORD)
+        page.get_by_role("tab", name="Models").click()
+        page.get_by_role("tab", name="From computer").click()
+        page.locator("#models-upload-visibility input").click()
+        page.get_by_role("option", name="roles", exact=True).click()
+        page.locator("#models-upload-roles input").click()
+        page.get_by_role("option", name="Inkers", exact=True).click()
+        page.wait_for_function(
+            "() => document.querySelector('#models-upload-sharing textarea, #models-upload-sharing input')"
+            "?.value.includes('Inkers')", timeout=30_000)
+        page.select_option(".studio-upload-type", "lora")
+        page.set_input_files(".studio-upload-input", str(lora_file))
+        page.click(".studio-upload-button")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('.studio-upload-line')].some(d => d.dataset.state === 'done')",
+            timeout=60_000,
+        )
+        context.close()
+    record = studio.models.find(actor=admin, type="lora", ref="inkstyle")
+    assert record is not None and record.visibility.value == "roles"
+    assert str(inkers.id) in record.allowed_roles.split(","), record.allowed_roles
+
+
 def test_an_upload_cut_off_by_a_reload_resumes_with_the_same_session(browser, studio, lora_file):
     from sqlmodel import select
 

@@ -66,14 +66,16 @@ def roles_shown(visibility: str | None) -> dict:
     return gr.update(visible=visibility == Visibility.ROLES.value)
 
 
+UPLOAD_SHARING_DEFAULT = json.dumps({"visibility": Visibility.EVERYONE.value, "allowed_roles": None})
+UPLOAD_SHARING_JS = ("(visibility, roles) => JSON.stringify({visibility, "
+                     "allowed_roles: visibility === 'roles' ? (roles || []) : null})")
+
+
 def _upload_block() -> str:
     options = "".join(f'<option value="{html.escape(v)}">{html.escape(label)}</option>' for label, v in TYPE_CHOICES)
-    # the browser upload offers no roles picker: share an uploaded model with roles from the table below
-    visibility = "".join(f'<option value="{v}">{v}</option>' for v in (Visibility.EVERYONE, Visibility.PRIVATE))
     return (
         '<div class="studio-uploader">'
-        f'<label>Type <select class="studio-upload-type">{options}</select></label> '
-        f'<label>Visible to <select class="studio-upload-visibility">{visibility}</select></label><br>'
+        f'<label>Type <select class="studio-upload-type">{options}</select></label><br>'
         '<input class="studio-upload-input" type="file" multiple '
         'accept=".safetensors,.ckpt,.pt,.pth,.bin,.sft"> '
         '<button class="studio-upload-button lg primary" type="button">Upload models</button>'
@@ -237,7 +239,7 @@ class ModelsTab:
         """The roles the sharing dropdowns offer (names; the service resolves and checks them)."""
         self.ctx.user(request)
         offered = choices(self.registry.role_names())
-        return tuple(gr.update(choices=offered) for _ in range(3))
+        return tuple(gr.update(choices=offered) for _ in range(4))
 
     # -- layout --------------------------------------------------------------------------------------------
 
@@ -263,6 +265,14 @@ class ModelsTab:
                 with gr.Tab("From computer"):
                     gr.Markdown("Choose several files at once; each is sent in chunks and resumes by itself after "
                                 "a dropped connection. A line per file shows its progress.")
+                    with gr.Row():
+                        upload_vis = gr.Dropdown(visibilities, value=Visibility.EVERYONE.value, label="Visible to",
+                                                 elem_id="models-upload-visibility")
+                        upload_roles = gr.Dropdown([], value=[], multiselect=True, label="Roles", visible=False,
+                                                   elem_id="models-upload-roles")
+                    # what the uploader sends as the upload's visibility and allowed roles, kept by the browser
+                    upload_sharing = gr.Textbox(UPLOAD_SHARING_DEFAULT, visible="hidden", show_label=False,
+                                                elem_id="models-upload-sharing")
                     uploader = gr.HTML(_upload_block(), js_on_load=UPLOADER_JS, elem_id="models-uploader")
                 with gr.Tab("From URL"):
                     url_list = gr.Textbox(label="URL list (comma-separated)", lines=2, elem_id="models-url-list")
@@ -311,9 +321,12 @@ class ModelsTab:
         f_query.submit(self.refresh, filters, table_out, **private)
         tab.select(self.refresh, filters, table_out, **private)
         tab.select(self.on_open, None, [server_tab, server_roots], **private)
-        tab.select(self.role_choices, None, [roles, server_roles, url_roles], **private)
-        for chooser, dropdown in ((visibility, roles), (server_vis, server_roles), (url_vis, url_roles)):
+        tab.select(self.role_choices, None, [roles, server_roles, url_roles, upload_roles], **private)
+        for chooser, dropdown in ((visibility, roles), (server_vis, server_roles), (url_vis, url_roles),
+                                  (upload_vis, upload_roles)):
             chooser.change(roles_shown, [chooser], [dropdown], **private)
+        for control in (upload_vis, upload_roles):  # in the browser, at once: no round trip to race the click
+            control.change(None, [upload_vis, upload_roles], [upload_sharing], js=UPLOAD_SHARING_JS, **private)
         uploader.change(self.refresh, filters, table_out, **private)
         table.select(self.on_select, None, detail_out, **private)
         selected.input(self.show, [selected], detail_out, **private)

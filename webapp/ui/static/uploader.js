@@ -93,7 +93,16 @@ async function resumable(key) {
   return null;
 }
 
-async function uploadOne(file, type, visibility) {
+// Who sees the uploaded models: {visibility, allowed_roles}, which the tab's "Visible to" and "Roles" pickers
+// write into a hidden box in the browser itself. Unreadable: refuse rather than guess (a guess could be "everyone").
+function sharing() {
+  const box = document.querySelector("#models-upload-sharing textarea, #models-upload-sharing input");
+  const chosen = box ? JSON.parse(box.value) : null;
+  if (!chosen || !chosen.visibility) throw new Error("choose who sees the models (Visible to) again");
+  return chosen;
+}
+
+async function uploadOne(file, type, shared) {
   const show = progressLine(file);
   const key = remembered(file, type);
   try {
@@ -103,7 +112,7 @@ async function uploadOne(file, type, visibility) {
     } else {
       show("starting", "uploading");
       session = await api("POST", "/api/v1/uploads",
-        JSON.stringify({ file_name: file.name, size: file.size, type, visibility }),
+        JSON.stringify({ file_name: file.name, size: file.size, type, ...shared }),
         { "content-type": "application/json" });
       window.localStorage.setItem(key, session.id);
     }
@@ -123,12 +132,13 @@ find(".studio-upload-button").addEventListener("click", async () => {
   const files = Array.from(input.files || []);
   if (!files.length) { find(".studio-upload-lines").textContent = "Choose one or more model files first."; return; }
   const type = find(".studio-upload-type").value;
-  const visibility = find(".studio-upload-visibility").value;
+  let shared;
+  try { shared = sharing(); } catch (error) { find(".studio-upload-lines").textContent = error.message; return; }
   find(".studio-upload-lines").textContent = "";
   const button = find(".studio-upload-button");
   button.disabled = true;
   try {
-    for (const file of files) await uploadOne(file, type, visibility);  // one at a time: disk and link stay steady
+    for (const file of files) await uploadOne(file, type, shared);  // one at a time: disk and link stay steady
   } finally {
     button.disabled = false;
     input.value = "";
