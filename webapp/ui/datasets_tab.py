@@ -16,7 +16,7 @@ import gradio as gr
 from pipelines.images import decode_image
 from pipelines.types import InvalidRequestError
 from webapp.i18n import translate
-from webapp.records import Dataset, Visibility
+from webapp.records import Visibility
 from webapp.services.datasets import RESIZE_MODES, Created, DatasetService
 from webapp.services.datasets.layout import SourceFile
 from webapp.services.datasets.views import resolution_text
@@ -24,6 +24,7 @@ from webapp.services.quota import format_bytes
 from webapp.services.sharing import choices, names_of
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.files import read_upload, upload_path
+from webapp.ui.sharing_ui import roles_shown, shared_with, shown_visibility
 
 HEADERS = ["Name", "Images", "Resolution", "Size", "Owner", "Visible to", "Source", "Created (UTC)"]
 PAGE = 24
@@ -32,22 +33,6 @@ LAYOUT_HELP = (
     "same-name `.txt` caption. Images at the top level (or uploaded as single files) go to one folder "
     "`<repeats>_<dataset name>` with the repeats below. PNG, JPEG, WebP and BMP images."
 )
-
-
-def _shared_with(visibility: str | None, roles: list[str] | None) -> list[str] | None:
-    """The roles dropdown counts only with visibility "roles" (it is hidden otherwise and may hold old picks)."""
-    return list(roles or []) if visibility == Visibility.ROLES.value else None
-
-
-@ui_errors
-def _roles_shown(visibility: str | None) -> dict:
-    return gr.update(visible=visibility == Visibility.ROLES.value)
-
-
-def _shown_visibility(dataset: Dataset, names: dict[int, str]) -> str:
-    if dataset.visibility != Visibility.ROLES:
-        return dataset.visibility.value
-    return f"roles: {', '.join(names_of(dataset.allowed_roles, names))}"
 
 
 class DatasetsTab:
@@ -69,7 +54,7 @@ class DatasetsTab:
         found = self.datasets.list_datasets(actor=user, limit=1000)
         owners, names = self.datasets.owner_names(found), self.datasets.role_names()
         rows = [[d.name, d.image_count, resolution_text(d), format_bytes(d.bytes), owners.get(d.owner_id, "?"),
-                 _shown_visibility(d, names), d.source, d.created_at.strftime("%Y-%m-%d %H:%M")] for d in found]
+                 shown_visibility(d.visibility, d.allowed_roles, names), d.source, d.created_at.strftime("%Y-%m-%d %H:%M")] for d in found]
         choices = [(f"{d.name} ({owners.get(d.owner_id, '?')})", d.id) for d in found]
         return rows, gr.update(choices=choices)
 
@@ -81,7 +66,7 @@ class DatasetsTab:
         user = self.ctx.user(request)
         if bool(files) == bool(zip_path):
             raise gr.Error("Choose either images and captions, or one zip")
-        allowed = _shared_with(visibility, roles)
+        allowed = shared_with(visibility, roles)
         if zip_path:
             with upload_path(zip_path).open("rb") as handle:
                 created = self.datasets.create_from_zip(actor=user, name=name, zip_file=handle,
@@ -160,7 +145,7 @@ class DatasetsTab:
             raise gr.Error("Choose a dataset first")
         created = self.datasets.resize(actor=self.ctx.user(request), dataset_id=dataset_id, width=int(width or 0),
                                        height=int(height or 0), mode=mode, name=name or None, visibility=visibility,
-                                       allowed_roles=_shared_with(visibility, roles))
+                                       allowed_roles=shared_with(visibility, roles))
         rows, choices = self.refresh(request)
         return self._created_text(created), rows, gr.update(choices=choices["choices"], value=created.dataset.id)
 
@@ -180,8 +165,8 @@ class DatasetsTab:
         if not dataset_id:
             raise gr.Error("Choose a dataset first")
         dataset = self.datasets.update(actor=self.ctx.user(request), dataset_id=dataset_id, visibility=visibility,
-                                       allowed_roles=_shared_with(visibility, roles))
-        gr.Info(translate(f"Dataset {dataset.name} is now visible to {_shown_visibility(dataset, self.datasets.role_names())}"))
+                                       allowed_roles=shared_with(visibility, roles))
+        gr.Info(translate(f"Dataset {dataset.name} is now visible to {shown_visibility(dataset.visibility, dataset.allowed_roles, self.datasets.role_names())}"))
         rows, listed = self.refresh(request)
         return rows, listed
 
@@ -261,7 +246,7 @@ class DatasetsTab:
         tab.select(self.refresh, None, [table, selected], **private)
         tab.select(self.role_choices, None, [roles, new_roles, share_roles], **private)
         for chooser, dropdown in ((visibility, roles), (new_vis, new_roles), (share_vis, share_roles)):
-            chooser.change(_roles_shown, [chooser], [dropdown], **private)
+            chooser.change(roles_shown, [chooser], [dropdown], **private)
         selected.change(self.sharing_of, [selected], [share_vis, share_roles], **private)
         share.click(self.share, [selected, share_vis, share_roles], [table, selected], **private)
         refresh.click(self.refresh, None, [table, selected], **private)

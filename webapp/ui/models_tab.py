@@ -28,6 +28,7 @@ from webapp.services.models.wiring import ModelServices
 from webapp.services.sharing import choices, names_of
 from webapp.ui.context import UiContext, ui_errors
 from webapp.ui.files import read_upload
+from webapp.ui.sharing_ui import roles_shown, shared_with, shown_visibility
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +47,6 @@ def _size(n: int) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} B"
-
-
-def _shared_with(visibility: str | None, roles: list[str] | None) -> list[str] | None:
-    """The roles dropdown counts only with visibility "roles" (it is hidden otherwise and may hold old picks)."""
-    return list(roles or []) if visibility == Visibility.ROLES.value else None
-
-
-def _shown_visibility(visibility: Visibility, allowed_roles: str, names: dict[int, str]) -> str:
-    """The table's Visibility cell: "roles: Team, Design" for a model shared with roles."""
-    if visibility != Visibility.ROLES:
-        return visibility.value
-    return f"roles: {', '.join(names_of(allowed_roles, names))}"
-
-
-@ui_errors
-def roles_shown(visibility: str | None) -> dict:
-    """The roles dropdown is shown when "roles" is chosen."""
-    return gr.update(visible=visibility == Visibility.ROLES.value)
 
 
 UPLOAD_SHARING_DEFAULT = json.dumps({"visibility": Visibility.EVERYONE.value, "allowed_roles": None})
@@ -109,7 +92,7 @@ class ModelsTab:
         return records, [[
             r.name, r.type.label, r.base or "", r.status.value + (f": {r.failure_reason}" if r.failure_reason else ""),
             _size(r.size) if r.size else "", owners.get(r.owner_id, "server" if r.owner_id is None else "?"),
-            _shown_visibility(r.visibility, r.allowed_roles, names), "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"),
+            shown_visibility(r.visibility, r.allowed_roles, names), "in place" if r.local_path else r.source, r.created_at.strftime("%Y-%m-%d %H:%M"),
         ] for r in records]
 
     @ui_errors
@@ -168,7 +151,7 @@ class ModelsTab:
             raise gr.Error("Choose a model in the table first")
         record = self.registry.update(actor=self.ctx.user(request), model_id=model_id, name=name,
                                       description=description, visibility=visibility,
-                                      allowed_roles=_shared_with(visibility, roles))
+                                      allowed_roles=shared_with(visibility, roles))
         gr.Info(translate(f"Saved {record.type.label} {record.name}"))
 
     @ui_errors
@@ -212,7 +195,7 @@ class ModelsTab:
         task = self.services.server.start(
             actor=self.ctx.user(request), paths=paths, declared_type=None if type_ in (AUTO, "", None) else type_,
             in_place=mode == "in place", description=description, visibility=visibility,
-            allowed_roles=_shared_with(visibility, roles),
+            allowed_roles=shared_with(visibility, roles),
         )
         yield from self._follow(task.id, request)
 
@@ -221,7 +204,7 @@ class ModelsTab:
                     request: gr.Request) -> Iterator[str]:
         task = self.services.urls.start(actor=self.ctx.user(request), urls=urls, declared_type=type_,
                                         description=description, visibility=visibility,
-                                        allowed_roles=_shared_with(visibility, roles))
+                                        allowed_roles=shared_with(visibility, roles))
         yield from self._follow(task.id, request)
 
     @ui_errors
