@@ -213,8 +213,3 @@ class TokenService:
             return TokenIdentity(user=user, scopes=None, expires_at=record.expires_at)
         allowed = frozenset(scopes)
         return TokenIdentity(user=user.narrowed(allowed), scopes=allowed, expires_at=record.expires_at)
-
-    def user_for_token(self, token: str) -> User | None:
-        """The (narrowed) user behind a Bearer token, or None when unknown or revoked (``identify``)."""
-        identity = self.identify(token)
-        return identity.user if identity is not None else None

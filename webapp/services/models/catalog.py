@@ -21,7 +21,6 @@ from sqlmodel.sql.expression import SelectOfScalar
 from webapp.records import ModelRecord, ModelStatus, ModelType, User
 from webapp.services.access import authorize, can, visible
 from webapp.services.errors import InvalidInput, PermissionDenied
-from webapp.services.sharing import parse_visibility  # noqa: F401 - catalog.parse_visibility callers
 
 MAX_NAME = 255
 _FORBIDDEN_NAME_CHARS = "<>:[]\\\"|?*"
@@ -248,5 +247,3 @@ def parse_description(text: str | None) -> tuple[str | None, dict[str, Any] | No
     if description is not None and not isinstance(description, str):
         raise InvalidInput("`description.description` must be a string", field="description")
     return (description.strip() or None) if description else None, (value or None)
-
-
