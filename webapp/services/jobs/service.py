@@ -339,9 +339,8 @@ class JobService:
                                    units=prepared.units_by_arg)
         job.request_json, job.engine_request_json = staged.request_json, staged.engine_request_json
         job.stored_bytes = staged.stored_bytes
-        if self._quota is not None:
-            self._quota.check(actor)  # early, before the inputs are written; again in the insert's transaction
         admit = self._admission(actor)
+        self._admit_early(admit)  # before the inputs are written
         try:
             self.inputs.write(staged)  # before the row commits: a queued job always finds its inputs
         except StorageError as exc:
@@ -398,9 +397,8 @@ class JobService:
             job.artifact_keys_json = json.dumps(list(dict.fromkeys(artifact_keys)))
         if job_id is not None:
             job.id = job_id
-        if self._quota is not None:
-            self._quota.check(actor)
         admit = self._admission(actor)
+        self._admit_early(admit)
         with self._wiring:
             self._check_running_here(target.name)
             self.queue.enqueue(job, admit=admit)
@@ -428,6 +426,13 @@ class JobService:
                 check(s)
 
         return admit
+
+    def _admit_early(self, admit: Callable[[Session], None] | None) -> None:
+        """The admission checks once before the submit does any work (a refusal costs nothing); they run again,
+        authoritative, in the transaction that inserts the job."""
+        if admit is not None:
+            with self._db.read() as s:
+                admit(s)
 
     def _check_running_here(self, endpoint: str) -> None:
         if self._started and endpoint not in self._dispatchers:
