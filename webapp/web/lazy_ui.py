@@ -31,7 +31,6 @@ class LazyUi:
         """``build`` makes the page; ``mount(host, page)`` mounts it at ``path`` on ``host`` (a bare FastAPI app
         that only carries Gradio's mount and lifespan)."""
         self._build, self._mount, self._path = build, mount, path
-        self._blocks: gr.Blocks | None = None
         self._host: FastAPI | None = None
         self._gradio: Any = None  # Gradio's own app, mounted at ``path`` on the host
         self._serving = False  # between the studio's startup and shutdown
@@ -50,13 +49,10 @@ class LazyUi:
                     host = FastAPI()
                     self._mount(host, blocks)
                     mounted = [route for route in host.routes if getattr(route, "path", None) == self._path]
-                    self._blocks, self._host, self._gradio = blocks, host, mounted[-1].app
-        assert self._blocks is not None
-        return self._blocks
+                    self._host, self._gradio = host, mounted[-1].app
+        return self._gradio.get_blocks()
 
-    def get_blocks(self) -> gr.Blocks:
-        """The page (built if need be): what Gradio's own app answers to the same question."""
-        return self.ready()
+    get_blocks = ready  # what Gradio's own app answers to the same question
 
     async def _start(self) -> None:
         if self._stack is not None or not self._serving or self._host is None:
